@@ -1,0 +1,49 @@
+# Claude Partner Gateway. Two commands for a newcomer: `make demo` and `make test`.
+# Every target installs what it needs; nothing is assumed but python3, java and mvn.
+
+SHELL := /bin/bash
+UV_VERSION := 0.13.9
+UV := .tools/bin/uv
+PY := .venv/bin/python
+export UV_PYTHON_DOWNLOADS := never
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-unit lint demo bench clean
+
+help:
+	@echo "make demo   - start a local Kafka, the Claude simulator and the gateway; send partner traffic; summarise"
+	@echo "make test   - every test (unit, integration on a real Kafka and Redis, chart and Dockerfile checks)"
+	@echo "make lint   - ruff and mypy --strict"
+	@echo "make bench  - benchmarks, one JSON object per line"
+
+$(UV):
+	python3 -m venv .tools
+	.tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+.venv/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --all-groups --quiet
+	touch $@
+
+setup: .venv/.synced
+
+include mk/*.mk
+
+test: setup kafka-fetch redis-server-install deploy-tools
+	$(PY) -m pytest -q
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit tests/simulator
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check service
+	.venv/bin/mypy
+
+demo: setup kafka-fetch
+	$(PY) scripts/demo.py
+
+bench: setup kafka-fetch redis-server-install
+	$(PY) -m bench
+
+clean:
+	rm -rf .run .venv .tools .mypy_cache .ruff_cache .pytest_cache

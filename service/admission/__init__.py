@@ -1,0 +1,1 @@
+"""Admission: decide whether a Kafka record becomes a Claude call, or a dead letter and why."""

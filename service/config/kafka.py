@@ -1,0 +1,48 @@
+"""Turn `KafkaSettings` into aiokafka client arguments (security included)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka.abc import AbstractTokenProvider
+from aiokafka.helpers import create_ssl_context
+
+from service.config.secrets import SecretRef
+from service.config.settings import KafkaSettings
+
+
+class _FileOrEnvTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
+    """OAUTHBEARER token read from its reference at every (re)authentication,
+    so a refreshed token file is picked up without a restart."""
+
+    def __init__(self, ref: SecretRef) -> None:
+        self._ref = ref
+
+    async def token(self) -> str:
+        return self._ref.resolve().get_secret_value()
+
+
+def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
+    """Arguments shared by the consumer, the producer and the admin client."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": settings.client_id,
+        "security_protocol": settings.security_protocol,
+        "metadata_max_age_ms": settings.metadata_max_age_ms,
+    }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        ctx = create_ssl_context(
+            cafile=settings.ssl_cafile, certfile=settings.ssl_certfile, keyfile=settings.ssl_keyfile
+        )
+        ctx.check_hostname = settings.ssl_check_hostname
+        kwargs["ssl_context"] = ctx
+    if settings.sasl_mechanism is not None:
+        kwargs["sasl_mechanism"] = settings.sasl_mechanism
+        if settings.sasl_mechanism == "OAUTHBEARER":
+            assert settings.sasl_oauth_token is not None
+            kwargs["sasl_oauth_token_provider"] = _FileOrEnvTokenProvider(settings.sasl_oauth_token)
+        else:
+            assert settings.sasl_password is not None
+            kwargs["sasl_plain_username"] = settings.sasl_username
+            kwargs["sasl_plain_password"] = settings.sasl_password.resolve().get_secret_value()
+    return kwargs

@@ -1,0 +1,243 @@
+"""The gateway's settings model: Kafka, Claude, retries, limits, partners, prices.
+
+One frozen pydantic object, validated once at start (and on reload). Units are
+in the names (`_s`, `_ms`, `_bytes`, `_usd`). Secrets are `SecretRef`s: the
+file says where a secret lives, never what it is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.config.secrets import SecretRef
+
+_PARTNER_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Frozen):
+    """The service's own Kafka connection and topic naming."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "claude-gateway"
+    client_id: str = "claude-gateway"
+    request_topic_prefix: str = "claude.requests."
+    response_topic_prefix: str = "claude.responses."
+    deadletter_topic_prefix: str = "claude.deadletter."
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretRef | None = None
+    sasl_oauth_token: SecretRef | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+    max_poll_records: int = Field(default=500, gt=0)
+    session_timeout_ms: int = Field(default=45_000, gt=0)
+    heartbeat_interval_ms: int = Field(default=3_000, gt=0)
+    max_poll_interval_ms: int = Field(default=300_000, gt=0)
+    producer_linger_ms: int = Field(default=5, ge=0)
+    producer_compression: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
+    producer_max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    metadata_max_age_ms: int = Field(default=30_000, gt=0)
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError(f"kafka.sasl_mechanism is required with {self.security_protocol}")
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and (
+            self.sasl_username is None or self.sasl_password is None
+        ):
+            raise ValueError(
+                f"kafka.sasl_username and kafka.sasl_password are required with {self.sasl_mechanism}"
+            )
+        if self.sasl_mechanism == "OAUTHBEARER" and self.sasl_oauth_token is None:
+            raise ValueError("kafka.sasl_oauth_token is required with OAUTHBEARER")
+        return self
+
+
+class AnthropicSettings(_Frozen):
+    """How the service reaches Claude."""
+
+    base_url: str = "https://api.anthropic.com"
+    timeout_s: float = Field(default=600.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=512, gt=0)
+
+
+class RetrySettings(_Frozen):
+    """The service's own retry policy (the SDK runs with max_retries=0)."""
+
+    max_attempts: int = Field(default=6, ge=1)
+    base_delay_s: float = Field(default=0.5, gt=0)
+    max_delay_s: float = Field(default=30.0, gt=0)
+    max_elapsed_s: float = Field(default=600.0, gt=0)
+    max_retry_after_s: float = Field(default=120.0, gt=0)
+
+
+class LimitSettings(_Frozen):
+    """Requests / input tokens / output tokens per minute. None means no limit."""
+
+    rpm: int | None = Field(default=None, gt=0)
+    itpm: int | None = Field(default=None, gt=0)
+    otpm: int | None = Field(default=None, gt=0)
+
+
+class SigningSettings(_Frozen):
+    """HMAC-SHA256 request signatures: key id -> secret reference."""
+
+    required: bool = False
+    keys: dict[str, SecretRef] = Field(default_factory=dict)
+    max_skew_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _keys_when_required(self) -> SigningSettings:
+        if self.required and not self.keys:
+            raise ValueError("signing.required is true but signing.keys is empty")
+        return self
+
+
+class BudgetSettings(_Frozen):
+    """Spend caps per partner. None means no cap."""
+
+    tokens_per_day: int | None = Field(default=None, gt=0)
+    tokens_per_month: int | None = Field(default=None, gt=0)
+    usd_per_day: float | None = Field(default=None, gt=0)
+    usd_per_month: float | None = Field(default=None, gt=0)
+    on_exhausted: Literal["deadletter", "defer"] = "deadletter"
+
+
+class PartnerSettings(_Frozen):
+    """One partner: identity, limits, policy, budget and keys."""
+
+    id: str
+    enabled: bool = True
+    request_topic: str | None = None
+    weight: float = Field(default=1.0, gt=0)
+    max_concurrency: int = Field(default=32, gt=0)
+    max_queue: int = Field(default=1_000, gt=0)
+    limits: LimitSettings = LimitSettings()
+    api_key: SecretRef
+    allowed_models: list[str] | None = None
+    max_tokens_cap: int | None = Field(default=None, gt=0)
+    max_tokens_policy: Literal["reject", "clamp"] = "reject"
+    max_request_bytes: int = Field(default=1024 * 1024, gt=0)
+    signing: SigningSettings = SigningSettings()
+    budget: BudgetSettings = BudgetSettings()
+
+    @field_validator("id")
+    @classmethod
+    def _id_format(cls, value: str) -> str:
+        if not _PARTNER_ID.match(value):
+            raise ValueError(
+                f"partner id {value!r} must match {_PARTNER_ID.pattern} (it becomes a topic suffix)"
+            )
+        return value
+
+
+class ModelPrice(_Frozen):
+    """USD per million tokens, by kind."""
+
+    input_per_mtok_usd: float = Field(ge=0)
+    output_per_mtok_usd: float = Field(ge=0)
+    cache_write_per_mtok_usd: float = Field(default=0.0, ge=0)
+    cache_read_per_mtok_usd: float = Field(default=0.0, ge=0)
+
+
+def _default_models() -> dict[str, ModelPrice]:
+    return {
+        "claude-opus-4-1": ModelPrice(
+            input_per_mtok_usd=15,
+            output_per_mtok_usd=75,
+            cache_write_per_mtok_usd=18.75,
+            cache_read_per_mtok_usd=1.5,
+        ),
+        "claude-sonnet-4-5": ModelPrice(
+            input_per_mtok_usd=3,
+            output_per_mtok_usd=15,
+            cache_write_per_mtok_usd=3.75,
+            cache_read_per_mtok_usd=0.3,
+        ),
+        "claude-haiku-4-5": ModelPrice(
+            input_per_mtok_usd=1,
+            output_per_mtok_usd=5,
+            cache_write_per_mtok_usd=1.25,
+            cache_read_per_mtok_usd=0.1,
+        ),
+    }
+
+
+class RedisSettings(_Frozen):
+    """Shared limits and budgets across replicas."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    password: SecretRef | None = None
+    key_prefix: str = "claude-gateway"
+    timeout_s: float = Field(default=0.5, gt=0)
+    degraded_share: float = Field(default=0.0, ge=0, le=1)
+    """Share of the org limits one replica may use while Redis is unreachable
+    (0 = 1/expected_replicas)."""
+    expected_replicas: int = Field(default=1, gt=0)
+
+
+class RuntimeSettings(_Frozen):
+    """Concurrency, draining and the service's own HTTP endpoint."""
+
+    max_in_flight: int = Field(default=1_024, gt=0)
+    drain_timeout_s: float = Field(default=25.0, gt=0)
+    commit_interval_s: float = Field(default=0.5, gt=0)
+    http_host: str = "0.0.0.0"  # noqa: S104 - the metrics/health port must be reachable in a pod
+    http_port: int = Field(default=9464, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    estimate_chars_per_token: float = Field(default=3.0, gt=0)
+
+
+class GatewaySettings(_Frozen):
+    """Everything the service needs, from one file."""
+
+    kafka: KafkaSettings = KafkaSettings()
+    anthropic: AnthropicSettings = AnthropicSettings()
+    retry: RetrySettings = RetrySettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    org_limits: LimitSettings = LimitSettings()
+    limiter_backend: Literal["local", "redis"] = "local"
+    redis: RedisSettings | None = None
+    models: dict[str, ModelPrice] = Field(default_factory=_default_models)
+    partners: list[PartnerSettings]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GatewaySettings:
+        seen: set[str] = set()
+        topics: set[str] = set()
+        for p in self.partners:
+            if p.id in seen:
+                raise ValueError(f"partners: duplicate partner id {p.id!r}")
+            seen.add(p.id)
+            topic = self.request_topic(p)
+            if topic in topics:
+                raise ValueError(f"partners[{p.id}].request_topic: {topic!r} is used twice")
+            topics.add(topic)
+            for model in p.allowed_models or []:
+                if model not in self.models:
+                    raise ValueError(
+                        f"partners[{p.id}].allowed_models: {model!r} is not in the models price table"
+                    )
+        if self.limiter_backend == "redis" and self.redis is None:
+            raise ValueError("limiter_backend is 'redis' but the redis section is missing")
+        return self
+
+    def request_topic(self, partner: PartnerSettings) -> str:
+        return partner.request_topic or f"{self.kafka.request_topic_prefix}{partner.id}"
+
+    def response_topic(self, partner_id: str) -> str:
+        return f"{self.kafka.response_topic_prefix}{partner_id}"
+
+    def deadletter_topic(self, partner_id: str) -> str:
+        return f"{self.kafka.deadletter_topic_prefix}{partner_id}"

@@ -1,0 +1,1 @@
+"""Message contracts: the JSON Schemas in `schemas/` and the outcome builders."""

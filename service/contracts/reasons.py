@@ -1,0 +1,43 @@
+"""Why a request ended as a dead letter. The values are the wire contract."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    # decoding
+    OVERSIZE = "oversize"
+    INVALID_ENCODING = "invalid_encoding"
+    MALFORMED_JSON = "malformed_json"
+    SCHEMA_VIOLATION = "schema_violation"
+    # identity and integrity
+    UNKNOWN_PARTNER = "unknown_partner"
+    PARTNER_DISABLED = "partner_disabled"
+    IDENTITY_MISMATCH = "identity_mismatch"
+    MISSING_SIGNATURE = "missing_signature"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_SIGNING_KEY = "unknown_signing_key"
+    STALE_TIMESTAMP = "stale_timestamp"
+    REPLAY = "replay"
+    # policy and budget
+    UNKNOWN_MODEL = "unknown_model"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    MAX_TOKENS_EXCEEDED = "max_tokens_exceeded"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    # upstream
+    UPSTREAM_BAD_REQUEST = "upstream_bad_request"
+    UPSTREAM_AUTHENTICATION = "upstream_authentication"
+    UPSTREAM_PERMISSION = "upstream_permission"
+    UPSTREAM_NOT_FOUND = "upstream_not_found"
+    UPSTREAM_TOO_LARGE = "upstream_too_large"
+    UPSTREAM_SPEND_LIMIT = "upstream_spend_limit"
+    UPSTREAM_REJECTED = "upstream_rejected"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    # the gateway itself
+    INTERNAL_ERROR = "internal_error"
+
+
+RETRYABLE_REASONS = frozenset(
+    {Reason.BUDGET_EXHAUSTED, Reason.RETRIES_EXHAUSTED, Reason.UPSTREAM_SPEND_LIMIT, Reason.INTERNAL_ERROR}
+)

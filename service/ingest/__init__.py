@@ -1,0 +1,1 @@
+"""Ingest: the Kafka consumer loop, backpressure and low-watermark offset commits."""

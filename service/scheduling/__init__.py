@@ -1,0 +1,1 @@
+"""Scheduling: per-partner queues and concurrency, fair turns, and the rate limiters."""

@@ -1,0 +1,1 @@
+"""Upstream: calling Claude with the partner's key, classifying errors, the retry policy."""

@@ -1,0 +1,96 @@
+"""Call Claude's Messages API with a partner's own key, returning body and headers.
+
+One `AsyncAnthropic` per partner key, all sharing one HTTP connection pool.
+The SDK never retries (`max_retries=0`): the service's policy does, through
+the limiter. The SDK's own OpenTelemetry instrumentation makes the CLIENT span.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import anthropic
+import httpx2
+import orjson
+from pydantic import SecretStr
+
+from service.config.settings import AnthropicSettings
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResult:
+    body: dict[str, Any]
+    headers: Mapping[str, str]
+    request_id: str | None
+    elapsed_s: float
+
+
+class UnknownPartnerKey(LookupError):
+    """No Anthropic key is loaded for this partner."""
+
+
+class ClaudeClient:
+    """Per-partner Claude clients over one shared connection pool."""
+
+    def __init__(
+        self,
+        settings: AnthropicSettings,
+        *,
+        http_client: httpx2.AsyncClient | None = None,
+        open_telemetry: anthropic.OpenTelemetryClientOption = None,
+    ) -> None:
+        self._settings = settings
+        self._own_http = http_client is None
+        self._http = http_client or httpx2.AsyncClient(
+            timeout=httpx2.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+            limits=httpx2.Limits(
+                max_connections=settings.max_connections,
+                max_keepalive_connections=settings.max_connections,
+            ),
+        )
+        self._open_telemetry = open_telemetry
+        self._clients: dict[str, anthropic.AsyncAnthropic] = {}
+        self._keys: dict[str, SecretStr] = {}
+
+    def set_key(self, partner_id: str, key: SecretStr) -> None:
+        """Install or rotate a partner's key; the next call uses it."""
+        if self._keys.get(partner_id) == key:
+            return
+        self._keys[partner_id] = key
+        self._clients[partner_id] = anthropic.AsyncAnthropic(
+            api_key=key.get_secret_value(),
+            base_url=self._settings.base_url,
+            max_retries=0,
+            timeout=self._settings.timeout_s,
+            http_client=self._http,
+            open_telemetry=self._open_telemetry,
+        )
+
+    def remove_key(self, partner_id: str) -> None:
+        self._keys.pop(partner_id, None)
+        self._clients.pop(partner_id, None)
+
+    async def create_message(self, partner_id: str, params: Mapping[str, Any]) -> UpstreamResult:
+        """One Messages API call. Raises the SDK's exceptions unchanged."""
+        client = self._clients.get(partner_id)
+        if client is None:
+            raise UnknownPartnerKey(partner_id)
+        started = time.perf_counter()
+        raw = await cast(Any, client.messages.with_raw_response).create(**params)
+        content = await raw.read()
+        body = orjson.loads(content)
+        headers = raw.headers
+        return UpstreamResult(
+            body=body,
+            headers=headers,
+            request_id=headers.get("request-id"),
+            elapsed_s=time.perf_counter() - started,
+        )
+
+    async def aclose(self) -> None:
+        self._clients.clear()
+        if self._own_http:
+            await self._http.aclose()

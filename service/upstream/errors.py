@@ -1,0 +1,126 @@
+"""Map every anthropic SDK exception to what the service does about it.
+
+Classification is by exception class (and the stable `error_code`), never by
+message text. Each class of the SDK has a tested mapping:
+
+    AnthropicError
+    ├── APIError
+    │   ├── APIStatusError ── one subclass per HTTP status (400 ... 529)
+    │   ├── APIConnectionError ── APITimeoutError        -> retry
+    │   ├── APIResponseValidationError                   -> retry (a garbled answer)
+    │   └── APIWebhookValidationError                    -> not a Messages outcome: dead letter
+    ├── RetryableError                                   -> retry
+    └── CredentialsError ── IdentityTokenFileError       -> dead letter (key unusable)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anthropic
+
+from service.contracts.reasons import Reason
+
+# error_code values meaning money, not rate: waiting a minute does not help.
+SPEND_LIMIT_CODES = frozenset(
+    {
+        "enforced_spend_limit_reached",
+        "contract_spend_limit_reached",
+        "linked_organization_spend_limit_reached",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What one failed upstream attempt means."""
+
+    retryable: bool
+    reason: Reason
+    label: str
+    """Short bounded label for metrics (`rate_limited`, `overloaded`, ...)."""
+    status: int | None = None
+    error_type: str | None = None
+    error_code: str | None = None
+    request_id: str | None = None
+    retry_after_s: float | None = None
+    rate_limited: bool = False
+    """A 429 that should pause everyone drawing on the org bucket."""
+
+
+_NON_RETRYABLE_STATUS: dict[int, tuple[Reason, str]] = {
+    400: (Reason.UPSTREAM_BAD_REQUEST, "bad_request"),
+    401: (Reason.UPSTREAM_AUTHENTICATION, "authentication"),
+    402: (Reason.UPSTREAM_SPEND_LIMIT, "payment_required"),
+    403: (Reason.UPSTREAM_PERMISSION, "permission"),
+    404: (Reason.UPSTREAM_NOT_FOUND, "not_found"),
+    413: (Reason.UPSTREAM_TOO_LARGE, "too_large"),
+}
+_RETRYABLE_STATUS: dict[int, str] = {
+    408: "timeout",
+    409: "conflict",
+    429: "rate_limited",
+    500: "server_error",
+    502: "server_error",
+    503: "unavailable",
+    504: "gateway_timeout",
+    529: "overloaded",
+}
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `retry-after` header (delta-seconds form), or None."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def classify(exc: BaseException) -> Failure:
+    """What to do about `exc`, raised by an upstream call."""
+    if isinstance(exc, anthropic.APIStatusError):
+        return _classify_status(exc)
+    if isinstance(exc, anthropic.APITimeoutError):
+        return Failure(True, Reason.RETRIES_EXHAUSTED, "timeout")
+    if isinstance(exc, anthropic.APIConnectionError):
+        return Failure(True, Reason.RETRIES_EXHAUSTED, "connection")
+    if isinstance(exc, anthropic.APIResponseValidationError):
+        return Failure(True, Reason.RETRIES_EXHAUSTED, "invalid_response", status=exc.status_code)
+    if isinstance(exc, anthropic.RetryableError):
+        return Failure(True, Reason.RETRIES_EXHAUSTED, "retryable")
+    if isinstance(exc, anthropic.CredentialsError):
+        return Failure(False, Reason.UPSTREAM_AUTHENTICATION, "credentials")
+    if isinstance(exc, anthropic.AnthropicError):
+        return Failure(False, Reason.UPSTREAM_REJECTED, "client_error")
+    raise TypeError(f"not an anthropic SDK error: {type(exc).__name__}") from exc
+
+
+def _classify_status(exc: anthropic.APIStatusError) -> Failure:
+    status = exc.status_code
+
+    def failure(retryable: bool, reason: Reason, label: str, retry_after_s: float | None = None) -> Failure:
+        return Failure(
+            retryable,
+            reason,
+            label,
+            status=status,
+            error_type=exc.type,
+            error_code=exc.error_code,
+            request_id=exc.request_id,
+            retry_after_s=retry_after_s,
+            rate_limited=status == 429 and retryable,
+        )
+
+    if exc.error_code in SPEND_LIMIT_CODES:
+        return failure(False, Reason.UPSTREAM_SPEND_LIMIT, "spend_limit")
+    if status in _NON_RETRYABLE_STATUS:
+        reason, label = _NON_RETRYABLE_STATUS[status]
+        return failure(False, reason, label)
+    retry_label = _RETRYABLE_STATUS.get(status) or ("server_error" if status >= 500 else None)
+    if retry_label is not None:
+        retry_after = parse_retry_after(exc.response.headers.get("retry-after"))
+        return failure(True, Reason.RETRIES_EXHAUSTED, retry_label, retry_after)
+    return failure(False, Reason.UPSTREAM_REJECTED, f"status_{status // 100}xx")

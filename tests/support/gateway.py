@@ -1,0 +1,189 @@
+"""Helpers for end-to-end tests: a unique gateway world per test on the real broker.
+
+Each world has its own topic prefixes (so a gateway's subscription pattern
+never sees another test's topics), its own consumer group, and one API key
+file per partner (so the simulator's stats show which key each call used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from service.config.loader import parse_config
+from service.config.settings import GatewaySettings
+
+MODEL = "claude-haiku-4-5"
+
+
+@dataclass
+class World:
+    bootstrap: str
+    tag: str
+    partners: list[str]
+    keys: dict[str, str]
+    key_dir: Path
+    partitions: int = 3
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def request_prefix(self) -> str:
+        return f"{self.tag}.requests."
+
+    def request_topic(self, partner: str) -> str:
+        return f"{self.tag}.requests.{partner}"
+
+    def response_topic(self, partner: str) -> str:
+        return f"{self.tag}.responses.{partner}"
+
+    def deadletter_topic(self, partner: str) -> str:
+        return f"{self.tag}.deadletter.{partner}"
+
+    def all_topics(self) -> list[str]:
+        return [
+            t
+            for p in self.partners
+            for t in (self.request_topic(p), self.response_topic(p), self.deadletter_topic(p))
+        ]
+
+    def settings_dict(self, sim_url: str, **overrides: Any) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "kafka": {
+                "bootstrap_servers": self.bootstrap,
+                "group_id": f"{self.tag}-gateway",
+                "request_topic_prefix": self.request_prefix,
+                "response_topic_prefix": f"{self.tag}.responses.",
+                "deadletter_topic_prefix": f"{self.tag}.deadletter.",
+                "metadata_max_age_ms": 2_000,
+                "session_timeout_ms": 10_000,
+            },
+            "anthropic": {"base_url": sim_url, "timeout_s": 30},
+            "retry": {"base_delay_s": 0.05, "max_delay_s": 0.5, "max_attempts": 6},
+            "runtime": {"http_port": 0, "http_host": "127.0.0.1", "drain_timeout_s": 10, "commit_interval_s": 0.2},
+            "partners": [
+                {"id": p, "api_key": {"file": str(self.key_dir / f"{p}.key")}} for p in self.partners
+            ],
+        }
+        _merge(cfg, overrides)
+        return cfg
+
+    def settings(self, sim_url: str, **overrides: Any) -> GatewaySettings:
+        return parse_config(self.settings_dict(sim_url, **overrides))
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+async def make_world(bootstrap: str, tmp: Path, partners: list[str], partitions: int = 3) -> World:
+    tag = f"t{uuid.uuid4().hex[:10]}"
+    keys = {p: f"sk-ant-{p}-{uuid.uuid4().hex}" for p in partners}
+    for p, k in keys.items():
+        (tmp / f"{p}.key").write_text(k)
+    world = World(bootstrap, tag, partners, keys, tmp, partitions)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in world.all_topics()]
+        )
+    finally:
+        await admin.close()
+    return world
+
+
+def request(request_id: str, model: str = MODEL, max_tokens: int = 32, **extra: Any) -> bytes:
+    doc: dict[str, Any] = {
+        "request_id": request_id,
+        "params": {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello"}]},
+    }
+    doc.update(extra)
+    return orjson.dumps(doc)
+
+
+async def produce(bootstrap: str, messages: list[tuple[str, bytes | None, bytes | None]]) -> None:
+    """Send (topic, key, value) messages and wait until all are acknowledged."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    await producer.start()
+    try:
+        futures = [await producer.send(t, v, key=k) for t, k, v in messages]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+@dataclass
+class Outcomes:
+    responses: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[list[tuple[str, bytes]]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.responses) + len(self.dead_letters)
+
+    def request_ids(self) -> Counter[str | None]:
+        return Counter([d.get("request_id") for d in self.responses + self.dead_letters])
+
+    def reasons(self) -> Counter[str]:
+        return Counter(d["reason"] for d in self.dead_letters)
+
+
+async def collect(world: World, expected: int, timeout_s: float = 120.0, settle_s: float = 0.0) -> Outcomes:
+    """Read response and dead-letter topics from the start until `expected` outcomes
+    arrived (then `settle_s` longer, to catch duplicates) or the timeout passed."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=world.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    out = Outcomes()
+    try:
+        tps = [
+            TopicPartition(t, i)
+            for p in world.partners
+            for t in (world.response_topic(p), world.deadletter_topic(p))
+            for i in range(world.partitions)
+        ]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_s
+        settle_deadline: float | None = None
+        while time.monotonic() < deadline:
+            if settle_deadline is None and out.total >= expected:
+                settle_deadline = time.monotonic() + settle_s
+            if settle_deadline is not None and time.monotonic() >= settle_deadline:
+                break
+            batches = await consumer.getmany(timeout_ms=200)
+            for tp, records in batches.items():
+                for r in records:
+                    doc = orjson.loads(r.value)
+                    (out.dead_letters if ".deadletter." in tp.topic else out.responses).append(doc)
+                    out.headers.append(list(r.headers))
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def committed_offsets(world: World, group: str) -> dict[TopicPartition, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=world.bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        result: dict[TopicPartition, int] = {}
+        for p in world.partners:
+            for i in range(world.partitions):
+                tp = TopicPartition(world.request_topic(p), i)
+                result[tp] = await consumer.committed(tp) or 0
+        return result
+    finally:
+        await consumer.stop()

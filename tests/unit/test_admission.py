@@ -1,0 +1,99 @@
+"""Admission: each kind of bad input gets its own dead-letter reason; good input passes."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from service.admission.admit import Admission, Admitted, Record, Rejected
+from service.admission.registry import Registry
+from service.config.loader import parse_config
+from service.contracts.reasons import Reason
+
+ENV = {"ACME_KEY": "sk-acme-secret", "GLOBEX_KEY": "sk-globex-secret"}
+
+
+def _settings(**acme: object):
+    return parse_config(
+        {
+            "partners": [
+                {"id": "acme", "api_key": {"env": "ACME_KEY"}, "max_request_bytes": 4096, **acme},
+                {"id": "globex", "api_key": {"env": "GLOBEX_KEY"}, "enabled": False},
+            ]
+        }
+    )
+
+
+def _admission(**acme: object) -> Admission:
+    return Admission(Registry.build(_settings(**acme), environ=ENV))
+
+
+def _rec(value: bytes | None, topic: str = "claude.requests.acme") -> Record:
+    return Record(topic, 0, 1, 1_700_000_000_000, b"k", value, ())
+
+
+def _req(**params: object) -> bytes:
+    p = {"model": "claude-haiku-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+    p.update(params)
+    return orjson.dumps({"request_id": "r-1", "params": p})
+
+
+def test_good_request_is_admitted_with_conservative_estimate() -> None:
+    value = _req()
+    verdict = _admission().admit(_rec(value))
+    assert isinstance(verdict, Admitted)
+    assert (verdict.partner.id, verdict.request_id, verdict.model, verdict.max_tokens) == (
+        "acme", "r-1", "claude-haiku-4-5", 100,
+    )
+    assert verdict.est_input_tokens >= len(value) // 4
+
+
+@pytest.mark.parametrize(
+    ("value", "topic", "reason"),
+    [
+        (b"{not json", "claude.requests.acme", Reason.MALFORMED_JSON),
+        (b"", "claude.requests.acme", Reason.MALFORMED_JSON),
+        (None, "claude.requests.acme", Reason.MALFORMED_JSON),
+        (b'{"request_id": "\xff\xfe"}', "claude.requests.acme", Reason.INVALID_ENCODING),
+        (b"x" * 5000, "claude.requests.acme", Reason.OVERSIZE),
+        (orjson.dumps({"request_id": "r", "params": {}}), "claude.requests.acme", Reason.SCHEMA_VIOLATION),
+        (orjson.dumps({"params": {}}), "claude.requests.acme", Reason.SCHEMA_VIOLATION),
+        (_req(max_tokens="many"), "claude.requests.acme", Reason.SCHEMA_VIOLATION),
+        (_req(model="gpt-4"), "claude.requests.acme", Reason.UNKNOWN_MODEL),
+        (_req(), "claude.requests.globex", Reason.PARTNER_DISABLED),
+        (_req(), "claude.requests.initech", Reason.UNKNOWN_PARTNER),
+    ],
+)
+def test_bad_input_is_rejected_with_its_reason(value: bytes | None, topic: str, reason: Reason) -> None:
+    verdict = _admission().admit(_rec(value, topic))
+    assert isinstance(verdict, Rejected)
+    assert verdict.reason is reason, verdict.detail
+    assert verdict.detail
+    assert verdict.partner_id == topic.rsplit(".", 1)[1]
+
+
+def test_identity_claim_of_another_partner() -> None:
+    value = orjson.dumps({"request_id": "r-9", "partner": "globex", "params": orjson.loads(_req())["params"]})
+    verdict = _admission().admit(_rec(value))
+    assert isinstance(verdict, Rejected)
+    assert (verdict.reason, verdict.request_id) == (Reason.IDENTITY_MISMATCH, "r-9")
+
+
+def test_model_allow_list_and_max_tokens_policy() -> None:
+    adm = _admission(allowed_models=["claude-haiku-4-5"], max_tokens_cap=50)
+    v = adm.admit(_rec(_req(model="claude-opus-4-1")))
+    assert isinstance(v, Rejected)
+    assert v.reason is Reason.MODEL_NOT_ALLOWED
+    v = adm.admit(_rec(_req(max_tokens=51)))
+    assert isinstance(v, Rejected)
+    assert v.reason is Reason.MAX_TOKENS_EXCEEDED
+    clamp = _admission(max_tokens_cap=50, max_tokens_policy="clamp").admit(_rec(_req(max_tokens=51)))
+    assert isinstance(clamp, Admitted)
+    assert clamp.max_tokens == 50
+
+
+def test_missing_secret_is_named_without_its_value() -> None:
+    from service.admission.registry import RegistryError
+
+    with pytest.raises(RegistryError, match=r"partners\[acme\]\.api_key \(env:ACME_KEY\)"):
+        Registry.build(_settings(), environ={"GLOBEX_KEY": "x"})
