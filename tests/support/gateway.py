@@ -116,7 +116,9 @@ def request(request_id: str, model: str = MODEL, max_tokens: int = 32, **extra: 
 
 async def produce(bootstrap: str, messages: list[tuple[str, bytes | None, bytes | None]]) -> None:
     """Send (topic, key, value) messages and wait until all are acknowledged."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=8 * 1024 * 1024
+    )
     await producer.start()
     try:
         futures = [await producer.send(t, v, key=k) for t, k, v in messages]
