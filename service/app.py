@@ -88,6 +88,7 @@ class Gateway:
             stack.push_async_callback(self.claude.aclose)
             await self.publisher.start()
             stack.push_async_callback(self.publisher.stop)
+            stack.push_async_callback(self.scheduler.aclose)
             await self.ingest.start()
             stack.push_async_callback(self.ingest.stop)
             log.info("gateway started", extra={"partners": len(self.settings.partners)})

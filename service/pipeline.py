@@ -31,7 +31,7 @@ from service.contracts.outcomes import (
 )
 from service.contracts.reasons import Reason
 from service.egress.publisher import Publisher
-from service.scheduling.scheduler import Cost, Scheduler, Usage
+from service.scheduling.scheduler import Cost, Draining, Scheduler, Usage
 from service.telemetry.metrics import Metrics
 from service.upstream.client import ClaudeClient, UnknownPartnerKey, UpstreamResult
 from service.upstream.errors import Failure, classify
@@ -108,7 +108,7 @@ class Pipeline:
         pid = verdict.partner.id
         try:
             outcome = await self._call(verdict, timings)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, Draining):
             raise
         except Exception as exc:  # a bug must not lose the request: dead-letter it
             log.exception("unexpected error while calling upstream", extra=_log_ctx(rec, verdict.request_id))
@@ -159,11 +159,18 @@ class Pipeline:
             except anthropic.AnthropicError as exc:
                 elapsed = time.perf_counter() - call_started
                 timings.upstream_s += elapsed
-                self.scheduler.release(grant, Usage(0, 0))
                 failure = classify(exc)
+                if isinstance(exc, anthropic.APIStatusError):
+                    # answered: nothing billed for an error; the headers still tell the budget
+                    self.scheduler.release(grant, Usage(0, 0))
+                    self.scheduler.observe_headers(exc.response.headers)
+                else:
+                    self.scheduler.release(grant, None)  # unknown outcome: keep the reservation
+                if failure.rate_limited:
+                    self.scheduler.rate_limited(failure.retry_after_s)
                 m.upstream_latency.labels(pid, adm.model).observe(elapsed)
                 m.upstream_calls.labels(pid, _status_class(failure.status)).inc()
-                if failure.rate_limited:
+                if failure.status == 429:
                     m.upstream_429.inc()
                 if not failure.retryable:
                     return _Failed(failure, attempt, _describe(failure, exc))
@@ -186,6 +193,7 @@ class Pipeline:
             timings.upstream_s += result.elapsed_s
             inp, out, _, _ = _usage_numbers(result.body.get("usage") or {})
             self.scheduler.release(grant, Usage(inp, out))
+            self.scheduler.observe_headers(result.headers)
             m.upstream_latency.labels(pid, adm.model).observe(result.elapsed_s)
             m.upstream_calls.labels(pid, "2xx").inc()
             return _Success(result, attempt)

@@ -29,6 +29,7 @@ from service.config.kafka import client_kwargs
 from service.config.settings import GatewaySettings
 from service.ingest.offsets import PartitionOffsets
 from service.pipeline import Pipeline
+from service.scheduling.scheduler import Draining
 from service.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ class IngestLoop:
             await self.pipeline.handle(rec)
         except asyncio.CancelledError:
             raise
+        except Draining:
+            pass  # not started before the stop: left uncommitted for redelivery
         except BaseException as exc:  # recorded here, re-raised by the loop
             log.critical(
                 "record got no outcome; stopping without committing it",
@@ -257,6 +260,7 @@ class IngestLoop:
 
     async def _drain(self) -> None:
         self.draining = True
+        self.pipeline.scheduler.close()
         consumer = self._consumer
         if consumer is not None:
             with contextlib.suppress(IllegalStateError):

@@ -99,9 +99,10 @@ async def test_malformed_inputs_are_dead_lettered_with_their_reasons(three: Worl
         (request("s2", max_tokens=0), "schema_violation"),
         (request("s3", model="gpt-5"), "unknown_model"),
         (request("s4", partner="globex"), "identity_mismatch"),
-        (b"{" + b" " * (2 * 1024 * 1024) + b"}", "oversize"),
+        (b"{" + b" " * (100 * 1024) + b"}", "oversize"),
     ]
-    gateway, stop, task = await _run_gateway(three, sim.url)
+    small = {"partners": [{**p, "max_request_bytes": 64 * 1024} for p in three.settings_dict(sim.url)["partners"]]}
+    gateway, stop, task = await _run_gateway(three, sim.url, **small)
     try:
         await produce(three.bootstrap, [(t, f"k{i}".encode(), v) for i, (v, _) in enumerate(cases)])
         await produce(three.bootstrap, [(t, b"ok", request("fine-1"))])
