@@ -1,0 +1,319 @@
+"""aiohttp handlers: the Messages API routes and the `/_sim/*` control routes.
+
+The order of checks for `/v1/messages` follows the real API: key, version
+header, body size, JSON, body fields, model; then an injected fault
+(500/529/spend-limit 429 at once), rate-limit admission (429 with
+`retry-after`), the output draw, latency, OTPM settlement and the answer, or
+a dropped connection. Every answer carries `request-id` and the twelve
+`anthropic-ratelimit-*` headers of the bucket set the model draws on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from service.simulator.buckets import BucketSet, Refusal
+from service.simulator.config import SimulatorConfig, SimulatorConfigError, updated_config
+from service.simulator.engine import SimulatorEngine
+from service.simulator.errors import (
+    ApiError,
+    InvalidRequestError,
+    NotFoundError,
+    RateLimitError,
+    RequestTooLargeError,
+)
+from service.simulator.faults import Fault, draw_fault, fault_error
+from service.simulator.headers import ratelimit_headers
+from service.simulator.sampling import draw_latency_s, draw_output_tokens
+from service.simulator.stats import DROPPED
+from service.simulator.tokens import count_input_tokens, filler_text
+from service.simulator.validation import validate_count_tokens, validate_messages
+
+MESSAGES_PATH = "/v1/messages"
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+_JSON = "application/json"
+_DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
+_UNBOUNDED_BYTES = 1 << 62
+
+# Indirection so that tests can check that zero latency never sleeps.
+_sleep = asyncio.sleep
+
+
+def _json(status: int, body: bytes, headers: dict[str, str]) -> web.Response:
+    return web.Response(status=status, body=body, headers=headers, content_type=_JSON)
+
+
+class Handlers:
+    """Route handlers bound to one engine."""
+
+    def __init__(self, engine: SimulatorEngine) -> None:
+        self.engine = engine
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _headers(self, request_id: str, buckets: BucketSet) -> dict[str, str]:
+        engine = self.engine
+        headers = ratelimit_headers(buckets, engine.wall_clock(), engine.config.round_remaining)
+        headers["request-id"] = request_id
+        return headers
+
+    def _error(
+        self, exc: ApiError, request_id: str, buckets: BucketSet, retry_after_s: int | None = None
+    ) -> web.Response:
+        self.engine.stats.status(exc.status)
+        headers = self._headers(request_id, buckets)
+        if retry_after_s is not None:
+            headers["retry-after"] = str(retry_after_s)
+        return _json(exc.status, exc.body(request_id), headers)
+
+    def _rate_limited(self, refusal: Refusal, request_id: str, buckets: BucketSet) -> web.Response:
+        self.engine.stats.rate_limited_429 += 1
+        what = ", ".join(refusal.buckets)
+        if refusal.never:
+            message = f"This request would exceed your organization's per-minute limit ({what}) on its own."
+        else:
+            message = f"This request would exceed your organization's rate limit ({what}); retry later."
+        return self._error(RateLimitError(message), request_id, buckets, refusal.retry_after_s)
+
+    async def _read_json(self, request: web.Request) -> Any:
+        limit = self.engine.config.max_body_bytes
+        length = request.content_length
+        if length is not None:
+            if length > limit:
+                await _drain(request)
+                raise _too_large(limit)
+            raw = await request.read()
+        else:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    await _drain(request)
+                    raise _too_large(limit)
+                chunks.append(chunk)
+            raw = b"".join(chunks)
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
+
+    # -- /v1/messages --------------------------------------------------------------
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/messages`."""
+        engine = self.engine
+        stats = engine.stats
+        request_id = engine.next_request_id()
+        buckets = engine.limiter.default
+        stats.call("messages")
+        stats.in_flight += 1
+        try:
+            try:
+                key_name = engine.authenticate(request.headers)
+                engine.check_version(request.headers)
+            except ApiError as exc:
+                return self._error(exc, request_id, buckets)
+            model: str | None = None
+            config = engine.config
+            try:
+                body = await self._read_json(request)
+                if isinstance(body, Mapping) and isinstance(body.get("model"), str):
+                    model = body["model"]
+                    buckets = engine.limiter.for_model(model)
+                validate_messages(body, engine.models, config.max_tokens_limit)
+            except ApiError as exc:
+                stats.identified(key_name, model)
+                return self._error(exc, request_id, buckets)
+            stats.identified(key_name, model)
+            assert model is not None
+            response = await self._complete(body, model, config, request_id, buckets)
+            if response is None:
+                # Dropped: close the connection without an answer. aiohttp then fails
+                # to write the placeholder with a ConnectionError, which it ignores quietly.
+                stats.status(DROPPED)
+                _drop_connection(request)
+                return web.Response(status=500)
+            return response
+        finally:
+            stats.in_flight -= 1
+
+    async def _complete(
+        self,
+        body: Mapping[str, Any],
+        model: str,
+        config: SimulatorConfig,
+        request_id: str,
+        buckets: BucketSet,
+    ) -> web.Response | None:
+        """Fault, admission, output, latency, settlement; None means drop the connection."""
+        engine = self.engine
+        rng = engine.rng
+        fault = draw_fault(rng, config.faults)
+        error = fault_error(fault)
+        if error is not None:
+            if fault is Fault.SPEND_LIMIT:
+                engine.stats.spend_limit_429 += 1
+            return self._error(error, request_id, buckets)
+
+        input_tokens = count_input_tokens(body)
+        max_tokens: int = body["max_tokens"]
+        refusal = buckets.try_admit(input_tokens, max_tokens)
+        if refusal is not None:
+            return self._rate_limited(refusal, request_id, buckets)
+
+        wanted = draw_output_tokens(rng, config.output)
+        stop_sequence: str | None = None
+        if wanted >= max_tokens:
+            output_tokens, stop_reason = max_tokens, "max_tokens"
+        else:
+            output_tokens, stop_reason = wanted, "end_turn"
+            stops = body.get("stop_sequences")
+            rate = config.output.stop_sequence_rate
+            if stops and rate > 0 and rng.random() < rate:
+                stop_reason, stop_sequence = "stop_sequence", stops[0]
+        latency_s = draw_latency_s(rng, config.latency, output_tokens)
+        try:
+            if latency_s > 0:
+                await _sleep(latency_s)
+        finally:  # settle even if the handler is cancelled while "generating"
+            buckets.settle_output(max_tokens, output_tokens)
+        engine.stats.billed(input_tokens, output_tokens)
+
+        if fault is Fault.DROP:
+            return None
+
+        message = {
+            "id": engine.next_message_id(),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": filler_text(output_tokens)}],
+            "stop_reason": stop_reason,
+            "stop_sequence": stop_sequence,
+            "usage": {
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
+        }
+        engine.stats.status(200)
+        return _json(200, orjson.dumps(message), self._headers(request_id, buckets))
+
+    # -- /v1/messages/count_tokens -----------------------------------------------------
+
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/messages/count_tokens`: free, own RPM bucket, same token rule as messages."""
+        engine = self.engine
+        stats = engine.stats
+        request_id = engine.next_request_id()
+        buckets = engine.limiter.default
+        stats.call("count_tokens")
+        key_name: str | None = None
+        model: str | None = None
+        try:
+            key_name = engine.authenticate(request.headers)
+            engine.check_version(request.headers)
+            body = await self._read_json(request)
+            if isinstance(body, Mapping) and isinstance(body.get("model"), str):
+                model = body["model"]
+                buckets = engine.limiter.for_model(model)
+            validate_count_tokens(body, engine.models)
+        except ApiError as exc:
+            stats.identified(key_name, model)
+            return self._error(exc, request_id, buckets)
+        stats.identified(key_name, model)
+        refusal = engine.limiter.try_count_tokens()
+        if refusal is not None:
+            return self._rate_limited(refusal, request_id, buckets)
+        tokens = count_input_tokens(body)
+        stats.count_tokens_input_tokens_total += tokens
+        stats.status(200)
+        return _json(200, orjson.dumps({"input_tokens": tokens}), self._headers(request_id, buckets))
+
+    # -- fallbacks and control routes ------------------------------------------------
+
+    async def not_found(self, request: web.Request) -> web.StreamResponse:
+        """Any other path or method: Anthropic-shaped 404/405."""
+        request_id = self.engine.next_request_id()
+        buckets = self.engine.limiter.default
+        if request.path in (MESSAGES_PATH, COUNT_TOKENS_PATH):
+            exc: ApiError = _MethodNotAllowed(f"Method {request.method} not allowed for {request.path}")
+        else:
+            exc = NotFoundError(f"Not found: {request.method} {request.path}")
+        return _json(exc.status, exc.body(request_id), self._headers(request_id, buckets))
+
+    def _control(self, status: int, body: bytes) -> web.Response:
+        return _json(status, body, {"request-id": self.engine.next_request_id()})
+
+    async def stats(self, request: web.Request) -> web.StreamResponse:
+        """`GET /_sim/stats`."""
+        return self._control(200, orjson.dumps(self.engine.snapshot()))
+
+    async def reset(self, request: web.Request) -> web.StreamResponse:
+        """`POST /_sim/reset`: zero the stats, fill the buckets, re-seed."""
+        self.engine.reset()
+        return self._control(200, b'{"reset":true}')
+
+    async def get_config(self, request: web.Request) -> web.StreamResponse:
+        """`GET /_sim/config`: the current config, keys hidden."""
+        return self._control(200, self.engine.config.model_dump_json().encode())
+
+    async def post_config(self, request: web.Request) -> web.StreamResponse:
+        """`POST /_sim/config`: deep-merge a partial config (e.g. `{"faults": {...}}`)."""
+        try:
+            changes = orjson.loads(await request.read())
+            if not isinstance(changes, dict):
+                raise SimulatorConfigError("the config update must be a JSON object")
+            if "host" in changes or "port" in changes:
+                raise SimulatorConfigError("host and port cannot change at runtime")
+            config = updated_config(self.engine.config, changes)
+        except (orjson.JSONDecodeError, SimulatorConfigError) as exc:
+            return self._control(400, InvalidRequestError(str(exc)).body())
+        self.engine.reconfigure(config)
+        return self._control(200, config.model_dump_json().encode())
+
+
+class _MethodNotAllowed(ApiError):
+    status = 405
+    error_type = "invalid_request_error"
+
+
+def _too_large(limit: int) -> RequestTooLargeError:
+    return RequestTooLargeError(f"Request exceeds the maximum allowed size of {limit} bytes")
+
+
+async def _drain(request: web.Request) -> None:
+    """Read and discard the body (up to a cap) so that the client sees our answer."""
+    seen = 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        seen += len(chunk)
+        if seen > _DRAIN_LIMIT_BYTES:
+            break
+
+
+def _drop_connection(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def build_app(engine: SimulatorEngine) -> web.Application:
+    """The aiohttp application serving `engine`."""
+    handlers = Handlers(engine)
+    # The size limit is checked by the handlers (it can change at runtime), not by aiohttp.
+    app = web.Application(client_max_size=_UNBOUNDED_BYTES)
+    app.router.add_post(MESSAGES_PATH, handlers.messages)
+    app.router.add_post(COUNT_TOKENS_PATH, handlers.count_tokens)
+    app.router.add_get("/_sim/stats", handlers.stats)
+    app.router.add_post("/_sim/reset", handlers.reset)
+    app.router.add_get("/_sim/config", handlers.get_config)
+    app.router.add_post("/_sim/config", handlers.post_config)
+    app.router.add_route("*", "/{tail:.*}", handlers.not_found)
+    return app

@@ -1,0 +1,76 @@
+"""Counters behind `GET /_sim/stats`.
+
+Keys are reported by their configured *name*, never by value; with no keys
+configured (any key accepted) a key is reported as `key-<sha256 prefix>`.
+Token totals count what Anthropic would bill: calls that did their work,
+whether answered (200) or dropped after the work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+DROPPED = "dropped"
+
+
+class SimulatorStats:
+    """Mutable counters; `as_dict` gives the JSON-ready view."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.started_at = time.time()
+        self.calls_total = 0
+        self.in_flight = 0
+        self.calls_by_endpoint: Counter[str] = Counter()
+        self.calls_by_key: Counter[str] = Counter()
+        self.calls_by_model: Counter[str] = Counter()
+        self.status_counts: Counter[str] = Counter()
+        self.rate_limited_429 = 0
+        self.spend_limit_429 = 0
+        self.input_tokens_total = 0
+        self.output_tokens_total = 0
+        self.count_tokens_input_tokens_total = 0
+
+    def call(self, endpoint: str) -> None:
+        """A call arrived."""
+        self.calls_total += 1
+        self.calls_by_endpoint[endpoint] += 1
+
+    def identified(self, key_name: str | None, model: str | None) -> None:
+        """The call's key (by name) and model are known."""
+        if key_name is not None:
+            self.calls_by_key[key_name] += 1
+        if model is not None:
+            self.calls_by_model[model] += 1
+
+    def status(self, status: int | str) -> None:
+        """The call ended with `status` (an HTTP status or `DROPPED`)."""
+        self.status_counts[str(status)] += 1
+
+    def billed(self, input_tokens: int, output_tokens: int) -> None:
+        """A call did its work."""
+        self.input_tokens_total += input_tokens
+        self.output_tokens_total += output_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stats as plain JSON-ready data (buckets are added by the server)."""
+        return {
+            "started_at": self.started_at,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "calls_total": self.calls_total,
+            "in_flight": self.in_flight,
+            "calls_by_endpoint": dict(self.calls_by_endpoint),
+            "calls_by_key": dict(self.calls_by_key),
+            "calls_by_model": dict(self.calls_by_model),
+            "status_counts": dict(self.status_counts),
+            "rate_limited_429": self.rate_limited_429,
+            "spend_limit_429": self.spend_limit_429,
+            "input_tokens_total": self.input_tokens_total,
+            "output_tokens_total": self.output_tokens_total,
+            "count_tokens_input_tokens_total": self.count_tokens_input_tokens_total,
+        }
