@@ -1,19 +1,32 @@
 # The local Apache Kafka broker (scripts/kafka_local.py) and Debian's redis-server.
+#   make kafka-fetch           broker jars from Maven Central into ~/.cache/claude-gateway (no-op when cached)
+#   make kafka-up              start it into $(KAFKA_DIR); prints the bootstrap; no-op when already running
+#   make kafka-down            stop it (safe when not running)
+#   make kafka-status          say whether it serves
+#   make redis-server-install  Debian's redis-server, when it is not on PATH
+PY ?= .venv/bin/python
 KAFKA_DIR ?= .run/kafka
+KAFKA_PORT ?= 0
+# The script is stdlib only: before `make setup` made the venv, python3 runs it.
+KAFKA_LOCAL = $(if $(wildcard $(PY)),$(PY),python3) scripts/kafka_local.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: kafka-fetch kafka-up kafka-down redis-server-install
+.PHONY: kafka-fetch kafka-up kafka-down kafka-status redis-server-install
 
 kafka-fetch:
-	@python3 scripts/kafka_local.py fetch >/dev/null
+	@$(KAFKA_LOCAL) fetch >/dev/null
 
 kafka-up: kafka-fetch
-	@python3 scripts/kafka_local.py start --dir $(KAFKA_DIR)
+	@$(KAFKA_LOCAL) start --dir $(KAFKA_DIR) --port $(KAFKA_PORT)
 
 kafka-down:
-	@python3 scripts/kafka_local.py stop --dir $(KAFKA_DIR)
+	@$(KAFKA_LOCAL) stop --dir $(KAFKA_DIR)
+
+kafka-status:
+	@$(KAFKA_LOCAL) status --dir $(KAFKA_DIR)
 
 redis-server-install:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing Debian's redis-server"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }

@@ -16,7 +16,7 @@ a second `fetch` a no-op; a file lock makes concurrent fetches safe. Needs `java
 Which Kafka: 4.4.0, the newest 4.x on Maven Central when this was written. aiokafka 0.14 produces,
 consumes with consumer groups, commits offsets, runs idempotent producers and transactions against
 it (tests/test_kafka_local.py); Kafka 4's removal of old protocol versions (KIP-896) does not bite
-it. `--version` (or GATEWAY_KAFKA_VERSION) picks another release, e.g. 3.9.1.
+it. `--version` (or GATEWAY_KAFKA_VERSION) picks another release (3.9.1 was checked to work too).
 
 What `start` runs: one JVM (`kafka.Kafka`, -Xmx512m) acting as broker and KRaft controller
 (node.id=1), listening on 127.0.0.1 only, with a fresh random cluster id and a fresh data directory
@@ -26,9 +26,10 @@ the broker answers a real Kafka ApiVersions + Metadata round trip listing itself
 `server.properties`, `data/` (log.dirs), `logs/server.log` (log4j), `broker.out` (JVM stdout/err),
 `broker.pid`, `bootstrap`.
 
-Importable (stdlib only, it runs before the venv exists): `fetch(version) -> Path`,
-`start(directory, port=0) -> str` (the bootstrap address), `stop(directory)`,
-`status(directory) -> str | None`.
+Importable (stdlib only, it runs before the venv exists): `fetch(version) -> Path` (libs dir),
+`start(directory, port=0, controller_port=0, version=..., timeout_s=60, die_with_parent=False) -> str`
+(the bootstrap address), `stop(directory, timeout_s=30)`, `status(directory) -> str | None`;
+failures raise `KafkaLocalError` (`.exit_code` 2 for a missing java/mvn).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
 import fcntl
 import os
 import shutil
@@ -98,6 +100,7 @@ _POM = """<?xml version="1.0" encoding="UTF-8"?>
 # Quiet: warnings and errors, plus the broker's own start/stop lines, to a file.
 _LOG4J2 = """status = error
 name = kafka-local
+shutdownHook = disable
 appender.file.type = File
 appender.file.name = FILE
 appender.file.fileName = ${sys:kafka.logs.dir}/server.log
@@ -186,12 +189,10 @@ def fetch(version: str = KAFKA_VERSION) -> Path:
         if result.returncode != 0 or not (staging / f"kafka_2.13-{version}.jar").exists():
             raise KafkaLocalError(
                 f"Maven could not fetch org.apache.kafka:kafka_2.13:{version} from Maven Central "
-                f"(`{' '.join(cmd)}` exited {result.returncode}):\n"
-                + (result.stdout + result.stderr)[-3000:]
+                f"(`{' '.join(cmd)}` exited {result.returncode}):\n" + (result.stdout + result.stderr)[-3000:]
             )
         shutil.rmtree(libs, ignore_errors=True)
         staging.rename(libs)
-        (root / "log4j2.properties").write_text(_LOG4J2)
         marker.write_text(f"{version}\n")  # last: the cache is complete
     return libs
 
@@ -281,12 +282,16 @@ def _is_broker(pid: int) -> bool:
     return state not in ("Z", "X") and b"kafka.Kafka" in cmdline
 
 
-def _pid(directory: Path) -> int | None:
+def _read_pid(directory: Path) -> int | None:
     try:
-        pid = int((directory / "broker.pid").read_text().strip())
+        return int((directory / "broker.pid").read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _is_broker(pid) else None
+
+
+def _pid(directory: Path) -> int | None:
+    pid = _read_pid(directory)
+    return pid if pid is not None and _is_broker(pid) else None
 
 
 def status(directory: str | Path) -> str | None:
@@ -358,12 +363,15 @@ def start(
     controller_port: int = 0,
     version: str = KAFKA_VERSION,
     timeout_s: float = START_TIMEOUT_S,
+    die_with_parent: bool = False,
 ) -> str:
     """Start a single-node KRaft broker with its files in `directory`; return `127.0.0.1:PORT`.
 
     Idempotent: when the broker of `directory` already serves, its bootstrap is returned.
-    Port 0 picks a free port. Raises KafkaLocalError (with the log tail) when it does not serve
-    within `timeout_s`.
+    Port 0 picks a free port (and picks again if another process took it meanwhile).
+    `die_with_parent` (Linux): the broker gets SIGTERM when the calling process dies, even by
+    SIGKILL, so a killed test run leaves no broker behind.
+    Raises KafkaLocalError (with the log tail) when it does not serve within `timeout_s`.
     """
     d = Path(directory).resolve()
     running = status(d)
@@ -372,11 +380,29 @@ def start(
     stop(d)  # a broker that runs but does not serve, or stale files
     libs = fetch(version)
     java = _require("java")
-    port = port or _free_port()
-    controller_port = controller_port or _free_port()
-    while controller_port == port:
-        controller_port = _free_port()
+    attempts = 3 if port == 0 or controller_port == 0 else 1
+    for attempt in range(1, attempts + 1):
+        client = port or _free_port()
+        control = controller_port or _free_port()
+        while control == client:
+            control = _free_port()
+        try:
+            return _launch(d, java, libs, client, control, timeout_s, die_with_parent)
+        except KafkaLocalError as exc:
+            if attempt == attempts or "Address already in use" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
 
+
+def _parent_death_signal() -> None:
+    """In the child before exec: SIGTERM me when my parent dies (prctl PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+def _launch(
+    d: Path, java: str, libs: Path, port: int, controller_port: int, timeout_s: float, die_with_parent: bool
+) -> str:
     data, logs = d / "data", d / "logs"
     for sub in (data, logs):
         shutil.rmtree(sub, ignore_errors=True)
@@ -388,13 +414,12 @@ def start(
     log4j = d / "log4j2.properties"
     log4j.write_text(_LOG4J2)
 
-    classpath = f"{libs}/*"
     jvm_common = [
         f"-Dlog4j2.configurationFile={log4j}",
         f"-Dkafka.logs.dir={logs}",
         "-Djava.awt.headless=true",
         "-cp",
-        classpath,
+        f"{libs}/*",
     ]
     fmt = subprocess.run(  # noqa: S603
         [java, "-Xmx256m", "-XX:TieredStopAtLevel=1", *jvm_common, "kafka.tools.StorageTool",
@@ -410,6 +435,7 @@ def start(
              "-XX:+ExplicitGCInvokesConcurrent", *jvm_common, "kafka.Kafka", str(props)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, cwd=d,
+            preexec_fn=_parent_death_signal if die_with_parent and sys.platform == "linux" else None,
         )  # fmt: skip
     _CHILDREN[proc.pid] = proc
     (d / "broker.pid").write_text(f"{proc.pid}\n")
@@ -418,6 +444,7 @@ def start(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             _CHILDREN.pop(proc.pid, None)
+            (d / "broker.pid").unlink(missing_ok=True)
             raise KafkaLocalError(f"the Kafka broker exited with code {proc.returncode}:\n{_tail(d)}")
         if _serves(HOST, port):
             bootstrap = f"{HOST}:{port}"
@@ -432,26 +459,27 @@ def start(
 def stop(directory: str | Path, timeout_s: float = STOP_TIMEOUT_S) -> None:
     """SIGTERM the broker of `directory`, wait, SIGKILL after `timeout_s`. Safe when not running."""
     d = Path(directory)
-    pid = _pid(d)
+    pid = _read_pid(d)
     child = _CHILDREN.pop(pid, None) if pid is not None else None
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        if child is not None:
+    if child is not None:  # started by this process: wait on it (reaps it, no zombie)
+        if child.poll() is None:
+            child.terminate()
             try:
                 child.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-        else:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and _is_broker(pid):
-                time.sleep(0.1)
-            if _is_broker(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                while _is_broker(pid):
-                    time.sleep(0.05)
+    elif pid is not None and _is_broker(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _is_broker(pid):
+            time.sleep(0.1)
+        if _is_broker(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            while _is_broker(pid):
+                time.sleep(0.05)
     for name in ("broker.pid", "bootstrap"):
         (d / name).unlink(missing_ok=True)
 
@@ -479,9 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "fetch":
+            cached = (cache_dir(args.version) / ".complete").exists()
             began = time.monotonic()
             libs = fetch(args.version)
-            print(f"kafka {args.version}: {libs} ({time.monotonic() - began:.1f}s)", file=sys.stderr)
+            if not cached:
+                print(f"fetched Kafka {args.version} in {time.monotonic() - began:.1f}s", file=sys.stderr)
             print(libs)
         elif args.cmd == "start":
             began = time.monotonic()
@@ -491,11 +521,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "stop":
             stop(args.dir)
         else:
-            bootstrap = status(args.dir)
-            if bootstrap is None:
+            serving = status(args.dir)
+            if serving is None:
                 print(f"not running ({args.dir})")
                 return 1
-            print(f"running, pid {_pid(args.dir)}, bootstrap {bootstrap}")
+            print(f"running, pid {_pid(args.dir)}, bootstrap {serving}")
     except KafkaLocalError as exc:
         print(f"kafka_local: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -16,6 +16,8 @@ from service.config.settings import GatewaySettings
 from service.egress.publisher import Publisher
 from service.ingest.consumer import IngestLoop
 from service.pipeline import Pipeline
+from service.scheduling.limiter import Limiter, LocalLimiter
+from service.scheduling.redis_limiter import RedisLimiter
 from service.scheduling.scheduler import Scheduler
 from service.telemetry.http import HealthServer
 from service.telemetry.metrics import Metrics
@@ -33,6 +35,7 @@ class Gateway:
         claude: ClaudeClient | None = None,
         publisher: Publisher | None = None,
         serve_http: bool = True,
+        limiter: Limiter | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -40,7 +43,8 @@ class Gateway:
         self.claude = claude or ClaudeClient(settings.anthropic)
         self.publisher = publisher or Publisher(settings.kafka)
         self.admission = Admission(self.registry)
-        self.scheduler = Scheduler(settings)
+        self.limiter = limiter or self._make_limiter(settings)
+        self.scheduler = Scheduler(settings, self.limiter)
         self.pipeline = Pipeline(
             settings, self.admission, self.scheduler, self.claude, self.publisher, self.metrics
         )
@@ -50,6 +54,21 @@ class Gateway:
             rt = settings.runtime
             self.http = HealthServer(self.metrics, self.readiness, rt.http_host, rt.http_port)
         self._install_keys(self.registry)
+
+    def _make_limiter(self, settings: GatewaySettings) -> Limiter:
+        org = settings.org_limits
+        partners = {p.id: p.limits for p in settings.partners}
+        if settings.limiter_backend == "redis":
+            assert settings.redis is not None  # enforced by the settings model
+            return RedisLimiter(settings.redis, org, partners, on_degraded=self._on_redis_degraded)
+        return LocalLimiter(org, partners)
+
+    def _on_redis_degraded(self, degraded: bool) -> None:
+        self.metrics.redis_degraded.set(1 if degraded else 0)
+
+    @property
+    def redis_degraded(self) -> bool:
+        return isinstance(self.limiter, RedisLimiter) and self.limiter.degraded
 
     def _install_keys(self, registry: Registry) -> None:
         for pid, partner in registry.by_id.items():
@@ -89,6 +108,8 @@ class Gateway:
             await self.publisher.start()
             stack.push_async_callback(self.publisher.stop)
             stack.push_async_callback(self.scheduler.aclose)
+            if isinstance(self.limiter, RedisLimiter):
+                stack.push_async_callback(self.limiter.aclose)
             await self.ingest.start()
             stack.push_async_callback(self.ingest.stop)
             log.info("gateway started", extra={"partners": len(self.settings.partners)})

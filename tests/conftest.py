@@ -1,28 +1,14 @@
-"""Session-wide real services (Kafka, Redis) and per-test unique names."""
+"""Fixtures shared by every test suite.
+
+Real services, one per session: `kafka_bootstrap` (str, host:port), `kafka_admin`
+(a started AIOKafkaAdminClient), `redis_url` (str). Per test: `new_topic` (a
+TopicFactory making topics unique to the test) and `unique_group` (str).
+See tests/support/kafka.py and tests/support/redis.py.
+"""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
+from tests.support.kafka import kafka_admin, kafka_bootstrap, new_topic, unique_group
+from tests.support.redis import redis_url
 
-import pytest
-
-from tests.support.kafka import kafka_broker
-from tests.support.redis import redis_server
-
-
-@pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with kafka_broker(tmp_path_factory.mktemp("kafka")) as bootstrap:
-        yield bootstrap
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
-
-
-@pytest.fixture
-def unique_group() -> str:
-    return f"group-{uuid.uuid4().hex[:12]}"
+__all__ = ["kafka_admin", "kafka_bootstrap", "new_topic", "redis_url", "unique_group"]

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from service.config.secrets import SecretRef
 
 _PARTNER_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 
 
 class _Frozen(BaseModel):
@@ -48,10 +49,28 @@ class KafkaSettings(_Frozen):
     producer_max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     metadata_max_age_ms: int = Field(default=30_000, gt=0)
 
+    audit_topic: str | None = Field(default=None, min_length=1, max_length=249)
+    """Also publish audit events (key rotation, partner enable/disable, budget exhaustion) here."""
+
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
-        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+        sasl = self.security_protocol.startswith("SASL")
+        if sasl and self.sasl_mechanism is None:
             raise ValueError(f"kafka.sasl_mechanism is required with {self.security_protocol}")
+        if not sasl and self.sasl_mechanism is not None:
+            raise ValueError(
+                f"kafka.sasl_mechanism is set but kafka.security_protocol is {self.security_protocol}; "
+                "use SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        tls = self.security_protocol in ("SSL", "SASL_SSL")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, name) is not None and not tls:
+                raise ValueError(
+                    f"kafka.{name} is set but kafka.security_protocol is {self.security_protocol}; "
+                    "use SSL or SASL_SSL"
+                )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("kafka.ssl_certfile and kafka.ssl_keyfile go together (client certificate)")
         if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and (
             self.sasl_username is None or self.sasl_password is None
         ):
@@ -91,11 +110,19 @@ class LimitSettings(_Frozen):
 
 
 class SigningSettings(_Frozen):
-    """HMAC-SHA256 request signatures: key id -> secret reference."""
+    """HMAC-SHA256 request signatures: key id -> secret reference (several at once, to rotate)."""
 
     required: bool = False
     keys: dict[str, SecretRef] = Field(default_factory=dict)
     max_skew_s: float = Field(default=300.0, gt=0)
+
+    @field_validator("keys")
+    @classmethod
+    def _key_ids(cls, value: dict[str, SecretRef]) -> dict[str, SecretRef]:
+        for kid in value:
+            if not _KEY_ID.match(kid):
+                raise ValueError(f"signing key id {kid!r} must match {_KEY_ID.pattern} (it is sent as a header)")
+        return value
 
     @model_validator(mode="after")
     def _keys_when_required(self) -> SigningSettings:
@@ -130,7 +157,22 @@ class PartnerSettings(_Frozen):
     max_tokens_policy: Literal["reject", "clamp"] = "reject"
     max_request_bytes: int = Field(default=1024 * 1024, gt=0)
     signing: SigningSettings = SigningSettings()
+    dedupe: bool = False
+    """Reject a request id seen again within `replay_window_s` even without signing
+    (always on when `signing.required`)."""
+    replay_window_s: float | None = Field(default=None, gt=0)
+    """How long a request id is remembered; default 2 x `signing.max_skew_s`."""
     budget: BudgetSettings = BudgetSettings()
+
+    @model_validator(mode="after")
+    def _replay_window_covers_skew(self) -> PartnerSettings:
+        window = self.replay_window_s
+        if self.signing.required and window is not None and window < 2 * self.signing.max_skew_s:
+            raise ValueError(
+                f"replay_window_s ({window:g}) must be at least 2 x signing.max_skew_s "
+                f"({2 * self.signing.max_skew_s:g}), or a replayed request could pass both checks"
+            )
+        return self
 
     @field_validator("id")
     @classmethod
@@ -181,6 +223,7 @@ class RedisSettings(_Frozen):
     password: SecretRef | None = None
     key_prefix: str = "claude-gateway"
     timeout_s: float = Field(default=0.5, gt=0)
+    max_connections: int = Field(default=32, gt=0)
     degraded_share: float = Field(default=0.0, ge=0, le=1)
     """Share of the org limits one replica may use while Redis is unreachable
     (0 = 1/expected_replicas)."""
@@ -197,6 +240,10 @@ class RuntimeSettings(_Frozen):
     http_port: int = Field(default=9464, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     estimate_chars_per_token: float = Field(default=3.0, gt=0)
+    replay_cache_max_entries: int = Field(default=200_000, gt=0)
+    """Request ids remembered in process for replay protection (Redis holds them too, if configured)."""
+    budget_defer_poll_s: float = Field(default=5.0, gt=0)
+    """How often a request deferred by an exhausted budget looks again (another replica may refund)."""
 
 
 class GatewaySettings(_Frozen):

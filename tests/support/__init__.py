@@ -1,0 +1,1 @@
+"""Test support: real services (Kafka, Redis) and helpers shared by the test suites."""

@@ -1,0 +1,130 @@
+"""Token buckets and the local limiter, on a fake clock (ANTHROPIC.md: limits are
+per-minute token buckets refilling continuously; OTPM is reserved as max_tokens and
+corrected from real output; a 429's retry-after pauses the bucket)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.config.settings import LimitSettings
+from service.scheduling.buckets import TokenBucket
+from service.scheduling.limiter import Cost, LocalLimiter, Usage, parse_ratelimit_headers
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_bucket_refills_continuously_to_capacity() -> None:
+    b = TokenBucket.per_minute(60, now=0.0)
+    b.take(60)
+    assert b.wait_s(1, now=0.0) == 1.0  # 60/min = one a second
+    assert b.wait_s(1, now=1.0) == 0.0
+    b.refill(now=1000.0)
+    assert b.level == 60
+
+
+def test_a_cost_above_capacity_waits_for_a_full_bucket_then_goes_negative() -> None:
+    b = TokenBucket.per_minute(100, now=0.0)
+    assert b.wait_s(500, now=0.0) == 0.0
+    b.take(500)
+    assert b.level == -400
+    assert b.wait_s(1, now=0.0) > 240
+
+
+@given(
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0, max_value=5), st.integers(min_value=1, max_value=50)), max_size=200
+    )
+)
+def test_limiter_never_grants_more_than_capacity_plus_refill(steps: list[tuple[float, int]]) -> None:
+    clock = Clock()
+    start = clock.t
+    limiter = LocalLimiter(LimitSettings(rpm=120, itpm=5_000), {}, clock=clock)
+    granted_requests = 0
+    granted_input = 0
+    for advance, tokens in steps:
+        clock.t += advance
+        if limiter.try_acquire("p", Cost(tokens, 0)).ok:
+            granted_requests += 1
+            granted_input += tokens
+    elapsed = clock.t - start
+    assert granted_requests <= 120 + elapsed * 2 + 1e-9
+    assert granted_input <= 5_000 + elapsed * 5_000 / 60 + 1e-6
+
+
+def test_partner_limit_binds_before_the_org_and_says_so() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(LimitSettings(rpm=600), {"a": LimitSettings(rpm=2)}, clock=clock)
+    assert limiter.try_acquire("a", Cost(1, 1)).ok
+    assert limiter.try_acquire("a", Cost(1, 1)).ok
+    d = limiter.try_acquire("a", Cost(1, 1))
+    assert (d.ok, d.scope) == (False, "partner")
+    assert d.wait_s == 30.0
+    assert limiter.try_acquire("b", Cost(1, 1)).ok  # another partner is unaffected
+
+
+def test_settlement_refunds_unused_reservation() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(LimitSettings(itpm=1000, otpm=1000), {}, clock=clock)
+    assert limiter.try_acquire("p", Cost(400, 800)).ok
+    assert not limiter.try_acquire("p", Cost(400, 800)).ok
+    limiter.settle("p", Cost(400, 800), Usage(100, 50))
+    levels = limiter.levels()
+    assert levels[("org", "itpm")] == 900  # 1000 - 400 reserved + 300 unused
+    assert levels[("org", "otpm")] == 950
+    assert limiter.try_acquire("p", Cost(400, 800)).ok
+
+
+def test_unknown_outcome_keeps_the_reservation() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(LimitSettings(otpm=1000), {}, clock=clock)
+    limiter.try_acquire("p", Cost(1, 600))
+    limiter.settle("p", Cost(1, 600), None)
+    assert limiter.levels()[("org", "otpm")] == 400
+
+
+def test_headers_clamp_the_org_bucket_but_never_raise_it() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(LimitSettings(rpm=100, itpm=100_000), {}, clock=clock)
+    limiter.observe_headers(
+        {
+            "anthropic-ratelimit-requests-limit": "100",
+            "anthropic-ratelimit-requests-remaining": "10",
+            "anthropic-ratelimit-input-tokens-limit": "100000",
+            "anthropic-ratelimit-input-tokens-remaining": "20000",
+        }
+    )
+    levels = limiter.levels()
+    assert levels[("org", "rpm")] == 10
+    assert levels[("org", "itpm")] == 20_500  # rounded to the nearest thousand upstream
+    limiter.observe_headers({"anthropic-ratelimit-requests-remaining": "90"})
+    assert limiter.levels()[("org", "rpm")] == 10
+
+
+def test_a_lower_upstream_limit_shrinks_the_bucket() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(LimitSettings(rpm=1000), {}, clock=clock)
+    limiter.observe_headers({"anthropic-ratelimit-requests-limit": "50"})
+    assert limiter.levels()[("org", "rpm")] == 50
+
+
+def test_429_pauses_every_draw_on_the_org() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(LimitSettings(rpm=1000), {}, clock=clock)
+    limiter.pause(3)
+    for pid in ("a", "b"):
+        d = limiter.try_acquire(pid, Cost(1, 1))
+        assert (d.ok, d.scope, d.wait_s) == (False, "org", 3)
+    clock.t += 3
+    assert limiter.try_acquire("a", Cost(1, 1)).ok
+
+
+def test_parse_headers_ignores_garbage() -> None:
+    assert parse_ratelimit_headers({"anthropic-ratelimit-requests-remaining": "n/a"}) == {}
+    assert parse_ratelimit_headers({"anthropic-ratelimit-output-tokens-limit": "8000"}) == {"otpm": (8000, None)}

@@ -1,0 +1,174 @@
+"""Weighted fair queuing: shares by weight, work conservation, a quiet partner served
+at once behind a flood, partners blocked by their own limits skipped, draining."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Mapping
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.config.loader import parse_config
+from service.config.settings import GatewaySettings, LimitSettings
+from service.scheduling.limiter import GRANTED, Cost, Decision, Usage
+from service.scheduling.scheduler import Draining, Scheduler
+
+
+class Gate:
+    """A limiter that grants exactly as many turns as the test hands out."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.blocked: set[str] = set()
+
+    async def acquire(self, partner_id: str, cost: Cost) -> Decision:
+        if partner_id in self.blocked:
+            return Decision(False, 0.002, "partner")
+        if self.tokens > 0:
+            self.tokens -= 1
+            return GRANTED
+        return Decision(False, 0.002, "org")
+
+    def settle(self, partner_id: str, cost: Cost, usage: Usage | None) -> None: ...
+    def observe_headers(self, headers: Mapping[str, str]) -> None: ...
+    def pause(self, seconds: float) -> None: ...
+    def configure(self, org: LimitSettings, partners: Mapping[str, LimitSettings]) -> None: ...
+    def levels(self) -> dict[tuple[str, str], float]:
+        return {}
+
+
+def _settings(weights: Mapping[str, float], concurrency: int = 10_000) -> GatewaySettings:
+    return parse_config(
+        {
+            "org_limits": {"rpm": 6000},
+            "runtime": {"max_in_flight": 100_000},
+            "partners": [
+                {"id": p, "weight": w, "max_concurrency": concurrency, "api_key": {"env": "X"}}
+                for p, w in weights.items()
+            ],
+        }
+    )
+
+
+async def _flood(sched: Scheduler, gate: Gate, backlog: Mapping[str, int], grants: int) -> list[str]:
+    order: list[str] = []
+
+    async def one(pid: str) -> None:
+        try:
+            g = await sched.acquire(pid, Cost(10, 10))
+        except Draining:
+            return
+        order.append(pid)
+        sched.release(g, Usage(10, 10))
+
+    tasks = [asyncio.create_task(one(p)) for p, n in backlog.items() for _ in range(n)]
+    await asyncio.sleep(0.01)  # everyone queued
+    while len(order) < grants:
+        gate.tokens += 20
+        await asyncio.sleep(0.003)
+    sched.close()
+    await asyncio.gather(*tasks)
+    await sched.aclose()
+    return order[:grants]
+
+
+@pytest.mark.parametrize("weights", [{"a": 1, "b": 1, "c": 1}, {"a": 1, "b": 2, "c": 3}])
+async def test_busy_partners_share_by_weight(weights: dict[str, float]) -> None:
+    gate = Gate()
+    sched = Scheduler(_settings(weights), gate)
+    order = await _flood(sched, gate, {p: 1000 for p in weights}, 600)
+    counts = Counter(order)
+    total = sum(weights.values())
+    for p, w in weights.items():
+        assert abs(counts[p] / 600 - w / total) <= 0.02, counts
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=5), min_size=2, max_size=4))
+async def test_fair_shares_hold_for_any_weights(weights: list[int]) -> None:
+    named = {f"p{i}": float(w) for i, w in enumerate(weights)}
+    gate = Gate()
+    sched = Scheduler(_settings(named), gate)
+    n = 50 * int(sum(weights))
+    order = await _flood(sched, gate, {p: n for p in named}, n)
+    counts = Counter(order)
+    for p, w in named.items():
+        assert abs(counts[p] - n * w / sum(weights)) <= 2, (counts, weights)
+
+
+async def test_an_idle_partners_share_goes_to_the_busy_ones() -> None:
+    gate = Gate()
+    sched = Scheduler(_settings({"a": 1, "b": 1, "c": 1}), gate)
+    order = await _flood(sched, gate, {"a": 500, "b": 500}, 400)
+    assert Counter(order) == {"a": 200, "b": 200}
+
+
+async def test_a_quiet_partner_is_served_next_behind_a_flood() -> None:
+    gate = Gate()
+    sched = Scheduler(_settings({"flood": 1, "quiet": 1}), gate)
+    served: list[str] = []
+
+    async def one(pid: str) -> None:
+        try:
+            g = await sched.acquire(pid, Cost(10, 10))
+        except Draining:
+            return
+        served.append(pid)
+        sched.release(g, None)
+
+    flood = [asyncio.create_task(one("flood")) for _ in range(2000)]
+    await asyncio.sleep(0.01)
+    gate.tokens = 500
+    await asyncio.sleep(0.05)
+    assert served.count("flood") == 500
+    quiet = asyncio.create_task(one("quiet"))
+    await asyncio.sleep(0.005)
+    gate.tokens = 2
+    await asyncio.sleep(0.02)
+    assert "quiet" in served[500:502]
+    sched.close()
+    await asyncio.gather(quiet, *flood)
+    await sched.aclose()
+
+
+async def test_a_partner_blocked_by_its_own_limit_does_not_block_others() -> None:
+    gate = Gate()
+    gate.blocked.add("a")
+    sched = Scheduler(_settings({"a": 5, "b": 1}), gate)
+    order = await _flood(sched, gate, {"a": 100, "b": 100}, 100)
+    assert Counter(order) == {"b": 100}
+
+
+async def test_partner_concurrency_is_enforced() -> None:
+    gate = Gate()
+    gate.tokens = 1000
+    sched = Scheduler(_settings({"a": 1}, concurrency=3), gate)
+    grants = [await sched.acquire("a", Cost(1, 1)) for _ in range(3)]
+    fourth = asyncio.create_task(sched.acquire("a", Cost(1, 1)))
+    await asyncio.sleep(0.01)
+    assert not fourth.done()
+    sched.release(grants[0], None)
+    g = await asyncio.wait_for(fourth, 1)
+    for grant in [*grants[1:], g]:
+        sched.release(grant, None)
+    await sched.aclose()
+
+
+async def test_close_fails_waiters_with_draining_and_cancel_cleans_up() -> None:
+    gate = Gate()
+    sched = Scheduler(_settings({"a": 1}), gate)
+    waiting = [asyncio.create_task(sched.acquire("a", Cost(1, 1))) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    waiting[0].cancel()
+    await asyncio.sleep(0)
+    assert sched.queued("a") == 4
+    sched.close()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert all(isinstance(r, Draining) for r in results[1:])
+    with pytest.raises(Draining):
+        await sched.acquire("a", Cost(1, 1))
+    await sched.aclose()
