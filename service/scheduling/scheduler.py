@@ -230,12 +230,13 @@ class Scheduler:
                     continue
                 waiter.limiter_wait_s += decision.wait_s
                 return decision.wait_s
+            if not best.queue or best.queue[0] is not waiter or waiter.future.done():
+                # closed or cancelled while the limiter answered (it may suspend): give it back
+                self.release(Grant(best.id, waiter.cost, 0.0, 0.0), Usage(0, 0))
+                continue
             best.queue.popleft()
             self._waiting -= 1
             self._vtime = max(self._vtime, waiter.finish - self._norm_cost(waiter.cost) / best.weight)
-            if waiter.future.done():  # cancelled while the limiter answered: give it back
-                self.release(Grant(best.id, waiter.cost, 0.0, 0.0), Usage(0, 0))
-                continue
             total_wait = max(0.0, asked - waiter.enqueued)
             limiter_wait = min(total_wait, waiter.limiter_wait_s)
             waiter.future.set_result(Grant(best.id, waiter.cost, total_wait - limiter_wait, limiter_wait))

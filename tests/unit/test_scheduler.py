@@ -172,3 +172,30 @@ async def test_close_fails_waiters_with_draining_and_cancel_cleans_up() -> None:
     with pytest.raises(Draining):
         await sched.acquire("a", Cost(1, 1))
     await sched.aclose()
+
+
+class SlowGate(Gate):
+    """A limiter that suspends, as the Redis one does, once `slow` is set."""
+
+    slow = False
+
+    async def acquire(self, partner_id: str, cost: Cost) -> Decision:
+        if self.slow:
+            await asyncio.sleep(0.01)
+        return await super().acquire(partner_id, cost)
+
+
+async def test_close_while_the_limiter_answers_loses_no_bookkeeping() -> None:
+    gate = SlowGate()
+    sched = Scheduler(_settings({"a": 1}), gate)
+    waiting = [asyncio.create_task(sched.acquire("a", Cost(1, 1))) for _ in range(3)]
+    await asyncio.sleep(0.01)  # all queued, the dispatcher polling the empty gate
+    gate.slow = True
+    gate.tokens = 10
+    await asyncio.sleep(0.006)  # the dispatcher is inside the limiter call now
+    sched.close()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, Draining) for r in results)
+    await asyncio.sleep(0.02)  # the limiter answers after the close
+    await sched.aclose()  # the dispatcher exits cleanly
+    assert sched._in_flight == 0

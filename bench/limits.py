@@ -1,0 +1,423 @@
+"""The limits benchmark: fair sharing of one org's Claude limits, on one replica and three.
+
+Scenarios, each against the simulator with its limits set to the configured org
+limits (RPM binding: 6,000/min, i.e. 100 requests/s), after a warm-up that drains
+the buckets' initial burst, measured over a window of saturation (60 s by default):
+
+- equal: three saturating partners, equal weights -> utilization, 429 ratio, Jain's index
+- weighted: weights 1:2:3 -> worst share error in percentage points
+- work_conserving: one of three equal partners saturating, two idle -> utilization
+- redis: three gateway processes sharing limits through Redis -> utilization, 429 ratio
+- backlog: one partner with a 1,000,000-message backlog, a quiet partner at 1 req/s ->
+  the quiet partner's p99 queue wait, and the gateway's RSS growth
+
+The equal, work_conserving and backlog scenarios also run through a naive limiter
+(bench/run_gateway.py: per-partner static buckets, blind to headers and 429s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import math
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from bench.common import BENCH_DIR, MODEL, Simulator, create_topics, kafka, log, spawn, tag, tail, terminate
+
+ORG_RPM = 6_000
+ORG_TOKENS = 50_000_000  # ITPM/OTPM far from binding: RPM is the binding limit
+RATE = ORG_RPM / 60
+PARTITIONS = 3
+KEYS = {p: f"sk-bench-{p}-0123456789" for p in ("p1", "p2", "p3", "flood", "quiet")}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--limits-window-s", type=float, default=float(os.environ.get("BENCH_LIMITS_WINDOW_S", 60))
+    )
+    parser.add_argument(
+        "--limits-backlog", type=int, default=int(os.environ.get("BENCH_LIMITS_BACKLOG", 1_000_000))
+    )
+
+
+def _key_label(key: str) -> str:
+    return f"key-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def _post(url: str, body: Mapping[str, Any] | None = None) -> None:
+    req = urllib.request.Request(url, data=orjson.dumps(body or {}), method="POST")
+    req.add_header("content-type", "application/json")
+    with urllib.request.urlopen(req, timeout=5):
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _redis() -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed; `make bench` installs it")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+def _value(rid: str) -> bytes:
+    return orjson.dumps(
+        {
+            "request_id": rid,
+            "params": {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "Ping."}]},
+        }
+    )
+
+
+async def _produce(bootstrap: str, topic: str, n: int, prefix: str) -> None:
+    """Produce `n` requests fast, in batches spread over the partitions."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=50, max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        pending = []
+        i = 0
+        while i < n:
+            for partition in range(PARTITIONS):
+                batch = producer.create_batch()
+                while i < n:
+                    rid = f"{prefix}-{i}"
+                    if batch.append(key=rid.encode(), value=_value(rid), timestamp=None) is None:
+                        break
+                    i += 1
+                batch.close()
+                pending.append(await producer.send_batch(batch, topic, partition=partition))
+                if len(pending) > 64:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+class Ends:
+    """Messages on topics, from their end offsets."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+
+    async def __aenter__(self) -> Ends:
+        await self._consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def count(self, topic: str) -> int:
+        tps = [TopicPartition(topic, i) for i in range(PARTITIONS)]
+        ends: dict[TopicPartition, int] = await self._consumer.end_offsets(tps)
+        return sum(ends.values())
+
+
+# --------------------------------------------------------------------------- gateways
+
+
+class World:
+    def __init__(self, bootstrap: str, sim: Simulator, name: str, partners: Mapping[str, float]) -> None:
+        self.bootstrap = bootstrap
+        self.sim = sim
+        self.tag = tag(name)
+        self.partners = dict(partners)
+
+    def topic(self, kind: str, partner: str) -> str:
+        return f"{self.tag}.{kind}.{partner}"
+
+    async def create(self) -> None:
+        await create_topics(
+            self.bootstrap,
+            [self.topic(k, p) for p in self.partners for k in ("requests", "responses", "deadletter")],
+            PARTITIONS,
+        )
+
+    def config(self, group: str, redis_url: str | None = None) -> Path:
+        keys_dir = BENCH_DIR / "keys"
+        keys_dir.mkdir(parents=True, exist_ok=True)
+        partners = []
+        for p, w in self.partners.items():
+            (keys_dir / p).write_text(KEYS[p])
+            partners.append(
+                {
+                    "id": p,
+                    "weight": w,
+                    "max_concurrency": 64,
+                    "max_queue": 1000,
+                    "api_key": {"file": str(keys_dir / p)},
+                }
+            )
+        cfg: dict[str, Any] = {
+            "kafka": {
+                "bootstrap_servers": self.bootstrap,
+                "group_id": group,
+                "request_topic_prefix": f"{self.tag}.requests.",
+                "response_topic_prefix": f"{self.tag}.responses.",
+                "deadletter_topic_prefix": f"{self.tag}.deadletter.",
+            },
+            "anthropic": {"base_url": self.sim.url, "timeout_s": 30},
+            "runtime": {
+                "http_port": 0,
+                "http_host": "127.0.0.1",
+                "drain_timeout_s": 5,
+                "log_level": "WARNING",
+            },
+            "org_limits": {"rpm": ORG_RPM, "itpm": ORG_TOKENS, "otpm": ORG_TOKENS},
+            "partners": partners,
+        }
+        if redis_url is not None:
+            cfg["limiter_backend"] = "redis"
+            cfg["redis"] = {"url": redis_url, "key_prefix": group, "expected_replicas": 3}
+        path = BENCH_DIR / f"{group}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def start(self, group: str, naive: bool = False, redis_url: str | None = None) -> subprocess.Popen[bytes]:
+        path = self.config(group, redis_url)
+        cmd = (
+            [sys.executable, "-m", "bench.run_gateway", "--config", str(path)]
+            if naive
+            else [sys.executable, "-m", "service", "run", "--config", str(path)]
+        )
+        if naive:
+            cmd.append("--naive")
+        return spawn(cmd, BENCH_DIR / f"{group}.log")
+
+
+def _jain(xs: Sequence[float]) -> float:
+    return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if any(xs) else 0.0
+
+
+async def _saturate(
+    world: World,
+    saturating: Sequence[str],
+    window_s: float,
+    *,
+    naive: bool = False,
+    replicas: int = 1,
+    redis_url: str | None = None,
+) -> dict[str, Any]:
+    """Backlog the saturating partners, warm up, and measure one window."""
+    warmup_s = 10.0
+    per_partner = math.ceil(ORG_RPM + RATE * (warmup_s + window_s) * 1.3)
+    await asyncio.gather(
+        *[
+            _produce(world.bootstrap, world.topic("requests", p), per_partner, f"{p}-{'n' if naive else 'o'}")
+            for p in saturating
+        ]
+    )
+    _post(f"{world.sim.url}/_sim/reset")
+    group = f"{world.tag}-{'naive' if naive else 'gw'}"
+    procs = [world.start(group, naive=naive, redis_url=redis_url) for _ in range(replicas)]
+    try:
+        async with Ends(world.bootstrap) as ends:
+            await asyncio.sleep(warmup_s)
+            s0 = world.sim.stats()
+            r0 = {p: await ends.count(world.topic("responses", p)) for p in world.partners}
+            t0 = time.monotonic()
+            await asyncio.sleep(window_s)
+            s1 = world.sim.stats()
+            r1 = {p: await ends.count(world.topic("responses", p)) for p in world.partners}
+            elapsed = time.monotonic() - t0
+    finally:
+        codes = [terminate(p, 30) for p in procs]
+    if any(c != 0 for c in codes):
+        raise RuntimeError(f"a gateway exited with {codes}:\n{tail(BENCH_DIR / f'{group}.log')}")
+    calls = s1["calls_total"] - s0["calls_total"]
+    ok = s1["status_counts"].get("200", 0) - s0["status_counts"].get("200", 0)
+    n429 = s1["rate_limited_429"] - s0["rate_limited_429"]
+    served = {p: r1[p] - r0[p] for p in world.partners}
+    log(f"limits:   ok={ok} calls={calls} 429={n429} served={served} in {elapsed:.1f}s")
+    return {
+        "utilization": round(ok / elapsed / RATE, 4),
+        "upstream_429_ratio": round(n429 / calls, 5) if calls else 0.0,
+        "served": served,
+        "calls": calls,
+        "window_s": round(elapsed, 1),
+    }
+
+
+async def _backlog(world: World, backlog: int, quiet_s: float, *, naive: bool) -> dict[str, Any]:
+    """Flood partner with a huge backlog (already produced), quiet partner at 1 req/s."""
+    _post(f"{world.sim.url}/_sim/reset")
+    group = f"{world.tag}-{'naive' if naive else 'gw'}"
+    proc = world.start(group, naive=naive)
+    gw = psutil.Process(proc.pid)
+    quiet_topic = world.topic("requests", "quiet")
+    rss0: float | None = None
+    rss_max = 0.0
+    producer = AIOKafkaProducer(bootstrap_servers=world.bootstrap, linger_ms=0)
+    await producer.start()
+    ids: list[str] = []
+    try:
+        await asyncio.sleep(8)  # started, assigned, flood partner at capacity and paused
+        rss0 = gw.memory_info().rss
+        began = time.monotonic()
+        i = 0
+        while time.monotonic() - began < quiet_s:
+            rid = f"quiet-{'n' if naive else 'o'}-{i}"
+            ids.append(rid)
+            await producer.send_and_wait(quiet_topic, _value(rid), key=rid.encode())
+            i += 1
+            for _ in range(4):
+                rss_max = max(rss_max, gw.memory_info().rss)
+                await asyncio.sleep(0.25)
+        await asyncio.sleep(3)
+    finally:
+        await producer.stop()
+        code = terminate(proc, 30)
+    if code != 0:
+        raise RuntimeError(f"the gateway exited with {code}:\n{tail(BENCH_DIR / f'{group}.log')}")
+    waits = await _queue_waits(world, set(ids))
+    waits.sort()
+    p99 = waits[min(len(waits) - 1, math.ceil(0.99 * len(waits)) - 1)] if waits else float("nan")
+    return {
+        "quiet_partner_p99_wait_ms": round(p99, 2),
+        "quiet_partner_p50_wait_ms": round(statistics.median(waits), 2) if waits else float("nan"),
+        "quiet_answered": f"{len(waits)}/{len(ids)}",
+        "backlog_rss_growth_mb": round((rss_max - (rss0 or rss_max)) / 2**20, 1),
+        "backlog": backlog,
+    }
+
+
+async def _queue_waits(world: World, ids: set[str]) -> list[float]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=world.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    waits: list[float] = []
+    try:
+        tps = [TopicPartition(world.topic("responses", "quiet"), i) for i in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        while any(pos < ends[tp] for tp, pos in [(tp, await consumer.position(tp)) for tp in tps]):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for r in records:
+                    doc = orjson.loads(r.value)
+                    if doc["request_id"] in ids:
+                        waits.append(float(doc["timings"]["queue_ms"]))
+    finally:
+        await consumer.stop()
+    return waits
+
+
+# --------------------------------------------------------------------------- the run
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    window = float(args.limits_window_s)
+    backlog = int(args.limits_backlog)
+    sim_args = [
+        "--rpm",
+        str(ORG_RPM),
+        "--itpm",
+        str(ORG_TOKENS),
+        "--otpm",
+        str(ORG_TOKENS),
+        "--latency-s",
+        "0.05",
+        "--output-tokens",
+        "16",
+        "--seed",
+        "1",
+    ]
+    for name, key in KEYS.items():
+        sim_args += ["--api-key", f"{name}={key}"]
+    result: dict[str, Any] = {"bench": "limits", "org_rpm": ORG_RPM, "window_s": window}
+    naive: dict[str, Any] = {}
+    with kafka() as bootstrap, Simulator(sim_args, name="limits-simulator") as sim:
+        equal = World(bootstrap, sim, "equal", {"p1": 1, "p2": 1, "p3": 1})
+        await equal.create()
+        for label, is_naive in (("ours", False), ("naive", True)):
+            log(f"limits: equal weights, {label}")
+            m = await _saturate(equal, ["p1", "p2", "p3"], window, naive=is_naive)
+            out = result if not is_naive else naive
+            out["utilization"] = m["utilization"]
+            out["upstream_429_ratio"] = m["upstream_429_ratio"]
+            out["jain_equal"] = round(_jain(list(m["served"].values())), 4)
+        log("limits: weights 1:2:3")
+        weighted = World(bootstrap, sim, "weighted", {"p1": 1, "p2": 2, "p3": 3})
+        await weighted.create()
+        m = await _saturate(weighted, ["p1", "p2", "p3"], window)
+        total = sum(m["served"].values()) or 1
+        result["weighted_share_max_error_pp"] = round(
+            max(abs(m["served"][p] / total - w / 6) * 100 for p, w in weighted.partners.items()), 2
+        )
+        result["weighted_served"] = m["served"]
+        wc = World(bootstrap, sim, "wc", {"p1": 1, "p2": 1, "p3": 1})
+        await wc.create()
+        for label, is_naive in (("ours", False), ("naive", True)):
+            log(f"limits: work conservation, {label}")
+            m = await _saturate(wc, ["p1"], window, naive=is_naive)
+            (result if not is_naive else naive)["work_conserving_utilization"] = m["utilization"]
+        log("limits: three replicas through Redis")
+        with _redis() as redis_url:
+            rw = World(bootstrap, sim, "redis", {"p1": 1, "p2": 1, "p3": 1})
+            await rw.create()
+            m = await _saturate(rw, ["p1", "p2", "p3"], window, replicas=3, redis_url=redis_url)
+            result["redis_replicas_utilization"] = m["utilization"]
+            result["redis_replicas_429_ratio"] = m["upstream_429_ratio"]
+        bw = World(bootstrap, sim, "backlog", {"flood": 1, "quiet": 1})
+        await bw.create()
+        log(f"limits: producing a {backlog:,}-message backlog")
+        began = time.monotonic()
+        await _produce(bootstrap, bw.topic("requests", "flood"), backlog, "flood")
+        log(f"limits: backlog produced in {time.monotonic() - began:.0f}s")
+        for label, is_naive in (("ours", False), ("naive", True)):
+            log(f"limits: quiet partner behind a backlog, {label}")
+            m = await _backlog(bw, backlog, min(30.0, window), naive=is_naive)
+            out = result if not is_naive else naive
+            out.update({k: v for k, v in m.items() if k != "backlog"})
+        result["backlog"] = backlog
+    result["naive"] = naive
+    result["targets_met"] = {
+        "utilization": result["utilization"] >= 0.98,
+        "upstream_429_ratio": result["upstream_429_ratio"] <= 0.005,
+        "jain_equal": result["jain_equal"] >= 0.99,
+        "weighted_share_max_error_pp": result["weighted_share_max_error_pp"] <= 3,
+        "quiet_partner_p99_wait_ms": result["quiet_partner_p99_wait_ms"] <= 100,
+        "redis_replicas_utilization": result["redis_replicas_utilization"] >= 0.95,
+        "redis_replicas_429_ratio": result["redis_replicas_429_ratio"] <= 0.01,
+        "work_conserving_utilization": result["work_conserving_utilization"] >= 0.98,
+        "backlog_rss_growth_mb": result["backlog_rss_growth_mb"] <= 100,
+    }
+    return result
