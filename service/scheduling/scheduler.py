@@ -8,13 +8,19 @@ Every upstream attempt asks for a turn (`acquire`) and gives it back
 2. capacity in the partner's own RPM/ITPM/OTPM buckets;
 3. capacity in the org-wide buckets, shared by all partners.
 
-Waiting partners are served in order of virtual finish time (self-clocked
-fair queuing): each request's cost is the share of the org's per-minute
-budget it uses on its most binding dimension, divided by the partner's
-weight. A busy partner therefore gets its weighted share, an idle partner's
-share goes to the busy ones, and a partner that just arrived starts at the
-current virtual time: it is served next, however long another's backlog is.
-A partner blocked by its own limits is skipped, never blocking the others.
+Waiting partners are served in order of their virtual time ("pass", as in
+stride scheduling / start-time fair queuing): a turn advances the partner's
+pass by its cost over its weight, where the cost is the share of the org's
+per-minute budget the request uses on its most binding dimension. A busy
+partner therefore gets its weighted share, an idle partner's share goes to the
+busy ones, and a partner that just arrived starts at the current virtual time:
+it is served next, however long another's backlog is. A partner blocked by its
+own limits or concurrency is skipped, never blocking the others.
+
+Passes are kept within [vtime, vtime + LEAD] at every decision: a partner
+cannot bank credit while it was idle or capped, and a partner that used spare
+capacity while nobody contended owes at most LEAD (about a second of the org's
+budget), so the start of contention never starves anyone.
 
 When nobody waits, `acquire` grants at once without the dispatcher (the fast
 path). `close()` fails every waiting turn with `Draining`, so a stopping
@@ -35,6 +41,9 @@ from service.scheduling.limiter import Cost, Limiter, LocalLimiter, Usage
 
 __all__ = ["Cost", "Draining", "Grant", "Scheduler", "Usage"]
 
+LEAD = 1.0 / 60
+"""How far ahead of the virtual time a partner's pass may run: one second of the org budget."""
+
 
 class Draining(Exception):
     """The service is stopping: this request will be redelivered, not processed."""
@@ -52,7 +61,6 @@ class Grant:
 class _Waiter:
     future: asyncio.Future[Grant]
     cost: Cost
-    finish: float
     enqueued: float
     limiter_wait_s: float = 0.0
 
@@ -63,7 +71,7 @@ class _Partner:
     weight: float
     max_concurrency: int
     in_flight: int = 0
-    last_finish: float = 0.0
+    pass_: float = 0.0
     blocked_until: float = 0.0
     queue: deque[_Waiter] = field(default_factory=deque)
 
@@ -98,7 +106,7 @@ class Scheduler:
         for p in settings.partners:
             st = self._partners.get(p.id)
             if st is None:
-                self._partners[p.id] = _Partner(p.id, p.weight, p.max_concurrency, last_finish=self._vtime)
+                self._partners[p.id] = _Partner(p.id, p.weight, p.max_concurrency, pass_=self._vtime)
             else:
                 st.weight, st.max_concurrency = p.weight, p.max_concurrency
         self.limiter.configure(settings.org_limits, {p.id: p.limits for p in settings.partners})
@@ -122,23 +130,19 @@ class Scheduler:
             raise Draining
         st = self._partners.get(partner_id)
         if st is None:
-            st = self._partners[partner_id] = _Partner(partner_id, 1.0, 1, last_finish=self._vtime)
-        tag = self._norm_cost(cost) / st.weight
+            st = self._partners[partner_id] = _Partner(partner_id, 1.0, 1, pass_=self._vtime)
         if self._waiting == 0 and st.in_flight < st.max_concurrency and self._in_flight < self._max_in_flight:
             st.in_flight += 1
             self._in_flight += 1
             decision = await self.limiter.acquire(partner_id, cost)
             if decision.ok:
-                st.last_finish = max(self._vtime, st.last_finish) + tag
-                self._vtime = max(self._vtime, st.last_finish - tag)
+                self._charge(st, cost)
                 return Grant(partner_id, cost, 0.0, 0.0)
             st.in_flight -= 1
             self._in_flight -= 1
             if decision.scope == "partner":
                 st.blocked_until = self._clock() + decision.wait_s
-        start = max(self._vtime, st.last_finish) if not st.queue else st.last_finish
-        st.last_finish = start + tag
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), cost, st.last_finish, self._clock())
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), cost, self._clock())
         st.queue.append(waiter)
         self._waiting += 1
         self._ensure_dispatcher()
@@ -152,6 +156,16 @@ class Scheduler:
                 st.queue.remove(waiter)
                 self._waiting -= 1
             raise
+
+    def _clamped(self, st: _Partner) -> float:
+        st.pass_ = min(max(st.pass_, self._vtime), self._vtime + LEAD)
+        return st.pass_
+
+    def _charge(self, st: _Partner, cost: Cost) -> None:
+        """A turn was granted: the virtual time moves to its start, the partner's pass past it."""
+        start = self._clamped(st)
+        self._vtime = max(self._vtime, start)
+        st.pass_ = start + self._norm_cost(cost) / st.weight
 
     def release(self, grant: Grant, usage: Usage | None) -> None:
         """Give the turn back; settle the reservation (None: outcome unknown, keep it)."""
@@ -209,7 +223,7 @@ class Scheduler:
                         st.blocked_until if next_unblock is None else min(next_unblock, st.blocked_until)
                     )
                     continue
-                if best is None or st.queue[0].finish < best.queue[0].finish:
+                if best is None or self._clamped(st) < best.pass_:
                     best = st
             if best is None:
                 return None if next_unblock is None else next_unblock - now
@@ -236,7 +250,7 @@ class Scheduler:
                 continue
             best.queue.popleft()
             self._waiting -= 1
-            self._vtime = max(self._vtime, waiter.finish - self._norm_cost(waiter.cost) / best.weight)
+            self._charge(best, waiter.cost)
             total_wait = max(0.0, asked - waiter.enqueued)
             limiter_wait = min(total_wait, waiter.limiter_wait_s)
             waiter.future.set_result(Grant(best.id, waiter.cost, total_wait - limiter_wait, limiter_wait))

@@ -199,3 +199,40 @@ async def test_close_while_the_limiter_answers_loses_no_bookkeeping() -> None:
     await asyncio.sleep(0.02)  # the limiter answers after the close
     await sched.aclose()  # the dispatcher exits cleanly
     assert sched._in_flight == 0
+
+
+async def test_a_burst_capped_by_concurrency_leaves_no_debt_when_contention_starts() -> None:
+    """While only partner concurrency limits (no org contention), each weight gets the
+    same turns; once the org binds, shares must follow weights at once, not after the
+    lighter partners worked off credit banked during the burst."""
+    gate = Gate()
+    gate.tokens = 10**9
+    sched = Scheduler(_settings({"a": 1, "b": 2, "c": 3}, concurrency=4), gate)
+    served: list[str] = []
+
+    async def worker(pid: str) -> None:
+        while True:
+            try:
+                g = await sched.acquire(pid, Cost(10, 10))
+            except Draining:
+                return
+            served.append(pid)
+            await asyncio.sleep(0.001)
+            sched.release(g, None)
+
+    tasks = [asyncio.create_task(worker(p)) for p in "abc" for _ in range(20)]
+    while len(served) < 600:  # the burst: concurrency-bound, equal turns
+        await asyncio.sleep(0.005)
+    gate.tokens = 0
+    await asyncio.sleep(0.02)
+    mark = len(served)
+    while len(served) < mark + 600:  # contention: the org budget rations turns
+        gate.tokens += 6
+        await asyncio.sleep(0.002)
+    counts = Counter(served[mark : mark + 600])
+    sched.close()
+    await asyncio.gather(*tasks)
+    await sched.aclose()
+    assert abs(counts["a"] - 100) <= 12, counts
+    assert abs(counts["b"] - 200) <= 12, counts
+    assert abs(counts["c"] - 300) <= 12, counts
