@@ -9,18 +9,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from opentelemetry.trace import TracerProvider
 
 from service.admission.admit import Admission
+from service.admission.budget import Budgets, RedisLedger
 from service.admission.registry import Registry
-from service.config.settings import GatewaySettings
+from service.admission.replay import LocalReplayStore, RedisReplayStore, ReplayGuard
+from service.config.settings import GatewaySettings, RedisSettings
 from service.egress.publisher import Publisher
 from service.ingest.consumer import IngestLoop
 from service.pipeline import Pipeline
 from service.scheduling.limiter import Limiter, LocalLimiter
 from service.scheduling.redis_limiter import RedisLimiter
 from service.scheduling.scheduler import Scheduler
+from service.telemetry.audit import Audit
 from service.telemetry.http import HealthServer
+from service.telemetry.logs import register_secrets
 from service.telemetry.metrics import Metrics
+from service.telemetry.tracing import Tracing
 from service.upstream.client import ClaudeClient
 
 log = logging.getLogger(__name__)
@@ -36,24 +46,51 @@ class Gateway:
         publisher: Publisher | None = None,
         serve_http: bool = True,
         limiter: Limiter | None = None,
+        tracer_provider: TracerProvider | None = None,
+        broker_silence_limit_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.registry = Registry.build(settings)
-        self.claude = claude or ClaudeClient(settings.anthropic)
+        self._register_secrets(self.registry)
+        self.tracing = Tracing(tracer_provider, consumer_group=settings.kafka.group_id)
+        self.claude = claude or ClaudeClient(settings.anthropic, open_telemetry=self.tracing.sdk_option())
         self.publisher = publisher or Publisher(settings.kafka)
-        self.admission = Admission(self.registry)
+        self.audit = Audit(settings.kafka.audit_topic, self.publisher)
+        self.redis = _redis_client(settings.redis) if settings.redis is not None else None
+        self.budgets = Budgets(
+            lambda: self.registry,
+            shared=RedisLedger(self.redis, settings.redis.key_prefix) if settings.redis else None,
+            metrics=self.metrics,
+            audit=self.audit,
+        )
+        replay = ReplayGuard(
+            LocalReplayStore(settings.runtime.replay_cache_max_entries),
+            RedisReplayStore(self.redis, settings.redis.key_prefix) if settings.redis else None,
+        )
+        self.admission = Admission(self.registry, replay=replay, budgets=self.budgets)
         self.limiter = limiter or self._make_limiter(settings)
         self.scheduler = Scheduler(settings, self.limiter)
         self.pipeline = Pipeline(
-            settings, self.admission, self.scheduler, self.claude, self.publisher, self.metrics
+            settings,
+            self.admission,
+            self.scheduler,
+            self.claude,
+            self.publisher,
+            self.metrics,
+            tracing=self.tracing,
         )
         self.ingest = IngestLoop(settings, self.pipeline, self.metrics, lambda: self.registry)
+        self.broker_silence_limit_s = broker_silence_limit_s
+        self.metrics.on_scrape(self._refresh_gauges)
         self.http: HealthServer | None = None
         if serve_http:
             rt = settings.runtime
-            self.http = HealthServer(self.metrics, self.readiness, rt.http_host, rt.http_port)
+            self.http = HealthServer(
+                self.metrics, self.readiness, rt.http_host, rt.http_port, status=self.status
+            )
         self._install_keys(self.registry)
+        self.audit.loaded(self.registry)
 
     def _make_limiter(self, settings: GatewaySettings) -> Limiter:
         org = settings.org_limits
@@ -81,21 +118,76 @@ class Gateway:
         return [p.id for p in self.settings.partners]
 
     def readiness(self) -> tuple[bool, str]:
+        """Whether to send work here, and why not: joining, broker silent, draining."""
         if self.ingest.draining:
-            return False, "draining"
+            return False, "draining: the gateway is stopping"
         if not self.ingest.assigned:
-            return False, "no partitions assigned yet"
+            return False, "no partitions assigned yet: joining the consumer group"
+        silent = self.ingest.broker_silent_s()
+        if silent is None or silent > self.broker_silence_limit_s:
+            never = "never" if silent is None else f"not for {silent:.0f}s"
+            return False, f"the Kafka broker has answered {never} (limit {self.broker_silence_limit_s:.0f}s)"
         return True, "ok"
 
+    def status(self) -> dict[str, Any]:
+        """Details for /readyz beside the verdict."""
+        silent = self.ingest.broker_silent_s()
+        return {
+            "draining": self.ingest.draining,
+            "assigned": self.ingest.assigned,
+            "broker_silent_s": None if silent is None else round(silent, 3),
+            "redis_degraded": self.redis_degraded,
+            "tracing": self.tracing.enabled,
+        }
+
+    def _refresh_gauges(self) -> None:
+        """Gauges of state held elsewhere, refreshed before each scrape."""
+        m = self.metrics
+        for (scope, bucket), level in self.scheduler.limiter.levels().items():
+            m.limiter_available.labels(scope, bucket).set(level)
+        outstanding = self.ingest.outstanding()
+        for partner in self.settings.partners:
+            waiting = outstanding.get(partner.id, 0) - m.in_flight_now(partner.id)
+            m.queued.labels(partner.id).set(max(0, waiting))
+        m.redis_degraded.set(1 if self.redis_degraded else 0)
+
+    def _register_secrets(self, registry: Registry) -> None:
+        """Every secret value the gateway holds, masked in its logs from now on."""
+        values = [p.api_key for p in registry.by_id.values()]
+        values += [key for p in registry.by_id.values() for key in p.signing_keys.values()]
+        k, r = registry.settings.kafka, registry.settings.redis
+        for ref in (k.sasl_password, k.sasl_oauth_token, r.password if r is not None else None):
+            if ref is not None:
+                with contextlib.suppress(ValueError):  # unreadable: reported where it is used
+                    values.append(ref.resolve())
+        register_secrets(values)
+
     def reload(self, settings: GatewaySettings) -> None:
-        """Apply new settings and secrets to the next message (keys, partners, policy)."""
+        """Apply new settings and secrets to the next message: partners, policy, budgets,
+        Anthropic keys, signing keys. Raises `RegistryError` (and changes nothing) when a
+        secret cannot be read."""
         registry = Registry.build(settings)
+        self._register_secrets(registry)
+        old, old_settings = self.registry, self.settings
         self._install_keys(registry)
         self.scheduler.reconfigure(settings)
         self.settings = settings
         self.registry = registry
         self.admission.registry = registry
         self.pipeline.settings = settings
+        self.ingest.settings = settings
+        self.budgets.config_changed()
+        self.audit.changes(old, registry)
+        needs_restart = [
+            name
+            for name in ("kafka", "anthropic", "redis", "limiter_backend")
+            if getattr(old_settings, name) != getattr(settings, name)
+        ]
+        if needs_restart:
+            log.warning(
+                "configuration reloaded, but these sections only take effect after a restart",
+                extra={"sections": ",".join(needs_restart)},
+            )
         log.info("configuration reloaded", extra={"partners": len(settings.partners)})
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -107,11 +199,36 @@ class Gateway:
             stack.push_async_callback(self.claude.aclose)
             await self.publisher.start()
             stack.push_async_callback(self.publisher.stop)
+            await self.audit.start()
+            stack.push_async_callback(self.audit.stop)
+            if self.redis is not None:
+                stack.push_async_callback(self.redis.aclose)
             stack.push_async_callback(self.scheduler.aclose)
             if isinstance(self.limiter, RedisLimiter):
                 stack.push_async_callback(self.limiter.aclose)
             await self.ingest.start()
             stack.push_async_callback(self.ingest.stop)
             log.info("gateway started", extra={"partners": len(self.settings.partners)})
+            stopping = asyncio.create_task(_on_stop(stop, self.budgets.close))
+            stack.callback(stopping.cancel)
             await self.ingest.run(stop)
             log.info("gateway drained; stopping")
+
+
+def _redis_client(settings: RedisSettings) -> aioredis.Redis:
+    """The client for replay sightings and budgets (the limiter keeps its own pool)."""
+    password = settings.password.resolve().get_secret_value() if settings.password else None
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.url,
+        password=password,
+        max_connections=settings.max_connections,
+        timeout=settings.timeout_s,
+        socket_timeout=settings.timeout_s,
+        socket_connect_timeout=settings.timeout_s,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+async def _on_stop(stop: asyncio.Event, action: Callable[[], None]) -> None:
+    await stop.wait()
+    action()

@@ -33,6 +33,7 @@ from service.contracts.reasons import Reason
 from service.egress.publisher import Publisher
 from service.scheduling.scheduler import Cost, Draining, Scheduler, Usage
 from service.telemetry.metrics import Metrics
+from service.telemetry.tracing import Tracing
 from service.upstream.client import ClaudeClient, UnknownPartnerKey, UpstreamResult
 from service.upstream.errors import Failure, classify
 from service.upstream.retry import RetryPolicy
@@ -85,6 +86,7 @@ class Pipeline:
         publisher: Publisher,
         metrics: Metrics,
         retry: RetryPolicy | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.admission = admission
@@ -93,12 +95,22 @@ class Pipeline:
         self.publisher = publisher
         self.metrics = metrics
         self.retry = retry or RetryPolicy(settings.retry)
+        self.tracing = tracing or Tracing()
 
     async def handle(self, rec: RecordLike) -> None:
         """Process one record until its outcome is acknowledged by the broker."""
+        with self.tracing.process(rec):  # the request's CONSUMER span, current throughout
+            await self._handle(rec)
+
+    async def _handle(self, rec: RecordLike) -> None:
         timings = Timings(received_at=time.time())
         origin = Origin(rec.topic, rec.partition, rec.offset, rec.timestamp, rec.key, rec.value, rec.headers)
-        verdict = self.admission.admit(rec)
+        with self.tracing.span("admission"):
+            verdict = await self.admission.admit_and_reserve(rec)  # may wait: budget on_exhausted=defer
+        self.tracing.annotate(
+            partner=verdict.partner_id if isinstance(verdict, Rejected) else verdict.partner.id,
+            request_id=verdict.request_id,
+        )
         if isinstance(verdict, Rejected):
             await self._dead_letter(
                 DeadLetter(verdict.partner_id, verdict.reason, verdict.detail, origin, verdict.request_id),
@@ -108,10 +120,16 @@ class Pipeline:
         pid = verdict.partner.id
         try:
             outcome = await self._call(verdict, timings)
-        except (asyncio.CancelledError, Draining):
+        except Draining:
+            await self.admission.release(verdict)  # not started: nothing billed
+            raise
+        except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not lose the request: dead-letter it
-            log.exception("unexpected error while calling upstream", extra=_log_ctx(rec, verdict.request_id))
+            log.exception(
+                "unexpected error while calling upstream",
+                extra={**_log_ctx(rec, verdict.request_id), "partner": pid},
+            )
             await self._dead_letter(
                 DeadLetter(
                     pid,
@@ -125,6 +143,8 @@ class Pipeline:
             return
         if isinstance(outcome, _Failed):
             f = outcome.failure
+            if f.label not in ("timeout", "connection"):  # not billed; a lost answer may have been
+                await self.admission.release(verdict)
             await self._dead_letter(
                 DeadLetter(
                     pid,
@@ -148,22 +168,29 @@ class Pipeline:
         m = self.metrics
         while True:
             attempt += 1
+            asked_ns = time.time_ns()
             grant = await self.scheduler.acquire(pid, cost)
             timings.queue_s += grant.queue_wait_s + grant.limiter_wait_s
             m.queue_wait.labels(pid).observe(grant.queue_wait_s)
             m.limiter_wait.labels(pid).observe(grant.limiter_wait_s)
+            self.tracing.waits(asked_ns, grant.queue_wait_s, grant.limiter_wait_s, attempt)
             m.in_flight.labels(pid).inc()
+            span = self.tracing.attempt(attempt, adm.model, adm.max_tokens)
             call_started = time.perf_counter()
             try:
-                result = await self.claude.create_message(pid, adm.params)
+                with span:  # the SDK's CLIENT span becomes its child
+                    result = await self.claude.create_message(pid, adm.params)
+                span.succeeded(200, result.body)
             except anthropic.AnthropicError as exc:
                 elapsed = time.perf_counter() - call_started
                 timings.upstream_s += elapsed
                 failure = classify(exc)
+                span.failed(failure)
                 if isinstance(exc, anthropic.APIStatusError):
                     # answered: nothing billed for an error; the headers still tell the budget
                     self.scheduler.release(grant, Usage(0, 0))
                     self.scheduler.observe_headers(exc.response.headers)
+                    m.observe_ratelimit_headers(exc.response.headers)
                 else:
                     self.scheduler.release(grant, None)  # unknown outcome: keep the reservation
                 if failure.rate_limited:
@@ -173,15 +200,19 @@ class Pipeline:
                 if failure.status == 429:
                     m.upstream_429.inc()
                 if not failure.retryable:
+                    span.decided("fail")
                     return _Failed(failure, attempt, _describe(failure, exc))
                 delay = self.retry.delay_s(attempt, failure.retry_after_s)
                 if not self.retry.should_retry(attempt, time.monotonic() - started, delay):
+                    span.decided("give_up")
                     detail = f"gave up after {attempt} attempts; last: {_describe(failure, exc)}"
                     return _Failed(failure, attempt, detail)
+                span.decided("retry", delay)
                 m.retries.labels(pid, failure.label).inc()
                 await asyncio.sleep(delay)
                 continue
             except UnknownPartnerKey:
+                span.decided("fail")
                 self.scheduler.release(grant, Usage(0, 0))
                 return _Failed(
                     Failure(False, Reason.UPSTREAM_AUTHENTICATION, "no_key"),
@@ -190,10 +221,12 @@ class Pipeline:
                 )
             finally:
                 m.in_flight.labels(pid).dec()
+                span.end()
             timings.upstream_s += result.elapsed_s
             inp, out, _, _ = _usage_numbers(result.body.get("usage") or {})
             self.scheduler.release(grant, Usage(inp, out))
             self.scheduler.observe_headers(result.headers)
+            m.observe_ratelimit_headers(result.headers)
             m.upstream_latency.labels(pid, adm.model).observe(result.elapsed_s)
             m.upstream_calls.labels(pid, "2xx").inc()
             return _Success(result, attempt)
@@ -201,6 +234,7 @@ class Pipeline:
     async def _respond(self, adm: Admitted, ok: _Success, timings: Timings, origin: Origin) -> None:
         pid = adm.partner.id
         body = ok.result.body
+        await self.admission.settle(adm, body.get("usage") or {})  # billed, whether or not published
         value = encode_response(
             partner=pid,
             request_id=adm.request_id,
@@ -212,10 +246,10 @@ class Pipeline:
             request_timestamp_ms=origin.timestamp_ms,
             metadata=adm.metadata,
         )
+        topic, key = self.settings.response_topic(pid), adm.request_id.encode()
         try:
-            await self.publisher.publish(
-                self.settings.response_topic(pid), adm.request_id.encode(), value, JSON_HEADERS
-            )
+            with self.tracing.produce(topic, key, origin.headers) as trace_headers:
+                await self.publisher.publish(topic, key, value, (*JSON_HEADERS, *trace_headers))
         except KafkaError as exc:
             await self._dead_letter(
                 DeadLetter(
@@ -232,6 +266,17 @@ class Pipeline:
         self._account(pid, adm.model, body.get("usage") or {})
         self.metrics.requests.labels(pid, adm.model, "response").inc()
         self._observe_e2e(pid, origin)
+        self.tracing.outcome("response")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "response published",
+                extra={
+                    **_origin_ctx(origin),
+                    "partner": pid,
+                    "request_id": adm.request_id,
+                    "attempts": ok.attempts,
+                },
+            )
 
     def _account(self, pid: str, model: str, usage: Mapping[str, Any]) -> None:
         inp, out, cache_read, cache_write = _usage_numbers(usage)
@@ -247,9 +292,10 @@ class Pipeline:
     async def _dead_letter(self, dl: DeadLetter, model: str) -> None:
         value = encode_deadletter(dl, failed_at=time.time(), max_original_bytes=MAX_ORIGINAL_BYTES)
         headers = (*JSON_HEADERS, ("gateway-reason", dl.reason.value.encode()))
-        await self.publisher.publish(
-            self.settings.deadletter_topic(dl.partner), dl.origin.key, value, headers
-        )
+        self.tracing.outcome("deadletter", dl.reason.value)
+        topic = self.settings.deadletter_topic(dl.partner)
+        with self.tracing.produce(topic, dl.origin.key, dl.origin.headers) as trace_headers:
+            await self.publisher.publish(topic, dl.origin.key, value, (*headers, *trace_headers))
         self.metrics.dead_letters.labels(dl.partner, dl.reason.value).inc()
         self.metrics.requests.labels(dl.partner, model, "deadletter").inc()
         self._observe_e2e(dl.partner, dl.origin)

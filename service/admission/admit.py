@@ -1,22 +1,33 @@
 """Turn a raw Kafka record into an admitted request or a rejection with a reason.
 
-Checks run cheapest first and the first failure decides: size, decoding,
-schema, identity, model policy, `max_tokens` cap. Signatures, replays and
-budgets plug in as further checks (see `Admission.extra_checks`).
+Checks run cheapest first and the first failure decides: size (value, key
+and headers), decoding, schema, signature (`signature.py`), identity, model
+policy, `max_tokens` cap, then any `extra_checks`. Those are synchronous;
+`admit_and_reserve` then runs the two that may need Redis: the replay check
+(`replay.py`) and the budget reservation (`budget.py`). The pipeline settles
+or releases the reservation once the call is done (`settle`, `release`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from service.admission.registry import Partner, Registry
+from service.admission.replay import Origin, ReplayGuard, replay_window_s
+from service.admission.signature import SignatureError, SignatureVerifier
 from service.contracts.reasons import Reason
 from service.contracts.schemas import SchemaViolation, validate
+
+if TYPE_CHECKING:
+    from service.admission.budget import Budgets, Reservation
+
+log = logging.getLogger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
 
@@ -51,6 +62,8 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: Headers = ()
+    timestamp_type: int = 0
+    """0: the producer set `timestamp` (CreateTime); 1: the broker did (LogAppendTime)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +74,8 @@ class Admitted:
     metadata: Mapping[str, str] | None
     est_input_tokens: int
     """Conservative estimate: the request's bytes over chars-per-token."""
+    reservation: Reservation | None = None
+    """The budget this request holds until `Admission.settle` / `release` (set by `admit_and_reserve`)."""
 
     @property
     def model(self) -> str:
@@ -85,9 +100,60 @@ Check = Callable[[RecordLike, Partner, dict[str, Any]], Rejected | None]
 class Admission:
     """Admission against the current registry (swapped on reload)."""
 
-    def __init__(self, registry: Registry, extra_checks: Sequence[Check] = ()) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        extra_checks: Sequence[Check] = (),
+        *,
+        signatures: SignatureVerifier | None = None,
+        replay: ReplayGuard | None = None,
+        budgets: Budgets | None = None,
+    ) -> None:
         self.registry = registry
         self.extra_checks = list(extra_checks)
+        self.signatures = signatures or SignatureVerifier()
+        self.replay = replay or ReplayGuard()
+        self.budgets = budgets
+
+    async def admit_and_reserve(self, rec: RecordLike) -> Admitted | Rejected:
+        """`admit`, then the replay check and the budget reservation (which may wait, see `budget.py`)."""
+        verdict = self.admit(rec)
+        if isinstance(verdict, Rejected):
+            return verdict
+        ps = verdict.partner.settings
+        first = await self.replay.first_seen(
+            ps, verdict.request_id, Origin(rec.topic, rec.partition, rec.offset)
+        )
+        if first is not None:
+            return Rejected(
+                ps.id,
+                Reason.REPLAY,
+                f"request id {verdict.request_id!r} was already seen at {first} within the replay "
+                f"window of partners[{ps.id}] ({replay_window_s(ps) or 0:g}s)",
+                verdict.request_id,
+            )
+        if self.budgets is None:
+            return verdict
+        reservation = await self.budgets.reserve(verdict.partner, verdict)
+        if isinstance(reservation, Rejected):
+            return reservation
+        return replace(verdict, reservation=reservation)
+
+    async def settle(self, adm: Admitted, usage: Mapping[str, Any]) -> None:
+        """The call was billed: replace the budget reservation by the real usage. Never raises."""
+        if self.budgets is not None and adm.reservation is not None:
+            try:
+                await self.budgets.settle(adm.reservation, usage)
+            except Exception:  # the outcome matters more than the counter
+                log.exception("budget settlement failed", extra={"partner": adm.partner.id})
+
+    async def release(self, adm: Admitted) -> None:
+        """The call failed and nothing was billed: give the reservation back. Never raises."""
+        if self.budgets is not None and adm.reservation is not None:
+            try:
+                await self.budgets.release(adm.reservation)
+            except Exception:  # the outcome matters more than the counter
+                log.exception("budget release failed", extra={"partner": adm.partner.id})
 
     def admit(self, rec: RecordLike) -> Admitted | Rejected:
         registry = self.registry
@@ -104,11 +170,13 @@ class Admission:
         value = rec.value
         if value is None or not value:
             return Rejected(pid, Reason.MALFORMED_JSON, "empty message value (no JSON document)")
-        if len(value) > ps.max_request_bytes:
+        size = len(value) + len(rec.key or b"") + sum(len(k) + len(v or b"") for k, v in rec.headers)
+        if size > ps.max_request_bytes:
             return Rejected(
                 pid,
                 Reason.OVERSIZE,
-                f"message is {len(value)} bytes; partners[{pid}].max_request_bytes is {ps.max_request_bytes}",
+                f"message is {size} bytes (value {len(value)}, key and headers {size - len(value)}); "
+                f"partners[{pid}].max_request_bytes is {ps.max_request_bytes}",
             )
         try:
             doc = orjson.loads(value)
@@ -126,6 +194,18 @@ class Admission:
         except SchemaViolation as exc:
             return Rejected(pid, Reason.SCHEMA_VIOLATION, f"request.v1 schema: {exc}", request_id)
         assert request_id is not None
+        try:
+            self.signatures.verify(
+                topic=rec.topic,
+                key=rec.key,
+                value=value,
+                headers=rec.headers,
+                request_id=request_id,
+                partner=partner,
+                appended_ms=_log_append_time(rec),
+            )
+        except SignatureError as exc:
+            return Rejected(pid, exc.reason, exc.detail, request_id)
         claimed = doc.get("partner")
         if claimed is not None and claimed != pid:
             return Rejected(
@@ -163,6 +243,16 @@ class Admission:
                 return rejected
         est = math.ceil(len(value) / registry.settings.runtime.estimate_chars_per_token)
         return Admitted(partner, request_id, params, doc.get("metadata"), est)
+
+
+def _log_append_time(rec: RecordLike) -> int | None:
+    """The broker's append time, when the topic records it (`message.timestamp.type=LogAppendTime`).
+
+    Not part of `RecordLike`: aiokafka's `ConsumerRecord` has it, simpler stand-ins may not.
+    """
+    if getattr(rec, "timestamp_type", 0) == 1 and rec.timestamp is not None:
+        return rec.timestamp
+    return None
 
 
 def _request_id_of(doc: object) -> str | None:

@@ -121,7 +121,9 @@ class SigningSettings(_Frozen):
     def _key_ids(cls, value: dict[str, SecretRef]) -> dict[str, SecretRef]:
         for kid in value:
             if not _KEY_ID.match(kid):
-                raise ValueError(f"signing key id {kid!r} must match {_KEY_ID.pattern} (it is sent as a header)")
+                raise ValueError(
+                    f"signing key id {kid!r} must match {_KEY_ID.pattern} (it is sent as a header)"
+                )
         return value
 
     @model_validator(mode="after")

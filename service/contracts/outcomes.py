@@ -100,12 +100,41 @@ def encode_response(
     return orjson.dumps(doc)
 
 
+MAX_HEADER_BYTES = 64 * 1024
+"""Original header bytes kept in a dead letter; beyond, values are cut and headers dropped."""
+MAX_KEY_BYTES = 4 * 1024
+
+
+def _headers_doc(headers: Headers) -> tuple[list[dict[str, Any]], bool]:
+    """The original headers, bounded: a hostile record must not make an unpublishable dead letter."""
+    out: list[dict[str, Any]] = []
+    budget = MAX_HEADER_BYTES
+    for k, v in headers:
+        if budget <= 0:
+            return out, True
+        name = k[:256]
+        budget -= len(name)
+        item: dict[str, Any] = {"key": name, "value_b64": None}
+        if v is not None:
+            kept = v[: max(0, budget)]
+            budget -= len(kept)
+            item["value_b64"] = _b64(kept)
+            if len(kept) < len(v):
+                item.update(truncated=True, size=len(v))
+        out.append(item)
+    return out, False
+
+
 def encode_deadletter(dl: DeadLetter, *, failed_at: float, max_original_bytes: int) -> bytes:
     """The dead letter document. Original bytes beyond `max_original_bytes` are cut
-    (flagged `truncated`, with the digest and size of the whole value)."""
+    (flagged `truncated`, with the digest and size of the whole value); so are
+    headers beyond `MAX_HEADER_BYTES` (`headers_truncated`) and keys beyond
+    `MAX_KEY_BYTES` (`key_truncated`)."""
     value = dl.origin.value
     truncated = value is not None and len(value) > max_original_bytes
     kept = value[:max_original_bytes] if (value is not None and truncated) else value
+    headers, headers_truncated = _headers_doc(dl.origin.headers)
+    key = dl.origin.key
     upstream = None
     if dl.upstream is not None:
         u = dl.upstream
@@ -115,6 +144,22 @@ def encode_deadletter(dl: DeadLetter, *, failed_at: float, max_original_bytes: i
             "error_code": u.error_code,
             "request_id": u.request_id,
         }
+    original: dict[str, Any] = {
+        "topic": dl.origin.topic,
+        "partition": dl.origin.partition,
+        "offset": dl.origin.offset,
+        "timestamp_ms": dl.origin.timestamp_ms,
+        "key_b64": _b64(key if key is None else key[:MAX_KEY_BYTES]),
+        "headers": headers,
+        "value_b64": _b64(kept),
+        "value_sha256": None if value is None else hashlib.sha256(value).hexdigest(),
+        "value_size": 0 if value is None else len(value),
+        "truncated": truncated,
+    }
+    if headers_truncated:
+        original.update(headers_truncated=True, headers_count=len(dl.origin.headers))
+    if key is not None and len(key) > MAX_KEY_BYTES:
+        original.update(key_truncated=True, key_size=len(key))
     doc = {
         "schema_version": SCHEMA_VERSION,
         "request_id": dl.request_id,
@@ -125,17 +170,6 @@ def encode_deadletter(dl: DeadLetter, *, failed_at: float, max_original_bytes: i
         "attempts": dl.attempts,
         "upstream": upstream,
         "failed_at": utc_iso(failed_at),
-        "original": {
-            "topic": dl.origin.topic,
-            "partition": dl.origin.partition,
-            "offset": dl.origin.offset,
-            "timestamp_ms": dl.origin.timestamp_ms,
-            "key_b64": _b64(dl.origin.key),
-            "headers": [{"key": k, "value_b64": _b64(v)} for k, v in dl.origin.headers],
-            "value_b64": _b64(kept),
-            "value_sha256": None if value is None else hashlib.sha256(value).hexdigest(),
-            "value_size": 0 if value is None else len(value),
-            "truncated": truncated,
-        },
+        "original": original,
     }
     return orjson.dumps(doc)

@@ -9,6 +9,9 @@
   finish, then what finished is committed; nothing unfinished is committed.
 - On stop: fetching stops, in-flight work drains within the grace period,
   finished work is committed, the rest is left for redelivery.
+- Readiness needs the broker to answer: a probe asks it for metadata every
+  `broker_probe_interval_s`; a fetch with records or a commit counts too
+  (`broker_silent_s`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from service.telemetry.metrics import Metrics
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE = 1_000
+BROKER_PROBE_INTERVAL_S = 5.0
+BROKER_PROBE_TIMEOUT_S = 10.0
 
 
 class FatalPipelineError(RuntimeError):
@@ -75,6 +80,9 @@ class IngestLoop:
         self.assigned = False
         self.draining = False
         self._started = False
+        self.broker_seen_at: float | None = None
+        """`time.monotonic()` of the broker's last answer (metadata probe, fetch with records, commit)."""
+        self.broker_probe_interval_s = BROKER_PROBE_INTERVAL_S
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -107,11 +115,14 @@ class IngestLoop:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then drain, commit and return."""
         consumer = self.consumer
+        probe = asyncio.get_running_loop().create_task(self._probe_broker(), name="broker-probe")
         try:
             while not stop.is_set():
                 if self._fatal is not None:
                     raise FatalPipelineError("a record could not be given any outcome") from self._fatal
                 batches = await consumer.getmany(timeout_ms=100)
+                if batches:
+                    self.broker_seen_at = time.monotonic()
                 for tp, records in batches.items():
                     self._dispatch(tp, records)
                 self._apply_backpressure()
@@ -121,7 +132,27 @@ class IngestLoop:
                     await self.commit()
                     self._observe_lag()
         finally:
+            probe.cancel()
             await self._drain()
+
+    def outstanding(self) -> dict[str, int]:
+        """Records fetched and not finished, per partner (what backpressure counts)."""
+        return dict(self._outstanding)
+
+    def broker_silent_s(self) -> float | None:
+        """Seconds since the broker last answered; None before it ever did."""
+        seen = self.broker_seen_at
+        return None if seen is None else time.monotonic() - seen
+
+    async def _probe_broker(self) -> None:
+        while (consumer := self._consumer) is not None:
+            try:
+                await asyncio.wait_for(consumer.topics(), timeout=BROKER_PROBE_TIMEOUT_S)
+            except (KafkaError, TimeoutError) as exc:
+                log.debug("broker probe failed", extra={"error": type(exc).__name__})
+            else:
+                self.broker_seen_at = time.monotonic()
+            await asyncio.sleep(self.broker_probe_interval_s)
 
     async def stop(self) -> None:
         if self._consumer is not None and self._started:
@@ -142,7 +173,6 @@ class IngestLoop:
             task = asyncio.create_task(self._process(tp, offsets, pid, rec))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-        self.metrics.queued.labels(pid).set(self._outstanding[pid])
 
     async def _process(
         self, tp: TopicPartition, offsets: PartitionOffsets, pid: str, rec: ConsumerRecord
@@ -156,7 +186,7 @@ class IngestLoop:
         except BaseException as exc:  # recorded here, re-raised by the loop
             log.critical(
                 "record got no outcome; stopping without committing it",
-                extra={"topic": tp.topic, "partition": tp.partition, "offset": rec.offset},
+                extra={"partner": pid, "topic": tp.topic, "partition": tp.partition, "offset": rec.offset},
                 exc_info=exc,
             )
             self._fatal = exc
@@ -164,7 +194,6 @@ class IngestLoop:
             offsets.finish(rec.offset)
         finally:
             self._outstanding[pid] -= 1
-            self.metrics.queued.labels(pid).set(self._outstanding[pid])
             if pid in self._paused_partners and self._outstanding[pid] <= self._max_queue(pid) // 2:
                 self._resume(pid)
 
@@ -221,6 +250,7 @@ class IngestLoop:
         except KafkaError as exc:
             log.warning("commit failed, will retry", extra={"error": type(exc).__name__})
             return
+        self.broker_seen_at = time.monotonic()
         for tp, point in to_commit.items():
             offsets = self._offsets.get(tp)
             if offsets is not None:
@@ -235,12 +265,16 @@ class IngestLoop:
         for tp in revoked:
             self._offsets.pop(tp, None)
             self._tasks.pop(tp, None)
+            pid = self._registry().partner_id_for_topic(tp.topic)
+            with contextlib.suppress(KeyError):  # no longer ours: its lag is another replica's to report
+                self.metrics.consumer_lag.remove(tp.topic, str(tp.partition), pid)
         self.assigned = bool(self._offsets)
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:
             self._offsets[tp] = PartitionOffsets()
         self.assigned = True
+        self.broker_seen_at = time.monotonic()  # joining the group took the broker's answers
         self._next_commit = 0.0
         # a new assignment starts unpaused; the next loop turn re-pauses partners at capacity
         for pid in self._paused_partners:
@@ -252,11 +286,14 @@ class IngestLoop:
         consumer = self._consumer
         if consumer is None:
             return
+        registry = self._registry()
         for tp, offsets in self._offsets.items():
             high = consumer.highwater(tp)
-            committed = offsets.committed
-            if high is not None and committed is not None:
-                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - committed))
+            # before our first commit, the first offset not finished stands for the group's position
+            point = offsets.committed if offsets.committed is not None else offsets.low_watermark
+            if high is not None and point is not None:
+                pid = registry.partner_id_for_topic(tp.topic)
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition), pid).set(max(0, high - point))
 
     async def _drain(self) -> None:
         self.draining = True

@@ -43,6 +43,11 @@ class PartitionOffsets:
     def in_flight(self) -> int:
         return len(self._pending) - len(self._done)
 
+    @property
+    def low_watermark(self) -> int | None:
+        """The first offset not finished (everything before it is done); None before any start."""
+        return self._pending[0] if self._pending else self._next
+
     def committable(self) -> int | None:
         """The offset to commit (the next to consume), or None if nothing new finished."""
         if self._pending:

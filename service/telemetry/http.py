@@ -1,27 +1,64 @@
-"""The service's own HTTP endpoint: /metrics, /healthz, /readyz."""
+"""The service's own HTTP endpoint: /metrics, /healthz, /readyz.
+
+- `/metrics`: Prometheus text format; gauges of outside state are refreshed first
+  (`Metrics.refresh`).
+- `/healthz` (liveness): the process and its event loop are alive. A heartbeat
+  task ticks every `heartbeat_interval_s`; the answer is 503 when its last tick
+  is older than `stale_after_s` (the loop was blocked, or the task died), and
+  reports the worst loop lag seen since the previous check.
+- `/readyz` (readiness): `ready()` says whether to send work here and why not:
+  503 with the reason while not ready (joining the group, broker silent,
+  draining). `status()` adds details to the body either way.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.telemetry.metrics import Metrics
 
+Readiness = Callable[[], tuple[bool, str]]
+
 
 class HealthServer:
-    """`ready()` returns (is_ready, reason)."""
+    """`ready()` returns (is_ready, reason); `status()` extra fields for the /readyz body."""
 
-    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, str]], host: str, port: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        ready: Readiness,
+        host: str,
+        port: int,
+        *,
+        status: Callable[[], Mapping[str, Any]] | None = None,
+        heartbeat_interval_s: float = 1.0,
+        stale_after_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._metrics = metrics
         self._ready = ready
+        self._status = status
         self._host = host
         self._port = port
+        self._interval = heartbeat_interval_s
+        self._stale_after = stale_after_s
+        self._clock = clock
         self._runner: web.AppRunner | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.last_tick: float = clock()
+        self.max_lag_s = 0.0
         self.port: int | None = None
 
     async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("HealthServer.start() called twice")
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_handler)
         app.router.add_get("/healthz", self._healthz)
@@ -33,21 +70,58 @@ class HealthServer:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self._port
+        self.last_tick = self._clock()
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="healthz-heartbeat")
 
     async def stop(self) -> None:
+        if self._heartbeat is not None:
+            task, self._heartbeat = self._heartbeat, None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._runner is not None:
             runner, self._runner = self._runner, None
+            self.port = None
             await runner.cleanup()
 
+    async def _beat(self) -> None:
+        while True:
+            expected = self._clock() + self._interval
+            await asyncio.sleep(self._interval)
+            now = self._clock()
+            self.max_lag_s = max(self.max_lag_s, now - expected)
+            self.last_tick = now
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the heartbeat is recent, with the numbers behind the answer."""
+        age = self._clock() - self.last_tick
+        alive = self._heartbeat is not None and not self._heartbeat.done() and age <= self._stale_after
+        body: dict[str, Any] = {
+            "status": "ok" if alive else "stalled",
+            "heartbeat_age_s": round(age, 3),
+            "max_loop_lag_s": round(self.max_lag_s, 3),
+        }
+        self.max_lag_s = 0.0
+        return alive, body
+
     async def _metrics_handler(self, _: web.Request) -> web.Response:
+        self._refresh_ready()
+        self._metrics.refresh()
         body = generate_latest(self._metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, _: web.Request) -> web.Response:
-        # answering at all proves the event loop turns
-        return web.json_response({"status": "ok"})
+        alive, body = self.liveness()
+        return web.json_response(body, status=200 if alive else 503)
 
-    async def _readyz(self, _: web.Request) -> web.Response:
+    def _refresh_ready(self) -> tuple[bool, str]:
         ok, reason = self._ready()
         self._metrics.ready.set(1 if ok else 0)
-        return web.json_response({"ready": ok, "reason": reason}, status=200 if ok else 503)
+        return ok, reason
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        ok, reason = self._refresh_ready()
+        body: dict[str, Any] = {"ready": ok, "reason": reason}
+        if self._status is not None:
+            body.update(self._status())
+        return web.json_response(body, status=200 if ok else 503)

@@ -1,7 +1,11 @@
 """Structured JSON logs: one event per line, with context fields and trace ids.
 
-Context goes in `extra={...}`. Values pass through `redact`, so a secret that
-reaches a log call by mistake is masked rather than written.
+Context goes in `extra={...}` (partner, request_id, topic, partition, offset,
+...); `trace_id`/`span_id` come from the current span. No secret is written:
+`SecretStr` values print as stars, and every value registered with
+`register_secrets` (the gateway registers its keys and passwords when it loads
+them) is masked wherever it appears in a line, tracebacks included, so a
+secret that reaches a log call by mistake is masked rather than written.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -16,6 +21,27 @@ from opentelemetry import trace
 from pydantic import SecretStr
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+MASK = "**********"
+MIN_SECRET_CHARS = 6
+"""Shorter values are not masked: they would garble ordinary words and are no real secret."""
+
+_secrets: tuple[str, ...] = ()
+
+
+def register_secrets(values: Iterable[SecretStr | str]) -> None:
+    """Mask these values in every log line from now on (process-wide, like logging itself)."""
+    global _secrets
+    plain = {v.get_secret_value() if isinstance(v, SecretStr) else v for v in values}
+    known = set(_secrets) | {v for v in plain if len(v) >= MIN_SECRET_CHARS}
+    _secrets = tuple(sorted(known, key=len, reverse=True))  # a secret containing another: masked whole
+
+
+def redact(line: str) -> str:
+    """`line` with every registered secret masked."""
+    for secret in _secrets:
+        if secret in line:
+            line = line.replace(secret, MASK)
+    return line
 
 
 def _jsonable(value: Any) -> Any:
@@ -45,7 +71,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             event["error_type"] = record.exc_info[0].__name__
             event["traceback"] = self.formatException(record.exc_info)
-        return orjson.dumps(event).decode()
+        return redact(orjson.dumps(event).decode())
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -3,11 +3,22 @@
 Names follow Prometheus conventions (base units, `_total`, `_seconds`);
 labels are bounded: partner, model, outcome, reason, kind, bucket; never a
 request id.
+
+Most are updated where things happen (pipeline, ingest loop). Gauges of state
+held elsewhere (limiter bucket levels, scheduler queues, readiness) are
+refreshed just before each scrape by the callbacks given to `on_scrape`.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.scheduling.limiter import parse_ratelimit_headers
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -64,15 +75,22 @@ class Metrics:
             buckets=_WAIT_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge("gateway_in_flight", "Requests being processed.", ["partner"], registry=r)
-        self.queued = Gauge("gateway_queued", "Requests waiting for their turn.", ["partner"], registry=r)
+        self.in_flight = Gauge(
+            "gateway_in_flight", "Requests in an upstream call right now.", ["partner"], registry=r
+        )
+        self.queued = Gauge(
+            "gateway_queued",
+            "Requests in memory waiting (admission, a fair turn, a retry, publishing), not in a call.",
+            ["partner"],
+            registry=r,
+        )
         self.paused_partitions = Gauge(
             "gateway_paused_partitions", "Request partitions paused by backpressure.", ["partner"], registry=r
         )
         self.consumer_lag = Gauge(
             "gateway_consumer_lag",
-            "Messages behind the end of the partition.",
-            ["topic", "partition"],
+            "Messages behind the end of the partition (from the last commit).",
+            ["topic", "partition", "partner"],
             registry=r,
         )
         self.limiter_available = Gauge(
@@ -94,3 +112,37 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("gateway_ready", "1 when the service is ready to process.", registry=r)
+        self._ratelimit_headers: Mapping[str, str] | None = None
+        self._refreshers: list[Callable[[], None]] = [self._refresh_ratelimit]
+
+    def on_scrape(self, refresh: Callable[[], None]) -> None:
+        """Call `refresh` before every scrape (`refresh()`), to update gauges of outside state."""
+        self._refreshers.append(refresh)
+
+    def refresh(self) -> None:
+        """Run the scrape callbacks; one that fails is logged and leaves its gauges as they were."""
+        for refresh in self._refreshers:
+            try:
+                refresh()
+            except Exception:  # a broken gauge must not break the scrape
+                log.exception("metrics refresh failed", extra={"callback": getattr(refresh, "__name__", "?")})
+
+    def in_flight_now(self, partner: str) -> int:
+        """The current `gateway_in_flight{partner}`."""
+        return int(self.in_flight.labels(partner)._value.get())
+
+    def observe_ratelimit_headers(self, headers: Mapping[str, str]) -> None:
+        """Keep an upstream answer's headers for `gateway_upstream_ratelimit_remaining{bucket}`.
+
+        Only the newest answer matters to a gauge, so the headers are parsed at scrape time,
+        not for every answer (a dozen case-insensitive lookups per message otherwise).
+        """
+        self._ratelimit_headers = headers
+
+    def _refresh_ratelimit(self) -> None:
+        headers, self._ratelimit_headers = self._ratelimit_headers, None
+        if headers is None:
+            return
+        for bucket, (_, remaining) in parse_ratelimit_headers(headers).items():
+            if remaining is not None:
+                self.upstream_remaining.labels(bucket).set(remaining)

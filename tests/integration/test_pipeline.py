@@ -22,7 +22,9 @@ from tests.support.gateway import World, collect, committed_offsets, make_world,
 pytestmark = pytest.mark.integration
 
 
-async def _run_gateway(world: World, sim_url: str, **overrides: object) -> tuple[Gateway, asyncio.Event, asyncio.Task[None]]:
+async def _run_gateway(
+    world: World, sim_url: str, **overrides: object
+) -> tuple[Gateway, asyncio.Event, asyncio.Task[None]]:
     gateway = Gateway(world.settings(sim_url, **overrides), serve_http=False)
     stop = asyncio.Event()
     task = asyncio.create_task(gateway.run(stop))
@@ -40,7 +42,9 @@ def _sim_config(world: World, **kw: object) -> SimulatorConfig:
 
 @pytest.fixture
 async def sim(three: World) -> AsyncIterator[SimulatorServer]:
-    async with SimulatorServer(_sim_config(three, faults={"api_error_rate": 0.05, "overloaded_rate": 0.05})) as s:
+    async with SimulatorServer(
+        _sim_config(three, faults={"api_error_rate": 0.05, "overloaded_rate": 0.05})
+    ) as s:
         yield s
 
 
@@ -55,10 +59,12 @@ async def test_thousand_requests_from_three_partners_each_get_exactly_one_outcom
         rid = f"{p}-{i}"
         if rng.random() < 0.05:
             bad += 1
-            messages.append((three.request_topic(p), rid.encode(), b'{"request_id": "' + rid.encode() + b'", '))
+            messages.append(
+                (three.request_topic(p), rid.encode(), b'{"request_id": "' + rid.encode() + b'", ')
+            )
         else:
             messages.append((three.request_topic(p), rid.encode(), request(rid)))
-    gateway, stop, task = await _run_gateway(three, sim.url)
+    _, stop, task = await _run_gateway(three, sim.url)
     try:
         await produce(three.bootstrap, messages)
         out = await collect(three, 1000, timeout_s=180, settle_s=1.0)
@@ -87,7 +93,9 @@ async def test_thousand_requests_from_three_partners_each_get_exactly_one_outcom
     assert sum(committed.values()) == 1000
 
 
-async def test_malformed_inputs_are_dead_lettered_with_their_reasons(three: World, sim: SimulatorServer) -> None:
+async def test_malformed_inputs_are_dead_lettered_with_their_reasons(
+    three: World, sim: SimulatorServer
+) -> None:
     p = "acme"
     t = three.request_topic(p)
     cases: list[tuple[bytes | None, str]] = [
@@ -101,8 +109,10 @@ async def test_malformed_inputs_are_dead_lettered_with_their_reasons(three: Worl
         (request("s4", partner="globex"), "identity_mismatch"),
         (b"{" + b" " * (100 * 1024) + b"}", "oversize"),
     ]
-    small = {"partners": [{**p, "max_request_bytes": 64 * 1024} for p in three.settings_dict(sim.url)["partners"]]}
-    gateway, stop, task = await _run_gateway(three, sim.url, **small)
+    small = {
+        "partners": [{**p, "max_request_bytes": 64 * 1024} for p in three.settings_dict(sim.url)["partners"]]
+    }
+    _, stop, task = await _run_gateway(three, sim.url, **small)
     try:
         await produce(three.bootstrap, [(t, f"k{i}".encode(), v) for i, (v, _) in enumerate(cases)])
         await produce(three.bootstrap, [(t, b"ok", request("fine-1"))])
@@ -123,14 +133,19 @@ async def test_malformed_inputs_are_dead_lettered_with_their_reasons(three: Worl
 
 async def test_rate_limits_and_server_errors_are_retried_until_success(three: World) -> None:
     # a tiny RPM makes the simulator answer 429 with retry-after; 500/529 injected at 30% each
-    cfg = _sim_config(three, limits={"rpm": 30, "itpm": None, "otpm": None},
-                      faults={"api_error_rate": 0.3, "overloaded_rate": 0.3})
+    cfg = _sim_config(
+        three,
+        limits={"rpm": 30, "itpm": None, "otpm": None},
+        faults={"api_error_rate": 0.3, "overloaded_rate": 0.3},
+    )
     async with SimulatorServer(cfg) as sim:
         gateway, stop, task = await _run_gateway(
             three, sim.url, retry={"max_attempts": 30, "base_delay_s": 0.02, "max_delay_s": 0.2}
         )
         try:
-            await produce(three.bootstrap, [(three.request_topic("globex"), None, request(f"r{i}")) for i in range(36)])
+            await produce(
+                three.bootstrap, [(three.request_topic("globex"), None, request(f"r{i}")) for i in range(36)]
+            )
             out = await collect(three, 36)
         finally:
             stop.set()
@@ -143,8 +158,10 @@ async def test_rate_limits_and_server_errors_are_retried_until_success(three: Wo
     assert sum(d["attempts"] for d in out.responses) == stats["calls_total"]
     retries = {
         s.labels["reason"]: s.value
-        for m in gateway.metrics.registry.collect() if m.name == "gateway_retries"
-        for s in m.samples if s.name.endswith("_total")
+        for m in gateway.metrics.registry.collect()
+        if m.name == "gateway_retries"
+        for s in m.samples
+        if s.name.endswith("_total")
     }
     assert {"server_error", "overloaded", "rate_limited"} <= set(retries)
 
@@ -152,14 +169,19 @@ async def test_rate_limits_and_server_errors_are_retried_until_success(three: Wo
 async def test_non_retryable_upstream_errors_are_dead_lettered(three: World, sim: SimulatorServer) -> None:
     (three.key_dir / "initech.key").write_text("sk-ant-revoked")
     # known to the gateway's price table, unknown upstream -> 404
-    models = {"claude-haiku-4-5": {"input_per_mtok_usd": 1, "output_per_mtok_usd": 5},
-              "claude-retired-1": {"input_per_mtok_usd": 1, "output_per_mtok_usd": 5}}
-    gateway, stop, task = await _run_gateway(three, sim.url, models=models)
+    models = {
+        "claude-haiku-4-5": {"input_per_mtok_usd": 1, "output_per_mtok_usd": 5},
+        "claude-retired-1": {"input_per_mtok_usd": 1, "output_per_mtok_usd": 5},
+    }
+    _, stop, task = await _run_gateway(three, sim.url, models=models)
     try:
-        await produce(three.bootstrap, [
-            (three.request_topic("initech"), None, request("auth-1")),
-            (three.request_topic("acme"), None, request("nf-1", model="claude-retired-1")),
-        ])
+        await produce(
+            three.bootstrap,
+            [
+                (three.request_topic("initech"), None, request("auth-1")),
+                (three.request_topic("acme"), None, request("nf-1", model="claude-retired-1")),
+            ],
+        )
         out = await collect(three, 2)
     finally:
         stop.set()

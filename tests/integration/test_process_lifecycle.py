@@ -28,7 +28,10 @@ def _start(world: World, sim_url: str, tmp: Path, **overrides: object) -> subpro
     with (tmp / "gateway.log").open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "service", "run", "--config", str(path)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 
 
@@ -53,9 +56,10 @@ async def test_killed_mid_run_and_restarted_loses_nothing(world: World, tmp_path
         {"api_keys": world.keys, "seed": 3, "latency": {"distribution": "fixed", "fixed_s": 0.05}}
     )
     async with SimulatorServer(cfg) as sim:
-        await produce(world.bootstrap, [
-            (world.request_topic(world.partners[i % 3]), None, request(f"k-{i}")) for i in range(n)
-        ])
+        await produce(
+            world.bootstrap,
+            [(world.request_topic(world.partners[i % 3]), None, request(f"k-{i}")) for i in range(n)],
+        )
         proc = _start(world, sim.url, tmp_path)
         try:
             seen = await _wait_for(world, 150)
@@ -72,20 +76,26 @@ async def test_killed_mid_run_and_restarted_loses_nothing(world: World, tmp_path
     ids = out.request_ids()
     missing = {f"k-{i}" for i in range(n)} - set(ids)
     duplicates = sum(c - 1 for c in ids.values() if c > 1)
-    print(f"\nkill -9 mid-run: {n} requests, {len(ids)} distinct outcomes, {duplicates} duplicates (redone work)")
+    print(
+        f"\nkill -9 mid-run: {n} requests, {len(ids)} distinct outcomes, "
+        f"{duplicates} duplicates (redone work)"
+    )
     assert not missing, f"lost {len(missing)} requests"
     assert len(out.responses) == out.total
 
 
-async def test_sigterm_drains_commits_finished_work_and_restart_repeats_none(world: World, tmp_path: Path) -> None:
+async def test_sigterm_drains_commits_finished_work_and_restart_repeats_none(
+    world: World, tmp_path: Path
+) -> None:
     n = 400
     cfg = SimulatorConfig.model_validate(
         {"api_keys": world.keys, "seed": 4, "latency": {"distribution": "fixed", "fixed_s": 0.3}}
     )
     async with SimulatorServer(cfg) as sim:
-        await produce(world.bootstrap, [
-            (world.request_topic(world.partners[i % 3]), None, request(f"g-{i}")) for i in range(n)
-        ])
+        await produce(
+            world.bootstrap,
+            [(world.request_topic(world.partners[i % 3]), None, request(f"g-{i}")) for i in range(n)],
+        )
         # few slots: at SIGTERM most fetched requests are still waiting for a turn
         few = {"partners": [{**p, "max_concurrency": 4} for p in world.settings_dict(sim.url)["partners"]]}
         proc = _start(world, sim.url, tmp_path, **few)

@@ -79,13 +79,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_degrades_to_a_local_share_and_recovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_degrades_to_a_local_share_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
     port = _free_port()
     url = f"redis://127.0.0.1:{port}/0"
     states: list[bool] = []
     limiter = RedisLimiter(
-        _settings(url, expected_replicas=3, timeout_s=0.2), LimitSettings(rpm=60), {}, on_degraded=states.append
+        _settings(url, expected_replicas=3, timeout_s=0.2),
+        LimitSettings(rpm=60),
+        {},
+        on_degraded=states.append,
     )
     try:
         results = [await limiter.acquire("p", Cost(1, 1)) for _ in range(40)]

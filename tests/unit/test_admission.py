@@ -43,7 +43,10 @@ def test_good_request_is_admitted_with_conservative_estimate() -> None:
     verdict = _admission().admit(_rec(value))
     assert isinstance(verdict, Admitted)
     assert (verdict.partner.id, verdict.request_id, verdict.model, verdict.max_tokens) == (
-        "acme", "r-1", "claude-haiku-4-5", 100,
+        "acme",
+        "r-1",
+        "claude-haiku-4-5",
+        100,
     )
     assert verdict.est_input_tokens >= len(value) // 4
 

@@ -127,4 +127,6 @@ def test_429_pauses_every_draw_on_the_org() -> None:
 
 def test_parse_headers_ignores_garbage() -> None:
     assert parse_ratelimit_headers({"anthropic-ratelimit-requests-remaining": "n/a"}) == {}
-    assert parse_ratelimit_headers({"anthropic-ratelimit-output-tokens-limit": "8000"}) == {"otpm": (8000, None)}
+    assert parse_ratelimit_headers({"anthropic-ratelimit-output-tokens-limit": "8000"}) == {
+        "otpm": (8000, None)
+    }

@@ -221,7 +221,7 @@ async def test_a_burst_capped_by_concurrency_leaves_no_debt_when_contention_star
             sched.release(g, None)
 
     tasks = [asyncio.create_task(worker(p)) for p in "abc" for _ in range(20)]
-    while len(served) < 600:  # the burst: concurrency-bound, equal turns
+    while len(served) < 600:  # noqa: ASYNC110 - the burst: concurrency-bound, equal turns
         await asyncio.sleep(0.005)
     gate.tokens = 0
     await asyncio.sleep(0.02)

@@ -39,7 +39,8 @@ def _error(status: int, etype: str, headers: dict[str, str] | None = None, code:
         if code:
             err["details"] = {"error_code": code}
         return httpx2.Response(
-            status, content=orjson.dumps({"type": "error", "error": err}),
+            status,
+            content=orjson.dumps({"type": "error", "error": err}),
             headers={"content-type": "application/json", "request-id": "req_1", **(headers or {})},
         )
 
@@ -65,7 +66,13 @@ STATUS_CASES = [
     (413, "request_too_large", anthropic.ContentTooLargeError, False, Reason.UPSTREAM_TOO_LARGE),
     (422, "invalid_request_error", anthropic.UnprocessableEntityError, False, Reason.UPSTREAM_REJECTED),
     (429, "rate_limit_error", anthropic.RateLimitError, True, Reason.RETRIES_EXHAUSTED),
-    (431, "invalid_request_error", anthropic.RequestHeaderFieldsTooLargeError, False, Reason.UPSTREAM_REJECTED),
+    (
+        431,
+        "invalid_request_error",
+        anthropic.RequestHeaderFieldsTooLargeError,
+        False,
+        Reason.UPSTREAM_REJECTED,
+    ),
     (499, "invalid_request_error", anthropic.ClientClosedRequestError, False, Reason.UPSTREAM_REJECTED),
     (500, "api_error", anthropic.InternalServerError, True, Reason.RETRIES_EXHAUSTED),
     (501, "api_error", anthropic.HTTPNotImplementedError, True, Reason.RETRIES_EXHAUSTED),
@@ -88,7 +95,12 @@ async def test_status_errors_from_the_sdk(status, etype, cls, retryable, reason)
 
 
 @pytest.mark.parametrize(
-    "code", ["enforced_spend_limit_reached", "contract_spend_limit_reached", "linked_organization_spend_limit_reached"]
+    "code",
+    [
+        "enforced_spend_limit_reached",
+        "contract_spend_limit_reached",
+        "linked_organization_spend_limit_reached",
+    ],
 )
 async def test_spend_limit_429_is_not_retried(code: str) -> None:
     exc = await _raised(_error(429, "rate_limit_error", {"retry-after": "1"}, code=code))
@@ -120,7 +132,10 @@ async def test_garbled_success_is_a_retryable_validation_error() -> None:
         return httpx2.Response(200, content=b"<html>proxy</html>", headers={"content-type": "text/html"})
 
     client = anthropic.AsyncAnthropic(
-        api_key="sk-test", base_url="http://claude.test", max_retries=0, _strict_response_validation=True,
+        api_key="sk-test",
+        base_url="http://claude.test",
+        max_retries=0,
+        _strict_response_validation=True,
         http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(garbled)),
     )
     with pytest.raises(anthropic.APIResponseValidationError) as info:
@@ -132,7 +147,9 @@ def test_every_sdk_exception_class_is_classified() -> None:
     """Walk every exception class the SDK exports; each must map without raising."""
     request = httpx2.Request("POST", "http://claude.test/v1/messages")
     classes = {
-        obj for _, obj in inspect.getmembers(anthropic, inspect.isclass) if issubclass(obj, anthropic.AnthropicError)
+        obj
+        for _, obj in inspect.getmembers(anthropic, inspect.isclass)
+        if issubclass(obj, anthropic.AnthropicError)
     }
     seen_codes: set[str] = set()
     assert len(classes) >= 30  # the SDK's tree, spend-limit subclasses included

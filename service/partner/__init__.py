@@ -1,0 +1,1 @@
+"""The partner's side: sign requests, produce them, await the correlated response."""
