@@ -224,6 +224,28 @@ class World:
         return spawn(cmd, BENCH_DIR / f"{group}.log")
 
 
+MAX_WARMUP_S = 120.0
+
+
+async def _drained(sim: Simulator) -> None:
+    """Wait until the upstream's RPM bucket has spent its initial burst (saturation), or
+    stops falling (a limiter that cannot saturate it: measure what it reaches)."""
+    began = time.monotonic()
+    history: list[float] = []
+    while time.monotonic() - began < MAX_WARMUP_S:
+        bucket = sim.stats()["buckets"]["default"]["requests"]
+        level, limit = float(bucket["level"]), float(bucket["limit"])
+        history.append(level)
+        if level < 0.02 * limit:
+            break
+        if len(history) > 10 and history[-11] - level < 0.01 * limit:
+            log("limits:   the upstream bucket stopped draining: not saturating")
+            break
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(2.0)
+    log(f"limits:   measuring after {time.monotonic() - began:.0f}s of warm-up")
+
+
 def _jain(xs: Sequence[float]) -> float:
     return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if any(xs) else 0.0
 
@@ -238,8 +260,7 @@ async def _saturate(
     redis_url: str | None = None,
 ) -> dict[str, Any]:
     """Backlog the saturating partners, warm up, and measure one window."""
-    warmup_s = 10.0
-    per_partner = math.ceil(ORG_RPM + RATE * (warmup_s + window_s) * 1.3)
+    per_partner = math.ceil(ORG_RPM + RATE * (MAX_WARMUP_S + window_s) * 1.3)
     await asyncio.gather(
         *[
             _produce(world.bootstrap, world.topic("requests", p), per_partner, f"{p}-{'n' if naive else 'o'}")
@@ -251,7 +272,7 @@ async def _saturate(
     procs = [world.start(group, naive=naive, redis_url=redis_url) for _ in range(replicas)]
     try:
         async with Ends(world.bootstrap) as ends:
-            await asyncio.sleep(warmup_s)
+            await _drained(world.sim)
             s0 = world.sim.stats()
             r0 = {p: await ends.count(world.topic("responses", p)) for p in world.partners}
             t0 = time.monotonic()
@@ -290,8 +311,10 @@ async def _backlog(world: World, backlog: int, quiet_s: float, *, naive: bool) -
     await producer.start()
     ids: list[str] = []
     try:
-        await asyncio.sleep(8)  # started, assigned, flood partner at capacity and paused
+        await asyncio.sleep(5)  # started and assigned; the flood partner fills its queue
         rss0 = gw.memory_info().rss
+        rss_max = rss0
+        await _drained(world.sim)
         began = time.monotonic()
         i = 0
         while time.monotonic() - began < quiet_s:

@@ -68,7 +68,12 @@ class World:
             },
             "anthropic": {"base_url": sim_url, "timeout_s": 30},
             "retry": {"base_delay_s": 0.05, "max_delay_s": 0.5, "max_attempts": 6},
-            "runtime": {"http_port": 0, "http_host": "127.0.0.1", "drain_timeout_s": 10, "commit_interval_s": 0.2},
+            "runtime": {
+                "http_port": 0,
+                "http_host": "127.0.0.1",
+                "drain_timeout_s": 10,
+                "commit_interval_s": 0.2,
+            },
             "partners": [
                 {"id": p, "api_key": {"file": str(self.key_dir / f"{p}.key")}} for p in self.partners
             ],
@@ -108,7 +113,11 @@ async def make_world(bootstrap: str, tmp: Path, partners: list[str], partitions:
 def request(request_id: str, model: str = MODEL, max_tokens: int = 32, **extra: Any) -> bytes:
     doc: dict[str, Any] = {
         "request_id": request_id,
-        "params": {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello"}]},
+        "params": {
+            "model": model,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "Hello"}],
+        },
     }
     doc.update(extra)
     return orjson.dumps(doc)
