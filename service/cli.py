@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -118,6 +119,18 @@ def _run(path: str) -> int:
     return 0
 
 
+def _tune_gc() -> None:
+    """Move everything built at start-up out of the collector's sight, and collect less often.
+
+    A request in flight is a few dozen short-lived objects; with up to `max_queue` of
+    them per partner the default thresholds ran full collections every few hundred
+    messages, about a quarter of the service's CPU (measured with `make bench`).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
 async def _serve(path: str, tracer_provider: TracerProvider | None = None) -> None:
     from service.app import Gateway
 
@@ -135,6 +148,7 @@ async def _serve(path: str, tracer_provider: TracerProvider | None = None) -> No
     loop.add_signal_handler(signal.SIGINT, request_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, watcher.request)
     watching = asyncio.create_task(watcher.run(stop))
+    _tune_gc()
     try:
         await gateway.run(stop)
     finally:

@@ -47,6 +47,7 @@ class KafkaSettings(_Frozen):
     producer_linger_ms: int = Field(default=5, ge=0)
     producer_compression: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
     producer_max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    producer_max_batch_bytes: int = Field(default=512 * 1024, gt=0)
     metadata_max_age_ms: int = Field(default=30_000, gt=0)
 
     audit_topic: str | None = Field(default=None, min_length=1, max_length=249)

@@ -43,6 +43,9 @@ class Publisher:
                 linger_ms=self._settings.producer_linger_ms,
                 compression_type=self._settings.producer_compression,
                 max_request_size=self._settings.producer_max_request_bytes,
+                # aiokafka's 16 KiB default fills with ~15 responses and then spins
+                # re-checking the full batch for every further message
+                max_batch_size=self._settings.producer_max_batch_bytes,
             )
         await self._producer.start()
 
