@@ -319,7 +319,12 @@ def _tail(directory: Path, lines: int = 40) -> str:
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A random KRaft cluster id. Like Kafka's own `Uuid.randomUuid`, never one that starts
+    with '-': the storage tool would read it as an option (1 start in 64 failed)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def _server_properties(data: Path, port: int, controller_port: int) -> str:

@@ -10,6 +10,7 @@ the error propagates and the service stops without committing the offset.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anthropic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from service.admission.admit import Admission, Admitted, RecordLike, Rejected
 from service.config.settings import GatewaySettings, ModelPrice
@@ -41,6 +42,8 @@ from service.upstream.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 MAX_ORIGINAL_BYTES = 512 * 1024
+FALLBACK_ORIGINAL_BYTES = 16 * 1024
+MAX_DEADLETTER_KEY_BYTES = 1024
 JSON_HEADERS: tuple[tuple[str, bytes], ...] = (("content-type", b"application/json"),)
 
 
@@ -294,8 +297,16 @@ class Pipeline:
         headers = (*JSON_HEADERS, ("gateway-reason", dl.reason.value.encode()))
         self.tracing.outcome("deadletter", dl.reason.value)
         topic = self.settings.deadletter_topic(dl.partner)
-        with self.tracing.produce(topic, dl.origin.key, dl.origin.headers) as trace_headers:
-            await self.publisher.publish(topic, dl.origin.key, value, (*headers, *trace_headers))
+        key = _deadletter_key(dl.origin.key)
+        with self.tracing.produce(topic, key, dl.origin.headers) as trace_headers:
+            try:
+                await self.publisher.publish(topic, key, value, (*headers, *trace_headers))
+            except MessageSizeTooLargeError:
+                # the broker's limit is below ours: keep the digest and size, cut the bytes
+                value = encode_deadletter(
+                    dl, failed_at=time.time(), max_original_bytes=FALLBACK_ORIGINAL_BYTES
+                )
+                await self.publisher.publish(topic, key, value, (*headers, *trace_headers))
         self.metrics.dead_letters.labels(dl.partner, dl.reason.value).inc()
         self.metrics.requests.labels(dl.partner, model, "deadletter").inc()
         self._observe_e2e(dl.partner, dl.origin)
@@ -312,6 +323,14 @@ class Pipeline:
     def _observe_e2e(self, pid: str, origin: Origin) -> None:
         if origin.timestamp_ms is not None:
             self.metrics.end_to_end.labels(pid).observe(max(0.0, time.time() - origin.timestamp_ms / 1000))
+
+
+def _deadletter_key(key: bytes | None) -> bytes | None:
+    """The dead letter's Kafka key: the original key, or its SHA-256 when it is huge
+    (a hostile key must not push the dead letter past the broker's size limit)."""
+    if key is None or len(key) <= MAX_DEADLETTER_KEY_BYTES:
+        return key
+    return b"sha256:" + hashlib.sha256(key).hexdigest().encode()
 
 
 def _status_class(status: int | None) -> str:

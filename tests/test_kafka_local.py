@@ -209,3 +209,9 @@ async def test_redis_fixture_serves(redis_url: str) -> None:
         assert await client.incr(key) == 2
     finally:
         await client.aclose()
+
+
+def test_cluster_ids_never_start_with_a_dash() -> None:
+    """The storage tool reads an id starting with '-' as an option."""
+    kl = kafka_local()
+    assert all(not kl._cluster_id().startswith("-") for _ in range(5000))

@@ -7,6 +7,7 @@ The Claude side is the project's simulator over real HTTP (ANTHROPIC.md facts:
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -122,8 +123,6 @@ async def test_malformed_inputs_are_dead_lettered_with_their_reasons(
         await task
     assert [d["request_id"] for d in out.responses] == ["fine-1"]
     got = sorted((d["original"]["key_b64"], d["reason"]) for d in out.dead_letters)
-    import base64
-
     want = sorted((base64.b64encode(f"k{i}".encode()).decode(), r) for i, (_, r) in enumerate(cases))
     assert got == want
     for d in out.dead_letters:
@@ -192,3 +191,39 @@ async def test_non_retryable_upstream_errors_are_dead_lettered(three: World, sim
     assert by_id["nf-1"]["reason"] == "upstream_not_found"
     assert by_id["nf-1"]["attempts"] == 1
     assert "sk-ant-revoked" not in orjson.dumps(out.dead_letters).decode()
+
+
+async def test_dead_letters_fit_a_small_broker_limit_and_huge_keys(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A hostile record must not stop the service: a huge key is replaced by its digest
+    on the dead letter, and a dead letter over the topic's size limit is re-sent with
+    the original cut (digest and size kept)."""
+    world = await make_world(
+        kafka_bootstrap, tmp_path, ["acme"], partitions=1, deadletter_configs={"max.message.bytes": "100000"}
+    )
+    big_value = b'{"request_id": "big", "params": ' + b" " * 300_000 + b"}"
+    huge_key = b"k" * 200_000
+    async with SimulatorServer(_sim_config(world)) as sim:
+        _, stop, task = await _run_gateway(world, sim.url)
+        try:
+            await produce(
+                world.bootstrap,
+                [
+                    (world.request_topic("acme"), b"big", big_value),
+                    (world.request_topic("acme"), huge_key, b"{}"),
+                    (world.request_topic("acme"), b"ok", request("after-1")),
+                ],
+            )
+            out = await collect(world, 3)
+        finally:
+            stop.set()
+            await task
+    assert not task.exception()
+    assert [d["request_id"] for d in out.responses] == ["after-1"]
+    by_reason = {d["original"]["offset"]: d for d in out.dead_letters}
+    big = by_reason[0]["original"]
+    assert big["truncated"]
+    assert big["value_size"] == len(big_value)
+    assert len(base64.b64decode(big["value_b64"])) == 16 * 1024
+    assert by_reason[1]["reason"] == "schema_violation"  # its 200 kB key went out as a digest

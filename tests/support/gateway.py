@@ -93,7 +93,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
             base[k] = v
 
 
-async def make_world(bootstrap: str, tmp: Path, partners: list[str], partitions: int = 3) -> World:
+async def make_world(
+    bootstrap: str,
+    tmp: Path,
+    partners: list[str],
+    partitions: int = 3,
+    deadletter_configs: dict[str, str] | None = None,
+) -> World:
     tag = f"t{uuid.uuid4().hex[:10]}"
     keys = {p: f"sk-ant-{p}-{uuid.uuid4().hex}" for p in partners}
     for p, k in keys.items():
@@ -103,7 +109,15 @@ async def make_world(bootstrap: str, tmp: Path, partners: list[str], partitions:
     await admin.start()
     try:
         await admin.create_topics(
-            [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in world.all_topics()]
+            [
+                NewTopic(
+                    t,
+                    num_partitions=partitions,
+                    replication_factor=1,
+                    topic_configs=deadletter_configs if ".deadletter." in t else None,
+                )
+                for t in world.all_topics()
+            ]
         )
     finally:
         await admin.close()
