@@ -102,7 +102,7 @@ PROMPTS = (
 # The simulator: one organisation shared by the three partners' keys.
 SIM_MEDIAN_LATENCY_S = 0.3
 SIM_LATENCY_SIGMA = 0.6
-SIM_RPM = 300  # below what the partners send in the first minute: some calls get 429 + retry-after
+SIM_RPM = 300  # the org limit, below what the partners send: the gateway's limiter shares it by weight
 SIM_FAULTS = {"--overloaded-rate": 0.05, "--api-error-rate": 0.03, "--drop-rate": 0.01}
 
 
@@ -611,6 +611,9 @@ class Demo:
                 "session_timeout_ms": 10_000,
             },
             "anthropic": {"base_url": self.sim_url, "timeout_s": 30},
+            # the organisation's Claude limits, as the simulator enforces them: the limiter keeps
+            # the calls within them, so the simulator should answer (almost) no 429s
+            "org_limits": {"rpm": SIM_RPM},
             "retry": {"max_attempts": 12, "base_delay_s": 0.2, "max_delay_s": 2.0, "max_elapsed_s": 90},
             "runtime": {
                 "http_host": HOST,
