@@ -36,7 +36,7 @@ test-unit: setup
 
 lint: setup
 	.venv/bin/ruff check .
-	.venv/bin/ruff format --check service
+	.venv/bin/ruff format --check service bench scripts
 	.venv/bin/mypy
 
 demo: setup kafka-fetch
