@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ KEYS = {p: f"sk-bench-{p}-0123456789" for p in ("p1", "p2", "p3", "flood", "quie
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--limits-window-s", type=float, default=float(os.environ.get("BENCH_LIMITS_WINDOW_S", 60))
+    )
+    parser.add_argument(
+        "--limits-scenarios",
+        default="equal,weighted,work_conserving,redis,backlog",
+        help="comma-separated subset of: equal, weighted, work_conserving, redis, backlog",
     )
     parser.add_argument(
         "--limits-backlog", type=int, default=int(os.environ.get("BENCH_LIMITS_BACKLOG", 1_000_000))
@@ -298,22 +303,51 @@ async def _saturate(
     }
 
 
-async def _backlog(world: World, backlog: int, quiet_s: float, *, naive: bool) -> dict[str, Any]:
+class _PeakRss:
+    """The peak RSS of a process, sampled every 0.1 s from its start."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self.peak = 0
+        self._task = asyncio.get_running_loop().create_task(self._sample())
+
+    async def _sample(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            while True:
+                self.peak = max(self.peak, self._process.memory_info().rss)
+                await asyncio.sleep(0.1)
+
+    def stop(self) -> int:
+        self._task.cancel()
+        return self.peak
+
+
+async def _idle_rss(world: World, *, naive: bool) -> int:
+    """Peak RSS of the same gateway on empty topics: what the backlog is measured against."""
+    group = f"{world.tag}-idle-{'naive' if naive else 'gw'}"
+    proc = world.start(group, naive=naive)
+    rss = _PeakRss(proc.pid)
+    try:
+        await asyncio.sleep(12)  # started, joined, assigned, idle
+    finally:
+        peak = rss.stop()
+        terminate(proc, 30)
+    return peak
+
+
+async def _backlog(
+    world: World, backlog: int, quiet_s: float, *, naive: bool, idle_rss: int
+) -> dict[str, Any]:
     """Flood partner with a huge backlog (already produced), quiet partner at 1 req/s."""
     _post(f"{world.sim.url}/_sim/reset")
     group = f"{world.tag}-{'naive' if naive else 'gw'}"
     proc = world.start(group, naive=naive)
-    gw = psutil.Process(proc.pid)
+    rss = _PeakRss(proc.pid)
     quiet_topic = world.topic("requests", "quiet")
-    rss0: float | None = None
-    rss_max = 0.0
     producer = AIOKafkaProducer(bootstrap_servers=world.bootstrap, linger_ms=0)
     await producer.start()
     ids: list[str] = []
     try:
-        await asyncio.sleep(5)  # started and assigned; the flood partner fills its queue
-        rss0 = gw.memory_info().rss
-        rss_max = rss0
         await _drained(world.sim)
         began = time.monotonic()
         i = 0
@@ -322,12 +356,11 @@ async def _backlog(world: World, backlog: int, quiet_s: float, *, naive: bool) -
             ids.append(rid)
             await producer.send_and_wait(quiet_topic, _value(rid), key=rid.encode())
             i += 1
-            for _ in range(4):
-                rss_max = max(rss_max, gw.memory_info().rss)
-                await asyncio.sleep(0.25)
+            await asyncio.sleep(1.0)
         await asyncio.sleep(3)
     finally:
         await producer.stop()
+        peak = rss.stop()
         code = terminate(proc, 30)
     if code != 0:
         raise RuntimeError(f"the gateway exited with {code}:\n{tail(BENCH_DIR / f'{group}.log')}")
@@ -338,7 +371,9 @@ async def _backlog(world: World, backlog: int, quiet_s: float, *, naive: bool) -
         "quiet_partner_p99_wait_ms": round(p99, 2),
         "quiet_partner_p50_wait_ms": round(statistics.median(waits), 2) if waits else float("nan"),
         "quiet_answered": f"{len(waits)}/{len(ids)}",
-        "backlog_rss_growth_mb": round((rss_max - (rss0 or rss_max)) / 2**20, 1),
+        "backlog_rss_growth_mb": round((peak - idle_rss) / 2**20, 1),
+        "backlog_rss_peak_mb": round(peak / 2**20, 1),
+        "idle_rss_peak_mb": round(idle_rss / 2**20, 1),
         "backlog": backlog,
     }
 
@@ -369,6 +404,7 @@ async def _queue_waits(world: World, ids: set[str]) -> list[float]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     window = float(args.limits_window_s)
     backlog = int(args.limits_backlog)
+    scenarios = set(str(args.limits_scenarios).split(","))
     sim_args = [
         "--rpm",
         str(ORG_RPM),
@@ -388,59 +424,94 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"bench": "limits", "org_rpm": ORG_RPM, "window_s": window}
     naive: dict[str, Any] = {}
     with kafka() as bootstrap, Simulator(sim_args, name="limits-simulator") as sim:
-        equal = World(bootstrap, sim, "equal", {"p1": 1, "p2": 1, "p3": 1})
-        await equal.create()
-        for label, is_naive in (("ours", False), ("naive", True)):
-            log(f"limits: equal weights, {label}")
-            m = await _saturate(equal, ["p1", "p2", "p3"], window, naive=is_naive)
-            out = result if not is_naive else naive
-            out["utilization"] = m["utilization"]
-            out["upstream_429_ratio"] = m["upstream_429_ratio"]
-            out["jain_equal"] = round(_jain(list(m["served"].values())), 4)
-        log("limits: weights 1:2:3")
-        weighted = World(bootstrap, sim, "weighted", {"p1": 1, "p2": 2, "p3": 3})
-        await weighted.create()
-        m = await _saturate(weighted, ["p1", "p2", "p3"], window)
-        total = sum(m["served"].values()) or 1
-        result["weighted_share_max_error_pp"] = round(
-            max(abs(m["served"][p] / total - w / 6) * 100 for p, w in weighted.partners.items()), 2
-        )
-        result["weighted_served"] = m["served"]
-        wc = World(bootstrap, sim, "wc", {"p1": 1, "p2": 1, "p3": 1})
-        await wc.create()
-        for label, is_naive in (("ours", False), ("naive", True)):
-            log(f"limits: work conservation, {label}")
-            m = await _saturate(wc, ["p1"], window, naive=is_naive)
-            (result if not is_naive else naive)["work_conserving_utilization"] = m["utilization"]
-        log("limits: three replicas through Redis")
-        with _redis() as redis_url:
-            rw = World(bootstrap, sim, "redis", {"p1": 1, "p2": 1, "p3": 1})
-            await rw.create()
-            m = await _saturate(rw, ["p1", "p2", "p3"], window, replicas=3, redis_url=redis_url)
-            result["redis_replicas_utilization"] = m["utilization"]
-            result["redis_replicas_429_ratio"] = m["upstream_429_ratio"]
-        bw = World(bootstrap, sim, "backlog", {"flood": 1, "quiet": 1})
-        await bw.create()
-        log(f"limits: producing a {backlog:,}-message backlog")
-        began = time.monotonic()
-        await _produce(bootstrap, bw.topic("requests", "flood"), backlog, "flood")
-        log(f"limits: backlog produced in {time.monotonic() - began:.0f}s")
-        for label, is_naive in (("ours", False), ("naive", True)):
-            log(f"limits: quiet partner behind a backlog, {label}")
-            m = await _backlog(bw, backlog, min(30.0, window), naive=is_naive)
-            out = result if not is_naive else naive
-            out.update({k: v for k, v in m.items() if k != "backlog"})
-        result["backlog"] = backlog
+        if "equal" in scenarios:
+            await _equal(bootstrap, sim, window, result, naive)
+        if "weighted" in scenarios:
+            await _weighted(bootstrap, sim, window, result)
+        if "work_conserving" in scenarios:
+            await _work_conserving(bootstrap, sim, window, result, naive)
+        if "redis" in scenarios:
+            await _replicas(bootstrap, sim, window, result)
+        if "backlog" in scenarios:
+            await _quiet_behind_backlog(bootstrap, sim, window, backlog, result, naive)
     result["naive"] = naive
-    result["targets_met"] = {
-        "utilization": result["utilization"] >= 0.98,
-        "upstream_429_ratio": result["upstream_429_ratio"] <= 0.005,
-        "jain_equal": result["jain_equal"] >= 0.99,
-        "weighted_share_max_error_pp": result["weighted_share_max_error_pp"] <= 3,
-        "quiet_partner_p99_wait_ms": result["quiet_partner_p99_wait_ms"] <= 100,
-        "redis_replicas_utilization": result["redis_replicas_utilization"] >= 0.95,
-        "redis_replicas_429_ratio": result["redis_replicas_429_ratio"] <= 0.01,
-        "work_conserving_utilization": result["work_conserving_utilization"] >= 0.98,
-        "backlog_rss_growth_mb": result["backlog_rss_growth_mb"] <= 100,
+    checks: dict[str, Callable[[float], bool]] = {
+        "utilization": lambda v: v >= 0.98,
+        "upstream_429_ratio": lambda v: v <= 0.005,
+        "jain_equal": lambda v: v >= 0.99,
+        "weighted_share_max_error_pp": lambda v: v <= 3,
+        "quiet_partner_p99_wait_ms": lambda v: v <= 100,
+        "redis_replicas_utilization": lambda v: v >= 0.95,
+        "redis_replicas_429_ratio": lambda v: v <= 0.01,
+        "work_conserving_utilization": lambda v: v >= 0.98,
+        "backlog_rss_growth_mb": lambda v: v <= 100,
     }
+    result["targets_met"] = {k: check(result[k]) for k, check in checks.items() if k in result}
     return result
+
+
+async def _equal(
+    bootstrap: str, sim: Simulator, window: float, result: dict[str, Any], naive: dict[str, Any]
+) -> None:
+    equal = World(bootstrap, sim, "equal", {"p1": 1, "p2": 1, "p3": 1})
+    await equal.create()
+    for label, is_naive in (("ours", False), ("naive", True)):
+        log(f"limits: equal weights, {label}")
+        m = await _saturate(equal, ["p1", "p2", "p3"], window, naive=is_naive)
+        out = result if not is_naive else naive
+        out["utilization"] = m["utilization"]
+        out["upstream_429_ratio"] = m["upstream_429_ratio"]
+        out["jain_equal"] = round(_jain(list(m["served"].values())), 4)
+
+
+async def _weighted(bootstrap: str, sim: Simulator, window: float, result: dict[str, Any]) -> None:
+    log("limits: weights 1:2:3")
+    weighted = World(bootstrap, sim, "weighted", {"p1": 1, "p2": 2, "p3": 3})
+    await weighted.create()
+    m = await _saturate(weighted, ["p1", "p2", "p3"], window)
+    total = sum(m["served"].values()) or 1
+    result["weighted_share_max_error_pp"] = round(
+        max(abs(m["served"][p] / total - w / 6) * 100 for p, w in weighted.partners.items()), 2
+    )
+    result["weighted_served"] = m["served"]
+
+
+async def _work_conserving(
+    bootstrap: str, sim: Simulator, window: float, result: dict[str, Any], naive: dict[str, Any]
+) -> None:
+    wc = World(bootstrap, sim, "wc", {"p1": 1, "p2": 1, "p3": 1})
+    await wc.create()
+    for label, is_naive in (("ours", False), ("naive", True)):
+        log(f"limits: work conservation, {label}")
+        m = await _saturate(wc, ["p1"], window, naive=is_naive)
+        (result if not is_naive else naive)["work_conserving_utilization"] = m["utilization"]
+
+
+async def _replicas(bootstrap: str, sim: Simulator, window: float, result: dict[str, Any]) -> None:
+    log("limits: three replicas through Redis")
+    with _redis() as redis_url:
+        rw = World(bootstrap, sim, "redis", {"p1": 1, "p2": 1, "p3": 1})
+        await rw.create()
+        m = await _saturate(rw, ["p1", "p2", "p3"], window, replicas=3, redis_url=redis_url)
+        result["redis_replicas_utilization"] = m["utilization"]
+        result["redis_replicas_429_ratio"] = m["upstream_429_ratio"]
+
+
+async def _quiet_behind_backlog(
+    bootstrap: str, sim: Simulator, window: float, backlog: int, result: dict[str, Any], naive: dict[str, Any]
+) -> None:
+    bw = World(bootstrap, sim, "backlog", {"flood": 1, "quiet": 1})
+    await bw.create()
+    log(f"limits: producing a {backlog:,}-message backlog")
+    began = time.monotonic()
+    await _produce(bootstrap, bw.topic("requests", "flood"), backlog, "flood")
+    log(f"limits: backlog produced in {time.monotonic() - began:.0f}s")
+    idle = World(bootstrap, sim, "idle", {"flood": 1, "quiet": 1})
+    await idle.create()
+    for label, is_naive in (("ours", False), ("naive", True)):
+        log(f"limits: quiet partner behind a backlog, {label}")
+        idle_rss = await _idle_rss(idle, naive=is_naive)
+        m = await _backlog(bw, backlog, min(30.0, window), naive=is_naive, idle_rss=idle_rss)
+        out = result if not is_naive else naive
+        out.update({k: v for k, v in m.items() if k != "backlog"})
+    result["backlog"] = backlog
