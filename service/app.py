@@ -12,14 +12,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
 from opentelemetry.trace import TracerProvider
 
 from service.admission.admit import Admission
 from service.admission.budget import Budgets, RedisLedger
 from service.admission.registry import Registry
 from service.admission.replay import LocalReplayStore, RedisReplayStore, ReplayGuard
-from service.config.settings import GatewaySettings, RedisSettings
+from service.config.redis import redis_client
+from service.config.settings import GatewaySettings
 from service.egress.publisher import Publisher
 from service.ingest.consumer import IngestLoop
 from service.pipeline import Pipeline
@@ -57,7 +57,7 @@ class Gateway:
         self.claude = claude or ClaudeClient(settings.anthropic, open_telemetry=self.tracing.sdk_option())
         self.publisher = publisher or Publisher(settings.kafka)
         self.audit = Audit(settings.kafka.audit_topic, self.publisher)
-        self.redis = _redis_client(settings.redis) if settings.redis is not None else None
+        self.redis = redis_client(settings.redis) if settings.redis is not None else None
         self.budgets = Budgets(
             lambda: self.registry,
             shared=RedisLedger(self.redis, settings.redis.key_prefix) if settings.redis else None,
@@ -97,7 +97,9 @@ class Gateway:
         partners = {p.id: p.limits for p in settings.partners}
         if settings.limiter_backend == "redis":
             assert settings.redis is not None  # enforced by the settings model
-            return RedisLimiter(settings.redis, org, partners, on_degraded=self._on_redis_degraded)
+            return RedisLimiter(
+                settings.redis, org, partners, client=self.redis, on_degraded=self._on_redis_degraded
+            )
         return LocalLimiter(org, partners)
 
     def _on_redis_degraded(self, degraded: bool) -> None:
@@ -213,20 +215,6 @@ class Gateway:
             stack.callback(stopping.cancel)
             await self.ingest.run(stop)
             log.info("gateway drained; stopping")
-
-
-def _redis_client(settings: RedisSettings) -> aioredis.Redis:
-    """The client for replay sightings and budgets (the limiter keeps its own pool)."""
-    password = settings.password.resolve().get_secret_value() if settings.password else None
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.url,
-        password=password,
-        max_connections=settings.max_connections,
-        timeout=settings.timeout_s,
-        socket_timeout=settings.timeout_s,
-        socket_connect_timeout=settings.timeout_s,
-    )
-    return aioredis.Redis.from_pool(pool)
 
 
 async def _on_stop(stop: asyncio.Event, action: Callable[[], None]) -> None:

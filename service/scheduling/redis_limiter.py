@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from service.config.redis import redis_client
 from service.config.settings import LimitSettings, RedisSettings
 from service.scheduling.limiter import (
     DIMENSIONS,
@@ -134,19 +135,8 @@ class RedisLimiter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
-        password = settings.password.resolve().get_secret_value() if settings.password else None
-        if client is None:
-            # a bounded pool that makes callers wait for a connection, not fail, under a burst
-            pool = aioredis.BlockingConnectionPool.from_url(
-                settings.url,
-                password=password,
-                max_connections=settings.max_connections,
-                timeout=settings.timeout_s,
-                socket_timeout=settings.timeout_s,
-                socket_connect_timeout=settings.timeout_s,
-            )
-            client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
-        self._redis = client
+        self._owns_client = client is None
+        self._redis = client if client is not None else redis_client(settings)
         self._acquire = self._redis.register_script(ACQUIRE)
         self._adjust = self._redis.register_script(ADJUST)
         self._clamp = self._redis.register_script(CLAMP)
@@ -294,4 +284,5 @@ class RedisLimiter:
             self._probe.cancel()
         for task in list(self._background):
             task.cancel()
-        await self._redis.aclose()
+        if self._owns_client:
+            await self._redis.aclose()
