@@ -38,27 +38,39 @@ from service.scheduling.limiter import (
 
 log = logging.getLogger(__name__)
 
-# Bucket hashes expire after an idle hour.
-# KEYS[1] = pause key, KEYS[2..] = bucket hashes; ARGV[1] = how many leading buckets are the partner's,
-# then (capacity, amount) per bucket. Returns {ok, wait_s as string, scope: 0 none | 1 partner | 2 org}.
-ACQUIRE = """
+# Shared by the bucket scripts: Redis' clock, a bucket's level refilled to now (a bucket not
+# seen yet is full), and storing a level. Bucket hashes expire after an idle hour.
+_BUCKETS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function level_of(key, cap)
+  local h = redis.call('HMGET', key, 'level', 'ts')
+  local level, ts = tonumber(h[1]), tonumber(h[2])
+  if level == nil then return cap end
+  return math.min(cap, level + math.max(0, now - ts) * cap / 60)
+end
+local function store(key, level)
+  redis.call('HSET', key, 'level', tostring(level), 'ts', tostring(now))
+  redis.call('EXPIRE', key, 3600)
+end
+"""
+
+# KEYS[1] = pause key, KEYS[2..] = bucket hashes; ARGV[1] = how many leading buckets are the partner's,
+# then (capacity, amount) per bucket. Returns {ok, wait_s as string, scope: 0 none | 1 partner | 2 org}.
+ACQUIRE = (
+    _BUCKETS
+    + """
 local npartner = tonumber(ARGV[1])
 local levels = {}
 local wait_p, wait_o = 0, 0
 for i = 2, #KEYS do
   local cap = tonumber(ARGV[2 * (i - 1)])
   local amount = tonumber(ARGV[2 * (i - 1) + 1])
-  local rate = cap / 60
-  local h = redis.call('HMGET', KEYS[i], 'level', 'ts')
-  local level, ts = tonumber(h[1]), tonumber(h[2])
-  if level == nil then level, ts = cap, now end
-  level = math.min(cap, level + math.max(0, now - ts) * rate)
+  local level = level_of(KEYS[i], cap)
   levels[i] = level
   local need = math.min(amount, cap)
   if amount > 0 and level < need then
-    local w = (need - level) / rate
+    local w = (need - level) / (cap / 60)
     if i - 1 <= npartner then wait_p = math.max(wait_p, w) else wait_o = math.max(wait_o, w) end
   end
 end
@@ -67,48 +79,35 @@ local paused = redis.call('PTTL', KEYS[1])
 if paused > 0 then return {0, tostring(paused / 1000), 2} end
 if wait_o > 0 then return {0, tostring(wait_o), 2} end
 for i = 2, #KEYS do
-  local left = levels[i] - tonumber(ARGV[2 * (i - 1) + 1])
-  redis.call('HSET', KEYS[i], 'level', tostring(left), 'ts', tostring(now))
-  redis.call('EXPIRE', KEYS[i], 3600)
+  store(KEYS[i], levels[i] - tonumber(ARGV[2 * (i - 1) + 1]))
 end
 return {1, '0', 0}
 """
+)
 
 # KEYS = bucket hashes; ARGV = (capacity, delta) per bucket; delta > 0 refunds, < 0 debits.
-ADJUST = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+ADJUST = (
+    _BUCKETS
+    + """
 for i = 1, #KEYS do
   local cap = tonumber(ARGV[2 * i - 1])
-  local delta = tonumber(ARGV[2 * i])
-  local h = redis.call('HMGET', KEYS[i], 'level', 'ts')
-  local level, ts = tonumber(h[1]), tonumber(h[2])
-  if level == nil then level, ts = cap, now end
-  level = math.min(cap, level + math.max(0, now - ts) * cap / 60)
-  level = math.min(cap, level + delta)
-  redis.call('HSET', KEYS[i], 'level', tostring(level), 'ts', tostring(now))
-  redis.call('EXPIRE', KEYS[i], 3600)
+  store(KEYS[i], math.min(cap, level_of(KEYS[i], cap) + tonumber(ARGV[2 * i])))
 end
 return 1
 """
+)
 
 # KEYS = org bucket hashes; ARGV = (capacity, remaining) per bucket: level = min(level, remaining).
-CLAMP = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+CLAMP = (
+    _BUCKETS
+    + """
 for i = 1, #KEYS do
   local cap = tonumber(ARGV[2 * i - 1])
-  local remaining = tonumber(ARGV[2 * i])
-  local h = redis.call('HMGET', KEYS[i], 'level', 'ts')
-  local level, ts = tonumber(h[1]), tonumber(h[2])
-  if level == nil then level, ts = cap, now end
-  level = math.min(cap, level + math.max(0, now - ts) * cap / 60)
-  if remaining < level then level = remaining end
-  redis.call('HSET', KEYS[i], 'level', tostring(level), 'ts', tostring(now))
-  redis.call('EXPIRE', KEYS[i], 3600)
+  store(KEYS[i], math.min(level_of(KEYS[i], cap), tonumber(ARGV[2 * i])))
 end
 return 1
 """
+)
 
 # KEYS[1] = pause key; ARGV[1] = milliseconds. Extends, never shortens, a pause.
 PAUSE = """
