@@ -89,7 +89,7 @@ class Gateway:
             self.http = HealthServer(
                 self.metrics, self.readiness, rt.http_host, rt.http_port, status=self.status
             )
-        self._install_keys(self.registry)
+        self.claude.sync_keys(self.registry.api_keys())
         self.audit.loaded(self.registry)
 
     def _make_limiter(self, settings: GatewaySettings) -> Limiter:
@@ -108,16 +108,6 @@ class Gateway:
     @property
     def redis_degraded(self) -> bool:
         return isinstance(self.limiter, RedisLimiter) and self.limiter.degraded
-
-    def _install_keys(self, registry: Registry) -> None:
-        for pid, partner in registry.by_id.items():
-            self.claude.set_key(pid, partner.api_key)
-        for pid in list(self.claude_partners()):
-            if pid not in registry.by_id:
-                self.claude.remove_key(pid)
-
-    def claude_partners(self) -> list[str]:
-        return [p.id for p in self.settings.partners]
 
     def readiness(self) -> tuple[bool, str]:
         """Whether to send work here, and why not: joining, broker silent, draining."""
@@ -171,7 +161,7 @@ class Gateway:
         registry = Registry.build(settings)
         self._register_secrets(registry)
         old, old_settings = self.registry, self.settings
-        self._install_keys(registry)
+        self.claude.sync_keys(registry.api_keys())
         self.scheduler.reconfigure(settings)
         self.settings = settings
         self.registry = registry

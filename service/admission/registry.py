@@ -60,6 +60,10 @@ class Registry:
             raise RegistryError("cannot load partner secrets:\n  " + "\n  ".join(errors))
         return cls(settings, by_topic, by_id)
 
+    def api_keys(self) -> dict[str, SecretStr]:
+        """Each partner's own Anthropic key."""
+        return {pid: partner.api_key for pid, partner in self.by_id.items()}
+
     def partner_id_for_topic(self, topic: str) -> str:
         """The partner a topic belongs to; for unknown topics, the topic's suffix."""
         partner = self.by_topic.get(topic)

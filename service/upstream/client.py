@@ -55,23 +55,23 @@ class ClaudeClient:
         self._clients: dict[str, anthropic.AsyncAnthropic] = {}
         self._keys: dict[str, SecretStr] = {}
 
-    def set_key(self, partner_id: str, key: SecretStr) -> None:
-        """Install or rotate a partner's key; the next call uses it."""
-        if self._keys.get(partner_id) == key:
-            return
-        self._keys[partner_id] = key
-        self._clients[partner_id] = anthropic.AsyncAnthropic(
-            api_key=key.get_secret_value(),
-            base_url=self._settings.base_url,
-            max_retries=0,
-            timeout=self._settings.timeout_s,
-            http_client=self._http,
-            open_telemetry=self._open_telemetry,
-        )
-
-    def remove_key(self, partner_id: str) -> None:
-        self._keys.pop(partner_id, None)
-        self._clients.pop(partner_id, None)
+    def sync_keys(self, keys: Mapping[str, SecretStr]) -> None:
+        """Hold exactly these partners' keys: new and rotated keys are used by the next
+        call, a partner no longer listed has no client left."""
+        for partner_id in self._keys.keys() - keys.keys():
+            del self._keys[partner_id]
+            del self._clients[partner_id]
+        for partner_id, key in keys.items():
+            if self._keys.get(partner_id) != key:
+                self._keys[partner_id] = key
+                self._clients[partner_id] = anthropic.AsyncAnthropic(
+                    api_key=key.get_secret_value(),
+                    base_url=self._settings.base_url,
+                    max_retries=0,
+                    timeout=self._settings.timeout_s,
+                    http_client=self._http,
+                    open_telemetry=self._open_telemetry,
+                )
 
     async def create_message(self, partner_id: str, params: Mapping[str, Any]) -> UpstreamResult:
         """One Messages API call. Raises the SDK's exceptions unchanged."""
