@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from service.simulator import SimulatorConfig, SimulatorServer
-from tests.support.gateway import World, collect, committed_offsets, make_world, produce, request
+from tests.support.gateway import Outcomes, World, collect, committed_offsets, make_world, produce, spread
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +45,16 @@ async def _exit_code(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
     return await loop.run_in_executor(None, lambda: proc.wait(timeout=timeout_s))
 
 
+async def _restart_until_done(world: World, sim_url: str, tmp: Path, n: int) -> Outcomes:
+    """Start the gateway again, collect all `n` outcomes (and any duplicates), stop it cleanly."""
+    restarted = _start(world, sim_url, tmp)
+    try:
+        return await collect(world, n, timeout_s=120, settle_s=2.0)
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        assert await _exit_code(restarted, 60) == 0
+
+
 @pytest.fixture
 async def world(kafka_bootstrap: str, tmp_path: Path) -> World:
     return await make_world(kafka_bootstrap, tmp_path, ["acme", "globex", "initech"])
@@ -58,7 +68,7 @@ async def test_killed_mid_run_and_restarted_loses_nothing(world: World, tmp_path
     async with SimulatorServer(cfg) as sim:
         await produce(
             world.bootstrap,
-            [(world.request_topic(world.partners[i % 3]), None, request(f"k-{i}")) for i in range(n)],
+            spread(world, n, "k"),
         )
         proc = _start(world, sim.url, tmp_path)
         try:
@@ -67,12 +77,7 @@ async def test_killed_mid_run_and_restarted_loses_nothing(world: World, tmp_path
         finally:
             proc.send_signal(signal.SIGKILL)
             await _exit_code(proc, 10)
-        restarted = _start(world, sim.url, tmp_path)
-        try:
-            out = await collect(world, n, timeout_s=120, settle_s=2.0)
-        finally:
-            restarted.send_signal(signal.SIGTERM)
-            assert await _exit_code(restarted, 60) == 0
+        out = await _restart_until_done(world, sim.url, tmp_path, n)
     ids = out.request_ids()
     missing = {f"k-{i}" for i in range(n)} - set(ids)
     duplicates = sum(c - 1 for c in ids.values() if c > 1)
@@ -94,7 +99,7 @@ async def test_sigterm_drains_commits_finished_work_and_restart_repeats_none(
     async with SimulatorServer(cfg) as sim:
         await produce(
             world.bootstrap,
-            [(world.request_topic(world.partners[i % 3]), None, request(f"g-{i}")) for i in range(n)],
+            spread(world, n, "g"),
         )
         # few slots: at SIGTERM most fetched requests are still waiting for a turn
         few = {"partners": [{**p, "max_concurrency": 4} for p in world.settings_dict(sim.url)["partners"]]}
@@ -108,12 +113,7 @@ async def test_sigterm_drains_commits_finished_work_and_restart_repeats_none(
         assert seen <= first.total < n
         assert sum(committed.values()) == first.total
         assert all(c == 1 for c in first.request_ids().values())
-        restarted = _start(world, sim.url, tmp_path)
-        try:
-            out = await collect(world, n, timeout_s=120, settle_s=2.0)
-        finally:
-            restarted.send_signal(signal.SIGTERM)
-            assert await _exit_code(restarted, 60) == 0
+        out = await _restart_until_done(world, sim.url, tmp_path, n)
     ids = out.request_ids()
     assert set(ids) == {f"g-{i}" for i in range(n)}
     assert all(c == 1 for c in ids.values()), "a graceful stop must not cause duplicates"

@@ -16,7 +16,7 @@ import yaml
 
 from service.app import Gateway
 from service.simulator import SimulatorConfig, SimulatorServer
-from tests.support.gateway import World, collect, committed_offsets, make_world, produce, request
+from tests.support.gateway import World, collect, committed_offsets, make_world, produce, spread
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ async def test_a_replica_joining_and_one_leaving_mid_run_lose_nothing(world: Wor
         few = {"partners": [{**p, "max_concurrency": 8} for p in world.settings_dict(sim.url)["partners"]]}
         await produce(
             world.bootstrap,
-            [(world.request_topic(world.partners[i % 3]), None, request(f"rb-{i}")) for i in range(n)],
+            spread(world, n, "rb"),
         )
         a = Gateway(world.settings(sim.url, **few), serve_http=False)
         b = Gateway(world.settings(sim.url, **few), serve_http=False)
@@ -93,7 +93,7 @@ async def test_gateway_processes_share_the_org_budget_through_redis(
             await asyncio.sleep(3)  # all three joined: the partitions are spread over them
             await produce(
                 world.bootstrap,
-                [(world.request_topic(world.partners[i % 3]), None, request(f"rd-{i}")) for i in range(n)],
+                spread(world, n, "rd"),
             )
             out = await collect(world, n, timeout_s=120)
         finally:

@@ -137,6 +137,14 @@ def request(request_id: str, model: str = MODEL, max_tokens: int = 32, **extra: 
     return orjson.dumps(doc)
 
 
+def spread(world: World, n: int, prefix: str) -> list[tuple[str, bytes | None, bytes | None]]:
+    """`n` valid requests with ids `{prefix}-{i}`, round-robin over the world's partners."""
+    partners = world.partners
+    return [
+        (world.request_topic(partners[i % len(partners)]), None, request(f"{prefix}-{i}")) for i in range(n)
+    ]
+
+
 async def produce(bootstrap: str, messages: list[tuple[str, bytes | None, bytes | None]]) -> None:
     """Send (topic, key, value) messages and wait until all are acknowledged."""
     producer = AIOKafkaProducer(
