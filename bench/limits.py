@@ -470,8 +470,9 @@ async def _weighted(bootstrap: str, sim: Simulator, window: float, result: dict[
     await weighted.create()
     m = await _saturate(weighted, ["p1", "p2", "p3"], window)
     total = sum(m["served"].values()) or 1
+    weights = sum(weighted.partners.values())
     result["weighted_share_max_error_pp"] = round(
-        max(abs(m["served"][p] / total - w / 6) * 100 for p, w in weighted.partners.items()), 2
+        max(abs(m["served"][p] / total - w / weights) * 100 for p, w in weighted.partners.items()), 2
     )
     result["weighted_served"] = m["served"]
 

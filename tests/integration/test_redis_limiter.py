@@ -5,7 +5,6 @@ a safe local share, says so, and recovers by itself."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import redis.asyncio as aioredis
 from service.config.settings import LimitSettings, RedisSettings
 from service.scheduling.limiter import Cost, Usage
 from service.scheduling.redis_limiter import RedisLimiter
-from tests.support.redis import redis_server
+from tests.support.redis import free_port, redis_server
 
 pytestmark = pytest.mark.integration
 
@@ -73,17 +72,11 @@ async def test_a_429_pause_reaches_every_replica(redis_url: str) -> None:
         await b.aclose()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_degrades_to_a_local_share_and_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
-    port = _free_port()
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     states: list[bool] = []
     limiter = RedisLimiter(

@@ -27,7 +27,7 @@ def _parent_death_signal() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -58,7 +58,7 @@ def redis_server(workdir: Path, timeout_s: float = 10.0, port: int | None = None
     log = workdir / "redis.log"
     wanted = port
     for _attempt in range(3):  # a free port can be taken between the probe and the bind
-        port = wanted or _free_port()
+        port = wanted or free_port()
         proc = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--daemonize", "no", "--dir", str(workdir), "--logfile", str(log), "--loglevel", "warning"],
