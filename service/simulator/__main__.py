@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-rate", type=float, help="share of calls whose connection is dropped")
     p.add_argument("--seed", type=int, help="seed for every random draw")
     p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--max-tracked-requests", type=int, help="requests counted one by one in /_sim/calls")
     p.add_argument(
         "--round-remaining",
         action=argparse.BooleanOptionalAction,
@@ -79,7 +80,15 @@ def _set(target: dict[str, Any], path: str, value: Any) -> None:
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The config overrides the flags ask for, as a nested mapping."""
     o: dict[str, Any] = {}
-    for name in ("host", "port", "count_tokens_rpm", "max_tokens_limit", "seed", "max_body_bytes"):
+    for name in (
+        "host",
+        "port",
+        "count_tokens_rpm",
+        "max_tokens_limit",
+        "seed",
+        "max_body_bytes",
+        "max_tracked_requests",
+    ):
         _set(o, name, getattr(args, name))
     _set(o, "round_remaining", args.round_remaining)
     if args.api_key:

@@ -19,6 +19,7 @@ YAML layout (every key optional):
     seed: 42
     max_body_bytes: 33554432
     round_remaining: true
+    max_tracked_requests: 1000000        # per-request call counts kept (GET /_sim/calls)
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ class SimulatorConfig(_Frozen):
     seed: int | None = None
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     round_remaining: bool = True
+    max_tracked_requests: int = Field(default=1_000_000, ge=0)
+    """Requests whose calls are counted one by one (see service/simulator/calls.py); 0 = none."""
 
     @model_validator(mode="after")
     def _keys_unique(self) -> SimulatorConfig:

@@ -40,7 +40,7 @@ class SimulatorEngine:
     ) -> None:
         self.clock = clock
         self.wall_clock = wall_clock
-        self.stats = SimulatorStats()
+        self.stats = SimulatorStats(config.max_tracked_requests)
         self._id_prefix = secrets.token_hex(5)
         self._ids = itertools.count(1)
         self.config = config
@@ -65,6 +65,7 @@ class SimulatorEngine:
         self.models = frozenset(config.models)
         self._key_names = self._key_lookup(config)
         self._fingerprints.clear()
+        self.stats.requests.max_entries = config.max_tracked_requests
         if (old.limits, old.model_limits, old.count_tokens_rpm) != (
             config.limits,
             config.model_limits,

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from service.simulator.buckets import BucketSet, Refusal
+from service.simulator.calls import request_key
 from service.simulator.config import SimulatorConfig, SimulatorConfigError, updated_config
 from service.simulator.engine import SimulatorEngine
 from service.simulator.errors import (
@@ -39,6 +40,7 @@ COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 _JSON = "application/json"
 _DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 _UNBOUNDED_BYTES = 1 << 62
+_CALL_FILTERS = ("min_ok", "min_billed", "min_all")
 
 # Indirection so that tests can check that zero latency never sleeps.
 _sleep = asyncio.sleep
@@ -113,6 +115,8 @@ class Handlers:
         buckets = engine.limiter.default
         stats.call("messages")
         stats.in_flight += 1
+        call_key = request_key(request.headers, None)
+        ok = billed = False
         try:
             try:
                 key_name = engine.authenticate(request.headers)
@@ -123,6 +127,8 @@ class Handlers:
             config = engine.config
             try:
                 body = await self._read_json(request)
+                if call_key is None:
+                    call_key = request_key(request.headers, body)
                 if isinstance(body, Mapping) and isinstance(body.get("model"), str):
                     model = body["model"]
                     buckets = engine.limiter.for_model(model)
@@ -136,11 +142,14 @@ class Handlers:
             if response is None:
                 # Dropped: close the connection without an answer. aiohttp then fails
                 # to write the placeholder with a ConnectionError, which it ignores quietly.
+                billed = True  # the work was done before the drop
                 stats.status(DROPPED)
                 _drop_connection(request)
                 return web.Response(status=500)
+            ok = billed = response.status == 200
             return response
         finally:
+            stats.requests.record(call_key, ok=ok, billed=billed)
             stats.in_flight -= 1
 
     async def _complete(
@@ -256,6 +265,15 @@ class Handlers:
         """`GET /_sim/stats`."""
         return self._control(200, orjson.dumps(self.engine.snapshot()))
 
+    async def calls(self, request: web.Request) -> web.StreamResponse:
+        """`GET /_sim/calls[?min_ok=N&min_billed=N&min_all=N]`: calls per request (calls.py)."""
+        try:
+            minimums = {name: int(request.query.get(name, "0")) for name in _CALL_FILTERS}
+        except ValueError:
+            message = f"{', '.join(_CALL_FILTERS)} must be integers"
+            return self._control(400, InvalidRequestError(message).body())
+        return self._control(200, orjson.dumps(self.engine.stats.requests.as_dict(**minimums)))
+
     async def reset(self, request: web.Request) -> web.StreamResponse:
         """`POST /_sim/reset`: zero the stats, fill the buckets, re-seed."""
         self.engine.reset()
@@ -312,6 +330,7 @@ def build_app(engine: SimulatorEngine) -> web.Application:
     app.router.add_post(MESSAGES_PATH, handlers.messages)
     app.router.add_post(COUNT_TOKENS_PATH, handlers.count_tokens)
     app.router.add_get("/_sim/stats", handlers.stats)
+    app.router.add_get("/_sim/calls", handlers.calls)
     app.router.add_post("/_sim/reset", handlers.reset)
     app.router.add_get("/_sim/config", handlers.get_config)
     app.router.add_post("/_sim/config", handlers.post_config)

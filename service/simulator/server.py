@@ -104,6 +104,10 @@ class SimulatorServer:
         """The same JSON-ready dict as `GET /_sim/stats`."""
         return self.engine.snapshot()
 
+    def calls(self, min_ok: int = 0, min_billed: int = 0, min_all: int = 0) -> dict[str, Any]:
+        """The same JSON-ready dict as `GET /_sim/calls` (calls per request, see calls.py)."""
+        return self.engine.stats.requests.as_dict(min_ok, min_billed, min_all)
+
     def reset(self) -> None:
         """Zero the stats, fill the buckets, re-seed (as `POST /_sim/reset`)."""
         self.engine.reset()

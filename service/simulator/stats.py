@@ -3,7 +3,10 @@
 Keys are reported by their configured *name*, never by value; with no keys
 configured (any key accepted) a key is reported as `key-<sha256 prefix>`.
 Token totals count what Anthropic would bill: calls that did their work,
-whether answered (200) or dropped after the work.
+whether answered (200) or dropped after the work. Calls per request (the
+gateway's `x-gateway-request-id`, or `metadata.user_id`) are in `requests`
+(see service/simulator/calls.py); the stats show only their totals, the
+per-request map is served by `GET /_sim/calls`.
 """
 
 from __future__ import annotations
@@ -12,17 +15,21 @@ import time
 from collections import Counter
 from typing import Any
 
+from service.simulator.calls import DEFAULT_MAX_TRACKED, RequestCalls
+
 DROPPED = "dropped"
 
 
 class SimulatorStats:
     """Mutable counters; `as_dict` gives the JSON-ready view."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_tracked_requests: int = DEFAULT_MAX_TRACKED) -> None:
+        self.requests = RequestCalls(max_tracked_requests)
         self.reset()
 
     def reset(self) -> None:
-        """Zero every counter."""
+        """Zero every counter (the per-request counts too; their cap is kept)."""
+        self.requests = RequestCalls(self.requests.max_entries)
         self.started_at = time.time()
         self.calls_total = 0
         self.in_flight = 0
@@ -73,4 +80,5 @@ class SimulatorStats:
             "input_tokens_total": self.input_tokens_total,
             "output_tokens_total": self.output_tokens_total,
             "count_tokens_input_tokens_total": self.count_tokens_input_tokens_total,
+            "request_calls": self.requests.summary(),
         }
