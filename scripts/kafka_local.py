@@ -2,9 +2,10 @@
 """A real Apache Kafka broker on loopback, for the demo, the tests and the benchmarks.
 
     python scripts/kafka_local.py fetch [--version V]   # broker jars from Maven Central, cached outside git
-    python scripts/kafka_local.py start --dir D [--port P] [--controller-port C]
+    python scripts/kafka_local.py start --dir D [--port P] [--controller-port C] [--keep-data]
                                                         # KRaft single node; last stdout line: 127.0.0.1:P
     python scripts/kafka_local.py stop --dir D          # SIGTERM, SIGKILL after a timeout; safe to repeat
+    python scripts/kafka_local.py restart --dir D       # stop, then start again with its data and ports
     python scripts/kafka_local.py status --dir D        # exit 0 when it serves, 1 when not
 
 Where the broker comes from: Maven fetches `org.apache.kafka:kafka_2.13` (the broker, by package
@@ -20,15 +21,20 @@ it. `--version` (or GATEWAY_KAFKA_VERSION) picks another release (3.9.1 was chec
 
 What `start` runs: one JVM (`kafka.Kafka`, -Xmx512m) acting as broker and KRaft controller
 (node.id=1), listening on 127.0.0.1 only, with a fresh random cluster id and a fresh data directory
-under DIR (the broker is disposable: a restart starts empty). Replication factors are 1, the first
+under DIR (by default the broker is disposable: a start wipes DIR's data). With `--keep-data`
+(`start(..., keep_data=True)`), or with `restart`, a DIR that holds a formatted broker is started
+again as it was: same cluster id, topics, records, committed offsets and transactions, and the
+same client and controller ports (read back from `server.properties`), so clients reconnect to
+the bootstrap they had; a DIR without one is started fresh. Replication factors are 1, the first
 consumer-group rebalance has no delay, topics are auto-created with 3 partitions. It waits until
 the broker answers a real Kafka ApiVersions + Metadata round trip listing itself. Files in DIR:
 `server.properties`, `data/` (log.dirs), `logs/server.log` (log4j), `broker.out` (JVM stdout/err),
 `broker.pid`, `bootstrap`.
 
 Importable (stdlib only, it runs before the venv exists): `fetch(version) -> Path` (libs dir),
-`start(directory, port=0, controller_port=0, version=..., timeout_s=60, die_with_parent=False) -> str`
-(the bootstrap address), `stop(directory, timeout_s=30)`, `status(directory) -> str | None`;
+`start(directory, port=0, controller_port=0, version=..., timeout_s=60, die_with_parent=False,
+keep_data=False) -> str` (the bootstrap address), `stop(directory, timeout_s=30)`,
+`restart(directory, ...) -> str` (the same bootstrap), `status(directory) -> str | None`;
 failures raise `KafkaLocalError` (`.exit_code` 2 for a missing java/mvn).
 """
 
@@ -330,7 +336,7 @@ def _cluster_id() -> str:
 def _server_properties(data: Path, port: int, controller_port: int) -> str:
     return "\n".join(
         [
-            "# Written by scripts/kafka_local.py: a disposable single-node KRaft broker on loopback.",
+            "# Written by scripts/kafka_local.py: a single-node KRaft broker on loopback.",
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.bootstrap.servers={HOST}:{controller_port}",
@@ -362,6 +368,24 @@ def _server_properties(data: Path, port: int, controller_port: int) -> str:
     )
 
 
+def _formatted(d: Path) -> bool:
+    """DIR holds a broker formatted by an earlier start (its data can be started again)."""
+    return (d / "data" / "meta.properties").is_file() and (d / "server.properties").is_file()
+
+
+def _ports(d: Path) -> tuple[int, int]:
+    """The client and controller ports of the broker in DIR, from its `server.properties`."""
+    ports: dict[str, int] = {}
+    for line in (d / "server.properties").read_text().splitlines():
+        if line.startswith("listeners="):
+            for listener in line.partition("=")[2].split(","):
+                name, _, address = listener.partition("://")
+                ports[name] = int(address.rpartition(":")[2])
+    if "PLAINTEXT" not in ports or "CONTROLLER" not in ports:
+        raise KafkaLocalError(f"{d / 'server.properties'} names no PLAINTEXT and CONTROLLER listeners")
+    return ports["PLAINTEXT"], ports["CONTROLLER"]
+
+
 def start(
     directory: str | Path,
     port: int = 0,
@@ -369,11 +393,15 @@ def start(
     version: str = KAFKA_VERSION,
     timeout_s: float = START_TIMEOUT_S,
     die_with_parent: bool = False,
+    keep_data: bool = False,
 ) -> str:
     """Start a single-node KRaft broker with its files in `directory`; return `127.0.0.1:PORT`.
 
     Idempotent: when the broker of `directory` already serves, its bootstrap is returned.
     Port 0 picks a free port (and picks again if another process took it meanwhile).
+    `keep_data`: when `directory` holds a formatted broker, start it again with its data and
+    its ports (a `port` or `controller_port` that differs from those is refused); otherwise
+    start fresh.
     `die_with_parent` (Linux): the broker gets SIGTERM when the calling process dies, even by
     SIGKILL, so a killed test run leaves no broker behind.
     Raises KafkaLocalError (with the log tail) when it does not serve within `timeout_s`.
@@ -385,6 +413,14 @@ def start(
     stop(d)  # a broker that runs but does not serve, or stale files
     libs = fetch(version)
     java = _require("java")
+    if keep_data and _formatted(d):
+        client, control = _ports(d)
+        if port not in (0, client) or controller_port not in (0, control):
+            raise KafkaLocalError(
+                f"{d} holds a broker on ports {client}/{control}; its data cannot move to "
+                f"{port or client}/{controller_port or control}"
+            )
+        return _launch(d, java, libs, client, control, timeout_s, die_with_parent, keep_data=True)
     attempts = 3 if port == 0 or controller_port == 0 else 1
     for attempt in range(1, attempts + 1):
         client = port or _free_port()
@@ -405,14 +441,39 @@ def _parent_death_signal() -> None:
     libc.prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
+def restart(
+    directory: str | Path,
+    timeout_s: float = START_TIMEOUT_S,
+    stop_timeout_s: float = STOP_TIMEOUT_S,
+    die_with_parent: bool = False,
+    version: str = KAFKA_VERSION,
+) -> str:
+    """Stop the broker of `directory` (SIGTERM: a clean shutdown) and start it again with its
+    data and ports; return its bootstrap, the same as before. Raises KafkaLocalError when
+    `directory` holds no formatted broker."""
+    d = Path(directory).resolve()
+    if not _formatted(d):
+        raise KafkaLocalError(f"{d} holds no broker to restart (start one first)")
+    stop(d, stop_timeout_s)
+    return start(d, version=version, timeout_s=timeout_s, die_with_parent=die_with_parent, keep_data=True)
+
+
 def _launch(
-    d: Path, java: str, libs: Path, port: int, controller_port: int, timeout_s: float, die_with_parent: bool
+    d: Path,
+    java: str,
+    libs: Path,
+    port: int,
+    controller_port: int,
+    timeout_s: float,
+    die_with_parent: bool,
+    keep_data: bool = False,
 ) -> str:
     data, logs = d / "data", d / "logs"
     for sub in (data, logs):
-        shutil.rmtree(sub, ignore_errors=True)
-        sub.mkdir(parents=True)
-    for name in ("broker.out", "bootstrap"):
+        if not keep_data:
+            shutil.rmtree(sub, ignore_errors=True)
+        sub.mkdir(parents=True, exist_ok=True)
+    for name in ("bootstrap",) if keep_data else ("broker.out", "bootstrap"):
         (d / name).unlink(missing_ok=True)
     props = d / "server.properties"
     props.write_text(_server_properties(data, port, controller_port))
@@ -426,13 +487,8 @@ def _launch(
         "-cp",
         f"{libs}/*",
     ]
-    fmt = subprocess.run(  # noqa: S603
-        [java, "-Xmx256m", "-XX:TieredStopAtLevel=1", *jvm_common, "kafka.tools.StorageTool",
-         "format", "--cluster-id", _cluster_id(), "--config", str(props), "--standalone"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if fmt.returncode != 0:
-        raise KafkaLocalError(f"formatting the KRaft storage failed:\n{fmt.stdout}{fmt.stderr}\n{_tail(d)}")
+    if not keep_data:
+        _format(d, java, jvm_common, props)
 
     with (d / "broker.out").open("ab") as out:
         proc = subprocess.Popen(  # noqa: S603
@@ -459,6 +515,16 @@ def _launch(
     tail = _tail(d)
     stop(d)
     raise KafkaLocalError(f"the Kafka broker did not serve on {HOST}:{port} within {timeout_s:.0f}s:\n{tail}")
+
+
+def _format(d: Path, java: str, jvm_common: list[str], props: Path) -> None:
+    fmt = subprocess.run(  # noqa: S603
+        [java, "-Xmx256m", "-XX:TieredStopAtLevel=1", *jvm_common, "kafka.tools.StorageTool",
+         "format", "--cluster-id", _cluster_id(), "--config", str(props), "--standalone"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if fmt.returncode != 0:
+        raise KafkaLocalError(f"formatting the KRaft storage failed:\n{fmt.stdout}{fmt.stderr}\n{_tail(d)}")
 
 
 def stop(directory: str | Path, timeout_s: float = STOP_TIMEOUT_S) -> None:
@@ -505,6 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--controller-port", type=int, default=0, help="KRaft port (default: a free one)")
     p_start.add_argument("--version", default=KAFKA_VERSION, help="Kafka release (default %(default)s)")
     p_start.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="seconds to wait for it")
+    p_start.add_argument(
+        "--keep-data", action="store_true", help="start DIR's broker again with its data and ports, if any"
+    )
+    p_restart = sub.add_parser("restart", help="stop, then start again with the data and ports kept")
+    p_restart.add_argument("--dir", required=True, type=Path)
+    p_restart.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="seconds to wait for it")
     p_stop = sub.add_parser("stop", help="stop the broker (safe when not running)")
     p_stop.add_argument("--dir", required=True, type=Path)
     p_status = sub.add_parser("status", help="exit 0 and print the bootstrap when it serves, else exit 1")
@@ -520,8 +592,23 @@ def main(argv: list[str] | None = None) -> int:
             print(libs)
         elif args.cmd == "start":
             began = time.monotonic()
-            bootstrap = start(args.dir, args.port, args.controller_port, args.version, args.timeout)
+            bootstrap = start(
+                args.dir,
+                args.port,
+                args.controller_port,
+                args.version,
+                args.timeout,
+                keep_data=args.keep_data,
+            )
             print(f"kafka serving in {time.monotonic() - began:.1f}s (files in {args.dir})", file=sys.stderr)
+            print(bootstrap)
+        elif args.cmd == "restart":
+            began = time.monotonic()
+            bootstrap = restart(args.dir, args.timeout)
+            print(
+                f"kafka restarted in {time.monotonic() - began:.1f}s (data kept in {args.dir})",
+                file=sys.stderr,
+            )
             print(bootstrap)
         elif args.cmd == "stop":
             stop(args.dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
 from tests.support.kafka import ROOT, PartnerTopics, TopicFactory, kafka_local, unique_name
@@ -215,3 +215,68 @@ def test_cluster_ids_never_start_with_a_dash() -> None:
     """The storage tool reads an id starting with '-' as an option."""
     kl = kafka_local()
     assert all(not kl._cluster_id().startswith("-") for _ in range(5000))
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs java for the local broker")
+async def test_kafka_local_restart_keeps_the_data(tmp_path: Path) -> None:
+    """`restart` (and `start --keep-data`) bring back the same broker: same bootstrap, the
+    records, a transaction's outcome and the group's committed offset are all still there."""
+    kl = kafka_local()
+    script = [sys.executable, str(ROOT / "scripts" / "kafka_local.py")]
+    topic, group = unique_name("kept"), unique_name("group")
+    tp = TopicPartition(topic, 0)
+    bootstrap: str = await asyncio.to_thread(kl.start, tmp_path, die_with_parent=True)
+    try:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+        finally:
+            await admin.close()
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=unique_name("tx"))
+        await producer.start()
+        try:
+            async with producer.transaction():
+                for i in range(20):
+                    await producer.send(topic, f"v{i}".encode())
+                await producer.send_offsets_to_transaction({tp: 7}, group)
+        finally:
+            await producer.stop()
+
+        async def still_there() -> None:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+            )
+            await consumer.start()
+            try:
+                consumer.assign([tp])
+                await consumer.seek_to_beginning(tp)
+                records = await _drain(consumer, 20)
+            finally:
+                await consumer.stop()
+            assert [r.value for r in records] == [f"v{i}".encode() for i in range(20)]
+            grouped = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+            await grouped.start()
+            try:
+                assert await grouped.committed(tp) == 7
+            finally:
+                await grouped.stop()
+
+        restarted = await asyncio.to_thread(
+            subprocess.run, [*script, "restart", "--dir", str(tmp_path)], capture_output=True, text=True
+        )
+        assert restarted.returncode == 0, restarted.stderr
+        assert restarted.stdout.strip().splitlines()[-1] == bootstrap
+        await still_there()
+
+        await asyncio.to_thread(kl.stop, tmp_path)
+        assert await asyncio.to_thread(kl.start, tmp_path, keep_data=True, die_with_parent=True) == bootstrap
+        await still_there()
+    finally:
+        await asyncio.to_thread(kl.stop, tmp_path)
+
+
+def test_kafka_local_restart_needs_a_broker_to_restart(tmp_path: Path) -> None:
+    kl = kafka_local()
+    with pytest.raises(kl.KafkaLocalError, match="no broker to restart"):
+        kl.restart(tmp_path / "empty")
