@@ -15,6 +15,8 @@ from service.contracts.reasons import RETRYABLE_REASONS, Reason
 
 SCHEMA_VERSION = 1
 Headers = Sequence[tuple[str, bytes]]
+RecordHeaders = Sequence[tuple[str | bytes, bytes | None]]
+"""A request's headers as read: a value may be null, a name is bytes when it is not UTF-8."""
 
 
 def utc_iso(ts: float) -> str:
@@ -31,7 +33,7 @@ class Origin:
     timestamp_ms: int | None
     key: bytes | None
     value: bytes | None
-    headers: Headers = ()
+    headers: RecordHeaders = ()
 
 
 @dataclass(slots=True)
@@ -101,35 +103,61 @@ def encode_response(
 
 
 MAX_HEADER_BYTES = 64 * 1024
-"""Original header bytes kept in a dead letter; beyond, values are cut and headers dropped."""
+"""Original header values kept inline in a dead letter, all together; beyond, values are digested."""
+MAX_HEADER_VALUE_BYTES = 8 * 1024
+"""One header value kept inline (W3C baggage's own bound); a longer one is digested."""
+MAX_HEADERS = 64
+"""Original headers listed in a dead letter; later ones are only counted (`headers_count`)."""
+MAX_HEADER_NAME_BYTES = 256
 MAX_KEY_BYTES = 4 * 1024
 
 
-def _headers_doc(headers: Headers) -> tuple[list[dict[str, Any]], bool]:
-    """The original headers, bounded: a hostile record must not make an unpublishable dead letter."""
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _header_name(name: str | bytes) -> tuple[str, bytes | None]:
+    """A header name as dead-letter text, cut to `MAX_HEADER_NAME_BYTES`, and its raw bytes when
+    it is not UTF-8 (shown with backslash escapes)."""
+    if isinstance(name, bytes):
+        raw = bytes(name)
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raw = raw[:MAX_HEADER_NAME_BYTES]
+            return raw.decode("utf-8", "backslashreplace")[:MAX_HEADER_NAME_BYTES], raw
+    if len(name) <= MAX_HEADER_NAME_BYTES // 4:
+        return name, None
+    return name.encode("utf-8", "surrogatepass")[:MAX_HEADER_NAME_BYTES].decode("utf-8", "ignore"), None
+
+
+def _headers_doc(headers: RecordHeaders) -> tuple[list[dict[str, Any]], bool]:
+    """The original headers, bounded, so a hostile record cannot make an unpublishable dead letter:
+    at most `MAX_HEADERS`, names cut to `MAX_HEADER_NAME_BYTES`, and a value kept inline only
+    while it fits `MAX_HEADER_VALUE_BYTES` and the `MAX_HEADER_BYTES` budget of all of them;
+    otherwise it is replaced by its digest (`value_digest`, `size`, `truncated`)."""
     out: list[dict[str, Any]] = []
     budget = MAX_HEADER_BYTES
-    for k, v in headers:
-        if budget <= 0:
-            return out, True
-        name = k[:256]
-        budget -= len(name)
+    for k, v in headers[:MAX_HEADERS]:
+        name, raw_name = _header_name(k)
         item: dict[str, Any] = {"key": name, "value_b64": None}
+        if raw_name is not None:
+            item["key_b64"] = _b64(raw_name)
         if v is not None:
-            kept = v[: max(0, budget)]
-            budget -= len(kept)
-            item["value_b64"] = _b64(kept)
-            if len(kept) < len(v):
-                item.update(truncated=True, size=len(v))
+            if len(v) <= min(budget, MAX_HEADER_VALUE_BYTES):
+                budget -= len(v)
+                item["value_b64"] = _b64(v)
+            else:
+                item.update(truncated=True, size=len(v), value_digest=_digest(v))
         out.append(item)
-    return out, False
+    return out, len(headers) > MAX_HEADERS
 
 
 def encode_deadletter(dl: DeadLetter, *, failed_at: float, max_original_bytes: int) -> bytes:
     """The dead letter document. Original bytes beyond `max_original_bytes` are cut
-    (flagged `truncated`, with the digest and size of the whole value); so are
-    headers beyond `MAX_HEADER_BYTES` (`headers_truncated`) and keys beyond
-    `MAX_KEY_BYTES` (`key_truncated`)."""
+    (flagged `truncated`, with the digest and size of the whole value); keys beyond
+    `MAX_KEY_BYTES` too (`key_truncated`). Headers are bounded as `_headers_doc` says;
+    beyond `MAX_HEADERS` of them, `headers_truncated` and `headers_count`."""
     value = dl.origin.value
     truncated = value is not None and len(value) > max_original_bytes
     kept = value[:max_original_bytes] if (value is not None and truncated) else value

@@ -9,6 +9,8 @@ class Reason(StrEnum):
     # decoding
     OVERSIZE = "oversize"
     INVALID_ENCODING = "invalid_encoding"
+    UNDECODABLE_RECORD = "undecodable_record"
+    """The Kafka client could not decode the record itself (e.g. a header name not UTF-8)."""
     MALFORMED_JSON = "malformed_json"
     SCHEMA_VIOLATION = "schema_violation"
     # identity and integrity

@@ -15,8 +15,12 @@ The spans of one request (messaging and GenAI semantic conventions):
 
 Without a tracer provider (`Tracing(None)`) no span is made and nothing of the
 OpenTelemetry SDK runs per message: the request's `traceparent`/`tracestate`
-are copied to its outcome unchanged, so downstream consumers still join the
-partner's trace. The anthropic SDK then gets `open_telemetry=False`.
+are copied to its outcome, so downstream consumers still join the partner's
+trace. The anthropic SDK then gets `open_telemetry=False`.
+
+Trace context comes from the partner, so it is bounded before it is used or copied, with
+tracing on or off (`service.telemetry.tracecontext`); any other context header a
+propagator asks for (baggage, ...) is read only up to 8 KiB, W3C baggage's own bound.
 
 `provider_from_env` builds the SDK provider from the standard `OTEL_*`
 variables. Unlike the OpenTelemetry default (`otlp`), no variable at all
@@ -28,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Final
 
@@ -38,6 +42,14 @@ from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
+from service.telemetry.tracecontext import (
+    OTHER_CONTEXT_MAX_BYTES,
+    TRACE_HEADERS,
+    Headers,
+    named_values,
+    trace_context,
+)
+
 if TYPE_CHECKING:
     from service.admission.admit import RecordLike
     from service.upstream.errors import Failure
@@ -46,9 +58,6 @@ log = logging.getLogger(__name__)
 
 SCOPE = "claude-partner-gateway"
 SERVICE_NAME = "claude-gateway"
-TRACE_HEADERS: Final = ("traceparent", "tracestate")
-
-Headers = Sequence[tuple[str, bytes | None]]
 
 
 class TracingConfigError(ValueError):
@@ -124,22 +133,28 @@ def shutdown_provider(provider: TracerProvider | None) -> None:
 
 
 class _KafkaHeaders(Getter[Headers]):
+    """Kafka headers as the propagators read them, bounded like `trace_context`."""
+
     def get(self, carrier: Headers, key: str) -> list[str] | None:
-        found = [v.decode("utf-8", "replace") for k, v in carrier if v is not None and k.lower() == key]
-        return found or None
+        key = key.lower()
+        if key in TRACE_HEADERS:
+            found = [v.decode("ascii") for k, v in trace_context(carrier) if k == key]
+            return found or None
+        value = next(named_values(carrier, key), None)
+        if value is None or len(value) > OTHER_CONTEXT_MAX_BYTES:
+            return None
+        return [value.decode("utf-8", "replace")]
 
     def keys(self, carrier: Headers) -> list[str]:
-        return [k for k, _ in carrier]
+        return [k if isinstance(k, str) else k.decode("utf-8", "replace") for k, _ in carrier]
 
 
 _GETTER: Final = _KafkaHeaders()
 
 
 def forwarded_headers(headers: Headers) -> tuple[tuple[str, bytes], ...]:
-    """The request's own trace context headers, to copy onto its outcome when tracing is off."""
-    if not headers:
-        return ()
-    return tuple((k, v) for k, v in headers if v is not None and k in TRACE_HEADERS)
+    """The request's own trace context headers, bounded, to copy onto its outcome when tracing is off."""
+    return trace_context(headers)
 
 
 def inject_headers() -> tuple[tuple[str, bytes], ...]:

@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+from typing import Any
 
 import orjson
 
-from service.contracts.outcomes import MAX_HEADER_BYTES, MAX_KEY_BYTES, DeadLetter, Origin, encode_deadletter
+from service.contracts.outcomes import (
+    MAX_HEADER_BYTES,
+    MAX_HEADER_NAME_BYTES,
+    MAX_HEADER_VALUE_BYTES,
+    MAX_HEADERS,
+    MAX_KEY_BYTES,
+    DeadLetter,
+    Origin,
+    RecordHeaders,
+    encode_deadletter,
+)
 from service.contracts.reasons import Reason
 from service.contracts.schemas import validate
+
+BROKER_LIMIT = 1_048_588  # message.max.bytes, the broker's default
+
+
+def _dead_letter(headers: RecordHeaders, value: bytes = b"{}", max_original_bytes: int = 512 * 1024) -> bytes:
+    origin = Origin("claude.requests.acme", 0, 1, None, b"r-1", value, tuple(headers))
+    return encode_deadletter(
+        DeadLetter("acme", Reason.OVERSIZE, "x", origin), failed_at=0, max_original_bytes=max_original_bytes
+    )
+
+
+def _inline(doc: dict[str, Any]) -> int:
+    return sum(len(base64.b64decode(h["value_b64"])) for h in doc["original"]["headers"] if h["value_b64"])
 
 
 def test_huge_and_numerous_headers_and_a_huge_key_are_cut() -> None:
@@ -23,12 +48,64 @@ def test_huge_and_numerous_headers_and_a_huge_key_are_cut() -> None:
     original = doc["original"]
     assert original["headers_truncated"] is True
     assert original["headers_count"] == len(headers)
+    assert len(original["headers"]) == MAX_HEADERS
     first = original["headers"][0]
-    assert (first["key"], first["truncated"], first["size"]) == ("x-gateway-signature", True, 200_000)
-    kept = sum(len(base64.b64decode(h["value_b64"])) + len(h["key"]) for h in original["headers"])
-    assert kept <= MAX_HEADER_BYTES
+    assert first == {
+        "key": "x-gateway-signature",
+        "value_b64": None,
+        "truncated": True,
+        "size": 200_000,
+        "value_digest": "sha256:" + hashlib.sha256(b"s" * 200_000).hexdigest(),
+    }
+    assert original["headers"][1] == {"key": "h0", "value_b64": base64.b64encode(b"v" * 20).decode()}
     assert (original["key_truncated"], original["key_size"]) == (True, 300_000)
     assert len(base64.b64decode(original["key_b64"])) == MAX_KEY_BYTES
+
+
+def test_a_megabyte_trace_header_leaves_a_small_dead_letter() -> None:
+    tracestate = b"a=" + b"b" * 1_000_000
+    doc = orjson.loads(
+        body := _dead_letter([("traceparent", b"00-" + b"1" * 52), ("tracestate", tracestate)])
+    )
+    validate("deadletter", doc)
+    assert len(body) < 4096
+    assert doc["original"]["headers"][1]["value_digest"] == "sha256:" + hashlib.sha256(tracestate).hexdigest()
+
+
+def test_values_are_inline_within_the_total_budget_then_digested() -> None:
+    per = MAX_HEADER_VALUE_BYTES
+    headers = [(f"h{i}", bytes([65 + i]) * per) for i in range(MAX_HEADER_BYTES // per + 3)]
+    doc = orjson.loads(_dead_letter(headers))
+    validate("deadletter", doc)
+    kept = doc["original"]["headers"]
+    inline = [h for h in kept if h["value_b64"] is not None]
+    assert len(inline) == MAX_HEADER_BYTES // per
+    assert _inline(doc) == MAX_HEADER_BYTES
+    assert all(h["truncated"] and h["size"] == per for h in kept[len(inline) :])
+    assert "headers_truncated" not in doc["original"]
+
+
+def test_many_empty_headers_cannot_blow_up_the_dead_letter() -> None:
+    """2 bytes each on the wire, ~30 bytes each as JSON: only the first MAX_HEADERS are listed."""
+    headers: list[tuple[str | bytes, bytes | None]] = [("", None)] * 500_000
+    doc = orjson.loads(body := _dead_letter(headers))
+    validate("deadletter", doc)
+    assert len(body) < 4096
+    assert (doc["original"]["headers_truncated"], doc["original"]["headers_count"]) == (True, 500_000)
+
+
+def test_header_names_are_cut_and_a_name_that_is_not_utf8_is_kept_as_bytes() -> None:
+    long_name = "é" * 10_000
+    raw_name = b"x-\xff\xfe" + b"\x00" * 1000
+    doc = orjson.loads(_dead_letter([(long_name, b"1"), (raw_name, b"2")]))
+    validate("deadletter", doc)
+    first, second = doc["original"]["headers"]
+    assert len(first["key"].encode()) <= MAX_HEADER_NAME_BYTES
+    assert first["key"] == "é" * (MAX_HEADER_NAME_BYTES // 2)
+    assert second["key"].startswith("x-\\xff\\xfe\x00")
+    assert len(second["key"]) <= MAX_HEADER_NAME_BYTES
+    assert base64.b64decode(second["key_b64"]) == raw_name[:MAX_HEADER_NAME_BYTES]
+    assert base64.b64decode(second["value_b64"]) == b"2"
 
 
 def test_ordinary_headers_are_kept_whole() -> None:
