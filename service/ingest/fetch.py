@@ -95,7 +95,11 @@ async def fetch(
             "a fetched record could not be decoded; reading its partition leniently",
             extra={"topic": tp.topic, "partition": tp.partition, "error": type(error).__name__},
         )
-        good, bad = await _isolate(consumer, tp, room)
+        try:
+            good, bad = await _isolate(consumer, tp, room)
+        except Exception:  # the records getmany() gave are returned whatever happens here
+            log.exception("lenient re-read failed", extra={"topic": tp.topic, "partition": tp.partition})
+            continue
         if good:
             fetched.records.setdefault(tp, []).extend(good)
         fetched.undecodable.extend(bad)
