@@ -76,11 +76,12 @@ class Gateway:
             self.admission,
             self.scheduler,
             self.claude,
-            self.publisher,
             self.metrics,
             tracing=self.tracing,
         )
-        self.ingest = IngestLoop(settings, self.pipeline, self.metrics, lambda: self.registry)
+        self.ingest = IngestLoop(
+            settings, self.pipeline, self.metrics, lambda: self.registry, publisher=self.publisher
+        )
         self.broker_silence_limit_s = broker_silence_limit_s
         self.metrics.on_scrape(self._refresh_gauges)
         self.http: HealthServer | None = None

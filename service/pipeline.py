@@ -1,16 +1,17 @@
-"""One request's path: admission, fair turn, Claude call with retries, outcome published.
+"""One request's path: admission, fair turn, budget, claim, Claude call with retries, outcome.
 
-`Pipeline.handle` returns only once the request's single outcome (a response
-or a dead letter) has been acknowledged by the broker; the ingest loop then
-marks the offset finished. It never lets a request vanish: an unexpected error
-becomes an `internal_error` dead letter, and if even that cannot be published
-the error propagates and the service stops without committing the offset.
+`Pipeline.handle` returns once the request's single outcome (a response or a
+dead letter) is committed through the record's sink (`service/ingest/`), which
+also marks the offset finished. A Claude call starts only once its claim is
+committed: if this replica dies mid-call, the partition's next owner knows the
+call may have been billed and applies the partner's `on_unknown` policy. A
+timeout or dropped connection after the request was sent is unknown too.
+An unexpected error becomes an `internal_error` dead letter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -18,39 +19,29 @@ from dataclasses import dataclass
 from typing import Any
 
 import anthropic
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from service.admission.admit import Admission, Admitted, RecordLike, Rejected
+from service.admission.admit import Admission, Admitted, Deferred, RecordLike, Rejected
 from service.config.settings import GatewaySettings, ModelPrice
-from service.contracts.outcomes import (
-    DeadLetter,
-    Origin,
-    Timings,
-    UpstreamInfo,
-    encode_deadletter,
-    encode_response,
-)
+from service.contracts.outcomes import DeadLetter, Origin, Timings, UpstreamInfo, encode_response, utc_iso
 from service.contracts.reasons import Reason
-from service.egress.publisher import Publisher
-from service.scheduling.scheduler import Cost, Draining, Scheduler, Usage
+from service.egress.emit import Emitter, Sink, claim_doc
+from service.ingest.partition import Fenced, Revoked
+from service.scheduling.scheduler import Cost, Draining, Grant, Scheduler, Usage
 from service.telemetry.metrics import Metrics
 from service.telemetry.tracing import Tracing
 from service.upstream.client import ClaudeClient, UnknownPartnerKey, UpstreamResult
-from service.upstream.errors import Failure, classify
+from service.upstream.errors import Failure, classify, may_have_been_sent
 from service.upstream.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
-
-MAX_ORIGINAL_BYTES = 512 * 1024
-FALLBACK_ORIGINAL_BYTES = 16 * 1024
-MAX_DEADLETTER_KEY_BYTES = 1024
-JSON_HEADERS: tuple[tuple[str, bytes], ...] = (("content-type", b"application/json"),)
 
 
 @dataclass(slots=True)
 class _Success:
     result: UpstreamResult
     attempts: int
+    adm: Admitted
+    unknown_retry: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -58,6 +49,10 @@ class _Failed:
     failure: Failure
     attempts: int
     detail: str
+    adm: Admitted
+    unknown: bool = False
+    """The call may have been billed: the reservation is kept."""
+    claim: dict[str, Any] | None = None
 
 
 def _usage_numbers(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
@@ -86,7 +81,6 @@ class Pipeline:
         admission: Admission,
         scheduler: Scheduler,
         claude: ClaudeClient,
-        publisher: Publisher,
         metrics: Metrics,
         retry: RetryPolicy | None = None,
         tracing: Tracing | None = None,
@@ -95,60 +89,71 @@ class Pipeline:
         self.admission = admission
         self.scheduler = scheduler
         self.claude = claude
-        self.publisher = publisher
         self.metrics = metrics
         self.retry = retry or RetryPolicy(settings.retry)
         self.tracing = tracing or Tracing()
+        self.emit = Emitter(settings, metrics, self.tracing)
 
-    async def handle(self, rec: RecordLike) -> None:
-        """Process one record until its outcome is acknowledged by the broker."""
+    async def handle(self, rec: RecordLike, sink: Sink) -> None:
+        """Process one record until its outcome is committed (or left to another owner)."""
+        self.emit.settings = self.settings
         with self.tracing.process(rec):  # the request's CONSUMER span, current throughout
-            await self._handle(rec)
+            await self._handle(rec, sink)
 
-    async def _handle(self, rec: RecordLike) -> None:
+    async def _handle(self, rec: RecordLike, sink: Sink) -> None:
         timings = Timings(received_at=time.time())
         origin = Origin(rec.topic, rec.partition, rec.offset, rec.timestamp, rec.key, rec.value, rec.headers)
         with self.tracing.span("admission"):
-            verdict = await self.admission.admit_and_reserve(rec)  # may wait: budget on_exhausted=defer
+            verdict = await self.admission.admit_checked(rec)
         self.tracing.annotate(
             partner=verdict.partner_id if isinstance(verdict, Rejected) else verdict.partner.id,
             request_id=verdict.request_id,
         )
         if isinstance(verdict, Rejected):
-            await self._dead_letter(
-                DeadLetter(verdict.partner_id, verdict.reason, verdict.detail, origin, verdict.request_id),
-                model="",
-            )
+            dl = DeadLetter(verdict.partner_id, verdict.reason, verdict.detail, origin, verdict.request_id)
+            await self.emit.dead_letter(sink, dl, model="")
             return
         pid = verdict.partner.id
+        inherited = sink.inherited
+        if inherited is not None and verdict.partner.settings.on_unknown == "deadletter":
+            self.metrics.unknown_outcomes.labels(pid, "owner_lost").inc()
+            detail = (
+                f"a call for this request was claimed by {inherited.owner} (attempt {inherited.attempts}) "
+                "and its outcome is unknown: that owner stopped before publishing it; "
+                f"partners[{pid}].on_unknown is deadletter, so it is not called again"
+            )
+            dl = DeadLetter(
+                pid,
+                Reason.OUTCOME_UNKNOWN,
+                detail,
+                origin,
+                verdict.request_id,
+                inherited.attempts,
+                claim=claim_doc(inherited),
+            )
+            await self.emit.dead_letter(sink, dl, model=verdict.model)
+            return
         try:
-            outcome = await self._call(verdict, timings)
-        except Draining:
-            await self.admission.release(verdict)  # not started: nothing billed
-            raise
-        except asyncio.CancelledError:
-            raise
+            outcome = await self._call(verdict, timings, sink)
+        except (Draining, Revoked, Fenced, asyncio.CancelledError):
+            raise  # not called, or left to the partition's next owner
         except Exception as exc:  # a bug must not lose the request: dead-letter it
             log.exception(
                 "unexpected error while calling upstream",
                 extra={**_log_ctx(rec, verdict.request_id), "partner": pid},
             )
-            await self._dead_letter(
-                DeadLetter(
-                    pid,
-                    Reason.INTERNAL_ERROR,
-                    f"gateway error: {type(exc).__name__}",
-                    origin,
-                    verdict.request_id,
-                ),
-                model=verdict.model,
+            self.metrics.internal_errors.labels(pid, "call").inc()
+            dl = DeadLetter(
+                pid, Reason.INTERNAL_ERROR, f"gateway error: {type(exc).__name__}", origin, verdict.request_id
             )
+            await self.emit.dead_letter(sink, dl, model=verdict.model)
             return
         if isinstance(outcome, _Failed):
             f = outcome.failure
-            if f.label not in ("timeout", "connection"):  # not billed; a lost answer may have been
-                await self.admission.release(verdict)
-            await self._dead_letter(
+            if not outcome.unknown:
+                await self.admission.release(outcome.adm)  # answered with an error: not billed
+            await self.emit.dead_letter(
+                sink,
                 DeadLetter(
                     pid,
                     f.reason,
@@ -157,59 +162,114 @@ class Pipeline:
                     verdict.request_id,
                     outcome.attempts,
                     UpstreamInfo(f.status, f.error_type, f.error_code, f.request_id),
+                    claim=outcome.claim,
                 ),
                 model=verdict.model,
             )
             return
-        await self._respond(verdict, outcome, timings, origin)
+        await self._respond(outcome, timings, origin, sink)
 
-    async def _call(self, adm: Admitted, timings: Timings) -> _Success | _Failed:
+    async def _dispatch(self, adm: Admitted, cost: Cost, sink: Sink) -> tuple[Grant, Admitted] | Rejected:
+        """A fair turn, then the budget, then the claim: a request holds a reservation only
+        once it is about to be called, so a crash strands no queued reservation."""
+        pid = adm.partner.id
+        while True:
+            asked_ns = time.time_ns()
+            grant = await self.scheduler.acquire(pid, cost)
+            try:
+                if adm.reservation is None:
+                    reserved = await self.admission.reserve(adm)
+                    if isinstance(reserved, Rejected):
+                        self.scheduler.release(grant, Usage(0, 0))
+                        return reserved
+                    if isinstance(reserved, Deferred):
+                        self.scheduler.release(grant, Usage(0, 0))  # hold no slot while waiting
+                        await self.admission.wait_for_budget(reserved)
+                        continue
+                    adm = reserved
+                if not sink.claimed:
+                    base = sink.inherited.attempts if sink.inherited is not None else 0
+                    await sink.claim(base + 1)
+            except BaseException:
+                self.scheduler.release(grant, Usage(0, 0))
+                if not sink.claimed:
+                    await self.admission.release(adm)  # never called: nothing billed
+                raise
+            self.tracing.waits(asked_ns, grant.queue_wait_s, grant.limiter_wait_s, 1)
+            return grant, adm
+
+    async def _call(self, adm: Admitted, timings: Timings, sink: Sink) -> _Success | _Failed:
         pid = adm.partner.id
         cost = Cost(adm.est_input_tokens, adm.max_tokens)
         started = time.monotonic()
         attempt = 0
         m = self.metrics
+        unknown_retry: dict[str, Any] | None = None
+        if sink.inherited is not None:  # on_unknown: retry, after an owner died mid-call
+            m.unknown_retries.labels(pid).inc()
+            unknown_retry = {**_previous(claim_doc(sink.inherited)), "cause": "owner_lost"}
         while True:
             attempt += 1
-            asked_ns = time.time_ns()
-            grant = await self.scheduler.acquire(pid, cost)
+            dispatched = await self._dispatch(adm, cost, sink)
+            if isinstance(dispatched, Rejected):
+                return _Failed(
+                    Failure(False, dispatched.reason, "budget"), attempt - 1, dispatched.detail, adm
+                )
+            grant, adm = dispatched
             timings.queue_s += grant.queue_wait_s + grant.limiter_wait_s
             m.queue_wait.labels(pid).observe(grant.queue_wait_s)
             m.limiter_wait.labels(pid).observe(grant.limiter_wait_s)
-            self.tracing.waits(asked_ns, grant.queue_wait_s, grant.limiter_wait_s, attempt)
             m.in_flight.labels(pid).inc()
             span = self.tracing.attempt(attempt, adm.model, adm.max_tokens)
             call_started = time.perf_counter()
             try:
                 with span:  # the SDK's CLIENT span becomes its child
-                    result = await self.claude.create_message(pid, adm.params)
+                    result = await self.claude.create_message(
+                        pid, adm.params, request_key=f"{pid}:{adm.request_id}"
+                    )
                 span.succeeded(200, result.body)
             except anthropic.AnthropicError as exc:
                 elapsed = time.perf_counter() - call_started
                 timings.upstream_s += elapsed
                 failure = classify(exc)
                 span.failed(failure)
+                answered = isinstance(exc, anthropic.APIStatusError)
                 if isinstance(exc, anthropic.APIStatusError):
                     # answered: nothing billed for an error; the headers still tell the budget
                     self.scheduler.release(grant, Usage(0, 0))
                     self.scheduler.observe_headers(exc.response.headers)
                     m.observe_ratelimit_headers(exc.response.headers)
                 else:
-                    self.scheduler.release(grant, None)  # unknown outcome: keep the reservation
+                    self.scheduler.release(grant, None)  # maybe billed: keep the reservation
                 if failure.rate_limited:
                     self.scheduler.rate_limited(failure.retry_after_s)
                 m.upstream_latency.labels(pid, adm.model).observe(elapsed)
                 m.upstream_calls.labels(pid, _status_class(failure.status)).inc()
                 if failure.status == 429:
                     m.upstream_429.inc()
+                if not answered and may_have_been_sent(exc):
+                    # it may have reached Claude and been billed: the partner's policy decides
+                    if adm.partner.settings.on_unknown == "deadletter" or unknown_retry is not None:
+                        span.decided("fail")
+                        m.unknown_outcomes.labels(pid, failure.label).inc()
+                        detail = (
+                            f"{failure.label} after the request was sent: it may have been billed; "
+                            f"partners[{pid}].on_unknown is {adm.partner.settings.on_unknown}"
+                            + ("" if unknown_retry is None else " and its one extra call was used")
+                        )
+                        claim = {"claimed_at": utc_iso(time.time()), "attempts": attempt, "owner": sink.owner}
+                        f = Failure(False, Reason.OUTCOME_UNKNOWN, failure.label)
+                        return _Failed(f, attempt, detail, adm, unknown=True, claim=claim)
+                    m.unknown_retries.labels(pid).inc()
+                    unknown_retry = {"cause": failure.label, "previous_attempts": attempt}
                 if not failure.retryable:
                     span.decided("fail")
-                    return _Failed(failure, attempt, _describe(failure, exc))
+                    return _Failed(failure, attempt, _describe(failure, exc), adm, unknown=not answered)
                 delay = self.retry.delay_s(attempt, failure.retry_after_s)
                 if not self.retry.should_retry(attempt, time.monotonic() - started, delay):
                     span.decided("give_up")
                     detail = f"gave up after {attempt} attempts; last: {_describe(failure, exc)}"
-                    return _Failed(failure, attempt, detail)
+                    return _Failed(failure, attempt, detail, adm, unknown=not answered)
                 span.decided("retry", delay)
                 m.retries.labels(pid, failure.label).inc()
                 await asyncio.sleep(delay)
@@ -221,6 +281,7 @@ class Pipeline:
                     Failure(False, Reason.UPSTREAM_AUTHENTICATION, "no_key"),
                     attempt,
                     f"no Anthropic key is loaded for partner {pid!r}",
+                    adm,
                 )
             finally:
                 m.in_flight.labels(pid).dec()
@@ -232,9 +293,10 @@ class Pipeline:
             m.observe_ratelimit_headers(result.headers)
             m.upstream_latency.labels(pid, adm.model).observe(result.elapsed_s)
             m.upstream_calls.labels(pid, "2xx").inc()
-            return _Success(result, attempt)
+            return _Success(result, attempt, adm, unknown_retry)
 
-    async def _respond(self, adm: Admitted, ok: _Success, timings: Timings, origin: Origin) -> None:
+    async def _respond(self, ok: _Success, timings: Timings, origin: Origin, sink: Sink) -> None:
+        adm = ok.adm
         pid = adm.partner.id
         body = ok.result.body
         await self.admission.settle(adm, body.get("usage") or {})  # billed, whether or not published
@@ -248,27 +310,16 @@ class Pipeline:
             completed_at=time.time(),
             request_timestamp_ms=origin.timestamp_ms,
             metadata=adm.metadata,
+            unknown_retry=ok.unknown_retry,
         )
-        topic, key = self.settings.response_topic(pid), adm.request_id.encode()
-        try:
-            with self.tracing.produce(topic, key, origin.headers) as trace_headers:
-                await self.publisher.publish(topic, key, value, (*JSON_HEADERS, *trace_headers))
-        except KafkaError as exc:
-            await self._dead_letter(
-                DeadLetter(
-                    pid,
-                    Reason.INTERNAL_ERROR,
-                    f"the response could not be published: {type(exc).__name__}",
-                    origin,
-                    adm.request_id,
-                    ok.attempts,
-                ),
-                model=adm.model,
-            )
-            return
+        published = await self.emit.response(
+            sink, pid, adm.request_id, value, origin, body=body, attempts=ok.attempts
+        )
         self._account(pid, adm.model, body.get("usage") or {})
+        if not published:
+            return
         self.metrics.requests.labels(pid, adm.model, "response").inc()
-        self._observe_e2e(pid, origin)
+        self.emit.observe_e2e(pid, origin)
         self.tracing.outcome("response")
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -292,45 +343,13 @@ class Pipeline:
         if price is not None:
             self.metrics.cost.labels(pid, model).inc(cost_usd(price, usage))
 
-    async def _dead_letter(self, dl: DeadLetter, model: str) -> None:
-        value = encode_deadletter(dl, failed_at=time.time(), max_original_bytes=MAX_ORIGINAL_BYTES)
-        headers = (*JSON_HEADERS, ("gateway-reason", dl.reason.value.encode()))
-        self.tracing.outcome("deadletter", dl.reason.value)
-        topic = self.settings.deadletter_topic(dl.partner)
-        key = _deadletter_key(dl.origin.key)
-        with self.tracing.produce(topic, key, dl.origin.headers) as trace_headers:
-            try:
-                await self.publisher.publish(topic, key, value, (*headers, *trace_headers))
-            except MessageSizeTooLargeError:
-                # the broker's limit is below ours: keep the digest and size, cut the bytes
-                value = encode_deadletter(
-                    dl, failed_at=time.time(), max_original_bytes=FALLBACK_ORIGINAL_BYTES
-                )
-                await self.publisher.publish(topic, key, value, (*headers, *trace_headers))
-        self.metrics.dead_letters.labels(dl.partner, dl.reason.value).inc()
-        self.metrics.requests.labels(dl.partner, model, "deadletter").inc()
-        self._observe_e2e(dl.partner, dl.origin)
-        log.info(
-            "dead-lettered",
-            extra={
-                **_origin_ctx(dl.origin),
-                "partner": dl.partner,
-                "request_id": dl.request_id,
-                "reason": dl.reason.value,
-            },
-        )
 
-    def _observe_e2e(self, pid: str, origin: Origin) -> None:
-        if origin.timestamp_ms is not None:
-            self.metrics.end_to_end.labels(pid).observe(max(0.0, time.time() - origin.timestamp_ms / 1000))
-
-
-def _deadletter_key(key: bytes | None) -> bytes | None:
-    """The dead letter's Kafka key: the original key, or its SHA-256 when it is huge
-    (a hostile key must not push the dead letter past the broker's size limit)."""
-    if key is None or len(key) <= MAX_DEADLETTER_KEY_BYTES:
-        return key
-    return b"sha256:" + hashlib.sha256(key).hexdigest().encode()
+def _previous(claim: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "previous_claimed_at": claim["claimed_at"],
+        "previous_owner": claim["owner"],
+        "previous_attempts": claim["attempts"],
+    }
 
 
 def _status_class(status: int | None) -> str:

@@ -67,6 +67,13 @@ class Record:
 
 
 @dataclass(frozen=True, slots=True)
+class Deferred:
+    """The partner's budget is exhausted and it defers: look again after `wait_for_budget`."""
+
+    period_end: float
+
+
+@dataclass(frozen=True, slots=True)
 class Admitted:
     partner: Partner
     request_id: str
@@ -117,6 +124,31 @@ class Admission:
 
     async def admit_and_reserve(self, rec: RecordLike) -> Admitted | Rejected:
         """`admit`, then the replay check and the budget reservation (which may wait, see `budget.py`)."""
+        verdict = await self.admit_checked(rec)
+        if isinstance(verdict, Rejected) or self.budgets is None:
+            return verdict
+        reservation = await self.budgets.reserve(verdict.partner, verdict)
+        if isinstance(reservation, Rejected):
+            return reservation
+        assert not isinstance(reservation, Deferred)  # waiting reserve never defers
+        return replace(verdict, reservation=reservation)
+
+    async def reserve(self, adm: Admitted) -> Admitted | Rejected | Deferred:
+        """Reserve the budget at dispatch, without waiting: a request that never reaches
+        Claude holds nothing (a crash strands no queued reservation)."""
+        if self.budgets is None:
+            return adm
+        reservation = await self.budgets.reserve(adm.partner, adm, wait=False)
+        if isinstance(reservation, Rejected | Deferred):
+            return reservation
+        return replace(adm, reservation=reservation)
+
+    async def wait_for_budget(self, deferred: Deferred) -> None:
+        assert self.budgets is not None
+        await self.budgets.wait_for_budget(deferred)
+
+    async def admit_checked(self, rec: RecordLike) -> Admitted | Rejected:
+        """`admit`, then the replay check (no budget reserved yet)."""
         verdict = self.admit(rec)
         if isinstance(verdict, Rejected):
             return verdict
@@ -132,12 +164,7 @@ class Admission:
                 f"window of partners[{ps.id}] ({replay_window_s(ps) or 0:g}s)",
                 verdict.request_id,
             )
-        if self.budgets is None:
-            return verdict
-        reservation = await self.budgets.reserve(verdict.partner, verdict)
-        if isinstance(reservation, Rejected):
-            return reservation
-        return replace(verdict, reservation=reservation)
+        return verdict
 
     async def settle(self, adm: Admitted, usage: Mapping[str, Any]) -> None:
         """The call was billed: replace the budget reservation by the real usage. Never raises."""

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from redis.exceptions import RedisError
 
-from service.admission.admit import Admitted, Rejected
+from service.admission.admit import Admitted, Deferred, Rejected
 from service.config.settings import BudgetSettings, ModelPrice
 from service.contracts.reasons import Reason
 from service.scheduling.scheduler import Draining
@@ -343,7 +343,12 @@ class Budgets:
         event, self._changed = self._changed, asyncio.Event()
         event.set()
 
-    async def reserve(self, partner: Partner, admitted: Admitted) -> Reservation | Rejected:
+    async def reserve(
+        self, partner: Partner, admitted: Admitted, *, wait: bool = True
+    ) -> Reservation | Rejected | Deferred:
+        """Reserve the request's estimated cost. With `on_exhausted: defer`, an exhausted
+        budget waits (``wait``) or answers `Deferred` so the caller can give back what it
+        holds (a concurrency slot) while it waits (`wait_for_budget`)."""
         pid, rid, model = partner.id, admitted.request_id, admitted.model
         while True:
             if self._closed:
@@ -387,7 +392,15 @@ class Budgets:
                     f"({p.label}), this request reserves {_show(unit, _of(amount, unit))}",
                     rid,
                 )
+            if not wait:
+                return Deferred(p.ends_at)
             await self._wait(p.ends_at, registry.settings.runtime.budget_defer_poll_s)
+
+    async def wait_for_budget(self, deferred: Deferred) -> None:
+        """Wait until a deferred request should look again (a refund, a reload, a new period)."""
+        if self._closed:
+            raise Draining
+        await self._wait(deferred.period_end, self._registry().settings.runtime.budget_defer_poll_s)
 
     async def settle(self, reservation: Reservation, usage: Mapping[str, Any]) -> None:
         """Replace the reservation by what the call really cost. Never raises."""

@@ -50,6 +50,27 @@ class KafkaSettings(_Frozen):
     producer_max_batch_bytes: int = Field(default=512 * 1024, gt=0)
     metadata_max_age_ms: int = Field(default=30_000, gt=0)
 
+    exactly_once: bool = True
+    """One transactional producer per owned request partition: outcomes, offsets and
+    claims commit together (see docs/exactly-once.md). False: at-least-once, a crash
+    may redo and re-bill in-flight work."""
+    eos_tick_ms: int = Field(default=20, ge=1)
+    """How long outcomes and claims wait to be batched into one transaction."""
+    eos_window: int = Field(default=8_192, gt=0, le=16_384)
+    """Offsets a partition may run ahead of its commit point; beyond, it is paused.
+    Bounded so the commit metadata fits the broker's `offset.metadata.max.bytes`."""
+    eos_max_claims: int = Field(default=128, gt=0, le=256)
+    """Calls in flight per partition (each is recorded in the commit metadata)."""
+    eos_heartbeat_s: float = Field(default=1.0, gt=0)
+    """A partition with calls in flight commits at least this often, so a new owner can
+    tell a live previous owner (wait for it) from a dead one (resolve its claims)."""
+    eos_handoff_max_s: float = Field(default=30.0, ge=0)
+    """How long a new owner waits for a live previous owner to finish its calls."""
+    transaction_timeout_ms: int = Field(default=60_000, gt=0)
+    fetch_horizon_s: float = Field(default=5.0, gt=0)
+    """Fetch per partner only what it can start within this many seconds at its current rate
+    (and never more than its `max_queue`): the backlog stays in Kafka."""
+
     audit_topic: str | None = Field(default=None, min_length=1, max_length=249)
     """Also publish audit events (key rotation, partner enable/disable, budget exhaustion) here."""
 
@@ -166,6 +187,9 @@ class PartnerSettings(_Frozen):
     replay_window_s: float | None = Field(default=None, gt=0)
     """How long a request id is remembered; default 2 x `signing.max_skew_s`."""
     budget: BudgetSettings = BudgetSettings()
+    on_unknown: Literal["deadletter", "retry"] = "deadletter"
+    """A call whose outcome is unknown (its owner died mid-call, a timeout or dropped
+    connection after sending): dead-letter `outcome_unknown`, or call again and maybe pay twice."""
 
     @model_validator(mode="after")
     def _replay_window_covers_skew(self) -> PartnerSettings:

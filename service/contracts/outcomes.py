@@ -61,6 +61,10 @@ class DeadLetter:
     attempts: int = 0
     upstream: UpstreamInfo | None = None
     extra_headers: Headers = field(default_factory=tuple)
+    response: Mapping[str, Any] | None = None
+    """For `response_too_large`: the response's `value` (bytes), digest, size and usage."""
+    claim: Mapping[str, Any] | None = None
+    """For `outcome_unknown`: when the call was claimed, by which owner, after how many attempts."""
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -78,6 +82,7 @@ def encode_response(
     completed_at: float,
     request_timestamp_ms: int | None,
     metadata: Mapping[str, str] | None,
+    unknown_retry: Mapping[str, Any] | None = None,
 ) -> bytes:
     usage = message_body.get("usage") or {}
     doc: dict[str, Any] = {
@@ -99,6 +104,8 @@ def encode_response(
     }
     if metadata:
         doc["metadata"] = dict(metadata)
+    if unknown_retry is not None:
+        doc["unknown_retry"] = dict(unknown_retry)
     return orjson.dumps(doc)
 
 
@@ -153,7 +160,9 @@ def _headers_doc(headers: RecordHeaders) -> tuple[list[dict[str, Any]], bool]:
     return out, len(headers) > MAX_HEADERS
 
 
-def encode_deadletter(dl: DeadLetter, *, failed_at: float, max_original_bytes: int) -> bytes:
+def encode_deadletter(
+    dl: DeadLetter, *, failed_at: float, max_original_bytes: int, max_response_bytes: int = 0
+) -> bytes:
     """The dead letter document. Original bytes beyond `max_original_bytes` are cut
     (flagged `truncated`, with the digest and size of the whole value); keys beyond
     `MAX_KEY_BYTES` too (`key_truncated`). Headers are bounded as `_headers_doc` says;
@@ -200,4 +209,12 @@ def encode_deadletter(dl: DeadLetter, *, failed_at: float, max_original_bytes: i
         "failed_at": utc_iso(failed_at),
         "original": original,
     }
+    if dl.claim is not None:
+        doc["claim"] = dict(dl.claim)
+    if dl.response is not None:
+        response = dict(dl.response)
+        raw = response.pop("value", b"") or b""
+        kept = raw[:max_response_bytes]
+        response.update(value_b64=_b64(kept), truncated=len(kept) < len(raw))
+        doc["response"] = response
     return orjson.dumps(doc)

@@ -36,6 +36,8 @@ class Reason(StrEnum):
     UPSTREAM_SPEND_LIMIT = "upstream_spend_limit"
     UPSTREAM_REJECTED = "upstream_rejected"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    RESPONSE_TOO_LARGE = "response_too_large"
     # the gateway itself
     INTERNAL_ERROR = "internal_error"
 

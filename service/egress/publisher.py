@@ -49,6 +49,11 @@ class Publisher:
             )
         await self._producer.start()
 
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        assert self._producer is not None, "Publisher.start() was not awaited"
+        return self._producer
+
     async def stop(self) -> None:
         if self._stopped or self._producer is None:
             return

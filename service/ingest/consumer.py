@@ -1,17 +1,20 @@
-"""The consume loop: fetch, dispatch concurrently, pause on backpressure, commit safely.
+"""The consume loop: fetch what can start soon, dispatch concurrently, hand partitions over cleanly.
 
-- Records of one partition are processed concurrently; each partition's commit
-  point is the low watermark of finished records (`PartitionOffsets`).
-- A partner with `max_queue` records outstanding has its partitions paused;
-  they resume at half that. The loop keeps polling, so the consumer stays in
-  its group, and memory stays bounded whatever the backlog.
-- On revocation, in-flight work of the lost partitions gets a short grace to
-  finish, then what finished is committed; nothing unfinished is committed.
-- On stop: fetching stops, in-flight work drains within the grace period,
-  finished work is committed, the rest is left for redelivery.
-- Readiness needs the broker to answer: a probe asks it for metadata every
-  `broker_probe_interval_s`; a fetch with records or a commit counts too
-  (`broker_silent_s`).
+- Every owned partition has a `PartitionWriter` (`partition.py`): claims,
+  outcomes and the offset commit go through it, in one transaction per tick
+  (exactly-once) or with the consumer's commit (at-least-once).
+- A partition is fetched only while its writer is ready (the previous owner
+  fenced, its state read and the position set to its commit), its window of
+  offsets above the commit point has room, and its partner can start more
+  work within `fetch_horizon_s` at its current rate (never beyond `max_queue`).
+  Records beyond that are not dispatched: the position goes back to the first
+  of them and the partition is paused. The backlog stays in Kafka.
+- Revocation does not wait: the writer keeps committing what finishes until
+  the rebalance ends. If the partition comes back, nothing is lost; if it goes
+  elsewhere, requests not yet claimed are cancelled (the new owner does them)
+  and claimed calls finish and publish until the new owner fences this one.
+- On stop: no new claims, calls in flight finish within the drain timeout,
+  finished work commits, the rest is left to the next owner.
 """
 
 from __future__ import annotations
@@ -19,18 +22,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import secrets
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
 
 from service.admission.registry import Registry
 from service.config.kafka import client_kwargs
 from service.config.settings import GatewaySettings
-from service.ingest.offsets import PartitionOffsets
+from service.egress.publisher import Publisher
+from service.ingest.ledger import Claim
+from service.ingest.partition import Fenced, OutMessage, PartitionWriter, Revoked, State
 from service.pipeline import Pipeline
 from service.scheduling.scheduler import Draining
 from service.telemetry.metrics import Metrics
@@ -40,10 +49,30 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_QUEUE = 1_000
 BROKER_PROBE_INTERVAL_S = 5.0
 BROKER_PROBE_TIMEOUT_S = 10.0
+WRITER_RETRY_S = 1.0
 
 
 class FatalPipelineError(RuntimeError):
     """A record could get no outcome at all (not even a dead letter): the service must stop."""
+
+
+class RecordSink:
+    """Where one record's claim and outcome go: its partition's writer."""
+
+    def __init__(self, writer: PartitionWriter, offset: int, inherited: Claim | None) -> None:
+        self._writer = writer
+        self.offset = offset
+        self.inherited = inherited
+        """A claim left by an owner that is gone: the call may already have been made."""
+        self.claimed = False
+        self.owner = writer.owner
+
+    async def claim(self, attempts: int) -> None:
+        await self._writer.claim(self.offset, attempts)
+        self.claimed = True
+
+    async def publish(self, messages: list[OutMessage]) -> None:
+        await self._writer.publish(self.offset, messages)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -51,7 +80,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._loop = loop
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self._loop.on_revoked(list(revoked))
+        self._loop.on_revoked(list(revoked))
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self._loop.on_assigned(list(assigned))
@@ -65,18 +94,29 @@ class IngestLoop:
         metrics: Metrics,
         registry: Callable[[], Registry],
         consumer: AIOKafkaConsumer | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.metrics = metrics
         self._registry = registry
         self._consumer = consumer
-        self._offsets: dict[TopicPartition, PartitionOffsets] = {}
-        self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = defaultdict(set)
+        self._publisher = publisher
+        self.owner = f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._writers: dict[TopicPartition, PartitionWriter] = {}
+        self._ready: set[TopicPartition] = set()
+        self._starting: dict[TopicPartition, asyncio.Task[None]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._sinks: dict[TopicPartition, dict[int, tuple[RecordSink, asyncio.Task[None]]]] = defaultdict(
+            dict
+        )
         self._outstanding: dict[str, int] = defaultdict(int)
-        self._paused_partners: set[str] = set()
+        self._finished: dict[str, int] = defaultdict(int)
+        self._rate: dict[str, float] = {}
+        self._rate_at = time.monotonic()
         self._fatal: BaseException | None = None
-        self._next_commit = 0.0
+        self._next_observe = 0.0
+        self._transactions = 0
         self.assigned = False
         self.draining = False
         self._started = False
@@ -125,18 +165,19 @@ class IngestLoop:
                     self.broker_seen_at = time.monotonic()
                 for tp, records in batches.items():
                     self._dispatch(tp, records)
-                self._apply_backpressure()
+                self._replace_failed_writers()
+                self._sync_pauses()
                 now = time.monotonic()
-                if now >= self._next_commit:
-                    self._next_commit = now + self.settings.runtime.commit_interval_s
-                    await self.commit()
+                if now >= self._next_observe:
+                    self._next_observe = now + 1.0
+                    self._update_rates(now)
                     self._observe_lag()
         finally:
             probe.cancel()
             await self._drain()
 
     def outstanding(self) -> dict[str, int]:
-        """Records fetched and not finished, per partner (what backpressure counts)."""
+        """Records dispatched and not finished, per partner (what backpressure counts)."""
         return dict(self._outstanding)
 
     def broker_silent_s(self) -> float | None:
@@ -159,30 +200,143 @@ class IngestLoop:
             consumer, self._consumer = self._consumer, None
             await consumer.stop()
 
+    # -- writers ---------------------------------------------------------------------
+
+    async def _fetch_committed(self, tp: TopicPartition) -> tuple[int | None, str]:
+        # the group's committed offset *with* its metadata: aiokafka's public
+        # `committed()` drops the metadata, its coordinator keeps it
+        coordinator = self.consumer._coordinator
+        found = await coordinator.fetch_committed_offsets([tp])
+        meta = found.get(tp)
+        return (None, "") if meta is None else (meta.offset, meta.metadata or "")
+
+    async def _commit_offsets(self, tp: TopicPartition, offset: int, metadata: str) -> None:
+        if offset >= 0 and self._consumer is not None:
+            await self._consumer.commit({tp: OffsetAndMetadata(offset, metadata)})
+            self.broker_seen_at = time.monotonic()
+
+    def _new_writer(self, tp: TopicPartition) -> PartitionWriter:
+        plain = not self.settings.kafka.exactly_once
+        return PartitionWriter(
+            tp,
+            self.settings.kafka,
+            self.owner,
+            self._fetch_committed,
+            shared_producer=self._publisher.producer if plain and self._publisher is not None else None,
+            commit_offsets=self._commit_offsets if plain else None,
+        )
+
+    def _open(self, tp: TopicPartition) -> None:
+        writer = self._writers[tp] = self._new_writer(tp)
+        self._ready.discard(tp)
+        task = asyncio.get_running_loop().create_task(self._start_writer(tp, writer), name=f"open-{tp}")
+        self._starting[tp] = task
+
+    async def _start_writer(self, tp: TopicPartition, writer: PartitionWriter) -> None:
+        while True:
+            try:
+                snapshot = await writer.start()
+                break
+            except KafkaError as exc:
+                log.warning(
+                    "could not take a partition over yet",
+                    extra={"topic": tp.topic, "error": type(exc).__name__},
+                )
+                await asyncio.sleep(WRITER_RETRY_S)
+        self._starting.pop(tp, None)
+        if self._writers.get(tp) is not writer:
+            self._retire(writer)
+            return
+        with contextlib.suppress(IllegalStateError):  # no longer assigned: the next rebalance decides
+            if snapshot.commit >= 0:
+                self.consumer.seek(tp, snapshot.commit)
+            else:
+                await self.consumer.seek_to_beginning(tp)
+            self._ready.add(tp)
+        if snapshot.claims or snapshot.finished:
+            log.info(
+                "partition taken over with work recorded above its commit point",
+                extra={
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "offset": snapshot.commit,
+                    "finished": len(snapshot.finished),
+                    "claimed": len(snapshot.claims),
+                    "previous_owner": snapshot.owner,
+                },
+            )
+
+    def _retire(self, writer: PartitionWriter) -> None:
+        """The partition is someone else's: cancel work not claimed, let claimed calls finish."""
+        writer.hand_off()
+        sinks = self._sinks.pop(writer.tp, {})
+        for sink, task in sinks.values():
+            if not sink.claimed:
+                task.cancel()
+        pending = [t for s, t in sinks.values() if s.claimed and not t.done()]
+        task = asyncio.get_running_loop().create_task(self._close_after(writer, pending))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _close_after(self, writer: PartitionWriter, pending: list[asyncio.Task[None]]) -> None:
+        if pending:
+            await asyncio.wait(pending, timeout=self.settings.anthropic.timeout_s + 5)
+        await writer.close()
+
+    def _replace_failed_writers(self) -> None:
+        for tp, writer in list(self._writers.items()):
+            if writer.failure is not None and tp not in self._starting:
+                log.warning(
+                    "partition writer stopped; taking the partition over again",
+                    extra={
+                        "topic": tp.topic,
+                        "partition": tp.partition,
+                        "error": type(writer.failure).__name__,
+                    },
+                )
+                self._retire(writer)
+                self._open(tp)
+
     # -- dispatch and backpressure ---------------------------------------------------
 
-    def _dispatch(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        offsets = self._offsets.get(tp)
-        if offsets is None:  # assigned callback not seen yet (should not happen)
-            offsets = self._offsets[tp] = PartitionOffsets()
-        pid = self._registry().partner_id_for_topic(tp.topic)
-        tasks = self._tasks[tp]
-        for rec in records:
-            offsets.start(rec.offset)
-            self._outstanding[pid] += 1
-            task = asyncio.create_task(self._process(tp, offsets, pid, rec))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+    def _cap(self, pid: str) -> int:
+        partner = self._registry().by_id.get(pid)
+        if partner is None:
+            return DEFAULT_MAX_QUEUE
+        s = partner.settings
+        floor = max(2 * s.max_concurrency, 8)
+        by_rate = int(self._rate.get(pid, 0.0) * self.settings.kafka.fetch_horizon_s)
+        return min(s.max_queue, max(floor, by_rate))
 
-    async def _process(
-        self, tp: TopicPartition, offsets: PartitionOffsets, pid: str, rec: ConsumerRecord
-    ) -> None:
+    def _dispatch(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        writer = self._writers.get(tp)
+        if writer is None or tp not in self._ready or writer.state is not State.OWNED:
+            return  # the writer seeks to the commit point when ready
+        ledger = writer.ledger
+        assert ledger is not None
+        pid = self._registry().partner_id_for_topic(tp.topic)
+        cap, window = self._cap(pid), self.settings.kafka.eos_window
+        sinks = self._sinks[tp]
+        for rec in records:
+            if not ledger.accept(rec.offset):
+                continue
+            if self._outstanding[pid] >= cap or ledger.window >= window or self.draining:
+                self.consumer.seek(tp, rec.offset)  # the rest stays in Kafka
+                return
+            if ledger.finished_before(rec.offset):
+                writer.skip(rec.offset)
+                continue
+            ledger.start(rec.offset)
+            sink = RecordSink(writer, rec.offset, ledger.inherited_claim(rec.offset))
+            self._outstanding[pid] += 1
+            task = asyncio.create_task(self._process(tp, sink, pid, rec))
+            sinks[rec.offset] = (sink, task)
+
+    async def _process(self, tp: TopicPartition, sink: RecordSink, pid: str, rec: ConsumerRecord) -> None:
         try:
-            await self.pipeline.handle(rec)
-        except asyncio.CancelledError:
-            raise
-        except Draining:
-            pass  # not started before the stop: left uncommitted for redelivery
+            await self.pipeline.handle(rec, sink)
+        except (Draining, Revoked, Fenced, asyncio.CancelledError):
+            pass  # not finished here: the partition's next owner (or this one, after restart) does it
         except BaseException as exc:  # recorded here, re-raised by the loop
             log.critical(
                 "record got no outcome; stopping without committing it",
@@ -191,95 +345,84 @@ class IngestLoop:
             )
             self._fatal = exc
         else:
-            offsets.finish(rec.offset)
+            self._finished[pid] += 1
         finally:
             self._outstanding[pid] -= 1
-            if pid in self._paused_partners and self._outstanding[pid] <= self._max_queue(pid) // 2:
-                self._resume(pid)
+            sinks = self._sinks.get(tp)
+            if sinks is not None and sinks.get(rec.offset, (None,))[0] is sink:
+                del sinks[rec.offset]
 
-    def _max_queue(self, pid: str) -> int:
-        partner = self._registry().by_id.get(pid)
-        return partner.settings.max_queue if partner is not None else DEFAULT_MAX_QUEUE
-
-    def _partner_partitions(self, pid: str) -> list[TopicPartition]:
-        if self._consumer is None:
-            return []
+    def _sync_pauses(self) -> None:
+        """Pause exactly the partitions that must not be fetched now."""
+        consumer = self._consumer
+        if consumer is None:
+            return
         registry = self._registry()
-        return [tp for tp in self._consumer.assignment() if registry.partner_id_for_topic(tp.topic) == pid]
+        window = self.settings.kafka.eos_window
+        want: set[TopicPartition] = set()
+        by_partner: dict[str, int] = defaultdict(int)
+        for tp in consumer.assignment():
+            pid = registry.partner_id_for_topic(tp.topic)
+            writer = self._writers.get(tp)
+            ledger = writer.ledger if writer is not None else None
+            if (
+                self.draining
+                or tp not in self._ready
+                or ledger is None
+                or ledger.window >= window
+                or self._outstanding[pid] >= self._cap(pid)
+            ):
+                want.add(tp)
+                by_partner[pid] += 1
+        paused = consumer.paused()
+        with contextlib.suppress(IllegalStateError):
+            if want - paused:
+                consumer.pause(*(want - paused))
+            if paused - want:
+                consumer.resume(*(paused - want))
+        for partner in self.settings.partners:
+            self.metrics.paused_partitions.labels(partner.id).set(by_partner.get(partner.id, 0))
 
-    def _apply_backpressure(self) -> None:
-        for pid, n in self._outstanding.items():
-            if pid not in self._paused_partners and n >= self._max_queue(pid):
-                tps = self._partner_partitions(pid)
-                self.consumer.pause(*tps)
-                self._paused_partners.add(pid)
-                self.metrics.paused_partitions.labels(pid).set(len(tps))
-                log.info("partner at capacity: partitions paused", extra={"partner": pid, "outstanding": n})
+    def _update_rates(self, now: float) -> None:
+        elapsed = max(1e-3, now - self._rate_at)
+        self._rate_at = now
+        for pid in set(self._finished) | set(self._rate):
+            current = self._finished.pop(pid, 0) / elapsed
+            self._rate[pid] = 0.5 * self._rate.get(pid, current) + 0.5 * current
 
-    def _resume(self, pid: str) -> None:
-        self._paused_partners.discard(pid)
-        if self._consumer is None or self.draining:
-            return
-        tps = [tp for tp in self._partner_partitions(pid) if tp in self._consumer.paused()]
-        if tps:
-            self._consumer.resume(*tps)
-        self.metrics.paused_partitions.labels(pid).set(0)
+    # -- rebalances ----------------------------------------------------------------
 
-    # -- commits and rebalances ----------------------------------------------------
-
-    async def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
-        """Commit the low watermark of every (or the given) assigned partition."""
-        if self._consumer is None:
-            return
-        tps = list(only) if only is not None else list(self._offsets)
-        to_commit: dict[TopicPartition, int] = {}
-        for tp in tps:
-            offsets = self._offsets.get(tp)
-            if offsets is not None:
-                point = offsets.committable()
-                if point is not None:
-                    to_commit[tp] = point
-        if not to_commit:
-            return
-        try:
-            await self._consumer.commit(to_commit)
-        except (CommitFailedError, IllegalStateError) as exc:
-            # the group moved on (rebalance): the new owner redoes what we could not commit
-            log.warning("commit refused by the group", extra={"error": type(exc).__name__})
-            return
-        except KafkaError as exc:
-            log.warning("commit failed, will retry", extra={"error": type(exc).__name__})
-            return
-        self.broker_seen_at = time.monotonic()
-        for tp, point in to_commit.items():
-            offsets = self._offsets.get(tp)
-            if offsets is not None:
-                offsets.committed = point
-
-    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
-        pending = [t for tp in revoked for t in self._tasks.get(tp, ())]
-        if pending:
-            grace = min(10.0, self.settings.runtime.drain_timeout_s)
-            await asyncio.wait(pending, timeout=grace)
-        await self.commit(revoked)
+    def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """No waiting here (a slow revocation stalls the whole group): writers keep
+        committing what finishes; new claims wait for the assignment."""
         for tp in revoked:
-            self._offsets.pop(tp, None)
-            self._tasks.pop(tp, None)
-            pid = self._registry().partner_id_for_topic(tp.topic)
-            with contextlib.suppress(KeyError):  # no longer ours: its lag is another replica's to report
-                self.metrics.consumer_lag.remove(tp.topic, str(tp.partition), pid)
-        self.assigned = bool(self._offsets)
+            writer = self._writers.get(tp)
+            if writer is not None:
+                writer.suspend()
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        keep = set(assigned)
+        for tp in list(self._writers):
+            if tp not in keep:
+                writer = self._writers.pop(tp)
+                self._ready.discard(tp)
+                starting = self._starting.pop(tp, None)
+                if starting is not None:
+                    starting.cancel()
+                self._retire(writer)
+                pid = self._registry().partner_id_for_topic(tp.topic)
+                with contextlib.suppress(KeyError):  # no longer ours: its lag is another replica's to report
+                    self.metrics.consumer_lag.remove(tp.topic, str(tp.partition), pid)
+        with contextlib.suppress(IllegalStateError):
+            self.consumer.pause(*assigned)  # until each writer is ready
         for tp in assigned:
-            self._offsets[tp] = PartitionOffsets()
-        self.assigned = True
+            kept = self._writers.get(tp)
+            if kept is not None and kept.failure is None:
+                kept.reown()
+            else:
+                self._open(tp)
+        self.assigned = bool(assigned)
         self.broker_seen_at = time.monotonic()  # joining the group took the broker's answers
-        self._next_commit = 0.0
-        # a new assignment starts unpaused; the next loop turn re-pauses partners at capacity
-        for pid in self._paused_partners:
-            self.metrics.paused_partitions.labels(pid).set(0)
-        self._paused_partners.clear()
         log.info("partitions assigned", extra={"count": len(assigned)})
 
     def _observe_lag(self) -> None:
@@ -287,13 +430,26 @@ class IngestLoop:
         if consumer is None:
             return
         registry = self._registry()
-        for tp, offsets in self._offsets.items():
+        m = self.metrics
+        windows: dict[str, int] = defaultdict(int)
+        claims: dict[str, int] = defaultdict(int)
+        self._transactions += sum(w.take_transactions() for w in self._writers.values())
+        m.eos_transactions.set(self._transactions)
+        m.eos_writers.set(len(self._writers) if self.settings.kafka.exactly_once else 0)
+        for tp, writer in self._writers.items():
+            ledger = writer.ledger
+            pid = registry.partner_id_for_topic(tp.topic)
+            if ledger is not None:
+                windows[pid] = max(windows[pid], ledger.window)
+                claims[pid] += len(ledger.claims)
             high = consumer.highwater(tp)
-            # before our first commit, the first offset not finished stands for the group's position
-            point = offsets.committed if offsets.committed is not None else offsets.low_watermark
-            if high is not None and point is not None:
-                pid = registry.partner_id_for_topic(tp.topic)
-                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition), pid).set(max(0, high - point))
+            if high is not None and ledger is not None and ledger.low_watermark >= 0:
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition), pid).set(
+                    max(0, high - ledger.low_watermark)
+                )
+        for partner in self.settings.partners:
+            m.eos_window.labels(partner.id).set(windows.get(partner.id, 0))
+            m.eos_claims.labels(partner.id).set(claims.get(partner.id, 0))
 
     async def _drain(self) -> None:
         self.draining = True
@@ -302,15 +458,18 @@ class IngestLoop:
         if consumer is not None:
             with contextlib.suppress(IllegalStateError):
                 consumer.pause(*consumer.assignment())
-        pending = [t for ts in self._tasks.values() for t in ts]
-        if pending:
-            log.info("draining in-flight requests", extra={"count": len(pending)})
-            _, still = await asyncio.wait(pending, timeout=self.settings.runtime.drain_timeout_s)
-            for t in still:
-                t.cancel()
+        for task in self._starting.values():
+            task.cancel()
+        writers = list(self._writers.values())
+        self._writers.clear()
+        for writer in writers:
+            self._retire(writer)
+        if self._retiring:
+            log.info("draining calls in flight", extra={"count": len(self._retiring)})
+            _, still = await asyncio.wait(set(self._retiring), timeout=self.settings.runtime.drain_timeout_s)
             if still:
                 log.warning(
-                    "drain timed out; unfinished requests will be redelivered", extra={"count": len(still)}
+                    "drain timed out; calls in flight are left to the next owner", extra={"count": len(still)}
                 )
-                await asyncio.wait(still, timeout=5)
-        await self.commit()
+                for writer in writers:
+                    await writer.close()

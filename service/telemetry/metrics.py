@@ -112,6 +112,49 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("gateway_ready", "1 when the service is ready to process.", registry=r)
+        self.unknown_outcomes = Counter(
+            "gateway_unknown_outcomes",
+            "Calls with an unknown outcome (owner lost mid-call, or no answer after sending).",
+            ["partner", "cause"],
+            registry=r,
+        )
+        self.unknown_retries = Counter(
+            "gateway_unknown_retries",
+            "Extra calls made under on_unknown: retry (each may be billed a second time).",
+            ["partner"],
+            registry=r,
+        )
+        self.quarantined = Counter(
+            "gateway_quarantined",
+            "Records whose dead letter could not be published at all (finished with no outcome message).",
+            ["partner", "reason"],
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "gateway_internal_errors",
+            "Faults of the gateway itself, by where.",
+            ["partner", "where"],
+            registry=r,
+        )
+        self.eos_transactions = Gauge(
+            "gateway_eos_transactions",
+            "Transactions committed by the partition writers of this process (since start).",
+            registry=r,
+        )
+        self.eos_writers = Gauge(
+            "gateway_eos_writers",
+            "Partition writers (transactional producers) open in this process.",
+            registry=r,
+        )
+        self.eos_window = Gauge(
+            "gateway_eos_window_offsets",
+            "Largest window of offsets above a commit point, per partner (paused at kafka.eos_window).",
+            ["partner"],
+            registry=r,
+        )
+        self.eos_claims = Gauge(
+            "gateway_eos_claims", "Calls claimed and not yet finished, per partner.", ["partner"], registry=r
+        )
         self._ratelimit_headers: Mapping[str, str] | None = None
         self._refreshers: list[Callable[[], None]] = [self._refresh_ratelimit]
 

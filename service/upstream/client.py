@@ -19,6 +19,8 @@ from pydantic import SecretStr
 
 from service.config.settings import AnthropicSettings
 
+REQUEST_KEY_HEADER = "x-gateway-request-id"
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamResult:
@@ -73,13 +75,18 @@ class ClaudeClient:
                     open_telemetry=self._open_telemetry,
                 )
 
-    async def create_message(self, partner_id: str, params: Mapping[str, Any]) -> UpstreamResult:
-        """One Messages API call. Raises the SDK's exceptions unchanged."""
+    async def create_message(
+        self, partner_id: str, params: Mapping[str, Any], *, request_key: str | None = None
+    ) -> UpstreamResult:
+        """One Messages API call. Raises the SDK's exceptions unchanged. `request_key`
+        (partner:request id) goes in `x-gateway-request-id`, so calls per request can be
+        counted upstream (the simulator does)."""
         client = self._clients.get(partner_id)
         if client is None:
             raise UnknownPartnerKey(partner_id)
         started = time.perf_counter()
-        raw = await cast(Any, client.messages.with_raw_response).create(**params)
+        extra = {REQUEST_KEY_HEADER: request_key} if request_key is not None else None
+        raw = await cast(Any, client.messages.with_raw_response).create(**params, extra_headers=extra)
         content = await raw.read()
         body = orjson.loads(content)
         headers = raw.headers

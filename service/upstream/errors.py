@@ -98,6 +98,25 @@ def classify(exc: BaseException) -> Failure:
     raise TypeError(f"not an anthropic SDK error: {type(exc).__name__}") from exc
 
 
+_NOT_SENT = ("ConnectError", "ConnectTimeout", "PoolTimeout", "UnsupportedProtocol", "LocalProtocolError")
+
+
+def may_have_been_sent(exc: BaseException) -> bool:
+    """Whether a failed call without an HTTP answer may have reached Claude (and been billed).
+
+    Only a failure to connect (or to get a pooled connection) proves the request was
+    never sent; a read timeout or a dropped connection after sending does not: its
+    outcome is unknown. Judged by the httpx2 exception class the SDK wrapped."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if type(cause).__name__ in _NOT_SENT:
+            return False
+        cause = cause.__cause__ or cause.__context__
+    return True
+
+
 def _classify_status(exc: anthropic.APIStatusError) -> Failure:
     status = exc.status_code
 

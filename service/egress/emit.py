@@ -1,0 +1,207 @@
+"""A request's one outcome on the wire: a response or a dead letter, through its record's sink.
+
+Nothing billed is thrown away and no record can stop the service:
+
+- a response the broker refuses for its size becomes a `response_too_large`
+  dead letter carrying as much of the body as fits, with its digest and usage;
+- a dead letter the broker refuses is cut down (original bytes, then all of
+  them); if even the smallest is refused, the record is *quarantined*: its
+  offset is finished with no message, a critical log names topic, partition
+  and offset, and `gateway_quarantined_total` (alerted) counts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from aiokafka.errors import KafkaError
+
+from service.config.settings import GatewaySettings
+from service.contracts.outcomes import DeadLetter, Origin, encode_deadletter
+from service.contracts.reasons import Reason
+from service.ingest.ledger import Claim
+from service.ingest.partition import Fenced, OutMessage
+from service.telemetry.metrics import Metrics
+from service.telemetry.tracing import Tracing
+
+log = logging.getLogger(__name__)
+
+MAX_ORIGINAL_BYTES = 512 * 1024
+FALLBACK_ORIGINAL_BYTES = 16 * 1024
+RESPONSE_KEPT_BYTES = (256 * 1024, 16 * 1024, 0)
+MAX_DEADLETTER_KEY_BYTES = 1024
+JSON_HEADERS: tuple[tuple[str, bytes], ...] = (("content-type", b"application/json"),)
+
+
+class Sink(Protocol):
+    """Where one record's claim and outcome go (its partition's writer)."""
+
+    offset: int
+    inherited: Claim | None
+    claimed: bool
+    owner: str
+
+    async def claim(self, attempts: int) -> None: ...
+    async def publish(self, messages: list[OutMessage]) -> None: ...
+
+
+def _refused_for_size(exc: BaseException) -> bool:
+    return type(exc).__name__ in {
+        "MessageSizeTooLargeError",
+        "RecordTooLargeError",
+        "RecordBatchTooLargeError",
+    }
+
+
+class Emitter:
+    def __init__(self, settings: GatewaySettings, metrics: Metrics, tracing: Tracing) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.tracing = tracing
+
+    async def response(
+        self,
+        sink: Sink,
+        partner: str,
+        request_id: str,
+        value: bytes,
+        origin: Origin,
+        *,
+        body: Mapping[str, Any],
+        attempts: int,
+    ) -> bool:
+        """Publish a response; True if it went out as one, False if it became a dead letter."""
+        topic, key = self.settings.response_topic(partner), request_id.encode()
+        try:
+            with self.tracing.produce(topic, key, origin.headers) as trace_headers:
+                await sink.publish([OutMessage(topic, key, value, (*JSON_HEADERS, *trace_headers))])
+            return True
+        except Fenced:
+            raise
+        except KafkaError as exc:
+            if _refused_for_size(exc):
+                reason, detail = (
+                    Reason.RESPONSE_TOO_LARGE,
+                    f"the response ({len(value)} bytes) is over the response topic's size limit",
+                )
+            else:
+                reason, detail = (
+                    Reason.INTERNAL_ERROR,
+                    f"the response could not be published: {type(exc).__name__}",
+                )
+        await self.dead_letter(
+            sink,
+            DeadLetter(
+                partner, reason, detail, origin, request_id, attempts, response=_response_doc(value, body)
+            ),
+            model=str(body.get("model") or ""),
+        )
+        return False
+
+    async def dead_letter(self, sink: Sink, dl: DeadLetter, model: str) -> None:
+        headers = (*JSON_HEADERS, ("gateway-reason", dl.reason.value.encode()))
+        self.tracing.outcome("deadletter", dl.reason.value)
+        topic = self.settings.deadletter_topic(dl.partner)
+        key = _deadletter_key(dl.origin.key)
+        last: BaseException | None = None
+        with self.tracing.produce(topic, key, dl.origin.headers) as trace_headers:
+            for original_bytes, response_bytes in (
+                (MAX_ORIGINAL_BYTES, RESPONSE_KEPT_BYTES[0]),
+                (FALLBACK_ORIGINAL_BYTES, RESPONSE_KEPT_BYTES[1]),
+                (0, RESPONSE_KEPT_BYTES[2]),
+            ):
+                value = encode_deadletter(
+                    dl,
+                    failed_at=time.time(),
+                    max_original_bytes=original_bytes,
+                    max_response_bytes=response_bytes,
+                )
+                try:
+                    await sink.publish([OutMessage(topic, key, value, (*headers, *trace_headers))])
+                except Fenced:
+                    raise
+                except KafkaError as exc:
+                    last = exc
+                    if not _refused_for_size(exc):
+                        break
+                    continue
+                self._count(dl, model)
+                return
+        await self._quarantine(sink, dl, last)
+
+    async def _quarantine(self, sink: Sink, dl: DeadLetter, exc: BaseException | None) -> None:
+        await sink.publish([])  # finished with no message: the loop goes on
+        self.metrics.quarantined.labels(dl.partner, dl.reason.value).inc()
+        log.critical(
+            "dead letter could not be published; record quarantined (see the runbook)",
+            extra={
+                **_origin_ctx(dl.origin),
+                "partner": dl.partner,
+                "request_id": dl.request_id,
+                "reason": dl.reason.value,
+                "error": type(exc).__name__ if exc is not None else None,
+                "value_sha256": None
+                if dl.origin.value is None
+                else hashlib.sha256(dl.origin.value).hexdigest(),
+            },
+        )
+
+    def _count(self, dl: DeadLetter, model: str) -> None:
+        self.metrics.dead_letters.labels(dl.partner, dl.reason.value).inc()
+        self.metrics.requests.labels(dl.partner, model, "deadletter").inc()
+        self.observe_e2e(dl.partner, dl.origin)
+        log.info(
+            "dead-lettered",
+            extra={
+                **_origin_ctx(dl.origin),
+                "partner": dl.partner,
+                "request_id": dl.request_id,
+                "reason": dl.reason.value,
+            },
+        )
+
+    def observe_e2e(self, pid: str, origin: Origin) -> None:
+        if origin.timestamp_ms is not None:
+            self.metrics.end_to_end.labels(pid).observe(max(0.0, time.time() - origin.timestamp_ms / 1000))
+
+
+def _response_doc(value: bytes, body: Mapping[str, Any]) -> dict[str, Any]:
+    """What a dead letter keeps of a response it replaces: digest, size, usage and (cut to
+    fit by `encode_deadletter`) the bytes."""
+    return {
+        "value": value,
+        "value_sha256": hashlib.sha256(value).hexdigest(),
+        "value_size": len(value),
+        "usage": body.get("usage") or {},
+        "message_id": body.get("id"),
+    }
+
+
+def _deadletter_key(key: bytes | None) -> bytes | None:
+    """The dead letter's Kafka key: the original key, or its SHA-256 when it is huge
+    (a hostile key must not push the dead letter past the broker's size limit)."""
+    if key is None or len(key) <= MAX_DEADLETTER_KEY_BYTES:
+        return key
+    return b"sha256:" + hashlib.sha256(key).hexdigest().encode()
+
+
+def _origin_ctx(origin: Origin) -> dict[str, Any]:
+    return {"topic": origin.topic, "partition": origin.partition, "offset": origin.offset}
+
+
+def claim_doc(claim: Claim) -> dict[str, Any]:
+    """The claim an `outcome_unknown` dead letter reports."""
+    from service.contracts.outcomes import utc_iso
+
+    return {
+        "claimed_at": utc_iso(claim.claimed_at_ms / 1000),
+        "attempts": claim.attempts,
+        "owner": claim.owner,
+    }
+
+
+__all__: Sequence[str] = ("JSON_HEADERS", "Emitter", "Sink", "claim_doc")

@@ -1,0 +1,478 @@
+"""The writer of one owned request partition: claims, outcomes and offsets in one transaction.
+
+Exactly-once (`kafka.exactly_once`, the default) works per input partition:
+
+- A transactional producer whose `transactional_id` is derived from the group,
+  topic and partition. Initialising it on assignment fences the previous
+  owner: a zombie can no longer commit for this partition (the first
+  exactly-once design of Kafka Streams; aiokafka has no KIP-447).
+- A short "tick" transaction every `eos_tick_ms` carries the outcomes that
+  finished since the last one and the offset commit (`send_offsets_to_transaction`)
+  whose metadata records finished offsets above the commit point and the
+  claims (`ledger.py`).
+- A Claude call starts only after the tick that recorded its claim committed;
+  no transaction is ever held open across a call.
+- A writer whose transaction fails in a way it cannot verify stops (`Fenced`);
+  the ingest loop gives the partition a new writer if it still owns it, which
+  reads the committed state again. Before committing after such an error the
+  writer re-reads the commit and goes on only if it is still its own.
+
+At-least-once mode (`exactly_once: false`) keeps the same ledger and metadata
+but publishes through the shared idempotent producer and commits with the
+consumer; claims do not wait for a commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from service.config.kafka import client_kwargs
+from service.config.settings import KafkaSettings
+from service.ingest.ledger import Claim, MetadataTooLarge, PartitionLedger, Snapshot, encode
+
+log = logging.getLogger(__name__)
+
+Headers = Sequence[tuple[str, bytes]]
+FetchCommitted = Callable[[TopicPartition], Awaitable[tuple[int | None, str]]]
+"""The group's committed (offset, metadata) of a partition (offset None: never committed)."""
+CommitOffsets = Callable[[TopicPartition, int, str], Awaitable[None]]
+"""At-least-once mode: commit (offset, metadata) with the consumer."""
+
+
+class Fenced(Exception):
+    """Another owner holds this partition: nothing may be published from here.
+    The request is left to that owner (its claim, if any, resolved by policy there)."""
+
+
+class Revoked(Exception):
+    """The partition went to another replica before this request's call started;
+    the new owner processes it (nothing was billed)."""
+
+
+class State(Enum):
+    STARTING = "starting"
+    OWNED = "owned"
+    SUSPENDED = "suspended"  # revoked, the rebalance not finished: new claims wait
+    HANDOFF = "handoff"  # another replica owns it: finish claimed calls, refuse new ones
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class OutMessage:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers = ()
+
+
+@dataclass(slots=True)
+class _Item:
+    offset: int
+    messages: Sequence[OutMessage] = ()
+    claim: Claim | None = None
+    finish: bool = False
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def transactional_id(group_id: str, tp: TopicPartition) -> str:
+    return f"{group_id}.{tp.topic}.{tp.partition}"
+
+
+class PartitionWriter:
+    """Claims and outcomes of one partition, committed with its offset and metadata."""
+
+    def __init__(
+        self,
+        tp: TopicPartition,
+        settings: KafkaSettings,
+        owner: str,
+        fetch_committed: FetchCommitted,
+        *,
+        shared_producer: AIOKafkaProducer | None = None,
+        commit_offsets: CommitOffsets | None = None,
+        producer_factory: Callable[[str], AIOKafkaProducer] | None = None,
+    ) -> None:
+        self.tp = tp
+        self.settings = settings
+        self.owner = owner
+        self._fetch_committed = fetch_committed
+        self._eos = settings.exactly_once
+        self._shared = shared_producer
+        self._commit_offsets = commit_offsets
+        self._factory = producer_factory or self._new_producer
+        self._producer: AIOKafkaProducer | None = None
+        self.ledger: PartitionLedger | None = None
+        self.state = State.STARTING
+        self._queue: list[_Item] = []
+        self._wake = asyncio.Event()
+        self._owned = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._last_tick = 0.0
+        self.transactions = 0
+        self._failures = 0
+        self._last_owner = ""
+        """Who wrote the latest commit we know of (ours once we committed)."""
+        self.failure: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _new_producer(self, txn_id: str) -> AIOKafkaProducer:
+        k = self.settings
+        return AIOKafkaProducer(
+            **client_kwargs(k),
+            acks="all",
+            enable_idempotence=True,
+            transactional_id=txn_id,
+            transaction_timeout_ms=k.transaction_timeout_ms,
+            linger_ms=0,
+            compression_type=k.producer_compression,
+            max_request_size=k.producer_max_request_bytes,
+            max_batch_size=k.producer_max_batch_bytes,
+        )
+
+    async def start(self) -> Snapshot:
+        """Take the partition over: wait briefly for a live previous owner's calls, fence
+        it, and read what it committed. Returns the restored state (seek to its commit)."""
+        if self._eos:
+            await self._await_handoff()
+            await self._open_producer()
+        snapshot = await self._read_committed()
+        self.ledger = PartitionLedger(snapshot)
+        self._last_owner = snapshot.owner
+        self.state = State.OWNED
+        self._owned.set()
+        self._loop_task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"writer-{self.tp.topic}-{self.tp.partition}"
+        )
+        return snapshot
+
+    async def _open_producer(self) -> None:
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+        self._producer = self._factory(transactional_id(self.settings.group_id, self.tp))
+        await self._producer.start()  # init_transactions: bumps the epoch, fences the previous owner
+
+    async def _read_committed(self) -> Snapshot:
+        from service.ingest.ledger import MetadataCorrupt, decode
+
+        offset, metadata = await self._fetch_committed(self.tp)
+        if offset is None or offset < 0:
+            return Snapshot(-1)  # never committed: the consumer's reset policy decides
+        try:
+            return decode(offset, metadata)
+        except MetadataCorrupt as exc:
+            log.warning(
+                "commit metadata is not ours; nothing known above the commit point",
+                extra={"topic": self.tp.topic, "partition": self.tp.partition, "error": str(exc)},
+            )
+            return Snapshot(offset)
+
+    async def _await_handoff(self) -> None:
+        """While the committed state shows another replica's calls in flight and that
+        replica still commits (heartbeats), give it time to publish them."""
+        deadline = time.monotonic() + self.settings.eos_handoff_max_s
+        stale_ms = max(3_000, int(self.settings.eos_heartbeat_s * 3_000))
+        while time.monotonic() < deadline:
+            snap = await self._read_committed()
+            foreign = [c for c in snap.claims if c.owner != self.owner]
+            if not foreign or snap.owner == self.owner:
+                return
+            if time.time() * 1000 - snap.written_at_ms > stale_ms:
+                return  # its owner stopped committing: gone
+            await asyncio.sleep(0.2)
+
+    def suspend(self) -> None:
+        """Revoked: keep finishing and committing, but hold new claims until the rebalance says."""
+        if self.state is State.OWNED:
+            self.state = State.SUSPENDED
+            self._owned.clear()
+
+    def reown(self) -> None:
+        if self.state is State.SUSPENDED:
+            self.state = State.OWNED
+            self._owned.set()
+
+    def hand_off(self) -> None:
+        """Another replica owns it now: calls already claimed finish and commit (until fenced);
+        requests waiting for a claim get `Revoked`."""
+        if self.state in (State.OWNED, State.SUSPENDED, State.STARTING):
+            self.state = State.HANDOFF
+            self._owned.set()  # wake claim waiters so they see HANDOFF
+
+    def take_transactions(self) -> int:
+        """Transactions committed since the last call (for the metrics)."""
+        n, self.transactions = self.transactions, 0
+        return n
+
+    @property
+    def claims_in_flight(self) -> int:
+        return 0 if self.ledger is None else len(self.ledger.claims)
+
+    async def close(self) -> None:
+        """Commit what is finished, then stop the producer."""
+        if self.state is State.CLOSED:
+            return
+        if self._loop_task is not None and self.failure is None:
+            with contextlib.suppress(Exception):
+                await self._tick()
+        self.state = State.CLOSED
+        self._fail_all(Fenced(f"{self.tp} writer closed"))
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+    # -- what the pipeline calls ---------------------------------------------------------
+
+    async def claim(self, offset: int, attempts: int) -> None:
+        """Record that this request's call is about to start; returns once committed.
+        Raises `Revoked` when the partition went elsewhere first, `Fenced` when lost."""
+        while self.state is not State.OWNED:
+            if self.state in (State.HANDOFF, State.CLOSED) or self.failure is not None:
+                raise Revoked(f"{self.tp} is owned by another replica")
+            await self._owned.wait()
+        item = _Item(offset, claim=Claim(offset, int(time.time() * 1000), attempts, self.owner))
+        if not self._eos:
+            return
+        await self._submit(item)
+
+    async def publish(self, offset: int, messages: Sequence[OutMessage]) -> None:
+        """Publish the request's outcome and mark it finished, atomically; returns once committed.
+        Raises the broker's error for a message it refused (the caller makes a smaller
+        outcome), or `Fenced`."""
+        await self._submit(_Item(offset, messages=messages, finish=True))
+
+    def skip(self, offset: int) -> None:
+        """A record the previous owner finished: counted done without any call or outcome."""
+        assert self.ledger is not None
+        self.ledger.start(offset)
+        self.ledger.apply([offset], [], self.ledger.seq)
+
+    async def _submit(self, item: _Item) -> None:
+        if self.failure is not None or self.state is State.CLOSED:
+            raise Fenced(f"{self.tp} is no longer written from here")
+        self._queue.append(item)
+        self._wake.set()
+        await item.done
+
+    # -- the tick ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        tick_s = self.settings.eos_tick_ms / 1000
+        heartbeat_s = self.settings.eos_heartbeat_s
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=heartbeat_s)
+                await asyncio.sleep(tick_s)  # gather what finishes meanwhile into one transaction
+                self._wake.clear()
+                beat = (
+                    self._eos
+                    and self.claims_in_flight > 0
+                    and time.monotonic() - self._last_tick >= heartbeat_s
+                )
+                if self._queue or beat:
+                    await self._tick()
+        except asyncio.CancelledError:
+            raise
+        except Fenced as exc:
+            self._die(exc)
+        except Exception as exc:  # never silent: the loop replaces this writer
+            log.exception(
+                "partition writer failed", extra={"topic": self.tp.topic, "partition": self.tp.partition}
+            )
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        self.failure = exc
+        self._fail_all(
+            exc if isinstance(exc, Fenced) else Fenced(f"{self.tp} writer failed: {type(exc).__name__}")
+        )
+
+    def _fail_all(self, exc: BaseException) -> None:
+        items, self._queue = self._queue, []
+        for item in items:
+            if not item.done.done():
+                item.done.set_exception(exc)
+                item.done.exception()  # retrieved: a waiter cancelled meanwhile must not warn
+
+    async def _tick(self) -> None:
+        ledger = self.ledger
+        assert ledger is not None
+        items, self._queue = self._queue, []
+        if self._eos:
+            await self._tick_transactional(ledger, items)
+        else:
+            await self._tick_plain(ledger, items)
+        self._last_tick = time.monotonic()
+
+    def _prepare(self, ledger: PartitionLedger, items: list[_Item]) -> tuple[list[_Item], Snapshot, str]:
+        """The metadata for `items`; claims that would not fit wait for a later tick."""
+        limit = self.settings.eos_max_claims
+        taken: list[_Item] = []
+        claims = len(ledger.claims)
+        for item in items:
+            if item.claim is not None and claims >= limit:
+                self._queue.append(item)
+                continue
+            claims += item.claim is not None
+            taken.append(item)
+        while True:
+            finished = [i.offset for i in taken if i.finish]
+            new_claims = [i.claim for i in taken if i.claim is not None]
+            snap = ledger.snapshot(self.owner, int(time.time() * 1000), finished, new_claims)
+            try:
+                return taken, snap, encode(snap)
+            except MetadataTooLarge:
+                if not new_claims:
+                    raise
+                last = max(i for i, it in enumerate(taken) if it.claim is not None)
+                self._queue.append(taken.pop(last))
+
+    async def _send_all(self, producer: AIOKafkaProducer, items: list[_Item]) -> list[_Item]:
+        """Send every message; the items whose messages the broker refused for good (too
+        large, topic not writable). Any other error fails the whole tick."""
+        futures: list[tuple[_Item, asyncio.Future[object]]] = []
+        refused: dict[int, _Item] = {}
+        for item in items:
+            for m in item.messages:
+                try:
+                    fut = await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers))
+                except KafkaError as exc:
+                    if not _refusal(exc):
+                        raise
+                    _set_error(item, exc)
+                    refused[id(item)] = item
+                    continue
+                futures.append((item, fut))
+        if futures:
+            results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
+            failure: BaseException | None = None
+            for (item, _), res in zip(futures, results, strict=True):
+                if isinstance(res, BaseException):
+                    if _refusal(res):
+                        _set_error(item, res)
+                        refused[id(item)] = item
+                    elif failure is None or isinstance(res, ProducerFenced):
+                        failure = res
+            if failure is not None:
+                raise failure
+        return list(refused.values())
+
+    async def _tick_transactional(self, ledger: PartitionLedger, items: list[_Item]) -> None:
+        taken, snap, metadata = self._prepare(ledger, items)
+        producer = self._producer
+        assert producer is not None
+        try:
+            await producer.begin_transaction()
+            refused = await self._send_all(producer, taken)
+            if refused:
+                # the idempotent sequence is broken past a refused batch: abort, start afresh
+                with contextlib.suppress(KafkaError):
+                    await producer.abort_transaction()
+                await self._reopen_verified(ledger, taken, snap)
+                return
+            await producer.send_offsets_to_transaction(
+                {self.tp: (snap.commit, metadata)}, self.settings.group_id
+            )
+            await producer.commit_transaction()
+        except ProducerFenced as exc:
+            raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
+        except KafkaError as exc:
+            log.warning(
+                "transaction failed; verifying what was committed",
+                extra={"topic": self.tp.topic, "partition": self.tp.partition, "error": type(exc).__name__},
+            )
+            await self._reopen_verified(ledger, taken, snap)
+            return
+        self.transactions += 1
+        self._failures = 0
+        self._settle(ledger, taken, snap)
+
+    async def _reopen_verified(self, ledger: PartitionLedger, taken: list[_Item], snap: Snapshot) -> None:
+        """After a failed or aborted tick: re-initialise the producer (which completes or
+        aborts the open transaction), read the commit, and go on only if it is still ours.
+        Then the tick's items either committed (settled now) or go back in the queue."""
+        if self.state is not State.OWNED and self.state is not State.SUSPENDED:
+            raise Fenced(f"{self.tp}: transaction failed during handoff")
+        self._failures += 1
+        delay = min(5.0, 0.05 * 2**self._failures)
+        while True:
+            try:
+                await self._open_producer()
+                committed = await self._read_committed()
+                break
+            except KafkaError as exc:
+                log.warning("writer recovery failed, retrying", extra={"error": type(exc).__name__})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if committed.owner == self.owner and committed.seq == snap.seq and committed.commit == snap.commit:
+            self._settle(ledger, taken, snap)  # it did commit
+            return
+        if committed.seq != ledger.seq or committed.owner != self._last_owner:
+            raise Fenced(f"{self.tp}: the committed state was written by another owner")
+        self._queue[:0] = [i for i in taken if not i.done.done()]  # it did not commit: again
+        if self._failures > 1:
+            await asyncio.sleep(delay)
+        self._wake.set()
+
+    def _settle(self, ledger: PartitionLedger, taken: list[_Item], snap: Snapshot) -> None:
+        self._last_owner = snap.owner
+        ledger.apply(
+            [i.offset for i in taken if i.finish], [i.claim for i in taken if i.claim is not None], snap.seq
+        )
+        for item in taken:
+            if not item.done.done():
+                item.done.set_result(None)
+
+    async def _tick_plain(self, ledger: PartitionLedger, items: list[_Item]) -> None:
+        producer = self._shared
+        assert producer is not None
+        assert self._commit_offsets is not None
+        refused = await self._send_all(producer, items)
+        ok = [i for i in items if i not in refused]
+        taken, snap, metadata = self._prepare(ledger, ok)
+        self._settle(ledger, taken, snap)
+        try:
+            await self._commit_offsets(self.tp, snap.commit, metadata)
+        except KafkaError as exc:  # at-least-once: a later commit covers it
+            log.warning("offset commit failed", extra={"topic": self.tp.topic, "error": type(exc).__name__})
+
+
+_REFUSALS = frozenset(
+    {
+        "MessageSizeTooLargeError",
+        "RecordTooLargeError",
+        "RecordBatchTooLargeError",
+        "InvalidTopicError",
+        "TopicAuthorizationFailedError",
+        "PolicyViolationError",
+        "InvalidRecordError",
+        "CorruptRecordException",
+    }
+)
+
+
+def _refusal(exc: BaseException) -> bool:
+    """The broker will never take this message: the caller must make another outcome."""
+    return type(exc).__name__ in _REFUSALS
+
+
+def _set_error(item: _Item, exc: BaseException) -> None:
+    log.warning("the broker refused an outcome: %s", type(exc).__name__, extra={"offset": item.offset})
+    if not item.done.done():
+        item.done.set_exception(exc)
