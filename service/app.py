@@ -84,6 +84,8 @@ class Gateway:
         )
         self.broker_silence_limit_s = broker_silence_limit_s
         self.metrics.on_scrape(self._refresh_gauges)
+        for partner in settings.partners:
+            self.metrics.init_partner(partner.id)
         self.http: HealthServer | None = None
         if serve_http:
             rt = settings.runtime
@@ -143,6 +145,7 @@ class Gateway:
             waiting = outstanding.get(partner.id, 0) - m.in_flight_now(partner.id)
             m.queued.labels(partner.id).set(max(0, waiting))
         m.redis_degraded.set(1 if self.redis_degraded else 0)
+        self.ingest.observe()
 
     def _register_secrets(self, registry: Registry) -> None:
         """Every secret value the gateway holds, masked in its logs from now on."""
@@ -167,6 +170,8 @@ class Gateway:
         self.settings = settings
         self.registry = registry
         self.admission.registry = registry
+        for partner in settings.partners:
+            self.metrics.init_partner(partner.id)
         self.pipeline.settings = settings
         self.ingest.settings = settings
         self.budgets.config_changed()

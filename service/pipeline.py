@@ -312,10 +312,10 @@ class Pipeline:
             metadata=adm.metadata,
             unknown_retry=ok.unknown_retry,
         )
+        self._account(pid, adm.model, body.get("usage") or {})  # billed, whether or not published
         published = await self.emit.response(
             sink, pid, adm.request_id, value, origin, body=body, attempts=ok.attempts
         )
-        self._account(pid, adm.model, body.get("usage") or {})
         if not published:
             return
         self.metrics.requests.labels(pid, adm.model, "response").inc()

@@ -135,7 +135,7 @@ class Emitter:
 
     async def _quarantine(self, sink: Sink, dl: DeadLetter, exc: BaseException | None) -> None:
         await sink.publish([])  # finished with no message: the loop goes on
-        self.metrics.quarantined.labels(dl.partner, dl.reason.value).inc()
+        self.metrics.quarantined.labels(dl.partner).inc()
         log.critical(
             "dead letter could not be published; record quarantined (see the runbook)",
             extra={

@@ -28,7 +28,8 @@ import secrets
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
@@ -37,9 +38,13 @@ from aiokafka.structs import OffsetAndMetadata
 from service.admission.registry import Registry
 from service.config.kafka import client_kwargs
 from service.config.settings import GatewaySettings
+from service.contracts.outcomes import DeadLetter
+from service.contracts.reasons import Reason
 from service.egress.publisher import Publisher
+from service.ingest.fetch import Fetched, Undecodable, fetch
 from service.ingest.ledger import Claim
 from service.ingest.partition import Fenced, OutMessage, PartitionWriter, Revoked, State
+from service.ingest.stable_offsets import fetch_committed_stable
 from service.pipeline import Pipeline
 from service.scheduling.scheduler import Draining
 from service.telemetry.metrics import Metrics
@@ -64,10 +69,14 @@ class RecordSink:
         self.offset = offset
         self.inherited = inherited
         """A claim left by an owner that is gone: the call may already have been made."""
+        self.claiming = False
+        """A claim was asked for: it may commit, so the task must not be cancelled any more
+        (a committed claim without its call would read as an unknown outcome)."""
         self.claimed = False
         self.owner = writer.owner
 
     async def claim(self, attempts: int) -> None:
+        self.claiming = True
         await self._writer.claim(self.offset, attempts)
         self.claimed = True
 
@@ -160,18 +169,18 @@ class IngestLoop:
             while not stop.is_set():
                 if self._fatal is not None:
                     raise FatalPipelineError("a record could not be given any outcome") from self._fatal
-                batches = await consumer.getmany(timeout_ms=100)
-                if batches:
+                fetched = await fetch(consumer, timeout_ms=100)
+                if fetched:
                     self.broker_seen_at = time.monotonic()
-                for tp, records in batches.items():
-                    self._dispatch(tp, records)
+                for tp, entries in _by_partition(fetched).items():
+                    self._dispatch(tp, entries)
                 self._replace_failed_writers()
                 self._sync_pauses()
                 now = time.monotonic()
                 if now >= self._next_observe:
                     self._next_observe = now + 1.0
                     self._update_rates(now)
-                    self._observe_lag()
+                    self.observe()
         finally:
             probe.cancel()
             await self._drain()
@@ -203,12 +212,9 @@ class IngestLoop:
     # -- writers ---------------------------------------------------------------------
 
     async def _fetch_committed(self, tp: TopicPartition) -> tuple[int | None, str]:
-        # the group's committed offset *with* its metadata: aiokafka's public
-        # `committed()` drops the metadata, its coordinator keeps it
-        coordinator = self.consumer._coordinator
-        found = await coordinator.fetch_committed_offsets([tp])
-        meta = found.get(tp)
-        return (None, "") if meta is None else (meta.offset, meta.metadata or "")
+        # the committed offset *with* its metadata, stable (no transactional commit pending);
+        # aiokafka's public `committed()` drops the metadata and may answer a stale commit
+        return await fetch_committed_stable(self.consumer._coordinator, tp)
 
     async def _commit_offsets(self, tp: TopicPartition, offset: int, metadata: str) -> None:
         if offset >= 0 and self._consumer is not None:
@@ -271,9 +277,9 @@ class IngestLoop:
         writer.hand_off()
         sinks = self._sinks.pop(writer.tp, {})
         for sink, task in sinks.values():
-            if not sink.claimed:
+            if not sink.claiming:
                 task.cancel()
-        pending = [t for s, t in sinks.values() if s.claimed and not t.done()]
+        pending = [t for s, t in sinks.values() if s.claiming and not t.done()]
         task = asyncio.get_running_loop().create_task(self._close_after(writer, pending))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -308,7 +314,7 @@ class IngestLoop:
         by_rate = int(self._rate.get(pid, 0.0) * self.settings.kafka.fetch_horizon_s)
         return min(s.max_queue, max(floor, by_rate))
 
-    def _dispatch(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+    def _dispatch(self, tp: TopicPartition, entries: list[ConsumerRecord | Undecodable]) -> None:
         writer = self._writers.get(tp)
         if writer is None or tp not in self._ready or writer.state is not State.OWNED:
             return  # the writer seeks to the commit point when ready
@@ -317,7 +323,7 @@ class IngestLoop:
         pid = self._registry().partner_id_for_topic(tp.topic)
         cap, window = self._cap(pid), self.settings.kafka.eos_window
         sinks = self._sinks[tp]
-        for rec in records:
+        for rec in entries:
             if not ledger.accept(rec.offset):
                 continue
             if self._outstanding[pid] >= cap or ledger.window >= window or self.draining:
@@ -329,18 +335,31 @@ class IngestLoop:
             ledger.start(rec.offset)
             sink = RecordSink(writer, rec.offset, ledger.inherited_claim(rec.offset))
             self._outstanding[pid] += 1
-            task = asyncio.create_task(self._process(tp, sink, pid, rec))
+            if isinstance(rec, Undecodable):
+                for later in range(rec.offset + 1, rec.last_offset + 1):  # a whole unreadable batch
+                    writer.skip(later)
+                work = self._undecodable(sink, pid, rec)
+            else:
+                work = self.pipeline.handle(rec, sink)
+            task = asyncio.create_task(self._process(tp, sink, pid, rec.offset, work))
             sinks[rec.offset] = (sink, task)
 
-    async def _process(self, tp: TopicPartition, sink: RecordSink, pid: str, rec: ConsumerRecord) -> None:
+    async def _undecodable(self, sink: RecordSink, pid: str, u: Undecodable) -> None:
+        """A record the Kafka client could not decode: its dead letter, and the loop goes on."""
+        dl = DeadLetter(pid, Reason.UNDECODABLE_RECORD, u.describe(), u.origin())
+        await self.pipeline.emit.dead_letter(sink, dl, model="")
+
+    async def _process(
+        self, tp: TopicPartition, sink: RecordSink, pid: str, offset: int, work: Coroutine[Any, Any, None]
+    ) -> None:
         try:
-            await self.pipeline.handle(rec, sink)
+            await work
         except (Draining, Revoked, Fenced, asyncio.CancelledError):
             pass  # not finished here: the partition's next owner (or this one, after restart) does it
         except BaseException as exc:  # recorded here, re-raised by the loop
             log.critical(
                 "record got no outcome; stopping without committing it",
-                extra={"partner": pid, "topic": tp.topic, "partition": tp.partition, "offset": rec.offset},
+                extra={"partner": pid, "topic": tp.topic, "partition": tp.partition, "offset": offset},
                 exc_info=exc,
             )
             self._fatal = exc
@@ -349,8 +368,8 @@ class IngestLoop:
         finally:
             self._outstanding[pid] -= 1
             sinks = self._sinks.get(tp)
-            if sinks is not None and sinks.get(rec.offset, (None,))[0] is sink:
-                del sinks[rec.offset]
+            if sinks is not None and sinks.get(offset, (None,))[0] is sink:
+                del sinks[offset]
 
     def _sync_pauses(self) -> None:
         """Pause exactly the partitions that must not be fetched now."""
@@ -425,7 +444,8 @@ class IngestLoop:
         self.broker_seen_at = time.monotonic()  # joining the group took the broker's answers
         log.info("partitions assigned", extra={"count": len(assigned)})
 
-    def _observe_lag(self) -> None:
+    def observe(self) -> None:
+        """Refresh the lag and exactly-once gauges (each second, and before each scrape)."""
         consumer = self._consumer
         if consumer is None:
             return
@@ -473,3 +493,14 @@ class IngestLoop:
                 )
                 for writer in writers:
                     await writer.close()
+
+
+def _by_partition(fetched: Fetched) -> dict[TopicPartition, list[ConsumerRecord | Undecodable]]:
+    """Records and undecodable records of each partition, in offset order."""
+    out: dict[TopicPartition, list[ConsumerRecord | Undecodable]] = dict(fetched.records.items())
+    if fetched.undecodable:
+        for u in fetched.undecodable:
+            out.setdefault(u.tp, []).append(u)
+        for tp in {u.tp for u in fetched.undecodable}:
+            out[tp].sort(key=lambda r: r.offset)
+    return out

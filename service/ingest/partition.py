@@ -80,6 +80,8 @@ class _Item:
     messages: Sequence[OutMessage] = ()
     claim: Claim | None = None
     finish: bool = False
+    alone: bool = False
+    """Refused in a batch with others: sent again in a batch of its own."""
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -343,35 +345,59 @@ class PartitionWriter:
                 last = max(i for i, it in enumerate(taken) if it.claim is not None)
                 self._queue.append(taken.pop(last))
 
-    async def _send_all(self, producer: AIOKafkaProducer, items: list[_Item]) -> list[_Item]:
-        """Send every message; the items whose messages the broker refused for good (too
-        large, topic not writable). Any other error fails the whole tick."""
-        futures: list[tuple[_Item, asyncio.Future[object]]] = []
+    async def _send_all(
+        self, producer: AIOKafkaProducer, items: list[_Item]
+    ) -> tuple[list[_Item], list[_Item]]:
+        """Send every message: (the items refused for good, those to send again alone).
+        Any other error fails the whole tick.
+
+        The broker applies `max.message.bytes` to a whole batch and aiokafka does not split a
+        refused batch, so a message refused among others is marked `alone` and sent again in
+        a batch of its own; only the refusal of a message sent alone is final."""
         refused: dict[int, _Item] = {}
         for item in items:
+            if item.alone:
+                for m in item.messages:
+                    try:
+                        await (await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers)))
+                    except KafkaError as exc:
+                        if not _refusal(exc):
+                            raise
+                        _set_error(item, exc)
+                        refused[id(item)] = item
+                        break
+        futures: list[tuple[_Item, asyncio.Future[object]]] = []
+        for item in items:
+            if item.alone:
+                continue
             for m in item.messages:
                 try:
                     fut = await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers))
-                except KafkaError as exc:
+                except KafkaError as exc:  # refused before sending: this message alone is too big
                     if not _refusal(exc):
                         raise
                     _set_error(item, exc)
                     refused[id(item)] = item
                     continue
                 futures.append((item, fut))
+        resend: list[_Item] = []
         if futures:
             results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
             failure: BaseException | None = None
             for (item, _), res in zip(futures, results, strict=True):
-                if isinstance(res, BaseException):
-                    if _refusal(res):
-                        _set_error(item, res)
-                        refused[id(item)] = item
-                    elif failure is None or isinstance(res, ProducerFenced):
-                        failure = res
+                if not isinstance(res, BaseException):
+                    continue
+                if _refusal(res) and len(futures) == 1:
+                    _set_error(item, res)
+                    refused[id(item)] = item
+                elif _refusal(res):
+                    item.alone = True
+                    resend.append(item)
+                elif failure is None or isinstance(res, ProducerFenced):
+                    failure = res
             if failure is not None:
                 raise failure
-        return list(refused.values())
+        return list(refused.values()), resend
 
     async def _tick_transactional(self, ledger: PartitionLedger, items: list[_Item]) -> None:
         taken, snap, metadata = self._prepare(ledger, items)
@@ -379,8 +405,8 @@ class PartitionWriter:
         assert producer is not None
         try:
             await producer.begin_transaction()
-            refused = await self._send_all(producer, taken)
-            if refused:
+            refused, resend = await self._send_all(producer, taken)
+            if refused or resend:
                 # the idempotent sequence is broken past a refused batch: abort, start afresh
                 with contextlib.suppress(KafkaError):
                     await producer.abort_transaction()
@@ -443,8 +469,9 @@ class PartitionWriter:
         producer = self._shared
         assert producer is not None
         assert self._commit_offsets is not None
-        refused = await self._send_all(producer, items)
-        ok = [i for i in items if i not in refused]
+        refused, resend = await self._send_all(producer, items)
+        self._queue[:0] = resend  # at-least-once: sent again alone on the next tick
+        ok = [i for i in items if i not in refused and i not in resend]
         taken, snap, metadata = self._prepare(ledger, ok)
         self._settle(ledger, taken, snap)
         try:

@@ -127,7 +127,7 @@ class Metrics:
         self.quarantined = Counter(
             "gateway_quarantined",
             "Records whose dead letter could not be published at all (finished with no outcome message).",
-            ["partner", "reason"],
+            ["partner"],
             registry=r,
         )
         self.internal_errors = Counter(
@@ -157,6 +157,14 @@ class Metrics:
         )
         self._ratelimit_headers: Mapping[str, str] | None = None
         self._refreshers: list[Callable[[], None]] = [self._refresh_ratelimit]
+
+    def init_partner(self, partner: str) -> None:
+        """Zero samples for a partner's counters of rare events, so alerts and dashboards
+        see a 0 (not "no data") until the first one happens."""
+        self.unknown_outcomes.labels(partner, "owner_lost")
+        self.unknown_retries.labels(partner)
+        self.quarantined.labels(partner)
+        self.internal_errors.labels(partner, "call")
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         """Call `refresh` before every scrape (`refresh()`), to update gauges of outside state."""

@@ -60,33 +60,43 @@ async def world(kafka_bootstrap: str, tmp_path: Path) -> World:
     return await make_world(kafka_bootstrap, tmp_path, ["acme", "globex", "initech"])
 
 
-async def test_killed_mid_run_and_restarted_loses_nothing(world: World, tmp_path: Path) -> None:
+async def test_killed_mid_run_and_restarted_gives_exactly_one_outcome_and_bills_once(
+    world: World, tmp_path: Path
+) -> None:
+    """kill -9 twice mid-run (calls in flight, ticks committing), then restart: every request
+    has exactly one outcome, nothing finished is redone, no request is billed twice. Calls
+    in flight at a kill are `outcome_unknown` (the default policy), never called again."""
     n = 600
     cfg = SimulatorConfig.model_validate(
-        {"api_keys": world.keys, "seed": 3, "latency": {"distribution": "fixed", "fixed_s": 0.05}}
+        {
+            "api_keys": world.keys,
+            "seed": 3,
+            "latency": {"distribution": "lognormal", "median_s": 0.08, "sigma": 0.8, "max_s": 2},
+        }
     )
     async with SimulatorServer(cfg) as sim:
-        await produce(
-            world.bootstrap,
-            spread(world, n, "k"),
-        )
-        proc = _start(world, sim.url, tmp_path)
-        try:
-            seen = await _wait_for(world, 150)
-            assert 0 < seen < n, "the kill must land mid-run"
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            await _exit_code(proc, 10)
+        await produce(world.bootstrap, spread(world, n, "k"))
+        for target in (120, 300):
+            proc = _start(world, sim.url, tmp_path)
+            try:
+                seen = await _wait_for(world, target)
+                assert 0 < seen < n, "the kill must land mid-run"
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                await _exit_code(proc, 10)
         out = await _restart_until_done(world, sim.url, tmp_path, n)
+        calls = sim.calls(min_billed=2)
     ids = out.request_ids()
     missing = {f"k-{i}" for i in range(n)} - set(ids)
-    duplicates = sum(c - 1 for c in ids.values() if c > 1)
-    print(
-        f"\nkill -9 mid-run: {n} requests, {len(ids)} distinct outcomes, "
-        f"{duplicates} duplicates (redone work)"
-    )
+    duplicates = {rid: c for rid, c in ids.items() if c > 1}
+    unknown = out.reasons().get("outcome_unknown", 0)
+    print(f"\nkill -9 x2 mid-run: {n} requests, {len(duplicates)} duplicates, {unknown} outcome_unknown")
     assert not missing, f"lost {len(missing)} requests"
-    assert len(out.responses) == out.total
+    assert not duplicates, f"{len(duplicates)} requests got two outcomes"
+    assert calls["calls_by_request"] == {}, "a request was billed twice"
+    assert set(out.reasons()) <= {"outcome_unknown"}
+    for d in out.dead_letters:  # the claim that made it unknown is reported
+        assert {"claimed_at", "attempts", "owner"} <= set(d["claim"]), d
 
 
 async def test_sigterm_drains_commits_finished_work_and_restart_repeats_none(

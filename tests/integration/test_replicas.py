@@ -51,10 +51,14 @@ async def test_a_replica_joining_and_one_leaving_mid_run_lose_nothing(world: Wor
         out = await collect(world, n, timeout_s=120, settle_s=1.0)
         stop_b.set()
         await task_b
+        twice = sim.calls(min_billed=2)["calls_by_request"]
     ids = out.request_ids()
     assert set(ids) == {f"rb-{i}" for i in range(n)}, "a rebalance lost requests"
     duplicates = sum(c - 1 for c in ids.values())
-    print(f"\nrebalances: {n} requests, {duplicates} duplicates")
+    print(f"\nrebalances: {n} requests, {duplicates} duplicates, {len(twice)} billed twice")
+    assert duplicates == 0, "a rebalance redid finished work"
+    assert twice == {}, "a rebalance called Claude twice for a request"
+    assert out.dead_letters == [], "a graceful handoff leaves no outcome unknown"
     committed = await committed_offsets(world, f"{world.tag}-gateway")
     assert sum(committed.values()) == n  # everything finished is committed, by one or the other
 
@@ -102,5 +106,5 @@ async def test_gateway_processes_share_the_org_budget_through_redis(
             codes = [p.wait(timeout=60) for p in procs]
         stats = sim.stats()
     assert codes == [0, 0, 0]
-    assert len(out.responses) == n
+    assert len(out.responses) == n, (out.reasons(), [d["detail"] for d in out.dead_letters][:5])
     assert stats["rate_limited_429"] <= 0.01 * stats["calls_total"], stats["status_counts"]

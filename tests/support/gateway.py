@@ -177,8 +177,11 @@ class Outcomes:
 
 async def collect(world: World, expected: int, timeout_s: float = 120.0, settle_s: float = 0.0) -> Outcomes:
     """Read response and dead-letter topics from the start until `expected` outcomes
-    arrived (then `settle_s` longer, to catch duplicates) or the timeout passed."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=world.bootstrap, enable_auto_commit=False)
+    arrived (then `settle_s` longer, to catch duplicates) or the timeout passed. Reads as
+    downstream consumers must: `read_committed` (aborted transactions are not outcomes)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=world.bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     out = Outcomes()
     try:

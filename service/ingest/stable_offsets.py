@@ -1,0 +1,151 @@
+"""Read a partition's committed offset and metadata *stably* (OffsetFetch v7, KIP-447).
+
+A transactional offset commit becomes visible only once its transaction's
+marker reaches the group coordinator. An OffsetFetch without `require_stable`
+(aiokafka 0.14 sends v1-v3) may answer the previous commit meanwhile, and a
+new owner would then redo finished work. With `require_stable` the broker
+answers UNSTABLE_OFFSET_COMMIT (88) while such a commit is pending; we wait
+and ask again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError, for_code
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import (
+    Boolean,
+    CompactArray,
+    CompactString,
+    Int16,
+    Int32,
+    Int64,
+    Schema,
+    TaggedFields,
+)
+
+log = logging.getLogger(__name__)
+
+UNSTABLE_OFFSET_COMMIT = 88
+NO_OFFSET = -1
+RETRY_S = 0.05
+MAX_WAIT_S = 60.0
+
+
+class OffsetFetchResponse_v7(Response):  # type: ignore[misc]
+    API_KEY = 9
+    API_VERSION = 7
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "topics",
+            CompactArray(
+                ("name", CompactString("utf-8")),
+                (
+                    "partitions",
+                    CompactArray(
+                        ("partition_index", Int32),
+                        ("committed_offset", Int64),
+                        ("committed_leader_epoch", Int32),
+                        ("metadata", CompactString("utf-8")),
+                        ("error_code", Int16),
+                        ("tags", TaggedFields),
+                    ),
+                ),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("error_code", Int16),
+        ("tags", TaggedFields),
+    )
+
+
+class OffsetFetchRequest_v7(RequestStruct):  # type: ignore[misc]
+    FLEXIBLE_VERSION = True
+    API_KEY = 9
+    API_VERSION = 7
+    RESPONSE_TYPE = OffsetFetchResponse_v7
+    SCHEMA = Schema(
+        ("group_id", CompactString("utf-8")),
+        (
+            "topics",
+            CompactArray(
+                ("name", CompactString("utf-8")),
+                ("partition_indexes", CompactArray(Int32)),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("require_stable", Boolean),
+        ("tags", TaggedFields),
+    )
+
+
+class StableOffsetFetchRequest(Request[OffsetFetchRequest_v7]):  # type: ignore[misc]
+    API_KEY = 9
+
+    def __init__(self, group_id: str, tps: list[TopicPartition]) -> None:
+        by_topic: dict[str, list[int]] = {}
+        for tp in tps:
+            by_topic.setdefault(tp.topic, []).append(tp.partition)
+        self._group_id = group_id
+        self._topics: list[tuple[str, list[int], dict[int, bytes]]] = [
+            (t, ps, {}) for t, ps in by_topic.items()
+        ]
+
+    def build(self, request_struct_class: type[OffsetFetchRequest_v7]) -> OffsetFetchRequest_v7:
+        return request_struct_class(self._group_id, self._topics, True, {})
+
+
+async def fetch_committed_stable(coordinator: Any, tp: TopicPartition) -> tuple[int | None, str]:
+    """The group's committed (offset, metadata) for `tp`, waiting out pending transactional
+    commits. `coordinator` is the consumer's group coordinator (aiokafka internals: it finds
+    the coordinator node and sends to it)."""
+    delay = RETRY_S
+    waited = 0.0
+    while True:
+        await coordinator.ensure_coordinator_known()
+        try:
+            response = await coordinator._send_req(StableOffsetFetchRequest(coordinator.group_id, [tp]))
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+            await asyncio.sleep(delay)
+            continue
+        unstable = False
+        if response.error_code:
+            _raise_or_retry(response.error_code, coordinator)
+            unstable = True
+        for _topic, partitions, _tags in response.topics:
+            for partition, offset, _epoch, metadata, error_code, _ptags in partitions:
+                if partition != tp.partition:
+                    continue
+                if error_code == UNSTABLE_OFFSET_COMMIT:
+                    unstable = True
+                elif error_code:
+                    _raise_or_retry(error_code, coordinator)
+                    unstable = True
+                else:
+                    return (None if offset == NO_OFFSET else offset), metadata or ""
+        if not unstable:
+            return None, ""
+        if waited > MAX_WAIT_S:
+            raise KafkaError(f"the committed offset of {tp} stayed unstable for {waited:.0f}s")
+        await asyncio.sleep(delay)
+        waited += delay
+        delay = min(delay * 2, 1.0)
+
+
+def _raise_or_retry(code: int, coordinator: Any) -> None:
+    if code == UNSTABLE_OFFSET_COMMIT:
+        return
+    error = for_code(code)
+    if error.__name__ in ("NotCoordinatorForGroupError", "CoordinatorNotAvailableError"):
+        coordinator.coordinator_dead()
+        return
+    if getattr(error, "retriable", False) or error.__name__ == "GroupLoadInProgressError":
+        return
+    raise error()
