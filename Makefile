@@ -15,6 +15,7 @@ help:
 	@echo "make test   - every test (unit, integration on a real Kafka and Redis, chart and Dockerfile checks)"
 	@echo "make lint   - ruff and mypy --strict"
 	@echo "make bench  - benchmarks, one JSON object per line"
+	@echo "make chaos  - kill -9, broker restart, scaling and faults under load; exactly one outcome each (not in make test)"
 
 $(UV):
 	python3 -m venv .tools

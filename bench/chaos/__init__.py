@@ -1,0 +1,44 @@
+"""The chaos suite: exactly one outcome per request, and Claude billed once, under crashes.
+
+    make chaos                                    # both runs below; exit 1 if either fails
+    .venv/bin/python -m bench.chaos [--mode chaos|rebalance] [--requests N] [--seed S] ...
+
+One run starts, all on loopback and all its own: a local Kafka broker (`scripts/kafka_local.py`,
+data kept across its restart), Debian's redis-server, the Claude simulator with 20% injected
+faults (7% 500, 7% 529, 6% connections dropped after the work) and gateway replicas as
+separate processes (`python -m service run`) sharing the org limit through Redis. Three
+partners (`alpha` and `bravo` with `on_unknown: deadletter`, `charlie` with
+`on_unknown: retry` when the gateway knows that setting) send requests of mixed sizes
+(40 B to 40 kB of prompt), models and max_tokens.
+
+- `--mode chaos` (default 10,000 requests): kill -9 of a random replica every 3-7 s, each
+  restarted a second later; a scale from 3 replicas to 4 (at 30% of the traffic) and down to 2
+  (at 70%, graceful); one broker restart at 50% (SIGTERM, start with the data kept).
+- `--mode rebalance` (default 3,000 requests): no crash. Every request is produced at once (a
+  backlog, as when an autoscaler scales out; 8 calls per partner and replica, a median
+  latency of 1 s so that calls are in flight at each step); a replica joins
+  when 25% of the requests have an outcome, and once it is ready and 60% have one, a replica
+  leaves gracefully. Here `called_twice` must be 0 as well.
+
+A replica that exits by itself is restarted, as Kubernetes would (`replica_unexpected_exits`).
+When the traffic is sent and the chaos is over, the harness waits (up to
+`--outcome-timeout`, 300 s) until every request has an outcome, stops the replicas, and the
+verifier (bench/chaos/verify.py, definitions there) counts. stdout gets one JSON line:
+
+    {"bench": "chaos", "requests": 10000, "lost": 0, "duplicate_outcomes": 0, "called_twice": N,
+     "called_twice_unexplained": 0, "outcome_unknown": K, "kills": M, "broker_restarts": 1,
+     "wall_s": ..., "mode": "chaos", ... "passed": true}
+
+(after the figures the issue asks for come details: seed, timings, replica starts, dead-letter
+reasons, `billed_twice`, the run dir). Exit status: 0 when passed, 1 when not (lost,
+duplicate_outcomes or called_twice_unexplained above 0; in the rebalance mode also
+called_twice), 2 when the run itself failed (its line then carries `error`). Progress goes to
+stderr; every process's log stays in the run dir (`.run/chaos/<time>-<mode>-seed<seed>/`).
+Every child process is stopped at the end, also on failure or Ctrl-C, and is killed by the
+kernel if the harness itself is killed.
+"""
+
+from bench.chaos.harness import passed, run_chaos
+from bench.chaos.options import ChaosOptions
+
+__all__ = ["ChaosOptions", "passed", "run_chaos"]

@@ -1,0 +1,341 @@
+"""One chaos run: set up, lay the chaos over steady traffic, wait for outcomes, verify, clean up.
+
+Files (kept after the run, for debugging) in the run dir: `events.log` (the timeline: every
+kill, restart, scale step and broker restart), `gateway-<i>.yaml` and `gateway-<i>.log`,
+`simulator.log`, `redis/`, `kafka/` (the broker's config and logs; its data is removed at the
+end of a passing run unless `keep_broker_data`), `keys/`, and `result.json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from bench.chaos.options import ChaosOptions
+from bench.chaos.procs import HOST, ROOT, Broker, Redis, Simulator
+from bench.chaos.replicas import Fleet
+from bench.chaos.traffic import PARTNERS, Request, build_requests, produce_paced
+from bench.chaos.verify import OutcomeReader, summarise, unknown_retries
+
+SIM_RPM = 60_000  # the org limit, in the simulator and in the gateways' limiter: far above the traffic
+GROUP = "chaos-gateway"
+
+
+def request_topic(partner: str) -> str:
+    return f"claude.requests.{partner}"
+
+
+def on_unknown_supported() -> bool:
+    """Whether this checkout's gateway knows the per-partner `on_unknown` setting."""
+    from service.config.settings import PartnerSettings
+
+    return "on_unknown" in PartnerSettings.model_fields
+
+
+class Run:
+    def __init__(self, options: ChaosOptions) -> None:
+        self.o = options
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.dir = options.run_dir or ROOT / ".run" / "chaos" / f"{stamp}-{options.mode}-seed{options.seed}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rng = random.Random(options.seed)
+        self.began = time.monotonic()
+        self.broker = Broker(self.dir / "kafka")
+        self.redis = Redis(self.dir / "redis")
+        self.sim: Simulator | None = None
+        self.fleet: Fleet | None = None
+        self.reader: OutcomeReader | None = None
+        self.broker_restarts = 0
+        self.on_unknown = on_unknown_supported()
+        self._events = (self.dir / "events.log").open("a")
+
+    def event(self, message: str) -> None:
+        line = f"[{time.monotonic() - self.began:7.1f}s] {message}"
+        self._events.write(line + "\n")
+        self._events.flush()
+        print(f"[chaos] {line}", file=sys.stderr, flush=True)
+
+    # -- set-up --------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        bootstrap = await self.broker.start()
+        self.event(f"broker on {bootstrap} (files in {self.broker.directory})")
+        await self._create_topics(bootstrap)
+        self.event(f"redis on {self.redis.start()}")
+        keys = self.dir / "keys"
+        keys.mkdir(exist_ok=True)
+        args = ["--seed", str(self.o.seed), "--rpm", str(SIM_RPM), "--itpm", "0", "--otpm", "0"]
+        for p in PARTNERS:
+            key = f"sk-ant-chaos-{p.id}-{self.rng.getrandbits(64):016x}"
+            (keys / f"{p.id}.key").write_text(key + "\n")
+            args += ["--api-key", f"{p.id}={key}"]
+        args += [
+            "--latency-median-s", str(self.o.latency_median_s), "--latency-sigma", "0.5",
+            "--latency-per-output-token-s", "0.0005",
+            "--output-distribution", "uniform", "--output-min-tokens", "20", "--output-max-tokens", "400",
+        ]  # fmt: skip
+        for name, rate in self.o.faults.items():
+            args += [f"--{name.replace('_', '-')}", f"{rate:.4f}"]
+        self.sim = Simulator(args, self.dir / "simulator.log")
+        self.event(f"simulator on {self.sim.start()} (faults {self.o.faults})")
+        self.fleet = Fleet(self.dir, self._gateway_config, self.rng, self.event, self.o.restart_delay_s)
+        for _ in range(self.o.replicas):
+            self.fleet.add()
+        ready = await self.fleet.wait_ready(90)
+        self.event("replicas ready" if ready else "replicas not all ready after 90 s; going on")
+        topics = {f"claude.responses.{p.id}": "response" for p in PARTNERS}
+        topics |= {f"claude.deadletter.{p.id}": "deadletter" for p in PARTNERS}
+        self.reader = OutcomeReader(bootstrap, topics, self.o.partitions, self.event)
+        await self.reader.start()
+
+    async def _create_topics(self, bootstrap: str) -> None:
+        names = [
+            f"claude.{kind}.{p.id}" for p in PARTNERS for kind in ("requests", "responses", "deadletter")
+        ]
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(n, self.o.partitions, 1) for n in names])
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                described = await admin.describe_topics(names)
+                if all(
+                    d.get("error_code") == 0
+                    and len(d.get("partitions") or []) == self.o.partitions
+                    and all(p["leader"] >= 0 for p in d["partitions"])
+                    for d in described
+                ):
+                    return
+                await asyncio.sleep(0.2)
+            raise RuntimeError(f"the topics had no leaders within 30 s: {names}")
+        finally:
+            await admin.close()
+
+    def _gateway_config(self, index: int, http_port: int) -> dict[str, Any]:
+        assert self.sim is not None
+        partners = []
+        for p in PARTNERS:
+            partner: dict[str, Any] = {
+                "id": p.id,
+                "weight": p.weight,
+                "max_concurrency": self.o.concurrency,
+                "api_key": {"file": str(self.dir / "keys" / f"{p.id}.key")},
+            }
+            if self.on_unknown:
+                partner["on_unknown"] = p.on_unknown
+            partners.append(partner)
+        return {
+            "kafka": {
+                "bootstrap_servers": self.broker.bootstrap,
+                "group_id": GROUP,
+                "client_id": f"chaos-gateway-{index}",
+                "metadata_max_age_ms": 5_000,
+                "session_timeout_ms": self.o.session_timeout_ms,
+                "heartbeat_interval_ms": max(100, min(3_000, self.o.session_timeout_ms // 4)),
+            },
+            "anthropic": {"base_url": self.sim.url, "timeout_s": 30},
+            "org_limits": {"rpm": SIM_RPM},
+            "limiter_backend": "redis",
+            "redis": {"url": self.redis.url, "key_prefix": "chaos", "expected_replicas": self.o.replicas},
+            "retry": {"max_attempts": 8, "base_delay_s": 0.1, "max_delay_s": 1.0, "max_elapsed_s": 300},
+            "runtime": {
+                "http_host": HOST,
+                "http_port": http_port,
+                "drain_timeout_s": 10,
+                "commit_interval_s": 0.2,
+                "log_level": "INFO",
+            },
+            "partners": partners,
+        }
+
+    # -- the chaos -------------------------------------------------------------------
+
+    def timeline(self) -> list[tuple[float, str, Callable[[], Coroutine[Any, Any, None]]]]:
+        """(seconds after the first request, label, action), in time order."""
+        assert self.fleet is not None
+        fleet, o, d = self.fleet, self.o, self.o.duration_s
+        events: list[tuple[float, str, Callable[[], Coroutine[Any, Any, None]]]] = []
+
+        async def kill() -> None:
+            await fleet.kill_random()
+
+        t, kills = self.rng.uniform(*o.kill_every_s), 0
+        while t < d and (o.max_kills is None or kills < o.max_kills):
+            events.append((t, "kill -9", kill))
+            kills += 1
+            t += self.rng.uniform(*o.kill_every_s)
+        events.append((0.30 * d, f"scale to {o.scale_up_to}", lambda: fleet.scale_to(o.scale_up_to)))
+        for k in range(o.broker_restarts):
+            events.append(((0.5 + 0.1 * k) * d, "broker restart", self._restart_broker))
+        events.append((0.70 * d, f"scale to {o.scale_down_to}", lambda: fleet.scale_to(o.scale_down_to)))
+        return sorted(events, key=lambda e: e[0])
+
+    async def _restart_broker(self) -> None:
+        self.event("broker restart: stop (SIGTERM), start with the data kept")
+        took = await self.broker.restart()
+        self.broker_restarts += 1
+        self.event(f"broker back on {self.broker.bootstrap} after {took:.1f}s")
+
+    async def _play(self, began: float, total: int) -> None:
+        if self.o.mode == "rebalance":
+            await self._play_rebalance(total)
+            return
+        actions: list[asyncio.Task[None]] = []
+        for at, label, action in self.timeline():
+            await asyncio.sleep(max(0.0, began + at - time.monotonic()))
+            self.event(f"chaos: {label}")
+            actions.append(asyncio.create_task(action(), name=label))
+        await asyncio.gather(*actions)
+
+    async def _play_rebalance(self, total: int) -> None:
+        """No crash: one replica joins at 25% of the outcomes, one leaves (SIGTERM) at 60%."""
+        assert self.fleet is not None
+        await self._until_outcomes(0.25 * total)
+        self.event("chaos: a replica joins")
+        await self.fleet.scale_to(self.o.replicas + 1)
+        ready = await self.fleet.wait_ready(90)
+        self.event("every replica ready" if ready else "not every replica ready after 90 s")
+        await self._until_outcomes(0.60 * total)
+        self.event("chaos: a replica leaves")
+        await self.fleet.scale_to(self.o.replicas)
+
+    async def _until_outcomes(self, n: float) -> None:
+        """Until `n` requests have an outcome, or `outcome_timeout_s` passed (then go on)."""
+        assert self.reader is not None
+        deadline = time.monotonic() + self.o.outcome_timeout_s
+        while True:
+            seen = len(self.reader.tally.by_request)
+            if seen >= n or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        self.event(f"{seen} requests have an outcome")
+
+    async def _supervise(self) -> None:
+        assert self.fleet is not None
+        while True:
+            self.fleet.supervise()
+            await asyncio.sleep(0.25)
+
+    # -- the run ---------------------------------------------------------------------
+
+    async def execute(self) -> dict[str, Any]:
+        await self.setup()
+        assert self.fleet is not None
+        assert self.reader is not None
+        assert self.sim is not None
+        requests = build_requests(self.o.requests, self.o.seed, f"s{self.o.seed}")
+        supervisor = asyncio.create_task(self._supervise(), name="supervisor")
+        try:
+            began = time.monotonic()
+            rate = self.o.rate_per_s if self.o.mode == "chaos" else None
+            self.event(f"producing {len(requests)} requests at {rate or 'once'}/s ({self.o.mode})")
+            production, _ = await asyncio.gather(
+                produce_paced(self.broker.bootstrap, request_topic, requests, rate, self.event),
+                self._play(began, len(requests)),
+            )
+            chaos_s = time.monotonic() - began
+            self.event("chaos over; waiting for every request to have an outcome")
+            waited = await self._wait_for_outcomes(production.acked)
+            await asyncio.sleep(self.o.settle_s)
+            retries = await asyncio.to_thread(unknown_retries, self.fleet.metrics_urls())
+        finally:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+        await self.fleet.stop_all()
+        drained = await self.reader.drain(60)
+        calls = (await asyncio.to_thread(self.sim.calls))["calls_by_request"]
+        retry_partners = {p.id for p in PARTNERS if p.on_unknown == "retry"} if self.on_unknown else set()
+        figures = summarise(production.acked, self.reader.tally, calls, retry_partners)
+        result: dict[str, Any] = {
+            "bench": "chaos",
+            "requests": len(production.acked),
+            **{k: figures[k] for k in ("lost", "duplicate_outcomes", "called_twice")},
+            **{k: figures[k] for k in ("called_twice_unexplained", "outcome_unknown")},
+            "kills": self.fleet.kills,
+            "broker_restarts": self.broker_restarts,
+            "wall_s": round(time.monotonic() - self.began, 1),
+            "mode": self.o.mode,
+            "seed": self.o.seed,
+            "chaos_s": round(chaos_s, 1),
+            "wait_for_outcomes_s": round(waited, 1),
+            "produce_failed": len(production.failed),
+            "replica_starts": sum(r.starts for r in self.fleet.replicas),
+            "replica_unexpected_exits": self.fleet.unexpected_exits,
+            "graceful_exit_codes": self.fleet.graceful_stops,
+            "billed_twice": figures["billed_twice"],
+            "responses": figures["responses"],
+            "dead_letters": figures["dead_letters"],
+            "dead_letter_reasons": figures["dead_letter_reasons"],
+            "responses_without_a_billed_call": figures["responses_without_a_billed_call"],
+            "on_unknown_supported": self.on_unknown,
+            "unknown_retries_metric": retries,
+            "final_read_complete": drained,
+            "run_dir": str(self.dir),
+        }
+        result["passed"] = passed(result)
+        return result
+
+    async def _wait_for_outcomes(self, acked: list[Request]) -> float:
+        assert self.reader is not None
+        began = time.monotonic()
+        last_note = began
+        while (
+            missing := self.reader.tally.missing(acked)
+        ) and time.monotonic() - began < self.o.outcome_timeout_s:
+            if time.monotonic() - last_note >= 10:
+                self.event(f"{missing} of {len(acked)} requests still without an outcome")
+                last_note = time.monotonic()
+            await asyncio.sleep(0.5)
+        self.event(f"{missing} requests without an outcome after {time.monotonic() - began:.1f}s")
+        return time.monotonic() - began
+
+    def close(self, passed: bool) -> None:
+        """Stop every child process (blocking); safe at any point of the run."""
+        if self.fleet is not None:
+            self.fleet.kill_all()
+        if self.sim is not None:
+            self.sim.close()
+        self.redis.close()
+        self.broker.close(remove_data=passed and not self.o.keep_broker_data)
+        self._events.close()
+
+
+def passed(result: dict[str, Any]) -> bool:
+    """The verdict: nothing lost, nothing answered twice, no unexplained double billing;
+    in the rebalance mode (no crash) nothing called twice at all."""
+    bad = result["lost"] or result["duplicate_outcomes"] or result["called_twice_unexplained"]
+    if result["mode"] == "rebalance":
+        bad = bad or result["called_twice"]
+    return not bad and result["requests"] > 0
+
+
+async def run_chaos(options: ChaosOptions) -> dict[str, Any]:
+    """Run once; the result dict (the JSON line). Every child process is gone when it returns."""
+    run = Run(options)
+    result: dict[str, Any] | None = None
+    quiet = logging.getLogger("aiokafka")  # the harness's own clients: a broker restart is expected
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        result = await run.execute()
+    finally:
+        quiet.setLevel(level)
+        ok = bool(result and result["passed"])
+        reader = run.reader
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                await reader.close()
+        run.close(ok)
+    (run.dir / "result.json").write_text(json.dumps(result) + "\n")
+    return result

@@ -1,0 +1,216 @@
+"""Gateway replicas as separate processes (`python -m service run --config FILE`), and what a
+supervisor does to them: start, kill -9 and restart, scale up, graceful stop, restart after an
+exit nobody asked for (as Kubernetes would with `restartPolicy: Always`).
+
+Each replica has its own config file (only `runtime.http_port` and `kafka.client_id` differ, so
+its /metrics can be scraped) and one log, `gateway-<i>.log`, appended across its restarts with
+a marker line before each start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.chaos.procs import HOST, free_port, http_json, spawn, stop_process
+
+STOP_TIMEOUT_S = 40.0
+
+
+class State(enum.Enum):
+    RUNNING = "running"
+    RESTARTING = "restarting"  # killed or exited; a restart is pending
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass
+class Replica:
+    index: int
+    config_path: Path
+    log_path: Path
+    http_port: int
+    proc: subprocess.Popen[bytes] | None = None
+    state: State = State.STOPPED
+    starts: int = 0
+    restart_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"gateway-{self.index}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Fleet:
+    """The replicas of one run. `config(i, http_port)` gives replica i's settings as a dict."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: Callable[[int, int], dict[str, Any]],
+        rng: random.Random,
+        event: Callable[[str], None],
+        restart_delay_s: float = 1.0,
+    ) -> None:
+        self.run_dir = run_dir
+        self._config = config
+        self._rng = rng
+        self._event = event
+        self.restart_delay_s = restart_delay_s
+        self.replicas: list[Replica] = []
+        self.kills = 0
+        self.unexpected_exits = 0
+        self.graceful_stops: list[int] = []  # exit codes
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def add(self) -> Replica:
+        """A new replica (the next index), started at once."""
+        index = len(self.replicas)
+        port = free_port()
+        path = self.run_dir / f"gateway-{index}.yaml"
+        path.write_text(yaml.safe_dump(self._config(index, port), sort_keys=False))
+        replica = Replica(index, path, self.run_dir / f"gateway-{index}.log", port)
+        self.replicas.append(replica)
+        self._start(replica)
+        return replica
+
+    def _start(self, replica: Replica) -> None:
+        replica.starts += 1
+        with replica.log_path.open("a") as log:
+            log.write(f"=== chaos harness: start #{replica.starts} of {replica.name} at {time.time():.3f}\n")
+        replica.proc = spawn(
+            [sys.executable, "-m", "service", "run", "--config", str(replica.config_path)],
+            replica.log_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        replica.state = State.RUNNING
+        self._event(f"{replica.name} started (pid {replica.proc.pid}, start #{replica.starts})")
+
+    def live(self) -> list[Replica]:
+        """Replicas that run or will run again (a killed one whose restart is pending)."""
+        return [r for r in self.replicas if r.state in (State.RUNNING, State.RESTARTING)]
+
+    def running(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state is State.RUNNING and r.alive]
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every running replica answers /readyz 200; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pending = [r for r in self.running() if not await asyncio.to_thread(_ready, r.http_port)]
+            if not pending:
+                return True
+            await asyncio.sleep(0.5)
+        return False
+
+    # -- chaos -----------------------------------------------------------------------
+
+    async def kill_random(self) -> Replica | None:
+        """kill -9 of a random running replica, preferring those that are ready (own partitions,
+        so the kill hits work in flight); its restart follows after `restart_delay_s`."""
+        running = self.running()
+        ready = [r for r in running if await asyncio.to_thread(_ready, r.http_port)]
+        candidates = ready or running
+        if not candidates:
+            return None
+        replica = self._rng.choice(candidates)
+        if replica.state is not State.RUNNING or not replica.alive:  # changed while we asked
+            return None
+        assert replica.proc is not None
+        replica.proc.send_signal(signal.SIGKILL)
+        replica.proc.wait()
+        self.kills += 1
+        self._event(f"kill -9 {replica.name} (pid {replica.proc.pid}); kill #{self.kills}")
+        self._restart_later(replica)
+        return replica
+
+    def _restart_later(self, replica: Replica) -> None:
+        replica.state = State.RESTARTING
+
+        async def restart() -> None:
+            await asyncio.sleep(self.restart_delay_s)
+            if replica.state is State.RESTARTING:
+                self._start(replica)
+
+        replica.restart_task = asyncio.create_task(restart(), name=f"restart-{replica.name}")
+
+    def supervise(self) -> None:
+        """Restart a running replica that exited by itself (called every fraction of a second)."""
+        for replica in self.replicas:
+            if (
+                replica.state is State.RUNNING
+                and replica.proc is not None
+                and replica.proc.poll() is not None
+            ):
+                self.unexpected_exits += 1
+                self._event(
+                    f"{replica.name} exited by itself with code {replica.proc.returncode}; restarting"
+                )
+                self._restart_later(replica)
+
+    async def stop(self, replicas: list[Replica], reason: str) -> list[int]:
+        """Graceful stop (SIGTERM, drain) of `replicas`, concurrently; their exit codes."""
+        for replica in replicas:
+            if replica.restart_task is not None:
+                replica.restart_task.cancel()
+            replica.state = State.STOPPING
+        self._event(f"stopping {', '.join(r.name for r in replicas)} ({reason})")
+        codes = await asyncio.gather(*(asyncio.to_thread(self._stop_one, r) for r in replicas))
+        self.graceful_stops.extend(c for c in codes if c is not None)
+        self._event(f"stopped {', '.join(f'{r.name}={c}' for r, c in zip(replicas, codes, strict=True))}")
+        return [c for c in codes if c is not None]
+
+    def _stop_one(self, replica: Replica) -> int | None:
+        code = stop_process(replica.proc, STOP_TIMEOUT_S) if replica.alive and replica.proc else None
+        replica.state = State.STOPPED
+        return code
+
+    async def scale_to(self, n: int) -> None:
+        """Add replicas, or gracefully stop random ones, until `n` are live."""
+        live = self.live()
+        if n > len(live):
+            self._event(f"scale {len(live)} -> {n}")
+            for _ in range(n - len(live)):
+                self.add()
+        elif n < len(live):
+            self._event(f"scale {len(live)} -> {n}")
+            await self.stop(self._rng.sample(live, len(live) - n), "scale down")
+
+    async def stop_all(self) -> None:
+        await self.stop(self.live(), "end of run")
+
+    def kill_all(self) -> None:
+        """Last resort (the harness's `finally`): SIGKILL whatever still runs, reap it."""
+        for replica in self.replicas:
+            if replica.restart_task is not None:
+                replica.restart_task.cancel()
+            if replica.proc is not None and replica.proc.poll() is None:
+                replica.proc.kill()
+                replica.proc.wait()
+            replica.state = State.STOPPED
+
+    def metrics_urls(self) -> list[str]:
+        return [f"http://{HOST}:{r.http_port}/metrics" for r in self.running()]
+
+
+def _ready(port: int) -> bool:
+    try:
+        return bool(http_json(f"http://{HOST}:{port}/readyz", 1.0).get("ready"))
+    except (OSError, ValueError):
+        return False
