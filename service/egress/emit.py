@@ -24,7 +24,8 @@ from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter, Origin, encode_deadletter
 from service.contracts.reasons import Reason
 from service.ingest.ledger import Claim
-from service.ingest.partition import Fenced, OutMessage
+from service.ingest.partition import Fenced
+from service.ingest.sending import OutMessage
 from service.telemetry.metrics import Metrics
 from service.telemetry.tracing import Tracing
 

@@ -29,7 +29,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from enum import Enum
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -38,10 +37,10 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from service.config.kafka import client_kwargs
 from service.config.settings import KafkaSettings
 from service.ingest.ledger import Claim, MetadataTooLarge, PartitionLedger, Snapshot, encode
+from service.ingest.sending import Item, OutMessage, send_all
 
 log = logging.getLogger(__name__)
 
-Headers = Sequence[tuple[str, bytes]]
 FetchCommitted = Callable[[TopicPartition], Awaitable[tuple[int | None, str]]]
 """The group's committed (offset, metadata) of a partition (offset None: never committed)."""
 CommitOffsets = Callable[[TopicPartition, int, str], Awaitable[None]]
@@ -64,25 +63,6 @@ class State(Enum):
     SUSPENDED = "suspended"  # revoked, the rebalance not finished: new claims wait
     HANDOFF = "handoff"  # another replica owns it: finish claimed calls, refuse new ones
     CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class OutMessage:
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: Headers = ()
-
-
-@dataclass(slots=True)
-class _Item:
-    offset: int
-    messages: Sequence[OutMessage] = ()
-    claim: Claim | None = None
-    finish: bool = False
-    alone: bool = False
-    """Refused in a batch with others: sent again in a batch of its own."""
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 def transactional_id(group_id: str, tp: TopicPartition) -> str:
@@ -114,7 +94,7 @@ class PartitionWriter:
         self._producer: AIOKafkaProducer | None = None
         self.ledger: PartitionLedger | None = None
         self.state = State.STARTING
-        self._queue: list[_Item] = []
+        self._queue: list[Item] = []
         self._wake = asyncio.Event()
         self._owned = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -247,7 +227,7 @@ class PartitionWriter:
             if self.state in (State.HANDOFF, State.CLOSED) or self.failure is not None:
                 raise Revoked(f"{self.tp} is owned by another replica")
             await self._owned.wait()
-        item = _Item(offset, claim=Claim(offset, int(time.time() * 1000), attempts, self.owner))
+        item = Item(offset, claim=Claim(offset, int(time.time() * 1000), attempts, self.owner))
         if not self._eos:
             return
         await self._submit(item)
@@ -256,7 +236,7 @@ class PartitionWriter:
         """Publish the request's outcome and mark it finished, atomically; returns once committed.
         Raises the broker's error for a message it refused (the caller makes a smaller
         outcome), or `Fenced`."""
-        await self._submit(_Item(offset, messages=messages, finish=True))
+        await self._submit(Item(offset, messages=messages, finish=True))
 
     def skip(self, offset: int) -> None:
         """A record the previous owner finished: counted done without any call or outcome."""
@@ -264,7 +244,7 @@ class PartitionWriter:
         self.ledger.start(offset)
         self.ledger.apply([offset], [], self.ledger.seq)
 
-    async def _submit(self, item: _Item) -> None:
+    async def _submit(self, item: Item) -> None:
         if self.failure is not None or self.state is State.CLOSED:
             raise Fenced(f"{self.tp} is no longer written from here")
         self._queue.append(item)
@@ -322,10 +302,10 @@ class PartitionWriter:
             await self._tick_plain(ledger, items)
         self._last_tick = time.monotonic()
 
-    def _prepare(self, ledger: PartitionLedger, items: list[_Item]) -> tuple[list[_Item], Snapshot, str]:
+    def _prepare(self, ledger: PartitionLedger, items: list[Item]) -> tuple[list[Item], Snapshot, str]:
         """The metadata for `items`; claims that would not fit wait for a later tick."""
         limit = self.settings.eos_max_claims
-        taken: list[_Item] = []
+        taken: list[Item] = []
         claims = len(ledger.claims)
         for item in items:
             if item.claim is not None and claims >= limit:
@@ -345,67 +325,13 @@ class PartitionWriter:
                 last = max(i for i, it in enumerate(taken) if it.claim is not None)
                 self._queue.append(taken.pop(last))
 
-    async def _send_all(
-        self, producer: AIOKafkaProducer, items: list[_Item]
-    ) -> tuple[list[_Item], list[_Item]]:
-        """Send every message: (the items refused for good, those to send again alone).
-        Any other error fails the whole tick.
-
-        The broker applies `max.message.bytes` to a whole batch and aiokafka does not split a
-        refused batch, so a message refused among others is marked `alone` and sent again in
-        a batch of its own; only the refusal of a message sent alone is final."""
-        refused: dict[int, _Item] = {}
-        for item in items:
-            if item.alone:
-                for m in item.messages:
-                    try:
-                        await (await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers)))
-                    except KafkaError as exc:
-                        if not _refusal(exc):
-                            raise
-                        _set_error(item, exc)
-                        refused[id(item)] = item
-                        break
-        futures: list[tuple[_Item, asyncio.Future[object]]] = []
-        for item in items:
-            if item.alone:
-                continue
-            for m in item.messages:
-                try:
-                    fut = await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers))
-                except KafkaError as exc:  # refused before sending: this message alone is too big
-                    if not _refusal(exc):
-                        raise
-                    _set_error(item, exc)
-                    refused[id(item)] = item
-                    continue
-                futures.append((item, fut))
-        resend: list[_Item] = []
-        if futures:
-            results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
-            failure: BaseException | None = None
-            for (item, _), res in zip(futures, results, strict=True):
-                if not isinstance(res, BaseException):
-                    continue
-                if _refusal(res) and len(futures) == 1:
-                    _set_error(item, res)
-                    refused[id(item)] = item
-                elif _refusal(res):
-                    item.alone = True
-                    resend.append(item)
-                elif failure is None or isinstance(res, ProducerFenced):
-                    failure = res
-            if failure is not None:
-                raise failure
-        return list(refused.values()), resend
-
-    async def _tick_transactional(self, ledger: PartitionLedger, items: list[_Item]) -> None:
+    async def _tick_transactional(self, ledger: PartitionLedger, items: list[Item]) -> None:
         taken, snap, metadata = self._prepare(ledger, items)
         producer = self._producer
         assert producer is not None
         try:
             await producer.begin_transaction()
-            refused, resend = await self._send_all(producer, taken)
+            refused, resend = await send_all(producer, taken)
             if refused or resend:
                 # the idempotent sequence is broken past a refused batch: abort, start afresh
                 with contextlib.suppress(KafkaError):
@@ -429,7 +355,7 @@ class PartitionWriter:
         self._failures = 0
         self._settle(ledger, taken, snap)
 
-    async def _reopen_verified(self, ledger: PartitionLedger, taken: list[_Item], snap: Snapshot) -> None:
+    async def _reopen_verified(self, ledger: PartitionLedger, taken: list[Item], snap: Snapshot) -> None:
         """After a failed or aborted tick: re-initialise the producer (which completes or
         aborts the open transaction), read the commit, and go on only if it is still ours.
         Then the tick's items either committed (settled now) or go back in the queue."""
@@ -456,7 +382,7 @@ class PartitionWriter:
             await asyncio.sleep(delay)
         self._wake.set()
 
-    def _settle(self, ledger: PartitionLedger, taken: list[_Item], snap: Snapshot) -> None:
+    def _settle(self, ledger: PartitionLedger, taken: list[Item], snap: Snapshot) -> None:
         self._last_owner = snap.owner
         ledger.apply(
             [i.offset for i in taken if i.finish], [i.claim for i in taken if i.claim is not None], snap.seq
@@ -465,11 +391,11 @@ class PartitionWriter:
             if not item.done.done():
                 item.done.set_result(None)
 
-    async def _tick_plain(self, ledger: PartitionLedger, items: list[_Item]) -> None:
+    async def _tick_plain(self, ledger: PartitionLedger, items: list[Item]) -> None:
         producer = self._shared
         assert producer is not None
         assert self._commit_offsets is not None
-        refused, resend = await self._send_all(producer, items)
+        refused, resend = await send_all(producer, items)
         self._queue[:0] = resend  # at-least-once: sent again alone on the next tick
         ok = [i for i in items if i not in refused and i not in resend]
         taken, snap, metadata = self._prepare(ledger, ok)
@@ -478,28 +404,3 @@ class PartitionWriter:
             await self._commit_offsets(self.tp, snap.commit, metadata)
         except KafkaError as exc:  # at-least-once: a later commit covers it
             log.warning("offset commit failed", extra={"topic": self.tp.topic, "error": type(exc).__name__})
-
-
-_REFUSALS = frozenset(
-    {
-        "MessageSizeTooLargeError",
-        "RecordTooLargeError",
-        "RecordBatchTooLargeError",
-        "InvalidTopicError",
-        "TopicAuthorizationFailedError",
-        "PolicyViolationError",
-        "InvalidRecordError",
-        "CorruptRecordException",
-    }
-)
-
-
-def _refusal(exc: BaseException) -> bool:
-    """The broker will never take this message: the caller must make another outcome."""
-    return type(exc).__name__ in _REFUSALS
-
-
-def _set_error(item: _Item, exc: BaseException) -> None:
-    log.warning("the broker refused an outcome: %s", type(exc).__name__, extra={"offset": item.offset})
-    if not item.done.done():
-        item.done.set_exception(exc)

@@ -1,0 +1,250 @@
+"""Which request partitions this replica owns, their writers, and the requests on each.
+
+- A partition assigned to us gets a `PartitionWriter`. It is *ready* (fetched)
+  only once the writer has fenced the previous owner, read what it committed,
+  and the consumer's position is set to that commit point.
+- Revocation does not wait (a slow revocation stalls the whole group): the
+  writer keeps committing what finishes, new claims wait for the assignment.
+  If the partition comes back, nothing is lost.
+- A partition that went elsewhere is *retired*: requests that never asked for
+  a claim are cancelled (the new owner does them, nothing was billed), claimed
+  calls finish and publish until the new owner fences this one, then the
+  writer closes.
+- A writer that stopped (an unverifiable transaction failure) is replaced if
+  the partition is still ours: the new one reads the committed state again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from service.config.settings import GatewaySettings
+from service.egress.publisher import Publisher
+from service.ingest.ledger import Claim
+from service.ingest.partition import PartitionWriter, State
+from service.ingest.sending import OutMessage
+from service.ingest.stable_offsets import fetch_committed_stable
+
+log = logging.getLogger(__name__)
+
+WRITER_RETRY_S = 1.0
+
+
+class RecordSink:
+    """Where one record's claim and outcome go: its partition's writer."""
+
+    def __init__(self, writer: PartitionWriter, offset: int, inherited: Claim | None) -> None:
+        self._writer = writer
+        self.offset = offset
+        self.inherited = inherited
+        """A claim left by an owner that is gone: the call may already have been made."""
+        self.claiming = False
+        """A claim was asked for: it may commit, so the task must not be cancelled any more
+        (a committed claim without its call would read as an unknown outcome)."""
+        self.claimed = False
+        self.owner = writer.owner
+
+    async def claim(self, attempts: int) -> None:
+        self.claiming = True
+        await self._writer.claim(self.offset, attempts)
+        self.claimed = True
+
+    async def publish(self, messages: list[OutMessage]) -> None:
+        await self._writer.publish(self.offset, messages)
+
+
+class Ownership:
+    def __init__(
+        self,
+        settings: Callable[[], GatewaySettings],
+        consumer: Callable[[], AIOKafkaConsumer],
+        owner: str,
+        publisher: Publisher | None = None,
+    ) -> None:
+        self._settings = settings
+        self._consumer = consumer
+        self.owner = owner
+        self._publisher = publisher
+        self.writers: dict[TopicPartition, PartitionWriter] = {}
+        self.ready: set[TopicPartition] = set()
+        self._starting: dict[TopicPartition, asyncio.Task[None]] = {}
+        self.retiring: set[asyncio.Task[None]] = set()
+        self._retiring_by_tp: dict[TopicPartition, asyncio.Task[None]] = {}
+        """The last retired writer of each partition, while it finishes its calls."""
+        self.sinks: dict[TopicPartition, dict[int, tuple[RecordSink, asyncio.Task[None]]]] = defaultdict(dict)
+
+    def writer(self, tp: TopicPartition) -> PartitionWriter | None:
+        """The partition's writer if records may be dispatched to it now."""
+        writer = self.writers.get(tp)
+        if writer is None or tp not in self.ready or writer.state is not State.OWNED:
+            return None
+        return writer
+
+    # -- rebalances ---------------------------------------------------------------------
+
+    def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        for tp in revoked:
+            writer = self.writers.get(tp)
+            if writer is not None:
+                writer.suspend()
+
+    def on_assigned(self, assigned: list[TopicPartition]) -> list[TopicPartition]:
+        """Keep, open or retire writers; returns the partitions no longer ours."""
+        keep = set(assigned)
+        gone = [tp for tp in self.writers if tp not in keep]
+        for tp in gone:
+            writer = self.writers.pop(tp)
+            self.ready.discard(tp)
+            starting = self._starting.pop(tp, None)
+            if starting is not None:
+                starting.cancel()
+            self.retire(writer)
+        with contextlib.suppress(IllegalStateError):
+            self._consumer().pause(*assigned)  # until each writer is ready
+        for tp in assigned:
+            kept = self.writers.get(tp)
+            if kept is not None and kept.failure is None:
+                kept.reown()
+            else:
+                self._open(tp)
+        return gone
+
+    def replace_failed(self) -> None:
+        for tp, writer in list(self.writers.items()):
+            if writer.failure is not None and tp not in self._starting:
+                log.warning(
+                    "partition writer stopped; taking the partition over again",
+                    extra={
+                        "topic": tp.topic,
+                        "partition": tp.partition,
+                        "error": type(writer.failure).__name__,
+                    },
+                )
+                self.retire(writer)
+                self._open(tp)
+
+    # -- writers ------------------------------------------------------------------------
+
+    async def _fetch_committed(self, tp: TopicPartition) -> tuple[int | None, str]:
+        # the committed offset *with* its metadata, and stable (no transactional commit
+        # pending): aiokafka's public `committed()` drops the metadata and may answer stale
+        return await fetch_committed_stable(self._consumer()._coordinator, tp)
+
+    async def _commit_offsets(self, tp: TopicPartition, offset: int, metadata: str) -> None:
+        if offset >= 0:
+            await self._consumer().commit({tp: OffsetAndMetadata(offset, metadata)})
+
+    def _open(self, tp: TopicPartition) -> None:
+        kafka = self._settings().kafka
+        plain = not kafka.exactly_once
+        writer = self.writers[tp] = PartitionWriter(
+            tp,
+            kafka,
+            self.owner,
+            self._fetch_committed,
+            shared_producer=self._publisher.producer if plain and self._publisher is not None else None,
+            commit_offsets=self._commit_offsets if plain else None,
+        )
+        self.ready.discard(tp)
+        self._starting[tp] = asyncio.get_running_loop().create_task(
+            self._start(tp, writer), name=f"open-{tp}"
+        )
+
+    async def _start(self, tp: TopicPartition, writer: PartitionWriter) -> None:
+        previous = self._retiring_by_tp.pop(tp, None)
+        if previous is not None and not previous.done():
+            # the partition came back while our own old writer finishes its calls: let it,
+            # rather than fence it and turn its calls into unknown outcomes
+            await asyncio.wait([previous], timeout=self._settings().kafka.eos_handoff_max_s)
+        while True:
+            try:
+                snapshot = await writer.start()
+                break
+            except KafkaError as exc:
+                log.warning(
+                    "could not take a partition over yet",
+                    extra={"topic": tp.topic, "error": type(exc).__name__},
+                )
+                await asyncio.sleep(WRITER_RETRY_S)
+        self._starting.pop(tp, None)
+        if self.writers.get(tp) is not writer:
+            self.retire(writer)
+            return
+        consumer = self._consumer()
+        with contextlib.suppress(IllegalStateError):  # no longer assigned: the next rebalance decides
+            if snapshot.commit >= 0:
+                consumer.seek(tp, snapshot.commit)
+            else:
+                await consumer.seek_to_beginning(tp)
+            self.ready.add(tp)
+        if snapshot.claims or snapshot.finished:
+            log.info(
+                "partition taken over with work recorded above its commit point",
+                extra={
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "offset": snapshot.commit,
+                    "finished": len(snapshot.finished),
+                    "claimed": len(snapshot.claims),
+                    "previous_owner": snapshot.owner,
+                },
+            )
+
+    def retire(self, writer: PartitionWriter) -> None:
+        """The partition is someone else's: cancel work not claimed, let claimed calls finish."""
+        writer.hand_off()
+        sinks = self.sinks.pop(writer.tp, {})
+        for sink, task in sinks.values():
+            if not sink.claiming:
+                task.cancel()
+        pending = [t for s, t in sinks.values() if s.claiming and not t.done()]
+        task = asyncio.get_running_loop().create_task(self._close_after(writer, pending))
+        self.retiring.add(task)
+        self._retiring_by_tp[writer.tp] = task
+        task.add_done_callback(self.retiring.discard)
+
+    async def _close_after(self, writer: PartitionWriter, pending: list[asyncio.Task[None]]) -> None:
+        try:
+            if pending:
+                await asyncio.wait(pending, timeout=self._settings().anthropic.timeout_s + 5)
+            await writer.close()
+        finally:
+            if self._retiring_by_tp.get(writer.tp) is asyncio.current_task():
+                del self._retiring_by_tp[writer.tp]
+
+    # -- records ------------------------------------------------------------------------
+
+    def track(self, tp: TopicPartition, sink: RecordSink, task: asyncio.Task[None]) -> None:
+        self.sinks[tp][sink.offset] = (sink, task)
+
+    def untrack(self, tp: TopicPartition, sink: RecordSink) -> None:
+        sinks = self.sinks.get(tp)
+        if sinks is not None and sinks.get(sink.offset, (None,))[0] is sink:
+            del sinks[sink.offset]
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop: no new claims, claimed calls finish within `timeout_s`, finished work commits."""
+        for task in self._starting.values():
+            task.cancel()
+        writers = list(self.writers.values())
+        self.writers.clear()
+        self.ready.clear()
+        for writer in writers:
+            self.retire(writer)
+        if self.retiring:
+            log.info("draining calls in flight", extra={"count": len(self.retiring)})
+            _, still = await asyncio.wait(set(self.retiring), timeout=timeout_s)
+            if still:
+                log.warning(
+                    "drain timed out; calls in flight are left to the next owner", extra={"count": len(still)}
+                )
+                for writer in writers:
+                    await writer.close()

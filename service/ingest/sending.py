@@ -1,0 +1,121 @@
+"""Sending a tick's outcomes: which refusals are final, and which batches to split.
+
+The broker applies `max.message.bytes` to a whole record batch, and aiokafka
+does not split a refused batch (the Java producer does): every message in it
+fails with `MessageSizeTooLargeError`. A message refused among others is
+therefore sent again in a batch of its own (`Item.alone`); only the refusal of
+a message sent alone is final, and the caller then makes a smaller outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from service.ingest.ledger import Claim
+
+log = logging.getLogger(__name__)
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class OutMessage:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers = ()
+
+
+@dataclass(slots=True)
+class Item:
+    offset: int
+    messages: Sequence[OutMessage] = ()
+    claim: Claim | None = None
+    finish: bool = False
+    alone: bool = False
+    """Refused in a batch with others: sent again in a batch of its own."""
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+async def send_all(producer: AIOKafkaProducer, items: list[Item]) -> tuple[list[Item], list[Item]]:
+    """Send every message: (the items refused for good, those to send again alone).
+    Any other error fails the whole tick.
+
+    The broker applies `max.message.bytes` to a whole batch and aiokafka does not split a
+    refused batch, so a message refused among others is marked `alone` and sent again in
+    a batch of its own; only the refusal of a message sent alone is final."""
+    refused: dict[int, Item] = {}
+    for item in items:
+        if item.alone:
+            for m in item.messages:
+                try:
+                    await (await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers)))
+                except KafkaError as exc:
+                    if not _refusal(exc):
+                        raise
+                    _set_error(item, exc)
+                    refused[id(item)] = item
+                    break
+    futures: list[tuple[Item, asyncio.Future[object]]] = []
+    for item in items:
+        if item.alone:
+            continue
+        for m in item.messages:
+            try:
+                fut = await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers))
+            except KafkaError as exc:  # refused before sending: this message alone is too big
+                if not _refusal(exc):
+                    raise
+                _set_error(item, exc)
+                refused[id(item)] = item
+                continue
+            futures.append((item, fut))
+    resend: list[Item] = []
+    if futures:
+        results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
+        failure: BaseException | None = None
+        for (item, _), res in zip(futures, results, strict=True):
+            if not isinstance(res, BaseException):
+                continue
+            if _refusal(res) and len(futures) == 1:
+                _set_error(item, res)
+                refused[id(item)] = item
+            elif _refusal(res):
+                item.alone = True
+                resend.append(item)
+            elif failure is None or isinstance(res, ProducerFenced):
+                failure = res
+        if failure is not None:
+            raise failure
+    return list(refused.values()), resend
+
+
+_REFUSALS = frozenset(
+    {
+        "MessageSizeTooLargeError",
+        "RecordTooLargeError",
+        "RecordBatchTooLargeError",
+        "InvalidTopicError",
+        "TopicAuthorizationFailedError",
+        "PolicyViolationError",
+        "InvalidRecordError",
+        "CorruptRecordException",
+    }
+)
+
+
+def _refusal(exc: BaseException) -> bool:
+    """The broker will never take this message: the caller must make another outcome."""
+    return type(exc).__name__ in _REFUSALS
+
+
+def _set_error(item: Item, exc: BaseException) -> None:
+    log.warning("the broker refused an outcome: %s", type(exc).__name__, extra={"offset": item.offset})
+    if not item.done.done():
+        item.done.set_exception(exc)
