@@ -184,7 +184,13 @@ ALL_FLAGS: dict[str, Any] = {
         "securityProtocol": "SASL_SSL",
         "sasl": {"mechanism": "SCRAM-SHA-512", "username": "claude-gateway"},
         "tls": {"checkHostname": True},
-        "settings": {"max_poll_records": 200, "producer_compression": "zstd"},
+        "settings": {
+            "max_poll_records": 200,
+            "producer_compression": "zstd",
+            "exactly_once": True,
+            "eos_window": 4096,
+            "eos_handoff_max_s": 20,
+        },
     },
     "redis": {"enabled": True, "url": "rediss://redis-ha.redis:6380/0", "degradedShare": 0.25},
     "config": {
@@ -207,6 +213,7 @@ ALL_FLAGS: dict[str, Any] = {
             "max_tokens_policy": "clamp",
             "signing": {"required": True, "key_ids": ["k2025a", "k2025b"], "max_skew_s": 120},
             "budget": {"usd_per_day": 200, "on_exhausted": "defer"},
+            "on_unknown": "retry",
         },
         {"id": "batch_jobs", "api_key": {"secret_key": "shared-key"}, "budget": {"tokens_per_day": 5000000}},
     ],

@@ -224,6 +224,95 @@ UNIT_TESTS: list[dict[str, Any]] = [
             },
         ],
     },
+    {
+        # One record quarantined at minute 6: critical at once.
+        "interval": "1m",
+        "input_series": [
+            {"series": 'gateway_quarantined_total{partner="acme",pod="gw-0"}', "values": "0x5 1x30"},
+            {"series": 'gateway_quarantined_total{partner="calm",pod="gw-0"}', "values": "0x35"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "4m", "alertname": "ClaudeGatewayRecordQuarantined", "exp_alerts": []},
+            {
+                "eval_time": "8m",
+                "alertname": "ClaudeGatewayRecordQuarantined",
+                "exp_alerts": [{"exp_labels": {"severity": "critical", "partner": "acme"}}],
+            },
+        ],
+    },
+    {
+        "interval": "1m",
+        "input_series": [
+            {
+                "series": 'gateway_internal_errors_total{partner="acme",where="call",pod="gw-0"}',
+                "values": "0x5 1x30",
+            },
+            {
+                "series": 'gateway_internal_errors_total{partner="calm",where="call",pod="gw-0"}',
+                "values": "0x35",
+            },
+        ],
+        "alert_rule_test": [
+            {"eval_time": "8m", "alertname": "ClaudeGatewayInternalErrors", "exp_alerts": []},
+            {
+                "eval_time": "13m",
+                "alertname": "ClaudeGatewayInternalErrors",
+                "exp_alerts": [{"exp_labels": {"severity": "warning", "partner": "acme", "where": "call"}}],
+            },
+        ],
+    },
+    {
+        # acme: 2 unknown outcomes a minute out of 60 requests (3%); quiet: one burst of 2
+        # after a crash (a high ratio, but too few to page); calm: none.
+        "interval": "1m",
+        "input_series": [
+            {
+                "series": 'gateway_requests_total{partner="acme",model="m",outcome="response"}',
+                "values": "0+60x40",
+            },
+            {
+                "series": 'gateway_unknown_outcomes_total{partner="acme",cause="owner_lost"}',
+                "values": "0+2x40",
+            },
+            {
+                "series": 'gateway_requests_total{partner="quiet",model="m",outcome="response"}',
+                "values": "0+1x40",
+            },
+            {
+                "series": 'gateway_unknown_outcomes_total{partner="quiet",cause="owner_lost"}',
+                "values": "0x10 2x30",
+            },
+            {
+                "series": 'gateway_requests_total{partner="calm",model="m",outcome="response"}',
+                "values": "0+60x40",
+            },
+            {"series": 'gateway_unknown_outcomes_total{partner="calm",cause="timeout"}', "values": "0x40"},
+        ],
+        "alert_rule_test": [
+            {
+                "eval_time": "25m",
+                "alertname": "ClaudeGatewayUnknownOutcomesHigh",
+                "exp_alerts": [
+                    {"exp_labels": {"severity": "warning", "partner": "acme", "cause": "owner_lost"}}
+                ],
+            },
+        ],
+    },
+    {
+        "interval": "1m",
+        "input_series": [
+            {"series": 'gateway_eos_window_offsets{partner="acme",pod="gw-0"}', "values": "8000x40"},
+            {"series": 'gateway_eos_window_offsets{partner="calm",pod="gw-0"}', "values": "300x40"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "15m", "alertname": "ClaudeGatewayWriterWindowNearLimit", "exp_alerts": []},
+            {
+                "eval_time": "25m",
+                "alertname": "ClaudeGatewayWriterWindowNearLimit",
+                "exp_alerts": [{"exp_labels": {"severity": "warning", "partner": "acme"}}],
+            },
+        ],
+    },
 ]
 
 

@@ -357,6 +357,8 @@ def test_config_sections_reach_config_yaml(render_variant: Any) -> None:
     assert config["kafka"]["group_id"] == "claude-gateway-prod"
     assert config["kafka"]["max_poll_records"] == 200
     assert config["kafka"]["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert config["kafka"]["eos_window"] == 4096
+    assert config["partners"][0]["on_unknown"] == "retry"
     assert config["redis"]["expected_replicas"] == 8  # autoscaling.maxReplicas
     assert config["partners"][0]["signing"]["required"] is True
     assert "key_ids" not in config["partners"][0]["signing"]
@@ -403,6 +405,9 @@ SCHEMA_ERROR = "values don't meet the specifications of the schema"
             "at '/autoscaling/minReplicas': minimum",
         ),
         (("redis.url=redis://:hunter2@redis:6379/0",), "at '/redis/url'"),
+        (("kafka.settings.eos_window=20000",), "at '/kafka/settings/eos_window': maximum"),
+        (("kafka.settings.exactly_once=maybe",), "at '/kafka/settings/exactly_once'"),
+        (("partners[0].id=acme", "partners[0].on_unknown=ignore"), "at '/partners/0/on_unknown'"),
     ],
 )
 def test_schema_refuses_broken_values_with_a_clear_message(
