@@ -98,6 +98,7 @@ class PartitionWriter:
         self._wake = asyncio.Event()
         self._owned = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._tick_lock = asyncio.Lock()
         self._last_tick = 0.0
         self.transactions = 0
         self._failures = 0
@@ -295,12 +296,25 @@ class PartitionWriter:
     async def _tick(self) -> None:
         ledger = self.ledger
         assert ledger is not None
-        items, self._queue = self._queue, []
-        if self._eos:
-            await self._tick_transactional(ledger, items)
-        else:
-            await self._tick_plain(ledger, items)
-        self._last_tick = time.monotonic()
+        async with self._tick_lock:  # one transaction at a time (the loop, and `close`)
+            items, self._queue = self._queue, []
+            try:
+                if self._eos:
+                    await self._tick_transactional(ledger, items)
+                else:
+                    await self._tick_plain(ledger, items)
+            except BaseException as exc:  # no waiter may hang on a tick that died
+                lost = (
+                    exc
+                    if isinstance(exc, Fenced)
+                    else Fenced(f"{self.tp}: tick failed: {type(exc).__name__}")
+                )
+                for item in items:
+                    if not item.done.done():
+                        item.done.set_exception(lost)
+                        item.done.exception()
+                raise
+            self._last_tick = time.monotonic()
 
     def _prepare(self, ledger: PartitionLedger, items: list[Item]) -> tuple[list[Item], Snapshot, str]:
         """The metadata for `items`; claims that would not fit wait for a later tick."""
