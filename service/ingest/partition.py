@@ -36,6 +36,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from service.config.kafka import client_kwargs
 from service.config.settings import KafkaSettings
+from service.ingest import failpoints
 from service.ingest.ledger import Claim, MetadataTooLarge, PartitionLedger, Snapshot, encode
 from service.ingest.sending import Item, OutMessage, send_all
 
@@ -355,7 +356,9 @@ class PartitionWriter:
             await producer.send_offsets_to_transaction(
                 {self.tp: (snap.commit, metadata)}, self.settings.group_id
             )
+            failpoints.hit("tick.sent")
             await producer.commit_transaction()
+            failpoints.hit("tick.committed")
         except ProducerFenced as exc:
             raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
         except KafkaError as exc:

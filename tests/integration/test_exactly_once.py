@@ -1,0 +1,171 @@
+"""Exactly-once on the real broker, with the gateway as real processes killed at awkward moments.
+
+Each test forbids duplicates (never counts them) and reads the simulator's calls per request,
+so a request billed twice fails it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.simulator import SimulatorConfig, SimulatorServer
+from tests.support.gateway import Outcomes, World, collect, committed_offsets, make_world, produce, request
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start(
+    world: World, sim_url: str, tmp: Path, name: str, env: dict[str, str] | None = None, **cfg: Any
+) -> subprocess.Popen[bytes]:
+    settings = world.settings_dict(sim_url, runtime={"http_port": 0, "drain_timeout_s": 20}, **cfg)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    with (tmp / f"{name}.log").open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service", "run", "--config", str(path)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+
+
+async def _wait(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(timeout=timeout_s))
+
+
+async def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        assert await _wait(proc, 60) == 0
+
+
+def _exactly_once(out: Outcomes, ids: set[str], sim: SimulatorServer) -> None:
+    got = out.request_ids()
+    assert set(got) == ids, f"lost {len(ids - set(got))} requests"
+    twice = {rid: n for rid, n in got.items() if n > 1}
+    assert not twice, f"{len(twice)} requests got more than one outcome"
+    assert sim.calls(min_billed=2)["calls_by_request"] == {}, "a request was billed twice"
+    assert set(out.reasons()) <= {"outcome_unknown"}, out.reasons()
+
+
+@pytest.mark.parametrize("failpoint", ["tick.sent:25", "tick.committed:25"])
+async def test_a_crash_inside_a_tick_neither_loses_nor_repeats(
+    kafka_bootstrap: str, tmp_path: Path, failpoint: str
+) -> None:
+    """The process dies inside its 25th transaction: after its outcomes were sent but
+    before the commit (they must be aborted and redone once), or right after the commit
+    (they must not be redone)."""
+    world = await make_world(kafka_bootstrap, tmp_path, ["acme", "globex"])
+    n = 300
+    cfg = SimulatorConfig.model_validate(
+        {"api_keys": world.keys, "seed": 21, "latency": {"distribution": "fixed", "fixed_s": 0.02}}
+    )
+    ids = {f"t-{i}" for i in range(n)}
+    async with SimulatorServer(cfg) as sim:
+        await produce(
+            world.bootstrap,
+            [(world.request_topic(world.partners[i % 2]), None, request(f"t-{i}")) for i in range(n)],
+        )
+        crashing = _start(world, sim.url, tmp_path, "crashing", env={"GATEWAY_FAILPOINT": failpoint})
+        assert await _wait(crashing, 120) == 137, "the failpoint must have fired"
+        first = await collect(world, n, timeout_s=2)
+        assert 0 < first.total < n, "the crash must land mid-run"
+        restarted = _start(world, sim.url, tmp_path, "restarted")
+        try:
+            out = await collect(world, n, timeout_s=120, settle_s=2.0)
+        finally:
+            await _stop(restarted)
+    _exactly_once(out, ids, sim)
+
+
+async def test_a_slow_head_with_5000_finished_behind_it_is_not_redone_after_kill(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """One partition: a long generation at its head holds the commit point while 5,000
+    records behind it finish. kill -9, restart: none of the 5,000 is called again."""
+    world = await make_world(kafka_bootstrap, tmp_path, ["acme"], partitions=1)
+    fast = 5_000
+    cfg = SimulatorConfig.model_validate(
+        {
+            "api_keys": world.keys,
+            "seed": 22,
+            "limits": {"rpm": None, "itpm": None, "otpm": None},
+            "latency": {"distribution": "fixed", "fixed_s": 0.0, "per_output_token_s": 0.05},
+            "output": {"distribution": "fixed", "fixed_tokens": 2_000},
+        }
+    )
+    topic = world.request_topic("acme")
+    messages = [(topic, None, request("head", max_tokens=2_000))]  # ~100 s of generation
+    messages += [(topic, None, request(f"f-{i}", max_tokens=1)) for i in range(fast)]
+    partners = [{**p, "max_concurrency": 64} for p in world.settings_dict("x")["partners"]]
+    async with SimulatorServer(cfg) as sim:
+        await produce(world.bootstrap, messages)
+        proc = _start(world, sim.url, tmp_path, "first", partners=partners, anthropic={"timeout_s": 300})
+        try:
+            done = await collect(world, fast, timeout_s=180)
+            assert done.total >= fast
+            assert "head" not in done.request_ids(), "the head must still be in its call"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            await _wait(proc, 10)
+        committed = await committed_offsets(world, f"{world.tag}-gateway")
+        assert sum(committed.values()) == 0, "the head holds the commit point"
+        restarted = _start(world, sim.url, tmp_path, "second", partners=partners)
+        try:
+            out = await collect(world, fast + 1, timeout_s=120, settle_s=2.0)
+        finally:
+            await _stop(restarted)
+        calls = sim.calls()["calls_by_request"]
+    _exactly_once(out, {"head"} | {f"f-{i}" for i in range(fast)}, sim)
+    assert out.reasons() == {"outcome_unknown": 1}
+    assert all(calls[f"acme:f-{i}"]["all"] == 1 for i in range(fast)), "finished work was redone"
+
+
+async def test_a_zombie_replica_is_fenced(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Replica A is frozen (SIGSTOP) with calls in flight; B takes its partitions over. When A
+    wakes and its calls return, it cannot publish: every request still has one outcome."""
+    world = await make_world(kafka_bootstrap, tmp_path, ["acme"], partitions=2)
+    n = 40
+    cfg = SimulatorConfig.model_validate(
+        {"api_keys": world.keys, "seed": 23, "latency": {"distribution": "fixed", "fixed_s": 6.0}}
+    )
+    ids = {f"z-{i}" for i in range(n)}
+    async with SimulatorServer(cfg) as sim:
+        a = _start(world, sim.url, tmp_path, "a")
+        b: subprocess.Popen[bytes] | None = None
+        try:
+            await asyncio.sleep(4)  # A owns both partitions
+            await produce(
+                world.bootstrap, [(world.request_topic("acme"), None, request(f"z-{i}")) for i in range(n)]
+            )
+            for _ in range(300):  # every call started, none answered yet
+                if sim.stats()["calls_total"] >= n:
+                    break
+                await asyncio.sleep(0.1)
+            a.send_signal(signal.SIGSTOP)
+            b = _start(world, sim.url, tmp_path, "b")
+            before = await collect(world, n, timeout_s=90, settle_s=1.0)
+            assert before.total == n, "B resolved every request A held"
+            a.send_signal(signal.SIGCONT)  # A's calls return now; it must not publish them
+            await asyncio.sleep(10)
+            out = await collect(world, n, timeout_s=5, settle_s=1.0)
+        finally:
+            a.send_signal(signal.SIGCONT)
+            a.send_signal(signal.SIGKILL)
+            await _wait(a, 10)
+            if b is not None:
+                await _stop(b)
+    _exactly_once(out, ids, sim)
+    assert out.total == before.total, "the zombie published"
