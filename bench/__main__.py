@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.common import log
 
-BENCHES = ["pipeline", "limits", "estimation"]
+BENCHES = ["pipeline", "eos_scale", "limits", "estimation"]
 
 
 def _call(module: ModuleType, args: argparse.Namespace) -> dict[str, Any]:

@@ -6,7 +6,9 @@
   against a contender.
 - `cpu_seconds(pid)`: user + system CPU of one process (psutil).
 - `OutcomeCounter`: how many outcomes are visible on some output topics, from the partitions'
-  end offsets (a cheap ListOffsets call: no record is fetched or decoded by the bench).
+  end offsets (a cheap ListOffsets call: no record is fetched or decoded by the bench). Not for
+  transactional output: end offsets count the transactions' commit markers too.
+- `CommittedCounter`: how many outcomes a `read_committed` consumer has read (records only).
 - `measure()`: run a contender process until N outcomes are visible, timing and charging CPU
   from its first visible outcome (so interpreter start-up and group join are excluded) to the N-th.
 """
@@ -28,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import orjson
 import psutil
@@ -270,6 +272,40 @@ class OutcomeCounter:
         return sum(ends.values())
 
 
+class CommittedCounter:
+    """Outcomes visible to a `read_committed` consumer: the records it has read from the
+    beginning of some topics (control records and aborted transactions are not counted)."""
+
+    def __init__(self, bootstrap: str, topics: Sequence[str], partitions: int = 3) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            fetch_max_wait_ms=20,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        self._tps = [TopicPartition(t, i) for t in topics for i in range(partitions)]
+        self._seen = 0
+
+    async def __aenter__(self) -> CommittedCounter:
+        await self._consumer.start()
+        self._consumer.assign(self._tps)
+        await self._consumer.seek_to_beginning(*self._tps)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def count(self) -> int:
+        batches = await self._consumer.getmany(timeout_ms=0, max_records=100_000)
+        self._seen += sum(len(records) for records in batches.values())
+        return self._seen
+
+
+class Counter(Protocol):
+    async def count(self) -> int: ...
+
+
 # --------------------------------------------------------------------------- measurement
 
 
@@ -333,7 +369,7 @@ class _Cpu:
 
 async def measure(
     start: Callable[[], subprocess.Popen[bytes]],
-    counter: OutcomeCounter,
+    counter: Counter,
     n: int,
     *,
     log_path: Path,
