@@ -29,7 +29,7 @@ setup: .venv/.synced
 
 include mk/*.mk
 
-test: setup kafka-fetch redis-server-install deploy-tools
+test: setup kafka-fetch redis-server-install deploy-tools browser-install
 	$(PY) -m pytest -q
 
 test-unit: setup

@@ -14,6 +14,7 @@ from typing import Any
 
 from opentelemetry.trace import TracerProvider
 
+from service.admin.console import Console
 from service.admission.admit import Admission
 from service.admission.budget import Budgets, RedisLedger
 from service.admission.registry import Registry
@@ -24,6 +25,7 @@ from service.egress.publisher import Publisher
 from service.ingest.consumer import IngestLoop
 from service.pipeline import Pipeline
 from service.scheduling.limiter import Limiter, LocalLimiter
+from service.scheduling.pools import LimitConfig
 from service.scheduling.redis_limiter import RedisLimiter
 from service.scheduling.scheduler import Scheduler
 from service.telemetry.audit import Audit
@@ -82,6 +84,8 @@ class Gateway:
         self.ingest = IngestLoop(
             settings, self.pipeline, self.metrics, lambda: self.registry, publisher=self.publisher
         )
+        self.console = Console(self, settings.admin.token.resolve() if settings.admin else None)
+        self.pipeline.pauses = self.console.pauses  # pause/drain from the console: held, not dead-lettered
         self.broker_silence_limit_s = broker_silence_limit_s
         self.metrics.on_scrape(self._refresh_gauges)
         for partner in settings.partners:
@@ -90,20 +94,22 @@ class Gateway:
         if serve_http:
             rt = settings.runtime
             self.http = HealthServer(
-                self.metrics, self.readiness, rt.http_host, rt.http_port, status=self.status
+                self.metrics,
+                self.readiness,
+                rt.http_host,
+                rt.http_port,
+                status=self.status,
+                mount=self.console.mount if self.console.enabled else None,
             )
         self.claude.sync_keys(self.registry.api_keys())
         self.audit.loaded(self.registry)
 
     def _make_limiter(self, settings: GatewaySettings) -> Limiter:
-        org = settings.org_limits
-        partners = {p.id: p.limits for p in settings.partners}
+        limits = LimitConfig.of(settings)
         if settings.limiter_backend == "redis":
             assert settings.redis is not None  # enforced by the settings model
-            return RedisLimiter(
-                settings.redis, org, partners, client=self.redis, on_degraded=self._on_redis_degraded
-            )
-        return LocalLimiter(org, partners)
+            return RedisLimiter(settings.redis, limits, client=self.redis, on_degraded=self._on_redis_degraded)
+        return LocalLimiter(limits)
 
     def _on_redis_degraded(self, degraded: bool) -> None:
         self.metrics.redis_degraded.set(1 if degraded else 0)
@@ -151,8 +157,9 @@ class Gateway:
         """Every secret value the gateway holds, masked in its logs from now on."""
         values = [p.api_key for p in registry.by_id.values()]
         values += [key for p in registry.by_id.values() for key in p.signing_keys.values()]
-        k, r = registry.settings.kafka, registry.settings.redis
-        for ref in (k.sasl_password, k.sasl_oauth_token, r.password if r is not None else None):
+        k, r, a = registry.settings.kafka, registry.settings.redis, registry.settings.admin
+        refs = (k.sasl_password, k.sasl_oauth_token, r.password if r else None, a.token if a else None)
+        for ref in refs:
             if ref is not None:
                 with contextlib.suppress(ValueError):  # unreadable: reported where it is used
                     values.append(ref.resolve())
@@ -164,6 +171,7 @@ class Gateway:
         secret cannot be read."""
         registry = Registry.build(settings)
         self._register_secrets(registry)
+        self.console.reload(settings)  # raises (changing nothing) when the new token cannot be read
         old, old_settings = self.registry, self.settings
         self.claude.sync_keys(registry.api_keys())
         self.scheduler.reconfigure(settings)
@@ -206,11 +214,19 @@ class Gateway:
                 stack.push_async_callback(self.limiter.aclose)
             await self.ingest.start()
             stack.push_async_callback(self.ingest.stop)
+            console = asyncio.create_task(self.console.run(stop), name="admin-console")
+            stack.push_async_callback(_finish, console)
             log.info("gateway started", extra={"partners": len(self.settings.partners)})
             stopping = asyncio.create_task(_on_stop(stop, self.budgets.close))
             stack.callback(stopping.cancel)
             await self.ingest.run(stop)
             log.info("gateway drained; stopping")
+
+
+async def _finish(task: asyncio.Task[None], timeout_s: float = 2.0) -> None:
+    """Let a task that watches `stop` end by itself, briefly; then cancel it."""
+    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout_s)
 
 
 async def _on_stop(stop: asyncio.Event, action: Callable[[], None]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import anthropic
 
+from service.admin.pauses import Pauses
 from service.admission.admit import Admission, Admitted, Deferred, RecordLike, Rejected
 from service.config.settings import GatewaySettings, ModelPrice
 from service.contracts.outcomes import DeadLetter, Origin, Timings, UpstreamInfo, encode_response, utc_iso
@@ -93,6 +94,8 @@ class Pipeline:
         self.retry = retry or RetryPolicy(settings.retry)
         self.tracing = tracing or Tracing()
         self.emit = Emitter(settings, metrics, self.tracing)
+        self.pauses: Pauses | None = None
+        """Partners paused or drained from the admin console: their requests wait here."""
 
     async def handle(self, rec: RecordLike, sink: Sink) -> None:
         """Process one record until its outcome is committed (or left to another owner)."""
@@ -114,6 +117,8 @@ class Pipeline:
             await self.emit.dead_letter(sink, dl, model="")
             return
         pid = verdict.partner.id
+        if self.pauses is not None and pid in self.pauses.holds:
+            await self.pauses.wait(pid)  # held, not dead-lettered; cancelled on revocation or stop
         inherited = sink.inherited
         if inherited is not None and verdict.partner.settings.on_unknown == "deadletter":
             self.metrics.unknown_outcomes.labels(pid, "owner_lost").inc()

@@ -273,6 +273,16 @@ class RuntimeSettings(_Frozen):
     """How often a request deferred by an exhausted budget looks again (another replica may refund)."""
 
 
+class AdminSettings(_Frozen):
+    """The admin console and its API under `/admin` on the HTTP port (docs/operations.md#admin-console).
+
+    Without this section the console is off (404)."""
+
+    token: SecretRef
+    """The operators' token (a secret reference): `Authorization: Bearer <token>` for the API,
+    a login form for the page. Every page and action asks for it."""
+
+
 class GatewaySettings(_Frozen):
     """Everything the service needs, from one file."""
 
@@ -283,6 +293,7 @@ class GatewaySettings(_Frozen):
     org_limits: LimitSettings = LimitSettings()
     limiter_backend: Literal["local", "redis"] = "local"
     redis: RedisSettings | None = None
+    admin: AdminSettings | None = None
     models: dict[str, ModelPrice] = Field(default_factory=_default_models)
     partners: list[PartnerSettings]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -158,6 +159,41 @@ def _headers_doc(headers: RecordHeaders) -> tuple[list[dict[str, Any]], bool]:
                 item.update(truncated=True, size=len(v), value_digest=_digest(v))
         out.append(item)
     return out, len(headers) > MAX_HEADERS
+
+
+MAX_EXCEPTION_MESSAGE_BYTES = 1024
+DLT_ORIGINAL_TOPIC = "kafka_dlt-original-topic"
+DLT_ORIGINAL_PARTITION = "kafka_dlt-original-partition"
+DLT_ORIGINAL_OFFSET = "kafka_dlt-original-offset"
+DLT_ORIGINAL_TIMESTAMP = "kafka_dlt-original-timestamp"
+DLT_ORIGINAL_GROUP = "kafka_dlt-original-consumer-group"
+DLT_EXCEPTION_FQCN = "kafka_dlt-exception-fqcn"
+DLT_EXCEPTION_MESSAGE = "kafka_dlt-exception-message"
+DLT_REASON = "gateway-reason"
+
+
+def deadletter_headers(dl: DeadLetter, group_id: str) -> tuple[tuple[str, bytes], ...]:
+    """Where the request was and why it failed, as headers in the style of Spring Kafka's
+    dead-letter publishing (same names and encodings: partition a 4-byte and offset and
+    timestamp 8-byte big-endian integers, the rest UTF-8), so tools that route or replay
+    dead letters need not parse the body. The "exception class" is the reason
+    (`claude_gateway.reasons.<reason>`); its message is the detail, cut to 1 KiB."""
+    o = dl.origin
+    headers = [
+        (DLT_REASON, dl.reason.value.encode()),
+        (DLT_ORIGINAL_TOPIC, o.topic.encode()),
+        (DLT_ORIGINAL_PARTITION, struct.pack(">i", o.partition)),
+        (DLT_ORIGINAL_OFFSET, struct.pack(">q", o.offset)),
+    ]
+    if o.timestamp_ms is not None:
+        headers.append((DLT_ORIGINAL_TIMESTAMP, struct.pack(">q", o.timestamp_ms)))
+    message = dl.detail.encode("utf-8", "replace")[:MAX_EXCEPTION_MESSAGE_BYTES]
+    headers += [
+        (DLT_ORIGINAL_GROUP, group_id.encode()),
+        (DLT_EXCEPTION_FQCN, f"claude_gateway.reasons.{dl.reason.value}".encode()),
+        (DLT_EXCEPTION_MESSAGE, message.decode("utf-8", "ignore").encode()),
+    ]
+    return tuple(headers)
 
 
 def encode_deadletter(

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from aiokafka.errors import KafkaError
 
 from service.config.settings import GatewaySettings
-from service.contracts.outcomes import DeadLetter, Origin, encode_deadletter
+from service.contracts.outcomes import DeadLetter, Origin, deadletter_headers, encode_deadletter
 from service.contracts.reasons import Reason
 from service.ingest.ledger import Claim
 from service.ingest.partition import Fenced
@@ -104,7 +104,7 @@ class Emitter:
         return False
 
     async def dead_letter(self, sink: Sink, dl: DeadLetter, model: str) -> None:
-        headers = (*JSON_HEADERS, ("gateway-reason", dl.reason.value.encode()))
+        headers = (*JSON_HEADERS, *deadletter_headers(dl, self.settings.kafka.group_id))
         self.tracing.outcome("deadletter", dl.reason.value)
         topic = self.settings.deadletter_topic(dl.partner)
         key = _deadletter_key(dl.origin.key)

@@ -28,7 +28,8 @@ Readiness = Callable[[], tuple[bool, str]]
 
 
 class HealthServer:
-    """`ready()` returns (is_ready, reason); `status()` extra fields for the /readyz body."""
+    """`ready()` returns (is_ready, reason); `status()` extra fields for the /readyz body;
+    `mount(app)` adds more routes (the admin console)."""
 
     def __init__(
         self,
@@ -38,6 +39,7 @@ class HealthServer:
         port: int,
         *,
         status: Callable[[], Mapping[str, Any]] | None = None,
+        mount: Callable[[web.Application], None] | None = None,
         heartbeat_interval_s: float = 1.0,
         stale_after_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
@@ -45,6 +47,7 @@ class HealthServer:
         self._metrics = metrics
         self._ready = ready
         self._status = status
+        self._mount = mount
         self._host = host
         self._port = port
         self._interval = heartbeat_interval_s
@@ -63,6 +66,8 @@ class HealthServer:
         app.router.add_get("/metrics", self._metrics_handler)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        if self._mount is not None:
+            self._mount(app)  # the admin console's routes (service/admin/console.py)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)

@@ -1,0 +1,1 @@
+"""The admin console: partners, limits, budgets, spend, partitions; pause, drain and resume."""
