@@ -21,8 +21,8 @@ th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:to
 th{background:#eee}td.num{text-align:right;font-variant-numeric:tabular-nums}
 section.partner{border:1px solid #bbb;border-radius:6px;padding:.2em 1em .6em;margin:1em 0;background:#fff}
 .badge{display:inline-block;padding:.05em .5em;border-radius:4px;font-weight:600}
-.running{background:#d7f5d7}.paused{background:#ffe2a8}.draining{background:#cfe3ff}.disabled{background:#ddd}
-.degraded{background:#ffc9c9}.shared{background:#d7f5d7}.local{background:#eee}
+.badge.running{background:#d7f5d7}.badge.paused{background:#ffe2a8}.badge.draining{background:#cfe3ff}
+.badge.disabled,.badge.local{background:#ddd}.badge.degraded{background:#ffc9c9}.badge.shared{background:#d7f5d7}
 form.inline{display:inline;margin-right:.4em}.muted{color:#666}.error{color:#b00;font-weight:600}
 """
 
@@ -102,7 +102,7 @@ def _partner(p: Mapping[str, Any], csrf: str) -> str:
             ("partition", f"{r['topic']}[{r['partition']}]"),
             ("writer", r["writer"]),
             ("paused", r["paused"]),
-            ("commit", r["commit"]),
+            ("commit", r["commit"] if r["commit"] is not None and r["commit"] >= 0 else None),
             ("high_watermark", r["high_watermark"]),
             ("lag", r["lag"]),
             ("window", r["window"]),
@@ -111,7 +111,16 @@ def _partner(p: Mapping[str, Any], csrf: str) -> str:
         for r in p["exactly_once"]
     ]
     summary = _table(
-        ["enabled", "weight", "in flight", "queued", "held", "partitions", "paused partitions", "lag"],
+        [
+            "enabled",
+            "weight",
+            "in flight",
+            "queued (held too)",
+            "held",
+            "partitions",
+            "paused partitions",
+            "lag",
+        ],
         [
             [
                 ("enabled", p["enabled"]),

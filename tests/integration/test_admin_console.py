@@ -16,6 +16,7 @@ on the real broker, with the Claude simulator over HTTP (and Redis for the share
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -211,13 +212,16 @@ async def test_the_page_shows_what_the_api_says(world: World, browser: Browser) 
             counts = await browser.texts(f"section#partner-{pid} table.dead-letters td.count")
             assert dict(zip(reasons, map(int, counts), strict=True)) == p["dead_letters_last_hour"]
             commits = await browser.texts(f"section#partner-{pid} table.eos td.commit")
-            assert [int(c) for c in commits] == [r["commit"] for r in p["exactly_once"]]
+            assert [int(c) if c != "—" else -1 for c in commits] == [r["commit"] for r in p["exactly_once"]]
         used = await browser.text("section#partner-acme table.budget td.usd_used")
         assert float(used) == pytest.approx(day["usd_used"], abs=1e-6)
         left = await browser.text("section#partner-acme table.budget td.usd_remaining")
         assert float(left) == pytest.approx(day["usd_remaining"], abs=1e-6)
         rpm = await browser.texts("section#partner-acme table.limits td.fair_share")
         assert rpm[0] == "750"
+        if shot := os.environ.get("ADMIN_CONSOLE_SCREENSHOT"):  # how docs/admin-console.png is made
+            await browser.submit("#pause-acme")
+            await browser.screenshot(Path(shot))
 
 
 # -- actions ------------------------------------------------------------------------------------
