@@ -22,7 +22,8 @@ import anthropic
 
 from service.admin.pauses import Pauses
 from service.admission.admit import Admission, Admitted, Deferred, RecordLike, Rejected
-from service.config.settings import GatewaySettings, ModelPrice
+from service.admission.pricing import cost_usd
+from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter, Origin, Timings, UpstreamInfo, encode_response, utc_iso
 from service.contracts.reasons import Reason
 from service.egress.emit import Emitter, Sink, claim_doc
@@ -31,7 +32,7 @@ from service.scheduling.scheduler import Cost, Draining, Grant, Scheduler, Usage
 from service.telemetry.metrics import Metrics
 from service.telemetry.tracing import Tracing
 from service.upstream.client import ClaudeClient, UnknownPartnerKey, UpstreamResult
-from service.upstream.errors import Failure, classify, may_have_been_sent
+from service.upstream.errors import Failure, InvalidParams, classify, may_have_been_sent
 from service.upstream.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -63,16 +64,6 @@ def _usage_numbers(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
         int(usage.get("cache_read_input_tokens") or 0),
         int(usage.get("cache_creation_input_tokens") or 0),
     )
-
-
-def cost_usd(price: ModelPrice, usage: Mapping[str, Any]) -> float:
-    inp, out, cache_read, cache_write = _usage_numbers(usage)
-    return (
-        inp * price.input_per_mtok_usd
-        + out * price.output_per_mtok_usd
-        + cache_read * price.cache_read_per_mtok_usd
-        + cache_write * price.cache_write_per_mtok_usd
-    ) / 1_000_000
 
 
 class Pipeline:
@@ -279,6 +270,11 @@ class Pipeline:
                 m.retries.labels(pid, failure.label).inc()
                 await asyncio.sleep(delay)
                 continue
+            except InvalidParams as exc:  # the SDK refused the content before sending: the partner's
+                span.decided("fail")
+                self.scheduler.release(grant, Usage(0, 0))
+                detail = f"the anthropic SDK refused the request's params: {exc}"
+                return _Failed(exc.failure(), attempt, detail, adm)
             except UnknownPartnerKey:
                 span.decided("fail")
                 self.scheduler.release(grant, Usage(0, 0))

@@ -1,8 +1,9 @@
 """Turn a raw Kafka record into an admitted request or a rejection with a reason.
 
 Checks run cheapest first and the first failure decides: size (value, key
-and headers), decoding, schema, signature (`signature.py`), identity, model
-policy, `max_tokens` cap, then any `extra_checks`. Those are synchronous;
+and headers), decoding, schema (`contracts/params.py`), signature (`signature.py`),
+identity, model policy, `max_tokens` cap, the model's `max_tokens` maximum and the
+partner's params policy (`policy.py`), then any `extra_checks`. Those are synchronous;
 `admit_and_reserve` then runs the two that may need Redis: the replay check
 (`replay.py`) and the budget reservation (`budget.py`). The pipeline settles
 or releases the reservation once the call is done (`settle`, `release`).
@@ -18,11 +19,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from service.admission.policy import check_params
 from service.admission.registry import Partner, Registry
 from service.admission.replay import Origin, ReplayGuard, replay_window_s
 from service.admission.signature import SignatureError, SignatureVerifier
+from service.contracts.params import check_request
 from service.contracts.reasons import Reason
-from service.contracts.schemas import SchemaViolation, validate
+from service.contracts.schemas import SchemaViolation, compiled
 
 if TYPE_CHECKING:
     from service.admission.budget import Budgets, Reservation
@@ -121,6 +124,7 @@ class Admission:
         self.signatures = signatures or SignatureVerifier()
         self.replay = replay or ReplayGuard()
         self.budgets = budgets
+        compiled("request")  # compile the request schema now (~1 s), not on the first request
 
     async def admit_and_reserve(self, rec: RecordLike) -> Admitted | Rejected:
         """`admit`, then the replay check and the budget reservation (which may wait, see `budget.py`)."""
@@ -217,7 +221,7 @@ class Admission:
             return Rejected(pid, Reason.MALFORMED_JSON, f"invalid JSON: {exc}")
         request_id = _request_id_of(doc)
         try:
-            validate("request", doc)
+            check_request(doc)
         except SchemaViolation as exc:
             return Rejected(pid, Reason.SCHEMA_VIOLATION, f"request.v1 schema: {exc}", request_id)
         assert request_id is not None
@@ -264,6 +268,9 @@ class Admission:
                     request_id,
                 )
             params["max_tokens"] = cap
+        refused = check_params(partner, params, registry.settings.models[model])
+        if refused is not None:  # the model's maximum, the partner's policy
+            return Rejected(pid, *refused, request_id)
         for check in self.extra_checks:
             rejected = check(rec, partner, doc)
             if rejected is not None:

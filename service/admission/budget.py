@@ -1,11 +1,11 @@
 """Budgets per partner: tokens and USD per day and per month (UTC periods).
 
 - **Reserve at admission**: estimated input tokens and `max_tokens`, priced
-  with the model's input and output prices (`settings.models`). The request
+  by `pricing.estimate` (the model's prices in `settings.models`). The request
   is refused when, in any period with a cap, what is used or reserved plus
   this reservation would exceed the cap.
-- **Settle after the call** with the real `usage` (input, output, cache
-  write, cache read), refunding the difference; **release** the whole
+- **Settle after the call** with what the real `usage` cost (`pricing.actual`: tokens
+  of every kind, tier, speed, server tools), refunding the difference; **release** the whole
   reservation when the call failed and nothing was billed.
 - **Over budget**: `budget.on_exhausted: deadletter` dead-letters with
   `budget_exhausted` (retryable); `defer` holds the request until the period
@@ -35,7 +35,6 @@ import asyncio
 import calendar
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from redis.exceptions import RedisError
 
 from service.admission.admit import Admitted, Deferred, Rejected
-from service.config.settings import BudgetSettings, ModelPrice
+from service.admission.pricing import NANO_PER_USD, Amount, actual, estimate
+from service.config.settings import BudgetSettings
 from service.contracts.reasons import Reason
 from service.scheduling.scheduler import Draining
 
@@ -55,7 +55,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NANO_PER_USD = 1_000_000_000
+__all__ = [  # Amount and NANO_PER_USD live in pricing.py; importers of this module still see them
+    "NANO_PER_USD",
+    "Amount",
+    "Budgets",
+    "LocalLedger",
+    "Period",
+    "RedisLedger",
+    "Reservation",
+    "periods",
+]
 PeriodName = Literal["day", "month"]
 Unit = Literal["tokens", "usd"]
 _UNITS: tuple[Unit, ...] = ("tokens", "usd")
@@ -106,23 +115,6 @@ return out
 
 
 @dataclass(frozen=True, slots=True)
-class Amount:
-    tokens: int
-    nusd: int
-    """nano-USD (1e-9 USD): integers, so Redis and Lua add them exactly."""
-
-    def __sub__(self, other: Amount) -> Amount:
-        return Amount(self.tokens - other.tokens, self.nusd - other.nusd)
-
-    def __neg__(self) -> Amount:
-        return Amount(-self.tokens, -self.nusd)
-
-    @property
-    def usd(self) -> float:
-        return self.nusd / NANO_PER_USD
-
-
-@dataclass(frozen=True, slots=True)
 class Period:
     name: PeriodName
     label: str
@@ -157,33 +149,7 @@ class LedgerAnswer:
     """Index of the period and the unit that refused."""
 
 
-# -- pricing and periods -------------------------------------------------------------
-
-
-def estimate(price: ModelPrice | None, est_input_tokens: int, max_tokens: int) -> Amount:
-    """The reservation: estimated input at the input price, `max_tokens` at the output price."""
-    if price is None:
-        return Amount(est_input_tokens + max_tokens, 0)
-    nusd = est_input_tokens * price.input_per_mtok_usd + max_tokens * price.output_per_mtok_usd
-    return Amount(est_input_tokens + max_tokens, math.ceil(nusd * 1000))  # per Mtok -> nano per token
-
-
-def actual(price: ModelPrice | None, usage: Mapping[str, Any]) -> Amount:
-    """What a call cost: every billed token, at the price of its kind."""
-    inp = int(usage.get("input_tokens") or 0)
-    out = int(usage.get("output_tokens") or 0)
-    cache_read = int(usage.get("cache_read_input_tokens") or 0)
-    cache_write = int(usage.get("cache_creation_input_tokens") or 0)
-    tokens = inp + out + cache_read + cache_write
-    if price is None:
-        return Amount(tokens, 0)
-    nusd = (
-        inp * price.input_per_mtok_usd
-        + out * price.output_per_mtok_usd
-        + cache_read * price.cache_read_per_mtok_usd
-        + cache_write * price.cache_write_per_mtok_usd
-    )
-    return Amount(tokens, round(nusd * 1000))
+# -- periods ---------------------------------------------------------------------------
 
 
 def periods(budget: BudgetSettings, now: float) -> tuple[Period, ...]:
@@ -362,7 +328,10 @@ class Budgets:
             if not ps:
                 return Reservation(pid, model, (), Amount(0, 0), shared=False)
             amount = estimate(
-                registry.settings.models.get(model), admitted.est_input_tokens, admitted.max_tokens
+                registry.settings.models.get(model),
+                admitted.est_input_tokens,
+                admitted.max_tokens,
+                speed=admitted.params.get("speed"),
             )
             for p in ps:
                 for unit in _UNITS:

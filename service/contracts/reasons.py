@@ -26,9 +26,17 @@ class Reason(StrEnum):
     UNKNOWN_MODEL = "unknown_model"
     MODEL_NOT_ALLOWED = "model_not_allowed"
     MAX_TOKENS_EXCEEDED = "max_tokens_exceeded"
+    """Over the partner's `max_tokens_cap` or the model's documented maximum."""
+    PARAM_NOT_ALLOWED = "param_not_allowed"
+    """A value of `service_tier`, `speed`, `inference_geo`, `workspace_id` or a server tool that
+    the partner's `policy` does not allow."""
     BUDGET_EXHAUSTED = "budget_exhausted"
     # upstream
+    INVALID_REQUEST = "invalid_request"
+    """The SDK (before sending) or Claude (400 `invalid_request_error`) refused the request's
+    content; `detail` carries their message. Sending it again unchanged fails again."""
     UPSTREAM_BAD_REQUEST = "upstream_bad_request"
+    """Not written any more (a 400 is `invalid_request`); kept so old dead letters still validate."""
     UPSTREAM_AUTHENTICATION = "upstream_authentication"
     UPSTREAM_PERMISSION = "upstream_permission"
     UPSTREAM_NOT_FOUND = "upstream_not_found"

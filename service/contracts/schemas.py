@@ -2,6 +2,11 @@
 
 The schemas ship inside the wheel as `service/schemas/` and live at the
 repository root as `schemas/` during development.
+
+An `integer` is a JSON integer: `32`, not `32.0` nor `1e3` (nor an integer too large for
+64 bits, which the JSON parser reads as a float). Draft-07 counts a float without a fraction
+as an integer; the Claude API does not, so the validators are compiled with draft-04's
+stricter integer check and draft-07 for everything else.
 """
 
 from __future__ import annotations
@@ -14,8 +19,13 @@ from typing import Any
 
 import fastjsonschema
 import orjson
+from fastjsonschema.draft04 import CodeGeneratorDraft04
+from fastjsonschema.draft07 import CodeGeneratorDraft07
+from fastjsonschema.ref_resolver import RefResolver
 
 Validator = Callable[[Any], Any]
+_Draft07: Any = CodeGeneratorDraft07  # fastjsonschema's generators are not typed
+_Draft04: Any = CodeGeneratorDraft04
 
 SCHEMA_FILES = {
     "request": "request.v1.json",
@@ -42,15 +52,41 @@ def load_schema(name: str) -> dict[str, Any]:
     return data
 
 
-@cache
-def _compiled(name: str) -> Validator:
-    validator: Validator = fastjsonschema.compile(load_schema(name), use_formats=False)
+class _StrictIntegers(_Draft07):  # type: ignore[misc]
+    """Draft-07, but an integer is never a float (`32.0` is refused, as the Claude API does)."""
+
+    def generate_type(self) -> None:
+        _Draft04.generate_type(self)
+
+    def exc(self, msg: str, *args: Any, append_to_msg: str | None = None, rule: str | None = None) -> None:
+        """Raise with the message only: the value and the definition a detailed exception also
+        carries cost more than the check when a union tries its members (nothing reads them)."""
+        definition = self._expand_refs(self._definition)
+        rule_value = definition.get(rule) if isinstance(definition, dict) else None
+        text = '"' + msg + '"' + (f" + ({append_to_msg})" if append_to_msg else "")
+        self.l(f"raise JsonSchemaValueException({text})", *args, definition_rule=self.e(rule_value))
+
+
+def compile_strict(schema: dict[str, Any]) -> Validator:
+    """A validator for `schema` (draft-07 with strict integers); raises `SchemaViolation`
+    through `validate`, `fastjsonschema.JsonSchemaValueException` when called directly."""
+    resolver = RefResolver.from_schema(schema, handlers={}, store={})
+    generator = _StrictIntegers(schema, resolver=resolver, use_formats=False)
+    scope: dict[str, Any] = generator.global_state
+    exec(generator.func_code, scope)  # noqa: S102 - fastjsonschema's own compile() does the same
+    validator: Validator = scope[resolver.get_scope_name()]
     return validator
+
+
+@cache
+def compiled(name: str) -> Validator:
+    """The validator of schema `name`, compiled once (the request schema takes about a second)."""
+    return compile_strict(load_schema(name))
 
 
 def validate(name: str, document: Any) -> None:
     """Raise `SchemaViolation` if `document` does not match schema `name`."""
     try:
-        _compiled(name)(document)
+        compiled(name)(document)
     except fastjsonschema.JsonSchemaValueException as exc:
         raise SchemaViolation(exc.message) from None

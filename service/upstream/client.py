@@ -18,6 +18,7 @@ import orjson
 from pydantic import SecretStr
 
 from service.config.settings import AnthropicSettings
+from service.upstream.errors import InvalidParams
 
 REQUEST_KEY_HEADER = "x-gateway-request-id"
 
@@ -78,7 +79,8 @@ class ClaudeClient:
     async def create_message(
         self, partner_id: str, params: Mapping[str, Any], *, request_key: str | None = None
     ) -> UpstreamResult:
-        """One Messages API call. Raises the SDK's exceptions unchanged. `request_key`
+        """One Messages API call. Raises the SDK's exceptions unchanged, except a `TypeError` or
+        `ValueError` of `create()` itself, which becomes `InvalidParams`. `request_key`
         (partner:request id) goes in `x-gateway-request-id`, so calls per request can be
         counted upstream (the simulator does)."""
         client = self._clients.get(partner_id)
@@ -86,7 +88,12 @@ class ClaudeClient:
             raise UnknownPartnerKey(partner_id)
         started = time.perf_counter()
         extra = {REQUEST_KEY_HEADER: request_key} if request_key is not None else None
-        raw = await cast(Any, client.messages.with_raw_response).create(**params, extra_headers=extra)
+        try:
+            raw = await cast(Any, client.messages.with_raw_response).create(**params, extra_headers=extra)
+        except (TypeError, ValueError) as exc:
+            # raised while the SDK binds and encodes the arguments, before any byte is sent
+            # (transport failures come back as APIConnectionError): the request's content
+            raise InvalidParams(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
         content = await raw.read()
         body = orjson.loads(content)
         headers = raw.headers

@@ -11,6 +11,11 @@ message text. Each class of the SDK has a tested mapping:
     │   └── APIWebhookValidationError                    -> not a Messages outcome: dead letter
     ├── RetryableError                                   -> retry
     └── CredentialsError ── IdentityTokenFileError       -> dead letter (key unusable)
+
+A 400 is the partner's request content (`invalid_request`, with Claude's message), as is
+`InvalidParams`: the SDK refusing the arguments before it sends anything (a `TypeError` or
+`ValueError` from `create()`, e.g. an unknown keyword or a `max_tokens` too large to answer
+without streaming).
 """
 
 from __future__ import annotations
@@ -31,6 +36,15 @@ SPEND_LIMIT_CODES = frozenset(
 )
 
 
+class InvalidParams(ValueError):
+    """The SDK refused the request's parameters before sending it; the message is the SDK's."""
+
+    label = "sdk_refused"
+
+    def failure(self) -> Failure:
+        return Failure(False, Reason.INVALID_REQUEST, self.label)
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     """What one failed upstream attempt means."""
@@ -49,12 +63,13 @@ class Failure:
 
 
 _NON_RETRYABLE_STATUS: dict[int, tuple[Reason, str]] = {
-    400: (Reason.UPSTREAM_BAD_REQUEST, "bad_request"),
+    400: (Reason.INVALID_REQUEST, "invalid_request"),
     401: (Reason.UPSTREAM_AUTHENTICATION, "authentication"),
     402: (Reason.UPSTREAM_SPEND_LIMIT, "payment_required"),
     403: (Reason.UPSTREAM_PERMISSION, "permission"),
     404: (Reason.UPSTREAM_NOT_FOUND, "not_found"),
     413: (Reason.UPSTREAM_TOO_LARGE, "too_large"),
+    422: (Reason.INVALID_REQUEST, "invalid_request"),
 }
 _RETRYABLE_STATUS: dict[int, str] = {
     408: "timeout",

@@ -37,8 +37,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.admission.pricing import cost_usd
 from service.app import Gateway
-from service.pipeline import cost_usd
 from service.simulator import SimulatorConfig, SimulatorServer
 from service.simulator.tokens import count_input_tokens
 from service.telemetry.logs import JsonFormatter
@@ -552,7 +552,7 @@ async def test_no_secret_reaches_logs_metrics_spans_or_dead_letters(
         text = await scrape(gateway)
         finished = await _finished(exporter, len(messages))
     assert {d["request_id"]: d["reason"] for d in out.dead_letters if d.get("request_id")} == {
-        "bad-upstream": "upstream_bad_request",
+        "bad-upstream": "invalid_request",
         "auth": "upstream_authentication",
         "bad-schema": "schema_violation",
     }

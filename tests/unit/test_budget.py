@@ -13,16 +13,8 @@ import orjson
 import pytest
 
 from service.admission.admit import Admission, Admitted, Record, Rejected
-from service.admission.budget import (
-    NANO_PER_USD,
-    Amount,
-    Budgets,
-    LocalLedger,
-    Reservation,
-    actual,
-    estimate,
-    periods,
-)
+from service.admission.budget import Budgets, LocalLedger, Reservation, periods
+from service.admission.pricing import NANO_PER_USD, Amount, actual, estimate
 from service.admission.registry import Registry
 from service.config.loader import parse_config
 from service.config.settings import BudgetSettings, GatewaySettings, ModelPrice

@@ -8,7 +8,9 @@ import pytest
 from pydantic import SecretStr
 
 from service.config.settings import AnthropicSettings
+from service.contracts.reasons import Reason
 from service.upstream.client import ClaudeClient, UnknownPartnerKey
+from service.upstream.errors import InvalidParams
 
 PARAMS = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 BODY = {
@@ -39,5 +41,46 @@ async def test_sync_keys_rotates_removes_and_keeps_unchanged_clients() -> None:
     assert [s.split()[-1] for s in seen] == ["sk-a1", "sk-a2", "sk-b1"]
     client.sync_keys({"b": SecretStr("sk-b1")})
     with pytest.raises(UnknownPartnerKey):
+        await client.create_message("a", PARAMS)
+    await client.aclose()
+
+
+async def test_what_the_sdk_refuses_before_sending_is_invalid_params_and_nothing_is_sent() -> None:
+    """ANTHROPIC.md: `create(temperature=...)` raises TypeError in SDK 2.13; the gateway calls that
+    the partner's mistake (InvalidParams, dead-lettered invalid_request), never its own fault."""
+    sent: list[httpx2.Request] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request)
+        return httpx2.Response(200, content=orjson.dumps(BODY), headers={"content-type": "application/json"})
+
+    client = ClaudeClient(
+        AnthropicSettings(base_url="http://claude.test"),
+        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)),
+    )
+    client.sync_keys({"a": SecretStr("sk-a1")})
+    for name, value in (("temperature", 0.5), ("top_k", 5), ("stream_options", {})):
+        with pytest.raises(InvalidParams) as info:
+            await client.create_message("a", {**PARAMS, name: value})
+        assert name in str(info.value)
+        assert info.value.failure().reason is Reason.INVALID_REQUEST
+        assert not info.value.failure().retryable
+        assert "sk-a1" not in str(info.value)
+    assert sent == []
+    await client.create_message("a", PARAMS)  # the client is still fine
+    assert len(sent) == 1
+    await client.aclose()
+
+
+async def test_a_failure_after_sending_is_not_invalid_params() -> None:
+    def garbled(_: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=b"not json", headers={"content-type": "application/json"})
+
+    client = ClaudeClient(
+        AnthropicSettings(base_url="http://claude.test"),
+        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(garbled)),
+    )
+    client.sync_keys({"a": SecretStr("sk-a1")})
+    with pytest.raises(orjson.JSONDecodeError):  # the gateway's fault to handle, maybe billed
         await client.create_message("a", PARAMS)
     await client.aclose()

@@ -55,7 +55,7 @@ async def _raised(handler: Callable[[httpx2.Request], httpx2.Response]) -> BaseE
 
 
 STATUS_CASES = [
-    (400, "invalid_request_error", anthropic.BadRequestError, False, Reason.UPSTREAM_BAD_REQUEST),
+    (400, "invalid_request_error", anthropic.BadRequestError, False, Reason.INVALID_REQUEST),
     (401, "authentication_error", anthropic.AuthenticationError, False, Reason.UPSTREAM_AUTHENTICATION),
     (402, "billing_error", anthropic.PaymentRequiredError, False, Reason.UPSTREAM_SPEND_LIMIT),
     (403, "permission_error", anthropic.PermissionDeniedError, False, Reason.UPSTREAM_PERMISSION),
@@ -64,7 +64,7 @@ STATUS_CASES = [
     (409, "conflict_error", anthropic.ConflictError, True, Reason.RETRIES_EXHAUSTED),
     (412, "invalid_request_error", anthropic.PreconditionFailedError, False, Reason.UPSTREAM_REJECTED),
     (413, "request_too_large", anthropic.ContentTooLargeError, False, Reason.UPSTREAM_TOO_LARGE),
-    (422, "invalid_request_error", anthropic.UnprocessableEntityError, False, Reason.UPSTREAM_REJECTED),
+    (422, "invalid_request_error", anthropic.UnprocessableEntityError, False, Reason.INVALID_REQUEST),
     (429, "rate_limit_error", anthropic.RateLimitError, True, Reason.RETRIES_EXHAUSTED),
     (
         431,

@@ -1,0 +1,159 @@
+"""The gateway's contract for a request's `params`: the SDK's fields, minus what it refuses.
+
+`params` is what the gateway passes to the SDK's `messages.create()`. Its schema is derived
+from the installed SDK (`sdk_schema.py`), and this module holds the gateway's own rules on
+top, each with its reason (docs/request-contract.md lists them for partners):
+
+- `REFUSED`: fields the SDK takes that the gateway refuses;
+- `TRANSPORT_OPTIONS`: arguments of `create()` that are not part of the request body;
+- `REMOVED`: fields older contracts (and older SDKs) took that the current API does not;
+- `OVERLAYS`: constraints narrower than the SDK's type (`max_tokens` is at least 1, ...).
+
+`check_request` runs before the schema, so a partner who sends one of those fields, or a
+`max_tokens` that is not a positive JSON integer, reads a sentence naming the field and why.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from service.contracts.schemas import SchemaViolation, validate
+
+REFUSED: dict[str, str] = {
+    "stream": (
+        "the gateway publishes each outcome as one whole message on the response topic, so "
+        "streaming is refused; leave `stream` out"
+    ),
+}
+TRANSPORT_OPTIONS: dict[str, str] = {
+    name: (
+        f"`{name}` is an option of the SDK's create() call, not a field of the request: the "
+        "gateway owns the transport (keys, headers, timeouts, retries)"
+    )
+    for name in ("extra_headers", "extra_query", "extra_body", "timeout")
+}
+REMOVED: dict[str, str] = {
+    name: (
+        f"`{name}` is no longer accepted by the Claude Messages API (the installed anthropic SDK "
+        "has no such parameter); leave it out"
+    )
+    for name in ("temperature", "top_p", "top_k")
+}
+MIN_MAX_TOKENS = 1
+OVERLAYS: dict[str, dict[str, Any]] = {
+    "model": {"minLength": 1, "maxLength": 128},
+    "max_tokens": {
+        "minimum": MIN_MAX_TOKENS,
+        "description": (
+            "A JSON integer from 1 to the model's documented maximum (gateway config "
+            "`models.<id>.max_output_tokens`). 0 (prompt-cache pre-warming) is refused: it "
+            "yields no message, and Message Batches do not take it."
+        ),
+    },
+    "messages": {"minItems": 1},
+}
+"""Narrower than the SDK's types, as the request contract v1 always was."""
+
+SERVER_TOOLS = frozenset({"web_search", "web_fetch", "code_execution", "tool_search_tool"})
+"""Tool families Anthropic runs (and bills) itself; a partner's `policy.server_tools` lists
+which it may use. The family of a tool is its `type` without the version date."""
+CLIENT_TOOLS = frozenset({"custom", "bash", "text_editor", "memory", "computer_toolset", "browser_toolset"})
+"""Tool families the caller runs: always allowed."""
+_VERSION = re.compile(r"(?:_(?:\d{8}|bm25|regex))+$")
+
+
+def tool_family(tool: Mapping[str, Any]) -> str:
+    """`web_search_20250305` -> `web_search`; `tool_search_tool_bm25` -> `tool_search_tool`;
+    a tool without a `type` (or `custom`) is a custom tool."""
+    kind = tool.get("type")
+    if not isinstance(kind, str) or kind == "custom":
+        return "custom"
+    return _VERSION.sub("", kind)
+
+
+def server_tools(params: Mapping[str, Any]) -> list[str]:
+    """The server tool families `params` asks for, in order, without repeats."""
+    out: list[str] = []
+    tools = params.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, Mapping):
+            family = tool_family(tool)
+            if family not in CLIENT_TOOLS and family not in out:
+                out.append(family)
+    return out
+
+
+def refused_reason(name: str) -> str | None:
+    """Why the gateway refuses the params field `name`, or None."""
+    return REFUSED.get(name) or TRANSPORT_OPTIONS.get(name) or REMOVED.get(name)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, float):
+        return f"the number {value!r} (written with a fraction or an exponent, or beyond 64 bits)"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"a string ({value[:20]!r})"
+    return f"a {type(value).__name__}"
+
+
+def max_tokens_problem(value: Any) -> str | None:
+    """Why `value` is not a valid `max_tokens`, or None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value >= MIN_MAX_TOKENS:
+            return None
+        if value == 0:
+            return (
+                "params.max_tokens is 0: prompt-cache pre-warming is not taken by the gateway (it "
+                "yields no message); send at least 1"
+            )
+        return f"params.max_tokens is {value}: it must be at least {MIN_MAX_TOKENS}"
+    return f"params.max_tokens must be a JSON integer such as 1024; got {_describe(value)}"
+
+
+def check_request(doc: Any) -> None:
+    """Validate a request document; raise `SchemaViolation` with a sentence a partner can act
+    on. Refused fields and `max_tokens` are checked first, by name; the schema then checks the rest."""
+    params = doc.get("params") if isinstance(doc, dict) else None
+    if isinstance(params, dict):
+        for name in params:
+            why = refused_reason(name)
+            if why is not None:
+                raise SchemaViolation(f"params.{name} is refused: {why}")
+        if "max_tokens" in params:
+            problem = max_tokens_problem(params["max_tokens"])
+            if problem is not None:
+                raise SchemaViolation(problem)
+    validate("request", doc)
+
+
+PARAMS_DESCRIPTION = (
+    "Messages API parameters, as the installed anthropic SDK's MessageCreateParams types them "
+    "(generated by scripts/gen_request_schema.py; do not edit by hand). Refused by the gateway: "
+)
+
+
+def params_schema() -> dict[str, Any]:
+    """The `params` schema of the request contract: the SDK's fields, without `REFUSED`, with
+    `OVERLAYS`. Its references point into `sdk_schema.definitions()`."""
+    from service.contracts import sdk_schema  # the SDK's types are read only to generate
+
+    props = sdk_schema.params_properties()
+    for name in REFUSED:
+        props.pop(name, None)
+    for name, extra in OVERLAYS.items():
+        props[name] = {**props[name], **extra}
+    required = sorted(k for k, (_, req) in sdk_schema.sdk_fields().items() if req and k in props)
+    refused = ", ".join(sorted([*REFUSED, *TRANSPORT_OPTIONS, *REMOVED]))
+    return {
+        "type": "object",
+        "description": PARAMS_DESCRIPTION + refused + " (docs/request-contract.md says why).",
+        "required": required,
+        "additionalProperties": False,
+        "properties": props,
+    }
