@@ -20,6 +20,7 @@ YAML layout (every key optional):
     max_body_bytes: 33554432
     round_remaining: true
     max_tracked_requests: 1000000        # per-request call counts kept (GET /_sim/calls)
+    priority_tier: false                 # true: service_tier auto is served as priority
 """
 
 from __future__ import annotations
@@ -160,6 +161,9 @@ class SimulatorConfig(_Frozen):
     model_limits: dict[str, LimitSettings] = Field(default_factory=dict)
     count_tokens_rpm: int | None = Field(default=2_000, ge=0)
     max_tokens_limit: int = Field(default=128_000, ge=1)
+    priority_tier: bool = False
+    """The organisation has Priority Tier capacity: `service_tier: auto` is served (and
+    reported in `usage.service_tier`) as `priority`."""
     latency: LatencySettings = LatencySettings()
     output: OutputSettings = OutputSettings()
     faults: FaultSettings = FaultSettings()

@@ -19,6 +19,7 @@ from service.simulator.buckets import Clock, RateLimiter
 from service.simulator.config import SimulatorConfig
 from service.simulator.errors import AuthenticationError, InvalidRequestError
 from service.simulator.stats import SimulatorStats
+from service.simulator.validation import warm
 
 _BEARER = "bearer "
 
@@ -49,6 +50,7 @@ class SimulatorEngine:
         self._key_names = self._key_lookup(config)
         self._fingerprints: dict[str, str] = {}
         self.models = frozenset(config.models)
+        warm()  # the body schemas compile once per process
 
     def _new_limiter(self, config: SimulatorConfig) -> RateLimiter:
         return RateLimiter(config.limits, config.model_limits, config.count_tokens_rpm, clock=self.clock)

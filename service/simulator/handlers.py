@@ -33,6 +33,7 @@ from service.simulator.headers import ratelimit_headers
 from service.simulator.sampling import draw_latency_s, draw_output_tokens
 from service.simulator.stats import DROPPED
 from service.simulator.tokens import count_input_tokens, filler_text
+from service.simulator.usage import usage_of
 from service.simulator.validation import validate_count_tokens, validate_messages
 
 MESSAGES_PATH = "/v1/messages"
@@ -202,15 +203,10 @@ class Handlers:
             "type": "message",
             "role": "assistant",
             "model": model,
-            "content": [{"type": "text", "text": filler_text(output_tokens)}],
+            "content": [{"type": "text", "text": filler_text(output_tokens)}] if output_tokens else [],
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
-            "usage": {
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
-            },
+            "usage": usage_of(body, input_tokens, output_tokens, priority_tier=config.priority_tier),
         }
         engine.stats.status(200)
         return _json(200, orjson.dumps(message), self._headers(request_id, buckets))

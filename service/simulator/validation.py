@@ -1,59 +1,36 @@
 """Request body checks for `/v1/messages` and `/v1/messages/count_tokens`.
 
-Each check raises `InvalidRequestError` with a message naming the field, in
-the style of the real API (`messages.0.role: ...`). The model is checked
-last, against the configured list, with `NotFoundError`.
+The fields, and the type of every value in them, are the API's as the installed anthropic
+SDK types them (`service/contracts/sdk_schema.py`): an unknown field is 400 "Extra inputs are
+not permitted", a value of the wrong type or shape is 400 naming its place. Before that, the
+checks the types cannot express run with messages in the style of the real API
+(`messages.0.role: ...`): `max_tokens` from 0 (prompt-cache pre-warming) to the limit, the
+order of turns, non-empty content, thinking's budget below `max_tokens`, no streaming. The
+model is checked last, against the configured list, with `NotFoundError`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
-from typing import Any, TypeGuard
+from functools import cache
+from typing import Any, Literal, TypeGuard
 
+import fastjsonschema
+
+from service.contracts.schemas import Validator, compile_strict
+from service.contracts.sdk_schema import api_params_schema
 from service.simulator.errors import InvalidRequestError, NotFoundError
 
-_COMMON_FIELDS = frozenset(
-    {
-        "model",
-        "messages",
-        "system",
-        "tools",
-        "tool_choice",
-        "thinking",
-        "cache_control",
-        "output_config",
-        "speed",
-        "mcp_servers",
-        "context_management",
-    }
-)
-MESSAGES_FIELDS = _COMMON_FIELDS | {
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "stop_sequences",
-    "metadata",
-    "stream",
-    "service_tier",
-    "container",
-    "diagnostics",
-    "inference_geo",
-    "user_profile_id",
-    "workspace_id",
-}
-COUNT_TOKENS_FIELDS = _COMMON_FIELDS
-_ROLES = ("user", "assistant")
-_TOOL_CHOICES = frozenset({"auto", "any", "tool", "none"})
-_THINKING_TYPES = frozenset({"enabled", "disabled", "adaptive"})
+Endpoint = Literal["messages", "count_tokens"]
+MESSAGES_FIELDS = frozenset(api_params_schema("messages")["properties"])
+COUNT_TOKENS_FIELDS = frozenset(api_params_schema("count_tokens")["properties"])
+_ROLES = ("user", "assistant", "system")
+_INDEX = re.compile(r"\[(\d+)\]")
 
 
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _bad(message: str) -> InvalidRequestError:
@@ -82,7 +59,7 @@ def _check_messages(messages: Any) -> None:
             raise _bad(f"messages.{i}: Input should be a valid dictionary")
         role = message.get("role")
         if role not in _ROLES:
-            raise _bad(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+            raise _bad(f"messages.{i}.role: Input should be 'user', 'assistant' or 'system'")
         extra = set(message) - {"role", "content"}
         if extra:
             raise _bad(f"messages.{i}.{sorted(extra)[0]}: Extra inputs are not permitted")
@@ -99,8 +76,9 @@ def _check_messages(messages: Any) -> None:
                 f"messages.{i}: all messages must have non-empty content "
                 "except for the optional final assistant message"
             )
-    if messages[0].get("role") != "user":
-        raise _bad("messages: the first message must use the 'user' role")
+    turns = [m for m in messages if m.get("role") != "system"]
+    if not turns or turns[0].get("role") != "user":
+        raise _bad("messages: the first message (after system messages) must use the 'user' role")
 
 
 def _check_system(system: Any) -> None:
@@ -123,20 +101,17 @@ def _check_tools(body: Mapping[str, Any]) -> None:
         for i, tool in enumerate(tools):
             if not isinstance(tool, Mapping):
                 raise _bad(f"tools.{i}: Input should be a valid dictionary")
-            if not isinstance(tool.get("name"), str) or not tool["name"]:
+            custom = tool.get("type") in (None, "custom")  # Anthropic's own tools have fixed names
+            if custom and (not isinstance(tool.get("name"), str) or not tool["name"]):
                 raise _bad(f"tools.{i}.name: Field required")
     choice = body.get("tool_choice")
-    if choice is not None:
-        if not isinstance(choice, Mapping) or choice.get("type") not in _TOOL_CHOICES:
-            raise _bad("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
-        if choice.get("type") == "tool" and not isinstance(choice.get("name"), str):
-            raise _bad("tool_choice.name: Field required")
+    named = isinstance(choice, Mapping) and isinstance(choice.get("name"), str)
+    if isinstance(choice, Mapping) and choice.get("type") == "tool" and not named:
+        raise _bad("tool_choice.name: Field required")
 
 
 def _check_thinking(thinking: Any, max_tokens: int | None) -> None:
-    if not isinstance(thinking, Mapping) or thinking.get("type") not in _THINKING_TYPES:
-        raise _bad("thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'")
-    if thinking.get("type") == "enabled":
+    if isinstance(thinking, Mapping) and thinking.get("type") == "enabled":
         budget = thinking.get("budget_tokens")
         if not _is_int(budget) or budget < 1024:
             raise _bad("thinking.budget_tokens: Input should be an integer of at least 1024")
@@ -144,14 +119,7 @@ def _check_thinking(thinking: Any, max_tokens: int | None) -> None:
             raise _bad("thinking.budget_tokens: must be less than max_tokens")
 
 
-def _check_sampling(body: Mapping[str, Any]) -> None:
-    for name in ("temperature", "top_p"):
-        value = body.get(name)
-        if value is not None and (not _is_number(value) or not 0.0 <= value <= 1.0):
-            raise _bad(f"{name}: Input should be a number between 0 and 1")
-    top_k = body.get("top_k")
-    if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        raise _bad("top_k: Input should be a non-negative integer")
+def _check_stops_and_metadata(body: Mapping[str, Any]) -> None:
     stops = body.get("stop_sequences")
     if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)):
         raise _bad("stop_sequences: Input should be a list of strings")
@@ -174,6 +142,27 @@ def _check_model(body: Mapping[str, Any]) -> str:
     return model
 
 
+@cache
+def _validator(endpoint: Endpoint) -> Validator:
+    return compile_strict(api_params_schema(endpoint))
+
+
+def warm() -> None:
+    """Compile the body schemas now (about a second), not on the first request."""
+    _validator("messages")
+    _validator("count_tokens")
+
+
+def _check_types(body: Mapping[str, Any], endpoint: Endpoint) -> None:
+    try:
+        _validator(endpoint)(body)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        # "data.messages[0].content[1].type must be one of [...]" -> "messages.0.content.1.type: ..."
+        where, _, what = exc.message.partition(" ")
+        path = _INDEX.sub(r".\1", where.removeprefix("data").lstrip("."))
+        raise _bad(f"{path or 'body'}: {what}") from None
+
+
 def validate_messages(body: Any, models: Collection[str], max_tokens_limit: int) -> str:
     """Check a `/v1/messages` body; return the model. Raises `ApiError` subclasses."""
     if not isinstance(body, Mapping):
@@ -185,14 +174,14 @@ def validate_messages(body: Any, models: Collection[str], max_tokens_limit: int)
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         raise _bad("max_tokens: Field required")
-    if not _is_int(max_tokens) or max_tokens < 1:
-        raise _bad("max_tokens: Input should be a positive integer")
+    if not _is_int(max_tokens) or max_tokens < 0:
+        raise _bad("max_tokens: Input should be a non-negative integer (0 only pre-warms the cache)")
     if max_tokens > max_tokens_limit:
         raise _bad(f"max_tokens: {max_tokens} > {max_tokens_limit}, which is the maximum allowed for {model}")
     _check_messages(body.get("messages"))
     if "system" in body:
         _check_system(body["system"])
-    _check_sampling(body)
+    _check_stops_and_metadata(body)
     _check_tools(body)
     if body.get("thinking") is not None:
         _check_thinking(body["thinking"], max_tokens)
@@ -201,6 +190,7 @@ def validate_messages(body: Any, models: Collection[str], max_tokens_limit: int)
         raise _bad("stream: Input should be a valid boolean")
     if stream:
         raise _bad("stream: streaming is not supported by the simulator; send stream=false")
+    _check_types(body, "messages")
     if model not in models:
         raise NotFoundError(f"model: {model}")
     return model
@@ -220,6 +210,7 @@ def validate_count_tokens(body: Any, models: Collection[str]) -> str:
     _check_tools(body)
     if body.get("thinking") is not None:
         _check_thinking(body["thinking"], None)
+    _check_types(body, "count_tokens")
     if model not in models:
         raise NotFoundError(f"model: {model}")
     return model

@@ -53,6 +53,8 @@ async def test_success_shape(make_sim: SimFactory, http: aiohttp.ClientSession) 
         "output_tokens": 42,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
+        "service_tier": "standard",
+        "speed": "standard",
     }
 
 
@@ -97,7 +99,7 @@ async def test_all_headers_on_every_kind_of_answer(make_sim: SimFactory, http: a
         await post(http, sim, body(), key="sk-a"),  # 200
         await post(http, sim, body(), key="sk-a"),  # 429
         await post(http, sim, body(), key="sk-b"),  # 401
-        await post(http, sim, body(max_tokens=0), key="sk-a"),  # 400
+        await post(http, sim, body(max_tokens=-1), key="sk-a"),  # 400
         await post(http, sim, body(model="nope"), key="sk-a"),  # 404
     ]
     assert [status for status, _, _ in answers] == [200, 429, 401, 400, 404]
