@@ -262,7 +262,11 @@ class PartitionWriter:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=heartbeat_s)
-                await asyncio.sleep(tick_s)  # gather what finishes meanwhile into one transaction
+                # gather what finishes meanwhile into one transaction, but no tick waits
+                # longer than `eos_tick_ms` after the previous one ended
+                linger = tick_s - (time.monotonic() - self._last_tick)
+                if linger > 0:
+                    await asyncio.sleep(linger)
                 self._wake.clear()
                 beat = (
                     self._eos
@@ -346,16 +350,23 @@ class PartitionWriter:
         assert producer is not None
         try:
             await producer.begin_transaction()
-            refused, resend = await send_all(producer, taken)
+            # the offsets do not depend on the messages' acks: both in one round trip's time
+            offsets = asyncio.ensure_future(
+                producer.send_offsets_to_transaction(
+                    {self.tp: (snap.commit, metadata)}, self.settings.group_id
+                )
+            )
+            try:
+                refused, resend = await send_all(producer, taken)
+            finally:
+                await asyncio.wait([offsets])
+            offsets.result()  # its error, if any, fails the tick like a send's
             if refused or resend:
                 # the idempotent sequence is broken past a refused batch: abort, start afresh
                 with contextlib.suppress(KafkaError):
                     await producer.abort_transaction()
                 await self._reopen_verified(ledger, taken, snap)
                 return
-            await producer.send_offsets_to_transaction(
-                {self.tp: (snap.commit, metadata)}, self.settings.group_id
-            )
             failpoints.hit("tick.sent")
             await producer.commit_transaction()
             failpoints.hit("tick.committed")
