@@ -39,6 +39,7 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check service bench scripts
 	.venv/bin/mypy
+	$(PY) scripts/gen_request_schema.py --check
 
 demo: setup kafka-fetch
 	$(PY) scripts/demo.py
