@@ -23,12 +23,16 @@ from pydantic import SecretStr
 
 from service.config.settings import AnthropicSettings
 from service.contracts.params import (
+    CLIENT_TOOLS,
     REFUSED,
     REMOVED,
+    SERVER_TOOLS,
     TRANSPORT_OPTIONS,
     check_request,
     params_schema,
     refused_reason,
+    server_tools,
+    tool_family,
 )
 from service.contracts.schemas import SchemaViolation, load_schema
 from service.contracts.sdk_schema import HEADER_FIELDS, sdk_fields
@@ -244,3 +248,16 @@ def test_deeper_mistakes_name_their_place(params: dict[str, Any], says: str) -> 
     with pytest.raises(SchemaViolation) as info:
         check_request(_doc({**BASE, **params}))
     assert says in str(info.value)
+
+
+def test_every_tool_the_sdk_types_is_known_as_a_server_or_a_client_tool() -> None:
+    """A new tool in the SDK must be classified before the partner policy can govern it."""
+    families = {tool_family(t) for t in tool_variants()}
+    assert families <= SERVER_TOOLS | CLIENT_TOOLS, families - SERVER_TOOLS - CLIENT_TOOLS
+    assert families >= SERVER_TOOLS  # every server family still exists in the SDK
+    assert server_tools({"tools": tool_variants()}) == [
+        "code_execution",
+        "web_search",
+        "web_fetch",
+        "tool_search_tool",
+    ]
