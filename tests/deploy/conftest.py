@@ -199,7 +199,13 @@ ALL_FLAGS: dict[str, Any] = {
         "org_limits": {"rpm": 4000, "itpm": 2000000, "otpm": 400000},
         "models": {
             "claude-sonnet-4-5": {"input_per_mtok_usd": 3, "output_per_mtok_usd": 15},
-            "claude-haiku-4-5": {"input_per_mtok_usd": 1, "output_per_mtok_usd": 5},
+            "claude-haiku-4-5": {
+                "input_per_mtok_usd": 1,
+                "output_per_mtok_usd": 5,
+                "max_output_tokens": 64000,
+                "fast_multiplier": 6,
+                "web_search_per_1k_usd": 10,
+            },
         },
     },
     "partners": [
@@ -214,6 +220,7 @@ ALL_FLAGS: dict[str, Any] = {
             "signing": {"required": True, "key_ids": ["k2025a", "k2025b"], "max_skew_s": 120},
             "budget": {"usd_per_day": 200, "on_exhausted": "defer"},
             "on_unknown": "retry",
+            "policy": {"speed": ["standard"], "server_tools": ["web_search"], "workspace_id": []},
         },
         {"id": "batch_jobs", "api_key": {"secret_key": "shared-key"}, "budget": {"tokens_per_day": 5000000}},
     ],

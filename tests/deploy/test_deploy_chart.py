@@ -359,6 +359,12 @@ def test_config_sections_reach_config_yaml(render_variant: Any) -> None:
     assert config["kafka"]["sasl_mechanism"] == "SCRAM-SHA-512"
     assert config["kafka"]["eos_window"] == 4096
     assert config["partners"][0]["on_unknown"] == "retry"
+    assert config["partners"][0]["policy"] == {
+        "speed": ["standard"],
+        "server_tools": ["web_search"],
+        "workspace_id": [],
+    }
+    assert config["models"]["claude-haiku-4-5"]["max_output_tokens"] == 64000
     assert config["redis"]["expected_replicas"] == 8  # autoscaling.maxReplicas
     assert config["partners"][0]["signing"]["required"] is True
     assert "key_ids" not in config["partners"][0]["signing"]
@@ -408,6 +414,7 @@ SCHEMA_ERROR = "values don't meet the specifications of the schema"
         (("kafka.settings.eos_window=20000",), "at '/kafka/settings/eos_window': maximum"),
         (("kafka.settings.exactly_once=maybe",), "at '/kafka/settings/exactly_once'"),
         (("partners[0].id=acme", "partners[0].on_unknown=ignore"), "at '/partners/0/on_unknown'"),
+        (("partners[0].id=acme", "partners[0].policy.speed[0]=turbo"), "at '/partners/0/policy/speed/0'"),
     ],
 )
 def test_schema_refuses_broken_values_with_a_clear_message(
