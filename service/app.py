@@ -25,7 +25,6 @@ from service.egress.publisher import Publisher
 from service.ingest.consumer import IngestLoop
 from service.pipeline import Pipeline
 from service.scheduling.limiter import Limiter, LocalLimiter
-from service.scheduling.pools import LimitConfig
 from service.scheduling.redis_limiter import RedisLimiter
 from service.scheduling.scheduler import Scheduler
 from service.telemetry.audit import Audit
@@ -71,6 +70,8 @@ class Gateway:
             RedisReplayStore(self.redis, settings.redis.key_prefix) if settings.redis else None,
         )
         self.admission = Admission(self.registry, replay=replay, budgets=self.budgets)
+        self.admission.operator_replays.configure(settings)  # dead letters replayed by an operator
+        register_secrets(self.admission.operator_replays.secrets())
         self.limiter = limiter or self._make_limiter(settings)
         self.scheduler = Scheduler(settings, self.limiter)
         self.pipeline = Pipeline(
@@ -105,11 +106,14 @@ class Gateway:
         self.audit.loaded(self.registry)
 
     def _make_limiter(self, settings: GatewaySettings) -> Limiter:
-        limits = LimitConfig.of(settings)
+        org = settings.org_limits
+        partners = {p.id: p.limits for p in settings.partners}
         if settings.limiter_backend == "redis":
             assert settings.redis is not None  # enforced by the settings model
-            return RedisLimiter(settings.redis, limits, client=self.redis, on_degraded=self._on_redis_degraded)
-        return LocalLimiter(limits)
+            return RedisLimiter(
+                settings.redis, org, partners, client=self.redis, on_degraded=self._on_redis_degraded
+            )
+        return LocalLimiter(org, partners)
 
     def _on_redis_degraded(self, degraded: bool) -> None:
         self.metrics.redis_degraded.set(1 if degraded else 0)
@@ -172,6 +176,8 @@ class Gateway:
         registry = Registry.build(settings)
         self._register_secrets(registry)
         self.console.reload(settings)  # raises (changing nothing) when the new token cannot be read
+        self.admission.operator_replays.configure(settings)
+        register_secrets(self.admission.operator_replays.secrets())
         old, old_settings = self.registry, self.settings
         self.claude.sync_keys(registry.api_keys())
         self.scheduler.reconfigure(settings)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from service.admission.operator_replay import Accepted, OperatorReplays, sighting_id
 from service.admission.policy import check_params
 from service.admission.registry import Partner, Registry
 from service.admission.replay import Origin, ReplayGuard, replay_window_s
@@ -118,12 +119,14 @@ class Admission:
         signatures: SignatureVerifier | None = None,
         replay: ReplayGuard | None = None,
         budgets: Budgets | None = None,
+        operator_replays: OperatorReplays | None = None,
     ) -> None:
         self.registry = registry
         self.extra_checks = list(extra_checks)
         self.signatures = signatures or SignatureVerifier()
         self.replay = replay or ReplayGuard()
         self.budgets = budgets
+        self.operator_replays = operator_replays or OperatorReplays()
         compiled("request")  # compile the request schema now (~1 s), not on the first request
 
     async def admit_and_reserve(self, rec: RecordLike) -> Admitted | Rejected:
@@ -157,8 +160,8 @@ class Admission:
         if isinstance(verdict, Rejected):
             return verdict
         ps = verdict.partner.settings
-        first = await self.replay.first_seen(
-            ps, verdict.request_id, Origin(rec.topic, rec.partition, rec.offset)
+        first = await self.replay.first_seen(  # an operator replay: by request id and dead letter
+            ps, sighting_id(rec.headers, verdict.request_id), Origin(rec.topic, rec.partition, rec.offset)
         )
         if first is not None:
             return Rejected(
@@ -225,6 +228,9 @@ class Admission:
         except SchemaViolation as exc:
             return Rejected(pid, Reason.SCHEMA_VIOLATION, f"request.v1 schema: {exc}", request_id)
         assert request_id is not None
+        replayed = self.operator_replays.verify(rec.topic, value, rec.headers, request_id)
+        if isinstance(replayed, tuple):
+            return Rejected(pid, *replayed, request_id)
         try:
             self.signatures.verify(
                 topic=rec.topic,
@@ -233,7 +239,8 @@ class Admission:
                 headers=rec.headers,
                 request_id=request_id,
                 partner=partner,
-                appended_ms=_log_append_time(rec),
+                # an operator replay's partner signature is judged at the time it was signed
+                appended_ms=replayed.signed_ms if isinstance(replayed, Accepted) else _log_append_time(rec),
             )
         except SignatureError as exc:
             return Rejected(pid, exc.reason, exc.detail, request_id)

@@ -8,7 +8,7 @@ file says where a secret lives, never what it is.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +21,38 @@ _KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _enums_any_case(cls, data: Any) -> Any:
+        """Enum settings (`Literal` choices) match whatever their case: `log_level: debug`."""
+        if not isinstance(data, dict):
+            return data
+        fixed = None
+        for name, choices in _choices(cls).items():
+            value = data.get(name)
+            if isinstance(value, str) and value not in choices:
+                for choice in choices:
+                    if choice.lower() == value.lower():
+                        fixed = fixed if fixed is not None else dict(data)
+                        fixed[name] = choice
+        return fixed if fixed is not None else data
+
+
+_CHOICES: dict[type, dict[str, tuple[str, ...]]] = {}
+
+
+def _choices(model: type[BaseModel]) -> dict[str, tuple[str, ...]]:
+    """The string choices of each `Literal` field of a model (also in `Literal[...] | None`)."""
+    found = _CHOICES.get(model)
+    if found is None:
+        found = {}
+        for name, info in model.model_fields.items():
+            for arg in (info.annotation, *get_args(info.annotation)):
+                if get_origin(arg) is Literal:
+                    found[name] = tuple(c for c in get_args(arg) if isinstance(c, str))
+        _CHOICES[model] = found
+    return found
 
 
 class KafkaSettings(_Frozen):
@@ -306,6 +338,26 @@ class AdminSettings(_Frozen):
     a login form for the page. Every page and action asks for it."""
 
 
+class OperatorReplaySettings(_Frozen):
+    """Keys that sign operator replays of dead letters (`claude-gateway dlq replay`); the gateway
+    accepts a replayed request through the signature and replay checks only with a valid one."""
+
+    keys: dict[str, SecretRef]
+    """Key id -> secret reference (several at once, to rotate)."""
+    max_age_s: float = Field(default=300.0, gt=0)
+    """How long after `dlq replay` signed it a replayed request is accepted."""
+
+    @field_validator("keys")
+    @classmethod
+    def _key_ids(cls, value: dict[str, SecretRef]) -> dict[str, SecretRef]:
+        if not value:
+            raise ValueError("operator_replay.keys needs at least one key")
+        for kid in value:
+            if not _KEY_ID.match(kid):
+                raise ValueError(f"operator replay key id {kid!r} must match {_KEY_ID.pattern}")
+        return value
+
+
 class GatewaySettings(_Frozen):
     """Everything the service needs, from one file."""
 
@@ -317,6 +369,7 @@ class GatewaySettings(_Frozen):
     limiter_backend: Literal["local", "redis"] = "local"
     redis: RedisSettings | None = None
     admin: AdminSettings | None = None
+    operator_replay: OperatorReplaySettings | None = None
     models: dict[str, ModelPrice] = Field(default_factory=_default_models)
     partners: list[PartnerSettings]
 

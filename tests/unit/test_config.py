@@ -77,7 +77,7 @@ def _with(**partner: Any) -> dict[str, Any]:
             _with(signing={"required": True, "keys": {"k1": {"env": "S"}}}, replay_window_s=60),
             "partners[acme]: replay_window_s (60) must be at least 2 x signing.max_skew_s (600)",
         ),
-        (_with(sigining={}), "partners[acme].sigining: Extra inputs are not permitted"),
+        (_with(sigining={}), "partners[acme].sigining: is not a known setting; did you mean 'signing'?"),
         ({"partners": [PARTNER, PARTNER]}, "partners: duplicate partner id 'acme'"),
         (
             {"partners": [PARTNER, {**PARTNER, "id": "b", "request_topic": "claude.requests.acme"}]},
