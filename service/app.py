@@ -23,6 +23,7 @@ from service.config.redis import redis_client
 from service.config.settings import GatewaySettings
 from service.egress.publisher import Publisher
 from service.ingest.consumer import IngestLoop
+from service.lifecycle import until_kafka_answers, watch_topics
 from service.pipeline import Pipeline
 from service.scheduling.limiter import Limiter, LocalLimiter
 from service.scheduling.redis_limiter import RedisLimiter
@@ -209,6 +210,10 @@ class Gateway:
                 stack.push_async_callback(self.http.stop)
                 log.info("http endpoint listening", extra={"port": self.http.port})
             stack.push_async_callback(self.claude.aclose)
+            # the first contact with Kafka: retried with backoff while it does not answer
+            if not await until_kafka_answers(stop, self.settings.kafka):
+                log.info("stopped before Kafka answered")
+                return
             await self.publisher.start()
             stack.push_async_callback(self.publisher.stop)
             await self.audit.start()
@@ -222,6 +227,16 @@ class Gateway:
             stack.push_async_callback(self.ingest.stop)
             console = asyncio.create_task(self.console.run(stop), name="admin-console")
             stack.push_async_callback(_finish, console)
+            topics = asyncio.create_task(
+                watch_topics(
+                    self.ingest.consumer.subscription,
+                    self.ingest.consumer._client.force_metadata_update,  # new topics within seconds
+                    stop,
+                    self.settings.kafka,
+                ),
+                name="topics",
+            )
+            stack.push_async_callback(_finish, topics)
             log.info("gateway started", extra={"partners": len(self.settings.partners)})
             stopping = asyncio.create_task(_on_stop(stop, self.budgets.close))
             stack.callback(stopping.cancel)

@@ -1,0 +1,111 @@
+"""Start-up helpers of the gateway: wait for Kafka instead of failing, and say when no topic matches.
+
+- `until_kafka_answers`: the first contact with the brokers is retried with exponential
+  backoff (0.5 s doubling to 30 s), one warning per attempt, until it succeeds or the
+  gateway is asked to stop; no traceback.
+- `watch_topics`: the consumer's metadata refreshed every 5 s, so a new partner topic is
+  consumed within seconds (not at `kafka.metadata_max_age_ms`, 30 s); and a warning
+  while the request-topic pattern matches no topic (a typo in
+  `kafka.request_topic_prefix`, or partner topics not created yet), repeated every
+  minute, with one line when topics appear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError
+
+from service.config.kafka import client_kwargs
+from service.config.settings import KafkaSettings
+
+log = logging.getLogger("service.lifecycle")
+
+FIRST_DELAY_S = 0.5
+MAX_DELAY_S = 30.0
+NO_TOPIC_REPEAT_S = 60.0
+DISCOVERY_S = 5.0
+
+
+async def bootstrap(settings: KafkaSettings) -> None:
+    """Reach the brokers once with a throwaway client (raises `KafkaError` when none answers)."""
+    client = AIOKafkaClient(**client_kwargs(settings))
+    try:
+        await client.bootstrap()
+    finally:
+        await client.close()
+
+
+async def until_kafka_answers(
+    stop: asyncio.Event,
+    settings: KafkaSettings,
+    *,
+    start: Callable[[KafkaSettings], Awaitable[None]] = bootstrap,
+    first_delay_s: float = FIRST_DELAY_S,
+    max_delay_s: float = MAX_DELAY_S,
+) -> bool:
+    """Call `start` (by default: `bootstrap`) until it succeeds (True) or `stop` is set first
+    (False). The gateway's own clients start once this answered."""
+    delay = first_delay_s
+    attempt = 0
+    while not stop.is_set():
+        attempt += 1
+        try:
+            await start(settings)
+            if attempt > 1:
+                log.info("Kafka answered", extra={"attempts": attempt})
+            return True
+        except KafkaError as exc:
+            log.warning(
+                "Kafka unreachable at start; retrying",
+                extra={
+                    "bootstrap_servers": settings.bootstrap_servers,
+                    "error": type(exc).__name__,
+                    "attempt": attempt,
+                    "retry_in_s": round(delay, 1),
+                },
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(max_delay_s, delay * 2)
+    return False
+
+
+async def watch_topics(
+    subscription: Callable[[], set[str]],
+    refresh: Callable[[], Awaitable[object]],
+    stop: asyncio.Event,
+    settings: KafkaSettings,
+    *,
+    every_s: float = DISCOVERY_S,
+    repeat_s: float = NO_TOPIC_REPEAT_S,
+) -> None:
+    """Every `every_s`, ask the brokers for metadata (`refresh`: a new partner topic is then
+    consumed within seconds, not at `kafka.metadata_max_age_ms`), and warn, at most every
+    `repeat_s`, while no topic matches `{request_topic_prefix}.+`."""
+    warned_at: float | None = None
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+        if stop.is_set():
+            return
+        with contextlib.suppress(KafkaError, TimeoutError):
+            await asyncio.wait_for(refresh(), every_s)
+        if subscription():
+            if warned_at is not None:
+                log.info("request topics found", extra={"topics": len(subscription())})
+            warned_at = None
+        elif warned_at is None or loop.time() - warned_at >= repeat_s:
+            warned_at = loop.time()
+            log.warning(
+                "no topic matches the request-topic pattern: nothing to consume",
+                extra={
+                    "pattern": f"^{settings.request_topic_prefix}.+",
+                    "hint": "create the partners' request topics, or check kafka.request_topic_prefix",
+                },
+            )
