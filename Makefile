@@ -12,6 +12,7 @@ export UV_PYTHON_DOWNLOADS := never
 
 help:
 	@echo "make demo   - start a local Kafka, the Claude simulator and the gateway; send partner traffic; summarise"
+	@echo "make up     - the local broker, the simulator and the gateway in the background (make down stops them)"
 	@echo "make test   - every test (unit, integration on a real Kafka and Redis, chart and Dockerfile checks)"
 	@echo "make lint   - ruff and mypy --strict"
 	@echo "make bench  - benchmarks, one JSON object per line"

@@ -30,3 +30,15 @@ redis-server-install:
 	  echo "installing Debian's redis-server"; \
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }
+
+# The whole stack for a manual run (scripts/local_stack.py): the local broker, the Claude
+# simulator and the gateway with config.example.yaml rendered into .run/up/config.yaml.
+#   make up     start all three in the background; prints the broker, the console URL, the token file
+#   make down   stop them (the gateway drains first); safe to repeat
+.PHONY: up down
+
+up: setup kafka-fetch
+	@$(PY) scripts/local_stack.py up
+
+down:
+	@$(PY) scripts/local_stack.py down

@@ -32,6 +32,8 @@ from service.deadletters.command import add_commands as add_dlq_commands
 from service.deadletters.command import run as run_dlq
 from service.telemetry.logs import configure_logging
 from service.telemetry.tracing import TracingConfigError, provider_from_env, shutdown_provider
+from service.topics import add_commands as add_topics_commands
+from service.topics import run as run_topics
 from service.version import version
 
 log = logging.getLogger("service")
@@ -82,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help=argparse.SUPPRESS)  # before --config existed here
     check.add_argument("--no-secrets", action="store_true", help="do not try to resolve secret references")
     add_dlq_commands(sub, config)
+    add_topics_commands(sub, config)
     sub.add_parser(
         "simulator",
         help="run the Claude API simulator (claude-gateway simulator --help)",
@@ -103,13 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "config":
         return _config_check(path, resolve=not args.no_secrets)
-    if args.command in ("dlq", "deadletters"):
+    if args.command in ("dlq", "deadletters", "topics"):
         try:
             settings = load_config(path, os.environ)
         except ConfigError as exc:
             print(f"claude-gateway {args.command}: {exc}", file=sys.stderr)
             return 2
-        return run_dlq(args, settings)
+        return run_topics(args, settings) if args.command == "topics" else run_dlq(args, settings)
     return _run(path)
 
 
