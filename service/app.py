@@ -150,7 +150,7 @@ class Gateway:
         """Gauges of state held elsewhere, refreshed before each scrape."""
         m = self.metrics
         for (scope, bucket), level in self.scheduler.limiter.levels().items():
-            m.limiter_available.labels(scope, bucket).set(level)
+            m.set_limiter_level(scope, bucket, level)  # requests and tokens in separate metrics
         outstanding = self.ingest.outstanding()
         for partner in self.settings.partners:
             waiting = outstanding.get(partner.id, 0) - m.in_flight_now(partner.id)

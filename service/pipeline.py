@@ -240,7 +240,8 @@ class Pipeline:
                 if failure.rate_limited:
                     self.scheduler.rate_limited(failure.retry_after_s)
                 m.upstream_latency.labels(pid, adm.model).observe(elapsed)
-                m.upstream_calls.labels(pid, _status_class(failure.status)).inc()
+                code = str(failure.status or "none")
+                m.upstream_calls.labels(pid, _status_class(failure.status), code).inc()
                 if failure.status == 429:
                     m.upstream_429.inc()
                 if not answered and may_have_been_sent(exc):
@@ -293,7 +294,7 @@ class Pipeline:
             self.scheduler.observe_headers(result.headers)
             m.observe_ratelimit_headers(result.headers)
             m.upstream_latency.labels(pid, adm.model).observe(result.elapsed_s)
-            m.upstream_calls.labels(pid, "2xx").inc()
+            m.upstream_calls.labels(pid, "2xx", "200").inc()
             return _Success(result, attempt, adm, unknown_retry)
 
     async def _respond(self, ok: _Success, timings: Timings, origin: Origin, sink: Sink) -> None:

@@ -73,9 +73,10 @@ def _limiter(gw: Gateway) -> dict[str, Any]:
 
 def _upstream(gw: Gateway) -> dict[str, float]:
     out: dict[str, float] = {}
-    for family in gw.metrics.upstream_remaining.collect():
+    m = gw.metrics
+    for family in (*m.upstream_remaining_requests.collect(), *m.upstream_remaining_tokens.collect()):
         for s in family.samples:
-            out[s.labels["bucket"]] = s.value
+            out["requests" if "direction" not in s.labels else f"{s.labels['direction']}_tokens"] = s.value
     return out
 
 

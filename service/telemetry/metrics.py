@@ -1,8 +1,11 @@
 """The service's Prometheus metrics, one registry per running gateway.
 
-Names follow Prometheus conventions (base units, `_total`, `_seconds`);
-labels are bounded: partner, model, outcome, reason, kind, bucket; never a
-request id.
+Names follow Prometheus conventions (base units, `_total`, `_seconds`, one unit
+per metric: requests and tokens are never in one metric); labels are bounded:
+partner, model, outcome, reason, kind, status, code, direction; never a request id.
+The registry also has the default `process_*`, `python_info` and `python_gc_*`
+collectors and `gateway_build_info{version, python}`. A partner's gauges exist
+(at 0) from start, so panels and alerts see 0, not "no data".
 
 Most are updated where things happen (pipeline, ingest loop). Gauges of state
 held elsewhere (limiter bucket levels, scheduler queues, readiness) are
@@ -12,21 +15,38 @@ refreshed just before each scrape by the callbacks given to `on_scrape`.
 from __future__ import annotations
 
 import logging
+import platform
 from collections.abc import Callable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from service.scheduling.limiter import parse_ratelimit_headers
+from service.version import version
 
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_TOKEN_DIRECTIONS = {"itpm": "input", "otpm": "output"}
 _WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry if registry is not None else CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Info("gateway_build", "The running gateway's version.", registry=r)
+        self.build_info.info({"version": version(), "python": platform.python_version()})
         self.requests = Counter(
             "gateway_requests", "Requests by final outcome.", ["partner", "model", "outcome"], registry=r
         )
@@ -42,11 +62,15 @@ class Metrics:
         self.cost = Counter("gateway_cost_usd", "Cost in US dollars.", ["partner", "model"], registry=r)
         self.upstream_calls = Counter(
             "gateway_upstream_calls",
-            "Upstream attempts by HTTP status class.",
-            ["partner", "status"],
+            "Upstream attempts by HTTP status class (2xx, 4xx, 5xx, error: no answer) and code.",
+            ["partner", "status", "code"],
             registry=r,
         )
-        self.upstream_429 = Counter("gateway_upstream_429", "429 answers from the upstream.", registry=r)
+        self.upstream_429 = Counter(
+            "gateway_upstream_429",
+            'Deprecated (to be removed): use gateway_upstream_calls_total{code="429"}.',
+            registry=r,
+        )
         self.upstream_latency = Histogram(
             "gateway_upstream_latency_seconds",
             "Duration of one upstream attempt.",
@@ -93,13 +117,27 @@ class Metrics:
             ["topic", "partition", "partner"],
             registry=r,
         )
-        self.limiter_available = Gauge(
-            "gateway_limiter_available", "Capacity left in a limiter bucket.", ["scope", "bucket"], registry=r
+        self.limiter_requests = Gauge(
+            "gateway_limiter_available_requests",
+            "Requests left in a limiter's per-minute bucket (scope: org or a partner).",
+            ["scope"],
+            registry=r,
         )
-        self.upstream_remaining = Gauge(
-            "gateway_upstream_ratelimit_remaining",
-            "Last anthropic-ratelimit-*-remaining value.",
-            ["bucket"],
+        self.limiter_tokens = Gauge(
+            "gateway_limiter_available_tokens",
+            "Tokens left in a limiter's per-minute bucket (direction: input or output).",
+            ["scope", "direction"],
+            registry=r,
+        )
+        self.upstream_remaining_requests = Gauge(
+            "gateway_upstream_ratelimit_remaining_requests",
+            "Last anthropic-ratelimit-requests-remaining value.",
+            registry=r,
+        )
+        self.upstream_remaining_tokens = Gauge(
+            "gateway_upstream_ratelimit_remaining_tokens",
+            "Last anthropic-ratelimit-{input,output}-tokens-remaining value.",
+            ["direction"],
             registry=r,
         )
         self.redis_degraded = Gauge(
@@ -162,6 +200,8 @@ class Metrics:
         """Zero samples for a partner's counters of rare events, so alerts and dashboards
         see a 0 (not "no data") until the first one happens."""
         self.unknown_outcomes.labels(partner, "owner_lost")
+        for gauge in (self.in_flight, self.queued, self.paused_partitions, self.eos_window, self.eos_claims):
+            gauge.labels(partner)
         self.unknown_retries.labels(partner)
         self.quarantined.labels(partner)
         self.internal_errors.labels(partner, "call")
@@ -183,17 +223,28 @@ class Metrics:
         return int(self.in_flight.labels(partner)._value.get())
 
     def observe_ratelimit_headers(self, headers: Mapping[str, str]) -> None:
-        """Keep an upstream answer's headers for `gateway_upstream_ratelimit_remaining{bucket}`.
+        """Keep an upstream answer's headers for `gateway_upstream_ratelimit_remaining_{requests,tokens}`.
 
         Only the newest answer matters to a gauge, so the headers are parsed at scrape time,
         not for every answer (a dozen case-insensitive lookups per message otherwise).
         """
         self._ratelimit_headers = headers
 
+    def set_limiter_level(self, scope: str, bucket: str, level: float) -> None:
+        """A limiter bucket's level: `rpm` in requests, `itpm`/`otpm` in tokens."""
+        if bucket == "rpm":
+            self.limiter_requests.labels(scope).set(level)
+        elif bucket in _TOKEN_DIRECTIONS:
+            self.limiter_tokens.labels(scope, _TOKEN_DIRECTIONS[bucket]).set(level)
+
     def _refresh_ratelimit(self) -> None:
         headers, self._ratelimit_headers = self._ratelimit_headers, None
         if headers is None:
             return
         for bucket, (_, remaining) in parse_ratelimit_headers(headers).items():
-            if remaining is not None:
-                self.upstream_remaining.labels(bucket).set(remaining)
+            if remaining is None:
+                continue
+            if bucket == "rpm":
+                self.upstream_remaining_requests.set(remaining)
+            elif bucket in _TOKEN_DIRECTIONS:
+                self.upstream_remaining_tokens.labels(_TOKEN_DIRECTIONS[bucket]).set(remaining)

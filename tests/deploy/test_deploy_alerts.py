@@ -156,7 +156,10 @@ UNIT_TESTS: list[dict[str, Any]] = [
     },
     {
         "interval": "1m",
-        "input_series": [{"series": "gateway_upstream_429_total", "values": "0+6x40"}],
+        "input_series": [
+            {"series": 'gateway_upstream_calls_total{status="4xx",code="429"}', "values": "0+6x40"},
+            {"series": 'gateway_upstream_calls_total{status="2xx",code="200"}', "values": "0+600x40"},
+        ],
         "alert_rule_test": [
             {
                 "eval_time": "25m",

@@ -183,7 +183,8 @@ async def test_scrape_passes_promtool_and_every_declared_metric_has_samples(two:
         out = await collect(two, 32)
         await asyncio.sleep(0.6)  # a commit and a lag observation after the last outcome
         text = await scrape(gateway)
-        declared = {m.name for m in gateway.metrics.registry.collect()}
+        collected = gateway.metrics.registry.collect()
+        declared = {m.name + ("_info" if m.type == "info" else "") for m in collected}
     assert out.total == 32
     assert out.reasons() == {"malformed_json": 1, "unknown_model": 1}
     assert any(d["attempts"] > 1 for d in out.responses), "the injected 500s must have caused a retry"
@@ -207,10 +208,12 @@ async def test_scrape_passes_promtool_and_every_declared_metric_has_samples(two:
     lags = {(lab["topic"], lab["partition"], lab["partner"]): v for lab, v in got["gateway_consumer_lag"]}
     assert {(t, p) for t, _, p in lags} == {(two.request_topic(p), p) for p in two.partners}
     assert all(v == 0 for v in lags.values()), lags  # everything finished and committed
-    levels = {(lab["scope"], lab["bucket"]) for lab, _ in got["gateway_limiter_available"]}
-    assert {("org", "rpm"), ("org", "itpm"), ("org", "otpm"), ("acme", "rpm")} <= levels
-    remaining = {lab["bucket"] for lab, _ in got["gateway_upstream_ratelimit_remaining"]}
-    assert remaining == {"rpm", "itpm", "otpm"}
+    assert {lab["scope"] for lab, _ in got["gateway_limiter_available_requests"]} >= {"org", "acme"}
+    tokens = {(lab["scope"], lab["direction"]) for lab, _ in got["gateway_limiter_available_tokens"]}
+    assert {("org", "input"), ("org", "output")} <= tokens
+    assert got["gateway_upstream_ratelimit_remaining_requests"][0][1] > 0
+    remaining = {lab["direction"] for lab, _ in got["gateway_upstream_ratelimit_remaining_tokens"]}
+    assert remaining == {"input", "output"}
     assert total(text, "gateway_ready") == 1
 
 

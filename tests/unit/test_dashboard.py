@@ -19,14 +19,19 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "claude-gateway.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 NAME = re.compile(r"\bgateway_[a-z0-9_]+")
-SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_count", "_sum"),
+    "gauge": ("",),
+    "info": ("_info",),
+}
 
 
 def _declared() -> dict[str, tuple[str, ...]]:
     """Every series name the service exports -> the labels of its metric."""
     out: dict[str, tuple[str, ...]] = {}
     for metric in vars(Metrics()).values():
-        if isinstance(metric, MetricWrapperBase):
+        if isinstance(metric, MetricWrapperBase) and not metric._documentation.startswith("Deprecated"):
             for suffix in SUFFIXES[metric._type]:
                 out[metric._name + suffix] = tuple(metric._labelnames)
     return out

@@ -134,11 +134,11 @@ def test_ratelimit_headers_become_remaining_gauges() -> None:
         }
     )
     sample = metrics.registry.get_sample_value
-    assert sample("gateway_upstream_ratelimit_remaining", {"bucket": "rpm"}) is None  # until scraped
+    assert sample("gateway_upstream_ratelimit_remaining_requests", {}) == 0  # until scraped
     metrics.refresh()
-    assert sample("gateway_upstream_ratelimit_remaining", {"bucket": "rpm"}) == 49
-    assert sample("gateway_upstream_ratelimit_remaining", {"bucket": "itpm"}) == 19000
-    assert sample("gateway_upstream_ratelimit_remaining", {"bucket": "otpm"}) is None
+    assert sample("gateway_upstream_ratelimit_remaining_requests", {}) == 49
+    assert sample("gateway_upstream_ratelimit_remaining_tokens", {"direction": "input"}) == 19000
+    assert sample("gateway_upstream_ratelimit_remaining_tokens", {"direction": "output"}) is None
 
 
 # -- the gateway's readiness and gauges, without running it -----------------------------------
@@ -185,9 +185,9 @@ def test_gateway_readiness_reasons(gateway: Gateway) -> None:
 def test_gateway_refreshes_limiter_levels_and_queues_on_scrape(gateway: Gateway) -> None:
     gateway.metrics.refresh()
     sample = gateway.metrics.registry.get_sample_value
-    assert sample("gateway_limiter_available", {"scope": "org", "bucket": "rpm"}) == 600
-    assert sample("gateway_limiter_available", {"scope": "org", "bucket": "itpm"}) == 100000
-    assert sample("gateway_limiter_available", {"scope": "acme", "bucket": "rpm"}) == 60
+    assert sample("gateway_limiter_available_requests", {"scope": "org"}) == 600
+    assert sample("gateway_limiter_available_tokens", {"scope": "org", "direction": "input"}) == 100000
+    assert sample("gateway_limiter_available_requests", {"scope": "acme"}) == 60
     assert sample("gateway_queued", {"partner": "acme"}) == 0
     gateway.ingest._outstanding["acme"] = 5  # fetched, unfinished
     gateway.metrics.in_flight.labels("acme").inc(2)  # of which 2 at Claude
