@@ -1,13 +1,15 @@
 """OpenTelemetry traces: one CONSUMER span per request, its children, W3C context in Kafka headers.
 
-The spans of one request (messaging and GenAI semantic conventions):
+The spans of one request (messaging and GenAI semantic conventions; every attribute name
+comes from the installed `opentelemetry-semantic-conventions` package, never a
+deprecated one, or is the gateway's own `gateway.*`):
 
     process claude.requests.acme         CONSUMER; parent: the `traceparent` of the request
     ├── admission                        INTERNAL
     ├── queue wait                       INTERNAL; per attempt, from `Grant.queue_wait_s`
     ├── limiter wait                     INTERNAL; per attempt, from `Grant.limiter_wait_s`
     ├── upstream attempt                 INTERNAL; attempt number, status, retry decision,
-    │   │                                gen_ai.response.finish_reasons (the SDK lacks it)
+    │   │                                gateway.stop_reason (the SDK's span lacks finish_reasons)
     │   └── anthropic.messages.create    CLIENT, made by the anthropic SDK: gen_ai.provider.name,
     │                                    gen_ai.operation.name, gen_ai.request.model/max_tokens,
     │                                    gen_ai.response.id, gen_ai.usage.input/output_tokens
@@ -40,6 +42,8 @@ import anthropic
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
+from opentelemetry.semconv._incubating.attributes import messaging_attributes as msg
+from opentelemetry.semconv.attributes import error_attributes, http_attributes
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from service.telemetry.tracecontext import (
@@ -199,10 +203,10 @@ class Attempt:
         span = self._span
         if span is None:
             return
-        span.set_attribute("http.response.status_code", status)
+        span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, status)
         stop_reason = body.get("stop_reason")
-        if isinstance(stop_reason, str):
-            span.set_attribute("gen_ai.response.finish_reasons", [stop_reason])
+        if isinstance(stop_reason, str):  # the SDK's CLIENT span lacks gen_ai.response.finish_reasons
+            span.set_attribute("gateway.stop_reason", stop_reason)
         span.set_attribute("gateway.retry.decision", "none")
         span.set_status(Status(StatusCode.OK))
 
@@ -211,8 +215,8 @@ class Attempt:
         if span is None:
             return
         if failure.status is not None:
-            span.set_attribute("http.response.status_code", failure.status)
-        span.set_attribute("error.type", failure.error_type or failure.label)
+            span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, failure.status)
+        span.set_attribute(error_attributes.ERROR_TYPE, failure.error_type or failure.label)
         span.set_attribute("gateway.failure", failure.label)
         span.set_status(Status(StatusCode.ERROR, failure.label))
 
@@ -262,20 +266,19 @@ class Tracing:
     def _process(self, tracer: Tracer, rec: RecordLike) -> Iterator[Span | None]:
         parent = propagate.extract(rec.headers or (), getter=_GETTER)
         attributes: dict[str, Any] = {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.destination.name": rec.topic,
-            "messaging.destination.partition.id": str(rec.partition),
-            "messaging.kafka.destination.partition": rec.partition,
-            "messaging.kafka.message.offset": rec.offset,
-            "messaging.consumer.group.name": self._group,
+            msg.MESSAGING_SYSTEM: msg.MessagingSystemValues.KAFKA.value,
+            msg.MESSAGING_OPERATION_TYPE: msg.MessagingOperationTypeValues.PROCESS.value,
+            msg.MESSAGING_OPERATION_NAME: "process",
+            msg.MESSAGING_DESTINATION_NAME: rec.topic,
+            msg.MESSAGING_DESTINATION_PARTITION_ID: str(rec.partition),
+            msg.MESSAGING_KAFKA_OFFSET: rec.offset,
+            msg.MESSAGING_CONSUMER_GROUP_NAME: self._group,
         }
         key = _key_text(rec.key)
         if key is not None:
-            attributes["messaging.kafka.message.key"] = key
+            attributes[msg.MESSAGING_KAFKA_MESSAGE_KEY] = key
         if rec.value is not None:
-            attributes["messaging.message.body.size"] = len(rec.value)
+            attributes[msg.MESSAGING_MESSAGE_BODY_SIZE] = len(rec.value)
         with tracer.start_as_current_span(
             f"process {rec.topic}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         ) as span:
@@ -298,7 +301,7 @@ class Tracing:
         span.set_attribute("gateway.outcome", outcome)
         if reason is not None:
             span.set_attribute("gateway.deadletter.reason", reason)
-            span.set_attribute("error.type", reason)
+            span.set_attribute(error_attributes.ERROR_TYPE, reason)
             span.set_status(Status(StatusCode.ERROR, reason))
 
     # -- children ---------------------------------------------------------------------------
@@ -336,12 +339,9 @@ class Tracing:
             return _NO_ATTEMPT
         span = tracer.start_span(
             "upstream attempt",
-            attributes={
-                "gateway.attempt": number,
-                "gen_ai.provider.name": "anthropic",
-                "gen_ai.request.model": model,
-                "gen_ai.request.max_tokens": max_tokens,
-            },
+            # the GenAI attributes (gen_ai.operation.name, provider, model, usage...) are on the
+            # SDK's CLIENT span beneath this one, where the conventions put them
+            attributes={"gateway.attempt": number, "gateway.model": model, "gateway.max_tokens": max_tokens},
         )
         return Attempt(span)
 
@@ -356,14 +356,14 @@ class Tracing:
         if tracer is None:  # not sampled: pass the process span's context on, unsampled
             return nullcontext(inject_headers())
         attributes: dict[str, Any] = {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "send",
-            "messaging.destination.name": topic,
+            msg.MESSAGING_SYSTEM: msg.MessagingSystemValues.KAFKA.value,
+            msg.MESSAGING_OPERATION_TYPE: msg.MessagingOperationTypeValues.SEND.value,
+            msg.MESSAGING_OPERATION_NAME: "send",
+            msg.MESSAGING_DESTINATION_NAME: topic,
         }
         text = _key_text(key)
         if text is not None:
-            attributes["messaging.kafka.message.key"] = text
+            attributes[msg.MESSAGING_KAFKA_MESSAGE_KEY] = text
         return self._produce(tracer, f"send {topic}", attributes)
 
     @staticmethod

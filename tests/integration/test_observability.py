@@ -43,6 +43,7 @@ from service.simulator import SimulatorConfig, SimulatorServer
 from service.simulator.tokens import count_input_tokens
 from service.telemetry.logs import JsonFormatter
 from tests.support.gateway import MODEL, World, collect, make_world, request
+from tests.support.semconv import assert_semconv
 
 pytestmark = pytest.mark.integration
 
@@ -385,8 +386,9 @@ async def test_the_partner_trace_is_continued_through_the_gateway(
         assert attrs["messaging.operation.type"] == "process"
         assert attrs["messaging.destination.name"] == topic
         assert attrs["messaging.consumer.group.name"] == group
-        assert isinstance(attrs["messaging.kafka.destination.partition"], int)
-        assert isinstance(attrs["messaging.kafka.message.offset"], int)
+        assert isinstance(attrs["messaging.destination.partition.id"], str)
+        assert isinstance(attrs["messaging.kafka.offset"], int)
+        assert_semconv(finished)
 
         children = _children(finished, process)
         names = Counter(s.name for s in children)
@@ -435,8 +437,8 @@ async def test_the_partner_trace_is_continued_through_the_gateway(
         assert last["gen_ai.response.id"] == response["message"]["id"]
         assert last["gen_ai.usage.input_tokens"] == response["usage"]["input_tokens"]
         assert last["gen_ai.usage.output_tokens"] == response["usage"]["output_tokens"]
-        assert dict(attempts[-1].attributes or {})["gen_ai.response.finish_reasons"] == (
-            response["message"]["stop_reason"],
+        assert (
+            dict(attempts[-1].attributes or {})["gateway.stop_reason"] == response["message"]["stop_reason"]
         )
         assert attrs["gateway.outcome"] == "response"
         assert attrs["gateway.partner"] == "acme"

@@ -22,6 +22,7 @@ from service.telemetry.tracing import (
     shutdown_provider,
 )
 from service.upstream.errors import Failure
+from tests.support.semconv import assert_semconv, problems
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -185,8 +186,7 @@ async def test_process_span_continues_the_producer_trace(
         "messaging.operation.name": "process",
         "messaging.destination.name": "claude.requests.acme",
         "messaging.destination.partition.id": "2",
-        "messaging.kafka.destination.partition": 2,
-        "messaging.kafka.message.offset": 41,
+        "messaging.kafka.offset": 41,
         "messaging.consumer.group.name": "gw",
         "messaging.kafka.message.key": "req-1",
         "messaging.message.body.size": 2,
@@ -211,7 +211,8 @@ async def test_process_span_continues_the_producer_trace(
     assert first.attributes["error.type"] == "overloaded_error"
     assert first.status.status_code is StatusCode.ERROR
     assert second.attributes["gateway.retry.decision"] == "none"
-    assert second.attributes["gen_ai.response.finish_reasons"] == ("end_turn",)
+    assert second.attributes["gateway.stop_reason"] == "end_turn"
+    assert not any(k.startswith("gen_ai.") for k in second.attributes)  # on the SDK's CLIENT span
     send = by["send claude.responses.acme"]
     assert send.kind is SpanKind.PRODUCER
     assert produced["traceparent"] == f"00-{TRACE_ID}-{format(send.context.span_id, '016x')}-01".encode()
@@ -261,3 +262,39 @@ async def test_an_unsampled_request_makes_no_child_spans_but_passes_its_trace_on
     assert exporter.get_finished_spans() == ()
     version, trace_id, _, flags = traceparent.decode().split("-")
     assert (version, trace_id, flags) == ("00", TRACE_ID, "00")
+
+
+async def test_span_attributes_are_current_semantic_conventions(
+    tracing: Tracing, exporter: InMemorySpanExporter
+) -> None:
+    """Every attribute name is the gateway's own or a current name of the installed
+    opentelemetry-semantic-conventions package, on the span kind the conventions give it."""
+    rec = _record([("traceparent", TRACEPARENT.encode())])
+    with tracing.process(rec):
+        tracing.annotate(partner="acme", request_id="req-1")
+        attempt = tracing.attempt(1, "claude-haiku-4-5", 32)
+        attempt.failed(
+            Failure(True, Reason.RETRIES_EXHAUSTED, "overloaded", status=529, error_type="overloaded")
+        )
+        attempt.end()
+        ok = tracing.attempt(2, "claude-haiku-4-5", 32)
+        ok.succeeded(200, {"stop_reason": "end_turn"})
+        ok.end()
+        with tracing.produce("claude.responses.acme", b"req-1", rec.headers):
+            pass
+        tracing.outcome("deadletter", "retries_exhausted")
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 4
+    assert_semconv(spans)
+    # the checker itself: a deprecated name and a GenAI attribute on an INTERNAL span are caught
+    with tracing.process(rec):
+        bad = tracing.attempt(3, "claude-haiku-4-5", 32)
+        assert bad._span is not None
+        bad._span.set_attribute("messaging.kafka.message.offset", 1)
+        bad._span.set_attribute("gen_ai.operation.name", "chat")
+        bad.end()
+    found = problems([s for s in exporter.get_finished_spans() if s.name == "upstream attempt"][-1:])
+    assert found == [
+        "upstream attempt: messaging.kafka.message.offset is deprecated",
+        "upstream attempt: gen_ai.operation.name on a INTERNAL span (GenAI belongs on CLIENT)",
+    ]
