@@ -17,6 +17,7 @@ help:
 	@echo "make lint   - ruff and mypy --strict"
 	@echo "make bench  - benchmarks, one JSON object per line"
 	@echo "make chaos  - kill -9, broker restart, scaling and faults under load; exactly one outcome each (not in make test)"
+	@echo "make soak   - ten minutes of pause/resume churn; fails when the gateway's RSS grows over 10% (not in make test)"
 
 $(UV):
 	python3 -m venv .tools
