@@ -111,6 +111,7 @@ class IngestLoop:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 max_poll_records=k.max_poll_records,
+                max_partition_fetch_bytes=k.max_partition_fetch_bytes,
                 session_timeout_ms=k.session_timeout_ms,
                 heartbeat_interval_ms=k.heartbeat_interval_ms,
                 max_poll_interval_ms=k.max_poll_interval_ms,
