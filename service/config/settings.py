@@ -100,6 +100,9 @@ class KafkaSettings(_Frozen):
     eos_handoff_max_s: float = Field(default=30.0, ge=0)
     """How long a new owner waits for a live previous owner to finish its calls."""
     transaction_timeout_ms: int = Field(default=60_000, gt=0)
+    max_partition_fetch_bytes: int = Field(default=256 * 1024, gt=0)
+    """Bytes fetched per partition at a time. A paused or sought-back partition drops what
+    was fetched and not read, so a smaller value wastes less (a larger record still comes)."""
     fetch_horizon_s: float = Field(default=5.0, gt=0)
     """Fetch per partner only what it can start within this many seconds at its current rate
     (and never more than its `max_queue`): the backlog stays in Kafka."""
