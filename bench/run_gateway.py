@@ -16,39 +16,42 @@ from service.app import Gateway
 from service.config.loader import load_config
 from service.config.settings import LimitSettings
 from service.scheduling.limiter import Cost, Decision, LocalLimiter, Usage
+from service.scheduling.pools import DEFAULT_CLASS, LimitConfig, PauseScope
 from service.telemetry.logs import configure_logging
 
 
 class NaiveLimiter:
-    """Per-partner buckets of limit / partners each; no org view, no header sync, no 429 pause."""
+    """Per-partner buckets of limit / partners each; no org view, no header sync, no 429 pause,
+    no model classes (every partner's share of the default pool, whatever the model)."""
 
-    def __init__(self, org: LimitSettings, partners: Mapping[str, LimitSettings]) -> None:
-        self._inner = LocalLimiter(LimitSettings(), self._split(org, partners))
+    def __init__(self, config: LimitConfig) -> None:
+        self._inner = LocalLimiter(self._split(config))
 
     @staticmethod
-    def _split(org: LimitSettings, partners: Mapping[str, LimitSettings]) -> dict[str, LimitSettings]:
-        n = max(1, len(partners))
+    def _split(config: LimitConfig) -> LimitConfig:
+        org = config.pool(DEFAULT_CLASS)
+        n = max(1, len(config.partners))
         share = LimitSettings(
             rpm=org.rpm // n if org.rpm else None,
             itpm=org.itpm // n if org.itpm else None,
             otpm=org.otpm // n if org.otpm else None,
         )
-        return dict.fromkeys(partners, share)
+        return LimitConfig.simple(LimitSettings(), dict.fromkeys(config.partners, share))
 
     async def acquire(self, partner_id: str, cost: Cost) -> Decision:
-        return self._inner.try_acquire(partner_id, cost)
+        return self._inner.try_acquire(partner_id, Cost(cost.input_tokens, cost.output_tokens))
 
     def settle(self, partner_id: str, cost: Cost, usage: Usage | None) -> None:
-        self._inner.settle(partner_id, cost, usage)
+        self._inner.settle(partner_id, Cost(cost.input_tokens, cost.output_tokens), usage)
 
-    def observe_headers(self, headers: Mapping[str, str]) -> None:
+    def observe_headers(self, partner_id: str, cost: Cost, headers: Mapping[str, str]) -> None:
         pass  # naive: ignores the upstream's view
 
-    def pause(self, seconds: float) -> None:
+    def pause(self, scope: PauseScope, seconds: float) -> None:
         pass  # naive: a 429 only delays the one request (its retry-after)
 
-    def configure(self, org: LimitSettings, partners: Mapping[str, LimitSettings]) -> None:
-        self._inner.configure(LimitSettings(), self._split(org, partners))
+    def configure(self, config: LimitConfig) -> None:
+        self._inner.configure(self._split(config))
 
     def levels(self) -> dict[tuple[str, str], float]:
         return self._inner.levels()
@@ -56,9 +59,7 @@ class NaiveLimiter:
 
 async def _serve(path: str, naive: bool) -> None:
     settings = load_config(path)
-    limiter = (
-        NaiveLimiter(settings.org_limits, {p.id: p.limits for p in settings.partners}) if naive else None
-    )
+    limiter = NaiveLimiter(LimitConfig.of(settings)) if naive else None
     gateway = Gateway(settings, limiter=limiter)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

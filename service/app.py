@@ -26,6 +26,7 @@ from service.ingest.consumer import IngestLoop
 from service.lifecycle import until_kafka_answers, watch_topics
 from service.pipeline import Pipeline
 from service.scheduling.limiter import Limiter, LocalLimiter
+from service.scheduling.pools import LimitConfig
 from service.scheduling.redis_limiter import RedisLimiter
 from service.scheduling.scheduler import Scheduler
 from service.telemetry.audit import Audit
@@ -107,14 +108,13 @@ class Gateway:
         self.audit.loaded(self.registry)
 
     def _make_limiter(self, settings: GatewaySettings) -> Limiter:
-        org = settings.org_limits
-        partners = {p.id: p.limits for p in settings.partners}
+        limits = LimitConfig.of(settings)
         if settings.limiter_backend == "redis":
             assert settings.redis is not None  # enforced by the settings model
             return RedisLimiter(
-                settings.redis, org, partners, client=self.redis, on_degraded=self._on_redis_degraded
+                settings.redis, limits, client=self.redis, on_degraded=self._on_redis_degraded
             )
-        return LocalLimiter(org, partners)
+        return LocalLimiter(limits)
 
     def _on_redis_degraded(self, degraded: bool) -> None:
         self.metrics.redis_degraded.set(1 if degraded else 0)

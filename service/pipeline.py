@@ -28,7 +28,7 @@ from service.contracts.outcomes import DeadLetter, Origin, Timings, UpstreamInfo
 from service.contracts.reasons import Reason
 from service.egress.emit import Emitter, Sink, claim_doc
 from service.ingest.partition import Fenced, Revoked
-from service.scheduling.scheduler import Cost, Draining, Grant, Scheduler, Usage
+from service.scheduling.scheduler import NOT_CALLED, Cost, Draining, Grant, Scheduler, Usage
 from service.telemetry.metrics import Metrics
 from service.telemetry.tracing import Tracing
 from service.upstream.client import ClaudeClient, UnknownPartnerKey, UpstreamResult
@@ -176,10 +176,10 @@ class Pipeline:
                 if adm.reservation is None:
                     reserved = await self.admission.reserve(adm)
                     if isinstance(reserved, Rejected):
-                        self.scheduler.release(grant, Usage(0, 0))
+                        self.scheduler.release(grant, NOT_CALLED)
                         return reserved
                     if isinstance(reserved, Deferred):
-                        self.scheduler.release(grant, Usage(0, 0))  # hold no slot while waiting
+                        self.scheduler.release(grant, NOT_CALLED)  # hold no slot while waiting
                         await self.admission.wait_for_budget(reserved)
                         continue
                     adm = reserved
@@ -187,7 +187,7 @@ class Pipeline:
                     base = sink.inherited.attempts if sink.inherited is not None else 0
                     await sink.claim(base + 1)
             except BaseException:
-                self.scheduler.release(grant, Usage(0, 0))
+                self.scheduler.release(grant, NOT_CALLED)
                 if not sink.claimed:
                     await self.admission.release(adm)  # never called: nothing billed
                 raise
@@ -196,7 +196,7 @@ class Pipeline:
 
     async def _call(self, adm: Admitted, timings: Timings, sink: Sink) -> _Success | _Failed:
         pid = adm.partner.id
-        cost = Cost(adm.est_input_tokens, adm.max_tokens)
+        cost = Cost(adm.est_input_tokens, adm.max_tokens, self.scheduler.model_class(adm.model))
         started = time.monotonic()
         attempt = 0
         m = self.metrics
@@ -233,12 +233,12 @@ class Pipeline:
                 if isinstance(exc, anthropic.APIStatusError):
                     # answered: nothing billed for an error; the headers still tell the budget
                     self.scheduler.release(grant, Usage(0, 0))
-                    self.scheduler.observe_headers(exc.response.headers)
+                    self.scheduler.observe_headers(grant, exc.response.headers)
                     m.observe_ratelimit_headers(exc.response.headers)
+                    if failure.rate_limited:  # pauses the org pool or only this key's scope
+                        self.scheduler.rate_limited(grant, exc.response.headers, failure.retry_after_s)
                 else:
                     self.scheduler.release(grant, None)  # maybe billed: keep the reservation
-                if failure.rate_limited:
-                    self.scheduler.rate_limited(failure.retry_after_s)
                 m.upstream_latency.labels(pid, adm.model).observe(elapsed)
                 code = str(failure.status or "none")
                 m.upstream_calls.labels(pid, _status_class(failure.status), code).inc()
@@ -278,20 +278,23 @@ class Pipeline:
                 return _Failed(exc.failure(), attempt, detail, adm)
             except UnknownPartnerKey:
                 span.decided("fail")
-                self.scheduler.release(grant, Usage(0, 0))
+                self.scheduler.release(grant, NOT_CALLED)
                 return _Failed(
                     Failure(False, Reason.UPSTREAM_AUTHENTICATION, "no_key"),
                     attempt,
                     f"no Anthropic key is loaded for partner {pid!r}",
                     adm,
                 )
+            except BaseException:  # not the SDK's (a non-JSON 200 body, cancellation): maybe billed
+                self.scheduler.release(grant, None)
+                raise
             finally:
                 m.in_flight.labels(pid).dec()
                 span.end()
             timings.upstream_s += result.elapsed_s
-            inp, out, _, _ = _usage_numbers(result.body.get("usage") or {})
-            self.scheduler.release(grant, Usage(inp, out))
-            self.scheduler.observe_headers(result.headers)
+            inp, out, _, cache_write = _usage_numbers(result.body.get("usage") or {})
+            self.scheduler.release(grant, Usage(inp + cache_write, out))  # ITPM: cache reads are free
+            self.scheduler.observe_headers(grant, result.headers)
             m.observe_ratelimit_headers(result.headers)
             m.upstream_latency.labels(pid, adm.model).observe(result.elapsed_s)
             m.upstream_calls.labels(pid, "2xx", "200").inc()

@@ -12,13 +12,13 @@ or releases the reservation once the call is done (`settle`, `release`).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from service.admission.estimate import estimate_input_tokens
 from service.admission.operator_replay import Accepted, OperatorReplays, sighting_id
 from service.admission.policy import check_params
 from service.admission.registry import Partner, Registry
@@ -84,7 +84,7 @@ class Admitted:
     params: dict[str, Any]
     metadata: Mapping[str, str] | None
     est_input_tokens: int
-    """Conservative estimate: the request's bytes over chars-per-token."""
+    """Conservative estimate, block by block (`estimate.py`)."""
     reservation: Reservation | None = None
     """The budget this request holds until `Admission.settle` / `release` (set by `admit_and_reserve`)."""
 
@@ -282,7 +282,8 @@ class Admission:
             rejected = check(rec, partner, doc)
             if rejected is not None:
                 return rejected
-        est = math.ceil(len(value) / registry.settings.runtime.estimate_chars_per_token)
+        gs = registry.settings
+        est = estimate_input_tokens(params, gs.estimates, gs.runtime.estimate_chars_per_token)
         return Admitted(partner, request_id, params, doc.get("metadata"), est)
 
 

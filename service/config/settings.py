@@ -167,6 +167,40 @@ class LimitSettings(_Frozen):
     otpm: int | None = Field(default=None, gt=0)
 
 
+class RateLimitSettings(_Frozen):
+    """How the shared limits react to the upstream: 429 pauses and rate-limit headers."""
+
+    max_pause_s: float = Field(default=60.0, gt=0)
+    """The longest a 429 pauses its scope (an org pool, or one key or workspace), whatever its
+    `retry-after` says."""
+    follow_header_limits: bool = False
+    """Let the `anthropic-ratelimit-*-limit` headers resize an org pool. Off: a limit that
+    differs from the configured one is logged, and the configured limit is kept."""
+
+
+class EstimateSettings(_Frozen):
+    """How admission estimates a request's input tokens before the call (see
+    service/admission/estimate.py). Every figure errs on the side of reserving more."""
+
+    image_max_long_edge_px: int = Field(default=1568, gt=0)
+    image_max_tokens: int = Field(default=1_600, gt=0)
+    """An image is scaled down to fit both (Anthropic's resizing), then costs w*h/750 tokens."""
+    high_res_models: list[str] = Field(default_factory=lambda: ["opus-4-7", "opus-4-8"])
+    """Models (substrings of the id) that keep images up to the `high_res_*` sizes."""
+    high_res_max_long_edge_px: int = Field(default=2576, gt=0)
+    high_res_max_tokens: int = Field(default=4_784, gt=0)
+    document_page_text_tokens: int = Field(default=3_000, gt=0)
+    """The most text one PDF page is counted for (Anthropic: 1,500-3,000 a page), beside its image."""
+    unknown_document_tokens: int = Field(default=100_000, gt=0)
+    """A document whose size cannot be known here (a URL, a file id, an unreadable PDF)."""
+    tool_overhead_tokens: int = Field(default=350, ge=0)
+    """The system prompt Anthropic adds when tools are given (346 tokens on Claude 4 models)."""
+    server_tool_uses: int = Field(default=5, gt=0)
+    """Uses assumed for a server tool (web search, web fetch) without `max_uses`."""
+    server_tool_tokens_per_use: int = Field(default=20_000, gt=0)
+    """Input tokens one server tool use adds (search results, a fetched page)."""
+
+
 class SigningSettings(_Frozen):
     """HMAC-SHA256 request signatures: key id -> secret reference (several at once, to rotate)."""
 
@@ -226,6 +260,9 @@ class PartnerSettings(_Frozen):
     policy: ParamsPolicy = ParamsPolicy()
     """Which values of `service_tier`, `speed`, `inference_geo`, `workspace_id` and which server
     tools the partner may send (service/config/policy.py); by default any."""
+    workspace: str | None = Field(default=None, min_length=1, max_length=128)
+    """The Anthropic workspace of this partner's key. Partners in one workspace share its
+    limits: a 429 about the workspace pauses them all, and no one else."""
     on_unknown: Literal["deadletter", "retry"] = "deadletter"
     """A call whose outcome is unknown (its owner died mid-call, a timeout or dropped
     connection after sending): dead-letter `outcome_unknown`, or call again and maybe pay twice."""
@@ -369,6 +406,12 @@ class GatewaySettings(_Frozen):
     retry: RetrySettings = RetrySettings()
     runtime: RuntimeSettings = RuntimeSettings()
     org_limits: LimitSettings = LimitSettings()
+    """The org's limits for models of no class in `org_class_limits` (all models when it is empty)."""
+    org_class_limits: dict[str, LimitSettings] = Field(default_factory=dict)
+    """Org limits per model class, pooled as Anthropic pools them: `{haiku: {...}, opus: {...}}`.
+    A model draws on the first class whose name is a substring of its id."""
+    rate_limits: RateLimitSettings = RateLimitSettings()
+    estimates: EstimateSettings = EstimateSettings()
     limiter_backend: Literal["local", "redis"] = "local"
     redis: RedisSettings | None = None
     admin: AdminSettings | None = None
@@ -393,6 +436,9 @@ class GatewaySettings(_Frozen):
                     raise ValueError(
                         f"partners[{p.id}].allowed_models: {model!r} is not in the models price table"
                     )
+        for name in self.org_class_limits:
+            if not name or name == "default":
+                raise ValueError(f"org_class_limits: {name!r} is not a class name (a part of model ids)")
         if self.limiter_backend == "redis" and self.redis is None:
             raise ValueError("limiter_backend is 'redis' but the redis section is missing")
         return self

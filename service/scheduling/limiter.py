@@ -1,10 +1,11 @@
-"""Rate limiters: org-wide and per-partner RPM / ITPM / OTPM buckets.
+"""Rate limiters: org pools per model class, partner buckets, and 429 pauses per scope.
 
-`acquire` reserves a request's cost in the partner's buckets and the org's at
-once (all or nothing) and says how long to wait when it cannot. `settle`
-refunds what the call did not use. The org buckets follow the upstream's
-`anthropic-ratelimit-*` headers, and a 429's `retry-after` pauses every draw
-on the org buckets, not just one request.
+`acquire` reserves a request's cost in the partner's buckets and in the org pool
+of its model class at once (all or nothing) and says how long to wait, and whose
+limit binds, when it cannot. `settle` refunds what the call did not use. An
+answer's `anthropic-ratelimit-*` headers update the pool the call drew on
+(`ratelimits.py` says how a reported limit is read), and a 429 pauses only the
+scope it is about: one org pool, or one key scope (the key or its workspace).
 
 `LocalLimiter` keeps the buckets in process (one replica, or the degraded
 share of several); `service.scheduling.redis_limiter` shares them through Redis.
@@ -19,19 +20,33 @@ from typing import Literal, Protocol
 
 from service.config.settings import LimitSettings
 from service.scheduling.buckets import TokenBucket
+from service.scheduling.pools import DEFAULT_CLASS, DIMENSIONS, LimitConfig, PauseScope, pool_label
+from service.scheduling.ratelimits import TOKEN_ROUNDING, LimitWatch, parse_ratelimit_headers, read
 
-Scope = Literal["partner", "org"]
-DIMENSIONS = ("rpm", "itpm", "otpm")
-# anthropic-ratelimit-<name>-remaining|limit -> our dimension
-HEADER_DIMENSIONS = {"requests": "rpm", "input-tokens": "itpm", "output-tokens": "otpm"}
+__all__ = [
+    "DIMENSIONS",
+    "GRANTED",
+    "NOT_CALLED",
+    "Cost",
+    "Decision",
+    "LimitConfig",
+    "Limiter",
+    "LocalLimiter",
+    "Usage",
+    "parse_ratelimit_headers",
+    "refund_amounts",
+]
+
+Scope = Literal["partner", "key", "org"]
 
 
 @dataclass(frozen=True, slots=True)
 class Cost:
-    """What one attempt reserves: a request, estimated input and max output tokens."""
+    """What one attempt reserves: a request, estimated input and max output tokens, in a pool."""
 
     input_tokens: int
     output_tokens: int
+    model_class: str = DEFAULT_CLASS
 
     def amounts(self) -> tuple[float, float, float]:
         return (1.0, float(self.input_tokens), float(self.output_tokens))
@@ -39,10 +54,18 @@ class Cost:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """What the call really used (None for a dimension means: unknown, keep the reservation)."""
+    """What the call really used, as the limits count it."""
 
     input_tokens: int
+    """Input tokens that count toward ITPM: `input_tokens + cache_creation_input_tokens`
+    (cache reads do not count on current models)."""
     output_tokens: int
+    requests: int = 1
+    """0 when the call was never made: the request itself is refunded too."""
+
+
+NOT_CALLED = Usage(0, 0, 0)
+"""Settle a turn whose call never started: everything comes back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +73,7 @@ class Decision:
     ok: bool
     wait_s: float = 0.0
     scope: Scope | None = None
+    """Whose limit binds: the partner's own buckets, its key scope (paused), or the org pool."""
 
 
 GRANTED = Decision(True)
@@ -58,30 +82,10 @@ GRANTED = Decision(True)
 class Limiter(Protocol):
     async def acquire(self, partner_id: str, cost: Cost) -> Decision: ...
     def settle(self, partner_id: str, cost: Cost, usage: Usage | None) -> None: ...
-    def observe_headers(self, headers: Mapping[str, str]) -> None: ...
-    def pause(self, seconds: float) -> None: ...
-    def configure(self, org: LimitSettings, partners: Mapping[str, LimitSettings]) -> None: ...
+    def observe_headers(self, partner_id: str, cost: Cost, headers: Mapping[str, str]) -> None: ...
+    def pause(self, scope: PauseScope, seconds: float) -> None: ...
+    def configure(self, config: LimitConfig) -> None: ...
     def levels(self) -> dict[tuple[str, str], float]: ...
-
-
-def parse_ratelimit_headers(headers: Mapping[str, str]) -> dict[str, tuple[float | None, float | None]]:
-    """{dimension: (limit, remaining)} from the anthropic-ratelimit-* headers present."""
-    out: dict[str, tuple[float | None, float | None]] = {}
-    for name, dim in HEADER_DIMENSIONS.items():
-        limit = _num(headers.get(f"anthropic-ratelimit-{name}-limit"))
-        remaining = _num(headers.get(f"anthropic-ratelimit-{name}-remaining"))
-        if limit is not None or remaining is not None:
-            out[dim] = (limit, remaining)
-    return out
-
-
-def _num(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
 
 
 class _BucketSet:
@@ -125,47 +129,70 @@ class _BucketSet:
 
 
 def refund_amounts(cost: Cost, usage: Usage | None) -> tuple[float, float, float]:
-    """What to give back after a call: unused input estimate and unused max_tokens.
-
-    The request itself is never refunded: the upstream counted it.
-    """
+    """What to give back after a call: unused input estimate and unused max_tokens, and the
+    request itself only when the call was never made (the upstream counted it otherwise)."""
     if usage is None:
         return (0.0, 0.0, 0.0)
     return (
-        0.0,
+        float(1 - min(1, usage.requests)),
         float(cost.input_tokens - usage.input_tokens),
         float(cost.output_tokens - usage.output_tokens),
     )
 
 
 class LocalLimiter:
-    """Org and partner buckets in this process. `share` scales every limit (degraded mode)."""
+    """Org pools and partner buckets in this process. `share` scales every limit (degraded mode)."""
 
     def __init__(
         self,
-        org: LimitSettings,
-        partners: Mapping[str, LimitSettings],
+        config: LimitConfig | LimitSettings,
+        partners: Mapping[str, LimitSettings] | None = None,
         *,
         share: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
         self._share = share
-        now = clock()
-        self._org = _BucketSet(org, now, share)
-        self._partners: dict[str, _BucketSet] = {
-            p: _BucketSet(lim, now, share) for p, lim in partners.items()
-        }
-        self._paused_until = 0.0
+        self._config = LimitConfig.simple(LimitSettings())
+        self._pools: dict[str, _BucketSet] = {}
+        self._partners: dict[str, _BucketSet] = {}
+        self._paused: dict[PauseScope, float] = {}
+        self._watch = LimitWatch()
+        if isinstance(config, LimitSettings):
+            config = LimitConfig.simple(config, partners)
+        self.configure(config)
 
-    def configure(self, org: LimitSettings, partners: Mapping[str, LimitSettings]) -> None:
+    @property
+    def config(self) -> LimitConfig:
+        return self._config
+
+    def configure(self, config: LimitConfig) -> None:
         now = self._clock()
-        self._org.configure(org, now, self._share)
-        for pid, lim in partners.items():
+        self._config = config
+        for name, lim in config.pools.items():
+            if name in self._pools:
+                self._pools[name].configure(lim, now, self._share)
+            else:
+                self._pools[name] = _BucketSet(lim, now, self._share)
+        for name in self._pools.keys() - config.pools.keys():
+            del self._pools[name]
+        for pid, lim in config.partners.items():
             if pid in self._partners:
                 self._partners[pid].configure(lim, now, self._share)
             else:
                 self._partners[pid] = _BucketSet(lim, now, self._share)
+
+    def _pool(self, cost: Cost) -> _BucketSet:
+        return self._pools.get(cost.model_class) or self._pools[DEFAULT_CLASS]
+
+    def _pause_left(self, scope: PauseScope, now: float) -> float:
+        until = self._paused.get(scope)
+        if until is None:
+            return 0.0
+        if until <= now:
+            del self._paused[scope]
+            return 0.0
+        return until - now
 
     def try_acquire(self, partner_id: str, cost: Cost) -> Decision:
         now = self._clock()
@@ -175,14 +202,20 @@ class LocalLimiter:
             wait = partner.wait_s(amounts, now)
             if wait > 0:
                 return Decision(False, wait, "partner")
-        if now < self._paused_until:
-            return Decision(False, self._paused_until - now, "org")
-        wait = self._org.wait_s(amounts, now)
+        if self._paused:
+            key_wait = self._pause_left(PauseScope("key", self._config.scope_of(partner_id)), now)
+            if key_wait > 0:
+                return Decision(False, key_wait, "key")
+            org_wait = self._pause_left(PauseScope("org", cost.model_class), now)
+            if org_wait > 0:
+                return Decision(False, org_wait, "org")
+        pool = self._pool(cost)
+        wait = pool.wait_s(amounts, now)
         if wait > 0:
             return Decision(False, wait, "org")
         if partner is not None:
             partner.take(amounts)
-        self._org.take(amounts)
+        pool.take(amounts)
         return GRANTED
 
     async def acquire(self, partner_id: str, cost: Cost) -> Decision:
@@ -193,31 +226,44 @@ class LocalLimiter:
         if refund == (0.0, 0.0, 0.0):
             return
         now = self._clock()
-        self._org.give(refund, now)
+        self._pool(cost).give(refund, now)
         partner = self._partners.get(partner_id)
         if partner is not None:
             partner.give(refund, now)
 
-    def observe_headers(self, headers: Mapping[str, str]) -> None:
+    def observe_headers(self, partner_id: str, cost: Cost, headers: Mapping[str, str]) -> None:
+        """Follow the upstream's view of the pool `cost` drew on (never beyond the configured
+        limit, unless `follow_header_limits`); a lower reported limit is the key's, not the org's."""
         now = self._clock()
-        for dim, (limit, remaining) in parse_ratelimit_headers(headers).items():
-            bucket = self._org.buckets.get(dim)
-            if bucket is None:
+        name = cost.model_class if cost.model_class in self._pools else DEFAULT_CLASS
+        pool = self._pools[name]
+        follow = self._config.follow_header_limits
+        scope = self._config.scope_of(partner_id)
+        for r in read(headers, self._config.pool(name)):
+            self._watch.note(pool_label(name), scope, r, follow)
+            bucket = pool.buckets.get(r.dim)
+            if bucket is None or r.relation == "below":
                 continue
-            if limit is not None and limit * self._share < bucket.capacity:
-                bucket.resize(limit * self._share, now)
-            if remaining is not None:
-                # tokens remaining are rounded to the nearest thousand upstream
-                slack = 0.0 if dim == "rpm" else 500.0
-                bucket.clamp((remaining + slack) * self._share, now)
+            if r.relation == "above" and follow and r.limit is not None:
+                bucket.resize(r.limit * self._share, now)
+            if r.remaining is not None:
+                slack = 0.0 if r.dim == "rpm" else TOKEN_ROUNDING
+                bucket.clamp((r.remaining + slack) * self._share, now)
 
-    def pause(self, seconds: float) -> None:
-        self._paused_until = max(self._paused_until, self._clock() + seconds)
+    def pause(self, scope: PauseScope, seconds: float) -> None:
+        until = self._clock() + seconds
+        if self._paused.get(scope, 0.0) < until:
+            self._paused[scope] = until
+
+    def paused_s(self, scope: PauseScope) -> float:
+        """Seconds `scope` stays paused (0 when it is not)."""
+        return self._pause_left(scope, self._clock())
 
     def levels(self) -> dict[tuple[str, str], float]:
         now = self._clock()
         out: dict[tuple[str, str], float] = {}
-        for scope, bs in (("org", self._org), *self._partners.items()):
+        sets = [(pool_label(n), bs) for n, bs in self._pools.items()] + list(self._partners.items())
+        for scope, bs in sets:
             for dim, bucket in bs.buckets.items():
                 bucket.refill(now)
                 out[(scope, dim)] = bucket.level

@@ -1,16 +1,19 @@
-"""Org and partner buckets shared by every replica through Redis.
+"""Org pools and partner buckets shared by every replica through Redis.
 
 One atomic Lua script per acquisition (one round trip): refill every bucket
-the request draws on to Redis' own clock, check them all, deduct from all or
-none, and say how long to wait and whose limit binds. Refunds, 429 pauses and
-header clamps are further small scripts, sent in the background.
+the request draws on (its partner's, and the org pool of its model class) to
+Redis' own clock, check them all and the 429 pauses of its key scope and pool,
+deduct from all or none, and say how long to wait and whose limit binds.
+Refunds, 429 pauses and header clamps are further small scripts, sent in the
+background. `levels()` reports the shared buckets, read at most once a second.
 
-When Redis cannot be reached the limiter degrades to a local share of the
-limits (`redis.degraded_share`, default 1 / `redis.expected_replicas`), says
-so in logs, metrics and readiness detail, and probes Redis every second to
-recover by itself.
+When Redis is down (`service.config.redis_health`: a slow call is not enough)
+the limiter degrades to a local share of the limits (`redis.degraded_share`,
+default 1 / `redis.expected_replicas`), says so in logs, metrics and readiness
+detail, and recovers by itself when Redis answers again.
 
-All keys share one hash tag, so the scripts also run on Redis Cluster.
+All keys share one hash tag, so the scripts also run on Redis Cluster (and all
+sit in one slot: docs/scaling.md says what that costs and how to go past it).
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from service.config.redis import redis_client
+from service.config.redis_health import REDIS_ERRORS, RedisHealth
 from service.config.settings import LimitSettings, RedisSettings
 from service.scheduling.limiter import (
     DIMENSIONS,
@@ -31,10 +35,12 @@ from service.scheduling.limiter import (
     Cost,
     Decision,
     LocalLimiter,
+    Scope,
     Usage,
-    parse_ratelimit_headers,
     refund_amounts,
 )
+from service.scheduling.pools import DEFAULT_CLASS, LimitConfig, PauseScope, pool_label
+from service.scheduling.ratelimits import TOKEN_ROUNDING, read
 
 log = logging.getLogger(__name__)
 
@@ -55,31 +61,34 @@ local function store(key, level)
 end
 """
 
-# KEYS[1] = pause key, KEYS[2..] = bucket hashes; ARGV[1] = how many leading buckets are the partner's,
-# then (capacity, amount) per bucket. Returns {ok, wait_s as string, scope: 0 none | 1 partner | 2 org}.
+# KEYS[1] = the key scope's pause, KEYS[2] = the org pool's pause, KEYS[3..] = bucket hashes;
+# ARGV[1] = how many leading buckets are the partner's, then (capacity, amount) per bucket.
+# Returns {ok, wait_s as string, scope: 0 none | 1 partner | 2 org | 3 key}.
 ACQUIRE = (
     _BUCKETS
     + """
 local npartner = tonumber(ARGV[1])
 local levels = {}
 local wait_p, wait_o = 0, 0
-for i = 2, #KEYS do
-  local cap = tonumber(ARGV[2 * (i - 1)])
-  local amount = tonumber(ARGV[2 * (i - 1) + 1])
+for i = 3, #KEYS do
+  local cap = tonumber(ARGV[2 * (i - 2)])
+  local amount = tonumber(ARGV[2 * (i - 2) + 1])
   local level = level_of(KEYS[i], cap)
   levels[i] = level
   local need = math.min(amount, cap)
   if amount > 0 and level < need then
     local w = (need - level) / (cap / 60)
-    if i - 1 <= npartner then wait_p = math.max(wait_p, w) else wait_o = math.max(wait_o, w) end
+    if i - 2 <= npartner then wait_p = math.max(wait_p, w) else wait_o = math.max(wait_o, w) end
   end
 end
 if wait_p > 0 then return {0, tostring(wait_p), 1} end
-local paused = redis.call('PTTL', KEYS[1])
-if paused > 0 then return {0, tostring(paused / 1000), 2} end
+local key_paused = redis.call('PTTL', KEYS[1])
+if key_paused > 0 then return {0, tostring(key_paused / 1000), 3} end
+local org_paused = redis.call('PTTL', KEYS[2])
+if org_paused > 0 then return {0, tostring(org_paused / 1000), 2} end
 if wait_o > 0 then return {0, tostring(wait_o), 2} end
-for i = 2, #KEYS do
-  store(KEYS[i], levels[i] - tonumber(ARGV[2 * (i - 1) + 1]))
+for i = 3, #KEYS do
+  store(KEYS[i], levels[i] - tonumber(ARGV[2 * (i - 2) + 1]))
 end
 return {1, '0', 0}
 """
@@ -109,6 +118,16 @@ return 1
 """
 )
 
+# KEYS = bucket hashes; ARGV = capacity per bucket. Returns each level refilled to now, as strings.
+LEVELS = (
+    _BUCKETS
+    + """
+local out = {}
+for i = 1, #KEYS do out[i] = tostring(level_of(KEYS[i], tonumber(ARGV[i]))) end
+return out
+"""
+)
+
 # KEYS[1] = pause key; ARGV[1] = milliseconds. Extends, never shortens, a pause.
 PAUSE = """
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
@@ -118,92 +137,114 @@ return 1
 """
 
 
-def _limits_of(settings: LimitSettings) -> dict[str, float]:
-    return {d: float(getattr(settings, d)) for d in DIMENSIONS if getattr(settings, d) is not None}
+_LEVELS_MAX_AGE_S = 1.0
 
 
 class RedisLimiter:
     def __init__(
         self,
         settings: RedisSettings,
-        org: LimitSettings,
-        partners: Mapping[str, LimitSettings],
+        config: LimitConfig | LimitSettings,
+        partners: Mapping[str, LimitSettings] | None = None,
         *,
         client: aioredis.Redis | None = None,
+        health: RedisHealth | None = None,
         on_degraded: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if isinstance(config, LimitSettings):
+            config = LimitConfig.simple(config, partners)
         self._settings = settings
         self._owns_client = client is None
         self._redis = client if client is not None else redis_client(settings)
+        self._owns_health = health is None
+        self.health = health or RedisHealth(self._redis)
+        self.health.subscribe(self._health_changed)
         self._acquire = self._redis.register_script(ACQUIRE)
         self._adjust = self._redis.register_script(ADJUST)
         self._clamp = self._redis.register_script(CLAMP)
         self._pause = self._redis.register_script(PAUSE)
-        share = settings.degraded_share or 1.0 / settings.expected_replicas
-        self._local = LocalLimiter(org, partners, share=share, clock=clock)
+        self._levels = self._redis.register_script(LEVELS)
+        self._local = LocalLimiter(config, share=self._local_share(), clock=clock)
         self._on_degraded = on_degraded
         self._clock = clock
         self._tag = "{" + settings.key_prefix + "}"
-        self._org: dict[str, float] = {}
-        self._partners: dict[str, dict[str, float]] = {}
-        self._last_clamp = 0.0
+        self._last_clamp: dict[str, float] = {}
+        self._shared_levels: dict[tuple[str, str], float] = {}
+        self._levels_at = -1e18
         self._background: set[asyncio.Task[None]] = set()
-        self._probe: asyncio.Task[None] | None = None
-        self.degraded = False
-        self.configure(org, partners)
+        self.configure(config)
 
-    def configure(self, org: LimitSettings, partners: Mapping[str, LimitSettings]) -> None:
-        self._org = _limits_of(org)
-        self._partners = {pid: _limits_of(lim) for pid, lim in partners.items()}
-        self._local.configure(org, partners)
+    @property
+    def degraded(self) -> bool:
+        return self.health.down
+
+    def configure(self, config: LimitConfig) -> None:
+        self._config = config
+        self._local.configure(config)
 
     def _key(self, scope: str, dim: str) -> str:
         return f"{self._tag}:bucket:{scope}:{dim}"
 
-    @property
-    def _pause_key(self) -> str:
-        return f"{self._tag}:org:paused"
+    def _pause_key(self, scope: PauseScope) -> str:
+        if scope == PauseScope("org", DEFAULT_CLASS):
+            return f"{self._tag}:org:paused"
+        return f"{self._tag}:paused:{scope.kind}:{scope.name}"
 
-    def _buckets(self, partner_id: str) -> tuple[list[str], list[float], int]:
+    def _pool_name(self, cost: Cost) -> str:
+        return cost.model_class if cost.model_class in self._config.pools else DEFAULT_CLASS
+
+    def _buckets(self, partner_id: str, pool: str) -> tuple[list[str], list[str], list[float], int]:
+        """(keys, dimensions, capacities, how many lead keys are the partner's)."""
         keys: list[str] = []
+        dims: list[str] = []
         caps: list[float] = []
-        for dim, cap in self._partners.get(partner_id, {}).items():
-            keys.append(self._key(f"partner:{partner_id}", dim))
-            caps.append(cap)
+        partner = self._config.partners.get(partner_id)
+        for dim in DIMENSIONS:
+            cap = getattr(partner, dim) if partner is not None else None
+            if cap is not None:
+                keys.append(self._key(f"partner:{partner_id}", dim))
+                dims.append(dim)
+                caps.append(float(cap))
         npartner = len(keys)
-        for dim, cap in self._org.items():
-            keys.append(self._key("org", dim))
-            caps.append(cap)
-        return keys, caps, npartner
+        limits = self._config.pool(pool)
+        for dim in DIMENSIONS:
+            cap = getattr(limits, dim)
+            if cap is not None:
+                keys.append(self._key(pool_label(pool), dim))
+                dims.append(dim)
+                caps.append(float(cap))
+        return keys, dims, caps, npartner
 
     async def acquire(self, partner_id: str, cost: Cost) -> Decision:
         if self.degraded:
             return self._local.try_acquire(partner_id, cost)
-        keys, caps, npartner = self._buckets(partner_id)
-        if not keys:
-            return GRANTED
+        pool = self._pool_name(cost)
+        keys, dims, caps, npartner = self._buckets(partner_id, pool)
         amounts = dict(zip(DIMENSIONS, cost.amounts(), strict=True))
-        dims = [*self._partners.get(partner_id, {}), *self._org]
         args: list[float | int] = [npartner]
         for dim, cap in zip(dims, caps, strict=True):
             args += [cap, amounts[dim]]
+        pauses = [
+            self._pause_key(PauseScope("key", self._config.scope_of(partner_id))),
+            self._pause_key(PauseScope("org", pool)),
+        ]
         try:
-            ok, wait, scope = await self._acquire(keys=[self._pause_key, *keys], args=args)
-        except (RedisError, OSError) as exc:
-            self._degrade(exc)
+            ok, wait, scope = await self._acquire(keys=[*pauses, *keys], args=args)
+        except REDIS_ERRORS as exc:
+            self.health.failed(exc)
             return self._local.try_acquire(partner_id, cost)
+        self.health.ok()
         if int(ok) == 1:
             return GRANTED
-        return Decision(False, float(wait), "partner" if int(scope) == 1 else "org")
+        return Decision(False, float(wait), _SCOPES.get(int(scope), "org"))
 
     def settle(self, partner_id: str, cost: Cost, usage: Usage | None) -> None:
         if self.degraded:
             self._local.settle(partner_id, cost, usage)
             return
         refund = dict(zip(DIMENSIONS, refund_amounts(cost, usage), strict=True))
-        keys, caps, _ = self._buckets(partner_id)
-        dims = [*self._partners.get(partner_id, {}), *self._org]
+        keys, dims, caps, _ = self._buckets(partner_id, self._pool_name(cost))
         args: list[float] = []
         used: list[str] = []
         for key, dim, cap in zip(keys, dims, caps, strict=True):
@@ -213,75 +254,87 @@ class RedisLimiter:
         if used:
             self._spawn(self._adjust(keys=used, args=args))
 
-    def observe_headers(self, headers: Mapping[str, str]) -> None:
-        self._local.observe_headers(headers)
+    def observe_headers(self, partner_id: str, cost: Cost, headers: Mapping[str, str]) -> None:
+        self._local.observe_headers(partner_id, cost, headers)
+        pool = self._pool_name(cost)
         now = self._clock()
-        if self.degraded or now - self._last_clamp < 0.1:
+        if self.degraded or now - self._last_clamp.get(pool, -1e18) < 0.1:
             return
-        self._last_clamp = now
+        self._last_clamp[pool] = now
         keys: list[str] = []
         args: list[float] = []
-        for dim, (_, remaining) in parse_ratelimit_headers(headers).items():
-            cap = self._org.get(dim)
-            if cap is not None and remaining is not None:
-                keys.append(self._key("org", dim))
-                args += [cap, remaining + (0.0 if dim == "rpm" else 500.0)]
+        for r in read(headers, self._config.pool(pool)):
+            if r.configured is None or r.remaining is None or r.relation == "below":
+                continue  # not the org pool's figure (a workspace's), or not ours to follow
+            keys.append(self._key(pool_label(pool), r.dim))
+            args += [r.configured, r.remaining + (0.0 if r.dim == "rpm" else TOKEN_ROUNDING)]
         if keys:
             self._spawn(self._clamp(keys=keys, args=args))
 
-    def pause(self, seconds: float) -> None:
-        self._local.pause(seconds)
+    def pause(self, scope: PauseScope, seconds: float) -> None:
+        self._local.pause(scope, seconds)
         if not self.degraded:
-            self._spawn(self._pause(keys=[self._pause_key], args=[max(1, int(seconds * 1000))]))
+            self._spawn(self._pause(keys=[self._pause_key(scope)], args=[max(1, int(seconds * 1000))]))
 
     def levels(self) -> dict[tuple[str, str], float]:
-        return self._local.levels()
+        """The shared buckets' levels as last read from Redis (refreshed at most once a second,
+        in the background); the local share's while Redis is down."""
+        if self.degraded:
+            return self._local.levels()
+        if self._clock() - self._levels_at > _LEVELS_MAX_AGE_S:
+            self._levels_at = self._clock()
+            self._spawn(self._refresh_levels())
+        return dict(self._shared_levels)
+
+    async def _refresh_levels(self) -> None:
+        names: list[tuple[str, str]] = []
+        keys: list[str] = []
+        caps: list[float] = []
+        scopes = [(pool_label(n), lim) for n, lim in self._config.pools.items()]
+        scopes += [(f"partner:{p}", lim) for p, lim in self._config.partners.items()]
+        for scope, lim in scopes:
+            for dim in DIMENSIONS:
+                cap = getattr(lim, dim)
+                if cap is not None:
+                    names.append((scope.removeprefix("partner:"), dim))
+                    keys.append(self._key(scope, dim))
+                    caps.append(float(cap))
+        if not keys:
+            return
+        raw = await self._levels(keys=keys, args=caps)
+        self._shared_levels = {name: float(v) for name, v in zip(names, raw, strict=True)}
+
+    def _local_share(self) -> float:
+        return self._settings.degraded_share or 1.0 / self._settings.expected_replicas
 
     # -- degradation and recovery ----------------------------------------------------
 
-    def _spawn(self, awaitable: object) -> None:
+    def _spawn(self, awaitable: Awaitable[Any]) -> None:
         async def run() -> None:
             try:
-                await awaitable  # type: ignore[misc]
-            except (RedisError, OSError) as exc:
-                self._degrade(exc)
+                await awaitable
+            except REDIS_ERRORS as exc:
+                self.health.failed(exc)
+            else:
+                self.health.ok()
 
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _degrade(self, exc: BaseException) -> None:
-        if self.degraded:
-            return
-        self.degraded = True
-        log.warning(
-            "redis unreachable: limits fall back to a local share",
-            extra={"error": type(exc).__name__, "share": self._local_share()},
-        )
+    def _health_changed(self, down: bool) -> None:
+        if down:
+            log.warning("shared limits fall back to a local share", extra={"share": self._local_share()})
         if self._on_degraded is not None:
-            self._on_degraded(True)
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.get_running_loop().create_task(self._probe_loop())
-
-    def _local_share(self) -> float:
-        return self._settings.degraded_share or 1.0 / self._settings.expected_replicas
-
-    async def _probe_loop(self) -> None:
-        while self.degraded:
-            await asyncio.sleep(1.0)
-            try:
-                await self._redis.ping()
-            except (RedisError, OSError):
-                continue
-            self.degraded = False
-            log.warning("redis reachable again: shared limits restored")
-            if self._on_degraded is not None:
-                self._on_degraded(False)
+            self._on_degraded(down)
 
     async def aclose(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
         for task in list(self._background):
             task.cancel()
+        if self._owns_health:
+            await self.health.aclose()
         if self._owns_client:
             await self._redis.aclose()
+
+
+_SCOPES: dict[int, Scope] = {1: "partner", 2: "org", 3: "key"}

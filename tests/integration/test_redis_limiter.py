@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from service.config.settings import LimitSettings, RedisSettings
 from service.scheduling.limiter import Cost, Usage
+from service.scheduling.pools import DEFAULT_CLASS, PauseScope
 from service.scheduling.redis_limiter import RedisLimiter
 from tests.support.redis import free_port, redis_server
 
@@ -62,7 +63,7 @@ async def test_a_429_pause_reaches_every_replica(redis_url: str) -> None:
     a = RedisLimiter(rs, LimitSettings(rpm=1000), {})
     b = RedisLimiter(rs, LimitSettings(rpm=1000), {})
     try:
-        a.pause(2.0)
+        a.pause(PauseScope("org", DEFAULT_CLASS), 2.0)
         await asyncio.sleep(0.1)
         d = await b.acquire("x", Cost(1, 1))
         assert (d.ok, d.scope) == (False, "org")

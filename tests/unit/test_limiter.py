@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from service.config.settings import LimitSettings
 from service.scheduling.buckets import TokenBucket
-from service.scheduling.limiter import Cost, LocalLimiter, Usage, parse_ratelimit_headers
+from service.scheduling.limiter import NOT_CALLED, Cost, LocalLimiter, Usage, parse_ratelimit_headers
+from service.scheduling.pools import DEFAULT_CLASS, LimitConfig, PauseScope
 
 
 class Clock:
@@ -89,40 +90,100 @@ def test_unknown_outcome_keeps_the_reservation() -> None:
     assert limiter.levels()[("org", "otpm")] == 400
 
 
+ANY = Cost(1, 1)
+
+
 def test_headers_clamp_the_org_bucket_but_never_raise_it() -> None:
     clock = Clock()
     limiter = LocalLimiter(LimitSettings(rpm=100, itpm=100_000), {}, clock=clock)
     limiter.observe_headers(
+        "p",
+        ANY,
         {
             "anthropic-ratelimit-requests-limit": "100",
             "anthropic-ratelimit-requests-remaining": "10",
             "anthropic-ratelimit-input-tokens-limit": "100000",
             "anthropic-ratelimit-input-tokens-remaining": "20000",
-        }
+        },
     )
     levels = limiter.levels()
     assert levels[("org", "rpm")] == 10
     assert levels[("org", "itpm")] == 20_500  # rounded to the nearest thousand upstream
-    limiter.observe_headers({"anthropic-ratelimit-requests-remaining": "90"})
+    limiter.observe_headers("p", ANY, {"anthropic-ratelimit-requests-remaining": "90"})
     assert limiter.levels()[("org", "rpm")] == 10
 
 
-def test_a_lower_upstream_limit_shrinks_the_bucket() -> None:
+def test_a_lower_reported_limit_is_the_keys_workspace_not_the_org() -> None:
+    """ANTHROPIC.md: the headers report the most restrictive limit in effect, so a key in a
+    smaller workspace reports its workspace's figures: they must not shrink the org pool."""
     clock = Clock()
     limiter = LocalLimiter(LimitSettings(rpm=1000), {}, clock=clock)
-    limiter.observe_headers({"anthropic-ratelimit-requests-limit": "50"})
-    assert limiter.levels()[("org", "rpm")] == 50
+    limiter.observe_headers(
+        "p",
+        ANY,
+        {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "0"},
+    )
+    assert limiter.levels()[("org", "rpm")] == 1000
 
 
-def test_429_pauses_every_draw_on_the_org() -> None:
+def test_a_larger_reported_limit_is_logged_and_kept_out_unless_allowed(caplog: object) -> None:
     clock = Clock()
+    headers = {"anthropic-ratelimit-requests-limit": "5000", "anthropic-ratelimit-requests-remaining": "4990"}
     limiter = LocalLimiter(LimitSettings(rpm=1000), {}, clock=clock)
-    limiter.pause(3)
+    limiter.observe_headers("p", ANY, headers)
+    assert limiter.levels()[("org", "rpm")] == 1000
+    assert "larger limit than configured" in caplog.text  # type: ignore[attr-defined]
+    follow = LocalLimiter(
+        LimitConfig(pools={DEFAULT_CLASS: LimitSettings(rpm=1000)}, follow_header_limits=True), clock=clock
+    )
+    follow.observe_headers("p", ANY, headers)
+    clock.t += 60
+    assert follow.levels()[("org", "rpm")] == 5000
+
+
+def test_a_429_pause_holds_only_its_scope() -> None:
+    clock = Clock()
+    config = LimitConfig(
+        pools={DEFAULT_CLASS: LimitSettings(rpm=1000), "opus": LimitSettings(rpm=100)},
+        partners={"a": LimitSettings(), "b": LimitSettings(), "c": LimitSettings()},
+        scopes={"a": "workspace:w1", "b": "workspace:w1", "c": "key:c"},
+    )
+    limiter = LocalLimiter(config, clock=clock)
+    limiter.pause(PauseScope("key", "workspace:w1"), 3)
     for pid in ("a", "b"):
-        d = limiter.try_acquire(pid, Cost(1, 1))
-        assert (d.ok, d.scope, d.wait_s) == (False, "org", 3)
+        d = limiter.try_acquire(pid, ANY)
+        assert (d.ok, d.scope, d.wait_s) == (False, "key", 3)
+    assert limiter.try_acquire("c", ANY).ok
+    limiter.pause(PauseScope("org", "opus"), 5)
+    d = limiter.try_acquire("c", Cost(1, 1, "opus"))
+    assert (d.ok, d.scope, d.wait_s) == (False, "org", 5)
+    assert limiter.try_acquire("c", ANY).ok  # the default pool is not paused
     clock.t += 3
-    assert limiter.try_acquire("a", Cost(1, 1)).ok
+    assert limiter.try_acquire("a", ANY).ok
+
+
+def test_model_classes_draw_on_their_own_pool() -> None:
+    clock = Clock()
+    config = LimitConfig(pools={DEFAULT_CLASS: LimitSettings(rpm=10), "haiku": LimitSettings(rpm=2)})
+    limiter = LocalLimiter(config, clock=clock)
+    haiku = Cost(1, 1, config.model_class("claude-haiku-4-5"))
+    assert haiku.model_class == "haiku"
+    assert limiter.try_acquire("p", haiku).ok
+    assert limiter.try_acquire("p", haiku).ok
+    assert not limiter.try_acquire("p", haiku).ok
+    assert limiter.try_acquire("p", Cost(1, 1, config.model_class("claude-opus-4-1"))).ok
+    levels = limiter.levels()
+    assert levels[("org:haiku", "rpm")] == 0
+    assert levels[("org", "rpm")] == 9
+
+
+def test_a_call_never_made_refunds_the_request_too() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(LimitSettings(rpm=10, otpm=1000), {}, clock=clock)
+    assert limiter.try_acquire("p", Cost(1, 600)).ok
+    limiter.settle("p", Cost(1, 600), NOT_CALLED)
+    assert limiter.levels()[("org", "rpm")] == 10
+    assert limiter.levels()[("org", "otpm")] == 1000
 
 
 def test_parse_headers_ignores_garbage() -> None:

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.config.loader import parse_config
-from service.config.settings import GatewaySettings, LimitSettings
+from service.config.settings import GatewaySettings
 from service.scheduling.limiter import GRANTED, Cost, Decision, Usage
+from service.scheduling.pools import LimitConfig, PauseScope
 from service.scheduling.scheduler import Draining, Scheduler
 
 
@@ -33,9 +34,9 @@ class Gate:
         return Decision(False, 0.002, "org")
 
     def settle(self, partner_id: str, cost: Cost, usage: Usage | None) -> None: ...
-    def observe_headers(self, headers: Mapping[str, str]) -> None: ...
-    def pause(self, seconds: float) -> None: ...
-    def configure(self, org: LimitSettings, partners: Mapping[str, LimitSettings]) -> None: ...
+    def observe_headers(self, partner_id: str, cost: Cost, headers: Mapping[str, str]) -> None: ...
+    def pause(self, scope: PauseScope, seconds: float) -> None: ...
+    def configure(self, config: LimitConfig) -> None: ...
     def levels(self) -> dict[tuple[str, str], float]:
         return {}
 

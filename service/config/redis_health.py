@@ -1,0 +1,124 @@
+"""Whether the shared Redis answers: one state machine for the limiter, the budgets and the replay store.
+
+    healthy ──(timeout)──► slow ──(`slow_strikes` timeouts in a row)──► down
+       ▲  ◄──(an answer)──┘                                              │
+       └──────────────────────(a probe's PING answers)───────────────────┘
+    healthy / slow ──(connection refused, reset, any other Redis error)──► down
+
+A slow call is not a down Redis: the one call that timed out falls back to the
+local state, the next calls still go to Redis, and only `slow_strikes`
+timeouts in a row (no answer in between) declare it down. While down, every
+user of Redis runs on its local state and a probe PINGs every
+`probe_interval_s`; when Redis answers again, listeners hear it (the budgets
+then add the spend they recorded locally to the shared counters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
+
+log = logging.getLogger(__name__)
+
+State = Literal["healthy", "slow", "down"]
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+"""What a call to Redis may raise when Redis, not the caller, is the problem."""
+
+Listener = Callable[[bool], Awaitable[None] | None]
+
+
+class RedisHealth:
+    def __init__(self, client: Any, *, slow_strikes: int = 3, probe_interval_s: float = 1.0) -> None:
+        self._client = client
+        self._slow_strikes = slow_strikes
+        self._probe_interval_s = probe_interval_s
+        self._strikes = 0
+        self.state: State = "healthy"
+        self._listeners: list[Listener] = []
+        self._probe: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.last_error: str | None = None
+
+    @property
+    def down(self) -> bool:
+        return self.state == "down"
+
+    def subscribe(self, listener: Listener) -> None:
+        """`listener(True)` when Redis goes down, `listener(False)` when it is back."""
+        self._listeners.append(listener)
+
+    def ok(self) -> None:
+        """A call answered."""
+        if self.state == "slow":
+            log.info("redis answers again after slow calls")
+        if self.state != "down":
+            self.state = "healthy"
+            self._strikes = 0
+
+    def failed(self, exc: BaseException) -> None:
+        """A call failed with `exc` (one of `REDIS_ERRORS`)."""
+        self.last_error = type(exc).__name__
+        if self.state == "down":
+            return
+        if isinstance(exc, RedisTimeout | TimeoutError):
+            self._strikes += 1
+            if self._strikes < self._slow_strikes:
+                if self.state == "healthy":
+                    log.warning("redis is slow: a call timed out", extra={"strikes": self._strikes})
+                self.state = "slow"
+                return
+        self._go_down(exc)
+
+    def _go_down(self, exc: BaseException) -> None:
+        self.state = "down"
+        log.warning(
+            "redis unreachable: limits, budgets and replay checks fall back to local state",
+            extra={"error": type(exc).__name__},
+        )
+        self._notify(True)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    def _notify(self, down: bool) -> None:
+        for listener in list(self._listeners):
+            try:
+                result = listener(down)
+            except Exception:  # a listener's bug must not stop the state machine
+                log.exception("redis health listener failed")
+                continue
+            if result is not None:
+                task = asyncio.get_running_loop().create_task(_logged(result))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _probe_loop(self) -> None:
+        while self.state == "down":
+            await asyncio.sleep(self._probe_interval_s)
+            try:
+                await self._client.ping()
+            except REDIS_ERRORS:
+                continue
+            self.state = "healthy"
+            self._strikes = 0
+            log.warning("redis reachable again: shared limits, budgets and replay checks restored")
+            self._notify(False)
+
+    async def aclose(self) -> None:
+        for task in [self._probe, *self._tasks]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+async def _logged(awaitable: Awaitable[None]) -> None:
+    try:
+        await awaitable
+    except Exception:
+        log.exception("redis health listener failed")
