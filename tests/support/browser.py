@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 import pytest
 import pytest_asyncio
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 INSTALL_HINT = (
@@ -73,7 +74,7 @@ class Browser:
             old = d.find_element(By.TAG_NAME, "html")
             d.find_element(By.CSS_SELECTOR, css).click()
             wait = WebDriverWait(d, timeout_s)
-            wait.until(expected_conditions.staleness_of(old))
+            wait.until(lambda _: _gone(old))
             wait.until(lambda drv: drv.execute_script("return document.readyState") == "complete")
 
         await self.call(run)
@@ -89,6 +90,21 @@ class Browser:
 
     async def script(self, js: str) -> Any:
         return await self.call(lambda d: d.execute_script(js))
+
+
+def _gone(element: WebElement) -> bool:
+    """Whether a page's element belongs to a page that is no longer shown. Chromium says so
+    with a stale-element error, or, while the next page is being attached, an "unknown
+    error" that the node does not belong to the document."""
+    try:
+        element.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as exc:
+        if "does not belong to the document" in str(exc):
+            return True
+        raise
+    return False
 
 
 def _binaries() -> tuple[str, str]:
