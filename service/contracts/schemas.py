@@ -11,6 +11,7 @@ stricter integer check and draft-07 for everything else.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
@@ -70,6 +71,7 @@ class _StrictIntegers(_Draft07):  # type: ignore[misc]
 def compile_strict(schema: dict[str, Any]) -> Validator:
     """A validator for `schema` (draft-07 with strict integers); raises `SchemaViolation`
     through `validate`, `fastjsonschema.JsonSchemaValueException` when called directly."""
+    schema = copy.deepcopy(schema)  # the resolver rewrites every `$ref` in place
     resolver = RefResolver.from_schema(schema, handlers={}, store={})
     generator = _StrictIntegers(schema, resolver=resolver, use_formats=False)
     scope: dict[str, Any] = generator.global_state
