@@ -133,10 +133,10 @@ class Ownership:
 
     # -- writers ------------------------------------------------------------------------
 
-    async def _fetch_committed(self, tp: TopicPartition) -> tuple[int | None, str]:
+    async def _fetch_committed(self, tp: TopicPartition, stable: bool = True) -> tuple[int | None, str]:
         # the committed offset *with* its metadata, and stable (no transactional commit
         # pending): aiokafka's public `committed()` drops the metadata and may answer stale
-        return await fetch_committed_stable(self._consumer()._coordinator, tp)
+        return await fetch_committed_stable(self._consumer()._coordinator, tp, stable=stable)
 
     async def _commit_offsets(self, tp: TopicPartition, offset: int, metadata: str) -> None:
         if offset >= 0:

@@ -42,8 +42,9 @@ from service.ingest.sending import Item, OutMessage, send_all
 
 log = logging.getLogger(__name__)
 
-FetchCommitted = Callable[[TopicPartition], Awaitable[tuple[int | None, str]]]
-"""The group's committed (offset, metadata) of a partition (offset None: never committed)."""
+FetchCommitted = Callable[[TopicPartition, bool], Awaitable[tuple[int | None, str]]]
+"""The group's committed (offset, metadata) of a partition (offset None: never committed);
+the flag asks for a stable answer (no transactional commit pending)."""
 CommitOffsets = Callable[[TopicPartition, int, str], Awaitable[None]]
 """At-least-once mode: commit (offset, metadata) with the consumer."""
 
@@ -146,10 +147,10 @@ class PartitionWriter:
         self._producer = self._factory(transactional_id(self.settings.group_id, self.tp))
         await self._producer.start()  # init_transactions: bumps the epoch, fences the previous owner
 
-    async def _read_committed(self) -> Snapshot:
+    async def _read_committed(self, stable: bool = True) -> Snapshot:
         from service.ingest.ledger import MetadataCorrupt, decode
 
-        offset, metadata = await self._fetch_committed(self.tp)
+        offset, metadata = await self._fetch_committed(self.tp, stable)
         if offset is None or offset < 0:
             return Snapshot(-1)  # never committed: the consumer's reset policy decides
         try:
@@ -167,7 +168,9 @@ class PartitionWriter:
         deadline = time.monotonic() + self.settings.eos_handoff_max_s
         stale_ms = max(3_000, int(self.settings.eos_heartbeat_s * 3_000))
         while time.monotonic() < deadline:
-            snap = await self._read_committed()
+            # advisory, before fencing: a transaction a killed owner left open would keep
+            # a stable read waiting until it times out
+            snap = await self._read_committed(stable=False)
             foreign = [c for c in snap.claims if c.owner != self.owner]
             if not foreign or snap.owner == self.owner:
                 return

@@ -87,29 +87,35 @@ class OffsetFetchRequest_v7(RequestStruct):  # type: ignore[misc]
 class StableOffsetFetchRequest(Request[OffsetFetchRequest_v7]):  # type: ignore[misc]
     API_KEY = 9
 
-    def __init__(self, group_id: str, tps: list[TopicPartition]) -> None:
+    def __init__(self, group_id: str, tps: list[TopicPartition], require_stable: bool = True) -> None:
         by_topic: dict[str, list[int]] = {}
         for tp in tps:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
         self._group_id = group_id
+        self._require_stable = require_stable
         self._topics: list[tuple[str, list[int], dict[int, bytes]]] = [
             (t, ps, {}) for t, ps in by_topic.items()
         ]
 
     def build(self, request_struct_class: type[OffsetFetchRequest_v7]) -> OffsetFetchRequest_v7:
-        return request_struct_class(self._group_id, self._topics, True, {})
+        return request_struct_class(self._group_id, self._topics, self._require_stable, {})
 
 
-async def fetch_committed_stable(coordinator: Any, tp: TopicPartition) -> tuple[int | None, str]:
+async def fetch_committed_stable(
+    coordinator: Any, tp: TopicPartition, *, stable: bool = True
+) -> tuple[int | None, str]:
     """The group's committed (offset, metadata) for `tp`, waiting out pending transactional
-    commits. `coordinator` is the consumer's group coordinator (aiokafka internals: it finds
-    the coordinator node and sends to it)."""
+    commits (`stable=False`: the last completed commit at once, even while a transaction
+    is open, e.g. one a killed owner left until its producer is fenced). `coordinator` is
+    the consumer's group coordinator (aiokafka internals: it finds the coordinator node
+    and sends to it)."""
     delay = RETRY_S
     waited = 0.0
     while True:
         await coordinator.ensure_coordinator_known()
         try:
-            response = await coordinator._send_req(StableOffsetFetchRequest(coordinator.group_id, [tp]))
+            request = StableOffsetFetchRequest(coordinator.group_id, [tp], require_stable=stable)
+            response = await coordinator._send_req(request)
         except KafkaError as exc:
             if not exc.retriable:
                 raise

@@ -60,11 +60,11 @@ def _exactly_once(out: Outcomes, ids: set[str], sim: SimulatorServer) -> None:
     assert set(out.reasons()) <= {"outcome_unknown"}, out.reasons()
 
 
-@pytest.mark.parametrize("failpoint", ["tick.sent:25", "tick.committed:25"])
+@pytest.mark.parametrize("failpoint", ["tick.sent:8", "tick.committed:8"])
 async def test_a_crash_inside_a_tick_neither_loses_nor_repeats(
     kafka_bootstrap: str, tmp_path: Path, failpoint: str
 ) -> None:
-    """The process dies inside its 25th transaction: after its outcomes were sent but
+    """The process dies inside its 8th transaction: after its outcomes were sent but
     before the commit (they must be aborted and redone once), or right after the commit
     (they must not be redone)."""
     world = await make_world(kafka_bootstrap, tmp_path, ["acme", "globex"])
@@ -90,24 +90,27 @@ async def test_a_crash_inside_a_tick_neither_loses_nor_repeats(
     _exactly_once(out, ids, sim)
 
 
-async def test_a_slow_head_with_5000_finished_behind_it_is_not_redone_after_kill(
-    kafka_bootstrap: str, tmp_path: Path
+@pytest.mark.parametrize("fast", [1_000, pytest.param(5_000, marks=pytest.mark.long)])
+async def test_a_slow_head_with_thousands_finished_behind_it_is_not_redone_after_kill(
+    kafka_bootstrap: str, tmp_path: Path, fast: int
 ) -> None:
-    """One partition: a long generation at its head holds the commit point while 5,000
-    records behind it finish. kill -9, restart: none of the 5,000 is called again."""
+    """One partition: a long generation at its head holds the commit point while thousands
+    of records behind it finish (5,000 in `make chaos`). kill -9, restart: none of them is
+    called again."""
     world = await make_world(kafka_bootstrap, tmp_path, ["acme"], partitions=1)
-    fast = 5_000
     cfg = SimulatorConfig.model_validate(
         {
             "api_keys": world.keys,
             "seed": 22,
             "limits": {"rpm": None, "itpm": None, "otpm": None},
-            "latency": {"distribution": "fixed", "fixed_s": 0.0, "per_output_token_s": 0.05},
-            "output": {"distribution": "fixed", "fixed_tokens": 2_000},
+            "latency": {"distribution": "fixed", "fixed_s": 0.0, "per_output_token_s": 0.01},
+            "output": {"distribution": "fixed", "fixed_tokens": 2 * fast},
         }
     )
     topic = world.request_topic("acme")
-    messages = [(topic, None, request("head", max_tokens=2_000))]  # ~100 s of generation
+    # the head generates for 2 * fast * 10 ms (20 s for 1,000): longer than the rest take,
+    # short enough that the simulator's shutdown does not wait long for the killed call
+    messages = [(topic, None, request("head", max_tokens=2 * fast))]
     messages += [(topic, None, request(f"f-{i}", max_tokens=1)) for i in range(fast)]
     partners = [{**p, "max_concurrency": 64} for p in world.settings_dict("x")["partners"]]
     async with SimulatorServer(cfg) as sim:
