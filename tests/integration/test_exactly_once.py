@@ -7,48 +7,23 @@ so a request billed twice fails it.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from service.simulator import SimulatorConfig, SimulatorServer
-from tests.support.gateway import Outcomes, World, collect, committed_offsets, make_world, produce, request
+from tests.support.gateway import Outcomes, collect, committed_offsets, make_world, produce, request
+from tests.support.process import exit_code, start_process
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _start(
-    world: World, sim_url: str, tmp: Path, name: str, env: dict[str, str] | None = None, **cfg: Any
-) -> subprocess.Popen[bytes]:
-    settings = world.settings_dict(sim_url, runtime={"http_port": 0, "drain_timeout_s": 20}, **cfg)
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(settings))
-    with (tmp / f"{name}.log").open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service", "run", "--config", str(path)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-
-
-async def _wait(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
-    return await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(timeout=timeout_s))
 
 
 async def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        assert await _wait(proc, 60) == 0
+        assert await exit_code(proc, 60) == 0
 
 
 def _exactly_once(out: Outcomes, ids: set[str], sim: SimulatorServer) -> None:
@@ -78,11 +53,11 @@ async def test_a_crash_inside_a_tick_neither_loses_nor_repeats(
             world.bootstrap,
             [(world.request_topic(world.partners[i % 2]), None, request(f"t-{i}")) for i in range(n)],
         )
-        crashing = _start(world, sim.url, tmp_path, "crashing", env={"GATEWAY_FAILPOINT": failpoint})
-        assert await _wait(crashing, 120) == 137, "the failpoint must have fired"
+        crashing = start_process(world, sim.url, tmp_path, "crashing", env={"GATEWAY_FAILPOINT": failpoint})
+        assert await exit_code(crashing, 120) == 137, "the failpoint must have fired"
         first = await collect(world, n, timeout_s=2)
         assert 0 < first.total < n, "the crash must land mid-run"
-        restarted = _start(world, sim.url, tmp_path, "restarted")
+        restarted = start_process(world, sim.url, tmp_path, "restarted")
         try:
             out = await collect(world, n, timeout_s=120, settle_s=2.0)
         finally:
@@ -115,17 +90,19 @@ async def test_a_slow_head_with_thousands_finished_behind_it_is_not_redone_after
     partners = [{**p, "max_concurrency": 64} for p in world.settings_dict("x")["partners"]]
     async with SimulatorServer(cfg) as sim:
         await produce(world.bootstrap, messages)
-        proc = _start(world, sim.url, tmp_path, "first", partners=partners, anthropic={"timeout_s": 300})
+        proc = start_process(
+            world, sim.url, tmp_path, "first", partners=partners, anthropic={"timeout_s": 300}
+        )
         try:
             done = await collect(world, fast, timeout_s=180)
             assert done.total >= fast
             assert "head" not in done.request_ids(), "the head must still be in its call"
         finally:
             proc.send_signal(signal.SIGKILL)
-            await _wait(proc, 10)
+            await exit_code(proc, 10)
         committed = await committed_offsets(world, f"{world.tag}-gateway")
         assert sum(committed.values()) == 0, "the head holds the commit point"
-        restarted = _start(world, sim.url, tmp_path, "second", partners=partners)
+        restarted = start_process(world, sim.url, tmp_path, "second", partners=partners)
         try:
             out = await collect(world, fast + 1, timeout_s=120, settle_s=2.0)
         finally:
@@ -146,7 +123,7 @@ async def test_a_zombie_replica_is_fenced(kafka_bootstrap: str, tmp_path: Path) 
     )
     ids = {f"z-{i}" for i in range(n)}
     async with SimulatorServer(cfg) as sim:
-        a = _start(world, sim.url, tmp_path, "a")
+        a = start_process(world, sim.url, tmp_path, "a")
         b: subprocess.Popen[bytes] | None = None
         try:
             await asyncio.sleep(4)  # A owns both partitions
@@ -158,7 +135,7 @@ async def test_a_zombie_replica_is_fenced(kafka_bootstrap: str, tmp_path: Path) 
                     break
                 await asyncio.sleep(0.1)
             a.send_signal(signal.SIGSTOP)
-            b = _start(world, sim.url, tmp_path, "b")
+            b = start_process(world, sim.url, tmp_path, "b")
             before = await collect(world, n, timeout_s=90, settle_s=1.0)
             assert before.total == n, "B resolved every request A held"
             a.send_signal(signal.SIGCONT)  # A's calls return now; it must not publish them
@@ -167,7 +144,7 @@ async def test_a_zombie_replica_is_fenced(kafka_bootstrap: str, tmp_path: Path) 
         finally:
             a.send_signal(signal.SIGCONT)
             a.send_signal(signal.SIGKILL)
-            await _wait(a, 10)
+            await exit_code(a, 10)
             if b is not None:
                 await _stop(b)
     _exactly_once(out, ids, sim)

@@ -14,10 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,11 +22,10 @@ from pathlib import Path
 import orjson
 import pytest
 import redis.asyncio as aioredis
-import yaml
 
 from service.simulator import SimulatorServer
 from service.simulator.tokens import count_input_tokens
-from tests.support.gateway import World, collect, committed_offsets, produce, request
+from tests.support.gateway import collect, committed_offsets, produce, request
 from tests.support.outcomes import (
     Message,
     RawHeaders,
@@ -42,11 +38,11 @@ from tests.support.outcomes import (
     stop_gateway,
     world_with_limits,
 )
+from tests.support.process import exit_code, start_process
 from tests.support.trust import produce_messages
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 ONE_CALL = {"ok": 1, "billed": 1, "all": 1}
 
 
@@ -138,24 +134,6 @@ async def test_poison_headers_get_dead_letters_and_the_loop_goes_on(
     assert sorted(calls) == [*(f"g-{i}" for i in range(6)), "state-kb"]
 
 
-def _start(world: World, sim_url: str, tmp: Path, **overrides: object) -> subprocess.Popen[bytes]:
-    cfg = world.settings_dict(sim_url, runtime={"http_port": 0, "drain_timeout_s": 20}, **overrides)
-    path = tmp / "gateway.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    with (tmp / "gateway.log").open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service", "run", "--config", str(path)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-
-async def _exit_code(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
-    return await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(timeout=timeout_s))
-
-
 async def _tokens_used(redis_url: str, prefix: str) -> int:
     client = aioredis.Redis.from_url(redis_url)
     try:
@@ -191,23 +169,23 @@ async def test_a_crash_strands_no_queued_budget_reservation(
         )
         overrides = {"redis": {"url": redis_url, "key_prefix": prefix}, **budgeted}
         await produce(world.bootstrap, [(world.request_topic("acme"), None, v) for v in values])
-        proc = _start(world, sim.url, tmp_path, **overrides)
+        proc = start_process(world, sim.url, tmp_path, **overrides)
         try:
             before = await collect(world, 12, timeout_s=90)
             assert 12 <= before.total < n - 10, "the kill must land with most requests still to do"
         finally:
             proc.send_signal(signal.SIGKILL)
-            await _exit_code(proc, 10)
+            await exit_code(proc, 10)
         await asyncio.sleep(1.0)  # calls in flight at the kill finish (and bill) on the simulator
         billed_at_kill = sum(c["billed"] for c in calls_of(sim, "acme").values())
         used_at_kill = await _tokens_used(redis_url, prefix)
 
-        restarted = _start(world, sim.url, tmp_path, **overrides)
+        restarted = start_process(world, sim.url, tmp_path, **overrides)
         try:
             out = await collect(world, n, timeout_s=120, settle_s=2.0)
         finally:
             restarted.send_signal(signal.SIGTERM)
-            assert await _exit_code(restarted, 60) == 0
+            assert await exit_code(restarted, 60) == 0
         calls = calls_of(sim, "acme")
         used_final = await _tokens_used(redis_url, prefix)
 

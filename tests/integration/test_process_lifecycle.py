@@ -3,36 +3,16 @@ drains, commits what finished, and a restart neither loses nor repeats work."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from service.simulator import SimulatorConfig, SimulatorServer
 from tests.support.gateway import Outcomes, World, collect, committed_offsets, make_world, produce, spread
+from tests.support.process import exit_code, start_process
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _start(world: World, sim_url: str, tmp: Path, **overrides: object) -> subprocess.Popen[bytes]:
-    cfg = world.settings_dict(sim_url, runtime={"http_port": 0, "drain_timeout_s": 20}, **overrides)
-    path = tmp / "gateway.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    with (tmp / "gateway.log").open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service", "run", "--config", str(path)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
 
 
 async def _wait_for(world: World, n: int, timeout_s: float = 60) -> int:
@@ -40,19 +20,14 @@ async def _wait_for(world: World, n: int, timeout_s: float = 60) -> int:
     return out.total
 
 
-async def _exit_code(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, lambda: proc.wait(timeout=timeout_s))
-
-
 async def _restart_until_done(world: World, sim_url: str, tmp: Path, n: int) -> Outcomes:
     """Start the gateway again, collect all `n` outcomes (and any duplicates), stop it cleanly."""
-    restarted = _start(world, sim_url, tmp)
+    restarted = start_process(world, sim_url, tmp)
     try:
         return await collect(world, n, timeout_s=120, settle_s=2.0)
     finally:
         restarted.send_signal(signal.SIGTERM)
-        assert await _exit_code(restarted, 60) == 0
+        assert await exit_code(restarted, 60) == 0
 
 
 @pytest.fixture
@@ -77,13 +52,13 @@ async def test_killed_mid_run_and_restarted_gives_exactly_one_outcome_and_bills_
     async with SimulatorServer(cfg) as sim:
         await produce(world.bootstrap, spread(world, n, "k"))
         for target in (120, 300):
-            proc = _start(world, sim.url, tmp_path)
+            proc = start_process(world, sim.url, tmp_path)
             try:
                 seen = await _wait_for(world, target)
                 assert 0 < seen < n, "the kill must land mid-run"
             finally:
                 proc.send_signal(signal.SIGKILL)
-                await _exit_code(proc, 10)
+                await exit_code(proc, 10)
         out = await _restart_until_done(world, sim.url, tmp_path, n)
         calls = sim.calls(min_billed=2)
     ids = out.request_ids()
@@ -113,10 +88,10 @@ async def test_sigterm_drains_commits_finished_work_and_restart_repeats_none(
         )
         # few slots: at SIGTERM most fetched requests are still waiting for a turn
         few = {"partners": [{**p, "max_concurrency": 4} for p in world.settings_dict(sim.url)["partners"]]}
-        proc = _start(world, sim.url, tmp_path, **few)
+        proc = start_process(world, sim.url, tmp_path, **few)
         seen = await _wait_for(world, 50)
         proc.send_signal(signal.SIGTERM)
-        assert await _exit_code(proc, 60) == 0
+        assert await exit_code(proc, 60) == 0
         first = await collect(world, n, timeout_s=3)
         committed = await committed_offsets(world, f"{world.tag}-gateway")
         # everything in flight at SIGTERM was drained and committed; nothing else was
