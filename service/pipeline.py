@@ -37,6 +37,9 @@ from service.upstream.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
+MAX_CLAIMS = 2
+"""Calls that may be billed for one request under `on_unknown: retry`: the first and one extra."""
+
 
 @dataclass(slots=True)
 class _Success:
@@ -111,12 +114,16 @@ class Pipeline:
         if self.pauses is not None and pid in self.pauses.holds:
             await self.pauses.wait(pid)  # held, not dead-lettered; cancelled on revocation or stop
         inherited = sink.inherited
-        if inherited is not None and verdict.partner.settings.on_unknown == "deadletter":
+        if inherited is not None and (
+            verdict.partner.settings.on_unknown == "deadletter" or inherited.attempts >= MAX_CLAIMS
+        ):
             self.metrics.unknown_outcomes.labels(pid, "owner_lost").inc()
             detail = (
                 f"a call for this request was claimed by {inherited.owner} (attempt {inherited.attempts}) "
                 "and its outcome is unknown: that owner stopped before publishing it; "
-                f"partners[{pid}].on_unknown is deadletter, so it is not called again"
+                f"partners[{pid}].on_unknown is {verdict.partner.settings.on_unknown}, so it is not "
+                "called again"
+                + (" (its one extra call was used)" if inherited.attempts >= MAX_CLAIMS else "")
             )
             dl = DeadLetter(
                 pid,
@@ -184,8 +191,7 @@ class Pipeline:
                         continue
                     adm = reserved
                 if not sink.claimed:
-                    base = sink.inherited.attempts if sink.inherited is not None else 0
-                    await sink.claim(base + 1)
+                    await sink.claim(sink.attempts + 1)
             except BaseException:
                 self.scheduler.release(grant, NOT_CALLED)
                 if not sink.claimed:
@@ -259,6 +265,7 @@ class Pipeline:
                         return _Failed(f, attempt, detail, adm, unknown=True, claim=claim)
                     m.unknown_retries.labels(pid).inc()
                     unknown_retry = {"cause": failure.label, "previous_attempts": attempt}
+                    sink.claimed = False  # the extra call is claimed anew: a crash during it ends the retries
                 if not failure.retryable:
                     span.decided("fail")
                     return _Failed(failure, attempt, _describe(failure, exc), adm, unknown=not answered)

@@ -44,6 +44,7 @@ class Sink(Protocol):
     offset: int
     inherited: Claim | None
     claimed: bool
+    attempts: int
     owner: str
 
     async def claim(self, attempts: int) -> None: ...

@@ -50,12 +50,15 @@ class RecordSink:
         """A claim was asked for: it may commit, so the task must not be cancelled any more
         (a committed claim without its call would read as an unknown outcome)."""
         self.claimed = False
+        self.attempts = inherited.attempts if inherited is not None else 0
+        """The attempt count of the latest claim: calls that may have been billed."""
         self.owner = writer.owner
 
     async def claim(self, attempts: int) -> None:
         self.claiming = True
         await self._writer.claim(self.offset, attempts)
         self.claimed = True
+        self.attempts = attempts
 
     async def publish(self, messages: list[OutMessage]) -> None:
         await self._writer.publish(self.offset, messages)
