@@ -280,7 +280,7 @@ class Pipeline:
                 continue
             except InvalidParams as exc:  # the SDK refused the content before sending: the partner's
                 span.decided("fail")
-                self.scheduler.release(grant, Usage(0, 0))
+                self.scheduler.release(grant, NOT_CALLED)
                 detail = f"the anthropic SDK refused the request's params: {exc}"
                 return _Failed(exc.failure(), attempt, detail, adm)
             except UnknownPartnerKey:
