@@ -5,16 +5,18 @@ has its own virtual time; each flow a pass. A granted request's cost is the
 share of its pool's per-minute budget it takes on its dominant dimension
 (requests, input or output tokens: dominant resource fairness), so equal weights
 give equal shares of whichever resource binds, whatever the request sizes. The
-pass advances by cost / weight when the turn is granted, at the estimate, and is
-corrected when the call ends by what it really used: a partner whose `max_tokens`
-or input estimate overstates its use is not charged for the difference.
+pass advances by cost / weight when the turn is granted, at what the flow's turns
+lately used of what they reserved, and is corrected when the call ends by what it
+really used: a partner whose `max_tokens` or input estimate overstates its use is
+not charged for the difference, and is not owed a burst of turns later either.
 
 - Serving the flow with the lowest pass gives each busy flow its weighted share.
 - A flow's pass is raised to the pool's virtual time whenever it is considered
   (it cannot bank credit while it was idle, capped by concurrency, or blocked by
   its own limits), and the virtual time follows the start of each granted turn,
   so a flow that ran alone owes at most its last request when contention starts.
-  Only the refunds of its own turns since its last grant may leave it below.
+  Only refunds of its own turns may leave it below the virtual time, by as much as
+  they brought it there; waiting while others are served never deepens that.
 - There is no cap on how far a pass may lead: a request is charged its whole
   cost, however large (a cap is what made large requests cheap before).
 """
@@ -32,6 +34,8 @@ from service.scheduling.limiter import Cost, Usage
 from service.scheduling.pools import DEFAULT_CLASS
 
 W = TypeVar("W")
+_LEARN = 0.2
+_MIN_RATIO, _MAX_RATIO = 0.02, 2.0
 
 
 @dataclass(slots=True, eq=False)
@@ -43,8 +47,11 @@ class Flow(Generic[W]):
     queue: deque[W] = field(default_factory=deque)
     pass_: float = 0.0
     credit: float = 0.0
-    """Refunds for its own turns since it was last granted: how far below the virtual time its
-    pass may be. A refund that arrives after the others moved on is kept, not clamped away."""
+    """How far below the virtual time its pass may stay: set by its own refunds (a refund that
+    arrives after the virtual time moved on is kept, not clamped away), never grown by waiting."""
+    in_flight: int = 0
+    ratio: float = 1.0
+    """What its turns used over what they reserved, lately: a turn is charged its expected use."""
     served: int = 0
     """When it was last granted (a sequence number): ties go to the longest unserved."""
 
@@ -91,25 +98,40 @@ class FairShares:
     def order(self, flow: Flow[W]) -> tuple[float, int]:
         """Sort key among waiting flows: lag behind the pool's virtual time, then longest unserved.
 
-        Raises the flow's pass to the virtual time first (no banked credit)."""
+        Raises the flow's pass to the virtual time first, less its credit (no banked credit)."""
         vtime = self._vtime.get(flow.pool, 0.0)
         floor = vtime - flow.credit
         if flow.pass_ < floor:
             flow.pass_ = floor
         return (flow.pass_ - vtime, flow.served)
 
-    def charge(self, flow: Flow[W], cost: Cost, weight: float) -> None:
-        """A turn was granted: the virtual time moves to its start, the flow's pass past it."""
+    def activate(self, flow: Flow[W]) -> None:
+        """The flow starts waiting. Back from idle (nothing in flight), it keeps no credit."""
+        if flow.in_flight == 0 and not flow.queue:
+            flow.credit = 0.0
+
+    def charge(self, flow: Flow[W], cost: Cost, weight: float) -> float:
+        """A turn was granted: the virtual time moves to its start, the flow's pass past it by
+        the turn's expected use. Returns what was charged (give it back to `settle`)."""
         vtime = self._vtime.get(flow.pool, 0.0)
         start = max(flow.pass_, vtime - flow.credit)
-        self._vtime[flow.pool] = max(vtime, start)
-        flow.pass_ = start + self.cost(flow.pool, cost) / weight
-        flow.credit = 0.0
+        vtime = self._vtime[flow.pool] = max(vtime, start)
+        charged = self.cost(flow.pool, cost) * flow.ratio
+        flow.pass_ = start + charged / weight
+        flow.credit = max(0.0, vtime - flow.pass_)
+        flow.in_flight += 1
         flow.served = next(self._seq)
+        return charged
 
-    def correct(self, flow: Flow[W], cost: Cost, usage: Usage, weight: float) -> None:
-        """The turn ended: charge what it used instead of what it reserved."""
-        delta = (self.used(flow.pool, cost, usage) - self.cost(flow.pool, cost)) / weight
-        flow.pass_ += delta
-        if delta < 0:
-            flow.credit -= delta
+    def settle(self, flow: Flow[W], cost: Cost, charged: float, usage: Usage | None, weight: float) -> None:
+        """The turn ended: charge what it used instead of what it was charged (usage None: the
+        outcome is unknown, charge the whole reservation)."""
+        flow.in_flight = max(0, flow.in_flight - 1)
+        reserved = self.cost(flow.pool, cost)
+        used = reserved if usage is None else self.used(flow.pool, cost, usage)
+        if usage is not None and usage.requests:
+            ratio = used / reserved
+            flow.ratio = min(_MAX_RATIO, max(_MIN_RATIO, flow.ratio + _LEARN * (ratio - flow.ratio)))
+        self.order(flow)  # a lag from waiting (capped, blocked) is not credit: drop it first
+        flow.pass_ += (used - charged) / weight
+        flow.credit = max(0.0, self._vtime.get(flow.pool, 0.0) - flow.pass_)

@@ -55,6 +55,8 @@ class Grant:
     cost: Cost
     queue_wait_s: float
     limiter_wait_s: float
+    charged: float = 0.0
+    """What the fair share was charged at the grant (corrected at `release`)."""
 
 
 @dataclass(slots=True)
@@ -137,13 +139,13 @@ class Scheduler:
             raise Draining
         st = self._partner(partner_id)
         flow = st.flow(cost.model_class, self._fair)
+        self._fair.activate(flow)
         if self._waiting == 0 and st.in_flight < st.max_concurrency and self._in_flight < self._max_in_flight:
             st.in_flight += 1
             self._in_flight += 1
             decision = await self.limiter.acquire(partner_id, cost)
             if decision.ok:
-                self._fair.charge(flow, cost, st.weight)
-                return Grant(partner_id, cost, 0.0, 0.0)
+                return Grant(partner_id, cost, 0.0, 0.0, self._fair.charge(flow, cost, st.weight))
             st.in_flight -= 1
             self._in_flight -= 1
             self._blocked(st, flow, decision.scope, decision.wait_s)
@@ -178,10 +180,9 @@ class Scheduler:
         st.in_flight -= 1
         self._in_flight -= 1
         self.limiter.settle(grant.partner_id, grant.cost, usage)
-        if usage is not None:
-            flow = st.flow(grant.cost.model_class, self._fair)
-            self._fair.correct(flow, grant.cost, usage, st.weight)
-            # a refund may let the blocked go now: let them ask again
+        flow = st.flow(grant.cost.model_class, self._fair)
+        self._fair.settle(flow, grant.cost, grant.charged, usage, st.weight)
+        if usage is not None:  # a refund may let the blocked go now: let them ask again
             self._pool_blocked.pop(grant.cost.model_class, None)
             st.blocked_until = 0.0
         if self._waiting:
@@ -289,14 +290,18 @@ class Scheduler:
                 continue
             if not flow.queue or flow.queue[0] is not waiter or waiter.future.done():
                 # closed or cancelled while the limiter answered (it may suspend): give it back
-                self.release(Grant(st.id, waiter.cost, 0.0, 0.0), NOT_CALLED)
+                st.in_flight -= 1
+                self._in_flight -= 1
+                self.limiter.settle(st.id, waiter.cost, NOT_CALLED)
                 continue
             flow.queue.popleft()
             self._waiting -= 1
-            self._fair.charge(flow, waiter.cost, st.weight)
+            charged = self._fair.charge(flow, waiter.cost, st.weight)
             total_wait = max(0.0, asked - waiter.enqueued)
             limiter_wait = min(total_wait, waiter.limiter_wait_s)
-            waiter.future.set_result(Grant(st.id, waiter.cost, total_wait - limiter_wait, limiter_wait))
+            waiter.future.set_result(
+                Grant(st.id, waiter.cost, total_wait - limiter_wait, limiter_wait, charged)
+            )
         return None
 
     # -- lifecycle -----------------------------------------------------------------

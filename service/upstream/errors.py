@@ -83,15 +83,20 @@ _RETRYABLE_STATUS: dict[int, str] = {
 }
 
 
+ABSURD_RETRY_AFTER_S = 86_400.0
+"""A `retry-after` beyond a day is not a rate limit's (those refill within a minute): ignored."""
+
+
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a `retry-after` header (delta-seconds form), or None."""
+    """Seconds from a `retry-after` header (delta-seconds form), or None when absent, unreadable,
+    negative, infinite, NaN or absurd (over `ABSURD_RETRY_AFTER_S`)."""
     if value is None:
         return None
     try:
         seconds = float(value)
     except ValueError:
         return None
-    return seconds if seconds >= 0 else None
+    return seconds if 0 <= seconds <= ABSURD_RETRY_AFTER_S else None
 
 
 def classify(exc: BaseException) -> Failure:

@@ -45,13 +45,24 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         self._now = 0.0
         super().__init__(_NoIoSelector(self))
+        self._clock_resolution = 0.0  # a timer fires once its time has come, never before
 
     def time(self) -> float:
         return self._now
 
     def advance(self, seconds: float) -> None:
-        if seconds > 0:  # at least a microsecond: a timeout below float precision still moves time
-            self._now += max(seconds, 1e-6)
+        if seconds > 0:
+            self._now += seconds
+
+    def _run_once(self) -> None:
+        # Idle: jump to the next timer exactly (asyncio would fire it up to a clock resolution
+        # early, before the clock reads its time, and code re-checking the clock would spin).
+        # At least a nanosecond, so that a wait below float precision still moves time.
+        ready: Any = getattr(self, "_ready")  # noqa: B009 - asyncio internals, stable since 3.4
+        scheduled: Any = getattr(self, "_scheduled")  # noqa: B009
+        if not ready and scheduled and scheduled[0].when() >= self._now:
+            self._now = max(scheduled[0].when(), self._now + 1e-9)
+        super()._run_once()  # type: ignore[misc]
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -60,9 +71,11 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     try:
         return loop.run_until_complete(main)
     finally:  # a failed assertion leaves tasks behind: cancel them before closing
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()
+        try:
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        finally:
+            loop.close()

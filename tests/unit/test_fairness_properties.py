@@ -34,6 +34,9 @@ from service.scheduling.scheduler import Cost, Scheduler, Usage
 from tests.support import vtime
 
 LATENCY_S = 0.05
+BACKLOG = 256
+"""Requests each busy partner keeps asked for: never capped by its own concurrency, even when
+a large request of another held the pool and the tokens saved meanwhile go out at once."""
 WARMUP_S = 10.0
 WINDOW_S = 600.0
 """Long enough that one request of 8192 tokens is under 1% of what is measured."""
@@ -64,7 +67,8 @@ def _settings(weights: Sequence[tuple[str, float]], org: Org) -> GatewaySettings
             "org_limits": {"rpm": org.rpm, "itpm": org.itpm, "otpm": org.otpm},
             "runtime": {"max_in_flight": 100_000},
             "partners": [
-                {"id": p, "weight": w, "max_concurrency": 64, "api_key": {"env": "X"}} for p, w in weights
+                {"id": p, "weight": w, "max_concurrency": BACKLOG, "api_key": {"env": "X"}}
+                for p, w in weights
             ],
         }
     )
@@ -97,7 +101,8 @@ async def _run(
                 u[1] += usage.input_tokens
                 u[2] += usage.output_tokens
 
-    tasks = [asyncio.create_task(worker(p)) for p in (busy or [p for p, _ in weights]) for _ in range(8)]
+    busy = busy or [p for p, _ in weights]
+    tasks = [asyncio.create_task(worker(p)) for p in busy for _ in range(BACKLOG)]
     await asyncio.gather(*tasks)
     await sched.aclose()
     return {p: (u[0], u[1], u[2]) for p, u in used.items()}
