@@ -11,7 +11,7 @@ be known (a 429, a budget overrun), nor overcount by orders of magnitude (false
 - An image costs about width x height / 750 tokens once scaled down to fit the model's
   limits (long edge `image_max_long_edge_px`, at most `image_max_tokens`; larger on
   `high_res_models`), as Anthropic documents. The size is read from the base64 header
-  (`media.py`); an image given by URL or file id, or unreadable, counts the most an image
+  (`service/contracts/media.py`); an image given by URL or file id, or unreadable, counts the most an image
   can cost on that model, which is an upper bound.
 - A PDF counts its pages (each also billed as an image at the model's largest size) and
   the text its content streams can draw; a PDF whose streams cannot be read counts
@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from service.admission.media import image_size, pdf_facts
+from service.contracts.media import image_size, pdf_facts
 from service.config.settings import EstimateSettings
 
 MESSAGE_TOKENS = 4

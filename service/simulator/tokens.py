@@ -1,16 +1,18 @@
 """Deterministic token arithmetic: input token counts and filler output text.
 
-The simulator has no tokenizer. It uses the common rule of thumb of about four
+The simulator has no tokenizer. For text it uses the common rule of thumb of about four
 characters per token, which is cheap and deterministic:
 
-    input_tokens = ceil(chars / 4) + 3 * len(messages), at least 1
+    input_tokens = ceil(chars / 4) + 3 * len(messages) + media + tools, at least 1
 
 where `chars` counts the text of `system`, of every message (string content,
 `text`/`thinking` blocks, tool names and JSON-encoded tool inputs, tool result
-content) and the JSON encoding of `tools`. Images and documents with a binary
-source count a flat `MEDIA_BLOCK_TOKENS` each. Unknown block types count their
-JSON encoding. `count_tokens` and `/v1/messages` use the same function, so the
-estimate a client gets from `count_tokens` is exactly what `usage` reports.
+content, documents given as text) and the JSON encoding of `tools`. Images, PDFs,
+the tool-use system prompt and server tool results are billed as Anthropic documents
+them (`media.py`: an image by its size, a PDF by its pages and text). Unknown block
+types count their JSON encoding. `count_tokens` and `/v1/messages` use the same
+function, so the estimate a client gets from `count_tokens` is exactly what `usage`
+reports.
 
 Output text is filler of four characters per token (`filler_text(n)` has
 exactly the length that counts as `n` tokens by the rule above).
@@ -23,14 +25,13 @@ from typing import Any
 
 import orjson
 
+from service.simulator.media import image_source_tokens, pdf_tokens, tool_tokens
+
 CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 3
-MEDIA_BLOCK_TOKENS = 1_000
-
-_MEDIA_TYPES = frozenset({"image", "document"})
 
 
-def _block_chars(block: Any) -> tuple[int, int]:
+def _block_chars(block: Any, model: str) -> tuple[int, int]:
     """(characters, flat tokens) of one content block."""
     if not isinstance(block, Mapping):
         return len(orjson.dumps(block)), 0
@@ -41,21 +42,29 @@ def _block_chars(block: Any) -> tuple[int, int]:
     if kind == "thinking":
         text = block.get("thinking")
         return (len(text) if isinstance(text, str) else 0), 0
-    if kind in _MEDIA_TYPES:
+    if kind == "image":
+        return 0, image_source_tokens(block.get("source"), model)
+    if kind == "document":
         source = block.get("source")
-        if isinstance(source, Mapping) and source.get("type") == "text":
-            data = source.get("data")
-            return (len(data) if isinstance(data, str) else 0), 0
-        return 0, MEDIA_BLOCK_TOKENS
+        if isinstance(source, Mapping):
+            if source.get("type") == "text":
+                data = source.get("data")
+                return (len(data) if isinstance(data, str) else 0), 0
+            if source.get("type") == "content":
+                return _content_chars(source.get("content"), model)
+            pdf = pdf_tokens(source, model)
+            if pdf is not None:
+                return 0, pdf
+        return len(orjson.dumps(block)), 0
     if kind == "tool_use":
         name = block.get("name")
         return (len(name) if isinstance(name, str) else 0) + len(orjson.dumps(block.get("input"))), 0
     if kind == "tool_result":
-        return _content_chars(block.get("content"))
+        return _content_chars(block.get("content"), model)
     return len(orjson.dumps(block)), 0
 
 
-def _content_chars(content: Any) -> tuple[int, int]:
+def _content_chars(content: Any, model: str) -> tuple[int, int]:
     """(characters, flat tokens) of a string or a list of blocks."""
     if content is None:
         return 0, 0
@@ -64,7 +73,7 @@ def _content_chars(content: Any) -> tuple[int, int]:
     if isinstance(content, Sequence):
         chars = flat = 0
         for block in content:
-            c, f = _block_chars(block)
+            c, f = _block_chars(block, model)
             chars += c
             flat += f
         return chars, flat
@@ -73,18 +82,27 @@ def _content_chars(content: Any) -> tuple[int, int]:
 
 def count_input_tokens(body: Mapping[str, Any]) -> int:
     """Input tokens of a (validated) Messages request body, by the rule in the module docstring."""
-    chars, flat = _content_chars(body.get("system"))
+    model = str(body.get("model") or "")
+    chars, flat = _content_chars(body.get("system"), model)
     messages = body.get("messages") or ()
     for message in messages:
         if isinstance(message, Mapping):
-            c, f = _content_chars(message.get("content"))
+            c, f = _content_chars(message.get("content"), model)
             chars += c
             flat += f
     tools = body.get("tools")
     if tools:
         chars += len(orjson.dumps(tools))
+        flat += tool_tokens(body, _seed(body))
     tokens = -(-chars // CHARS_PER_TOKEN) + flat + MESSAGE_OVERHEAD_TOKENS * len(messages)
     return max(1, tokens)
+
+
+def _seed(body: Mapping[str, Any]) -> str:
+    """What server tool results are drawn from: the request's last message."""
+    messages = body.get("messages") or ()
+    last = messages[-1] if messages else None
+    return orjson.dumps(last).decode() if last is not None else ""
 
 
 _WORDS = (

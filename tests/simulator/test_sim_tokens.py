@@ -7,12 +7,15 @@ import math
 import orjson
 import pytest
 
+from service.simulator.media import TOOL_PROMPT_TOKENS
 from service.simulator.tokens import (
-    MEDIA_BLOCK_TOKENS,
     MESSAGE_OVERHEAD_TOKENS,
     count_input_tokens,
     filler_text,
 )
+
+UNREADABLE_IMAGE_TOKENS = 1_600
+"""An image whose size cannot be read costs the most an image can (ANTHROPIC: ~1,600 tokens)."""
 
 
 def test_plain_text_is_about_four_characters_per_token() -> None:
@@ -45,7 +48,8 @@ def test_counts_system_messages_blocks_and_tools() -> None:
     }
     chars = 40 + 41 + len("get_weather") + len(orjson.dumps({"city": "Oslo"})) + len("sunny")
     chars += len(orjson.dumps(tools))
-    expected = math.ceil(chars / 4) + MEDIA_BLOCK_TOKENS + 3 * MESSAGE_OVERHEAD_TOKENS
+    expected = math.ceil(chars / 4) + UNREADABLE_IMAGE_TOKENS + 3 * MESSAGE_OVERHEAD_TOKENS
+    expected += TOOL_PROMPT_TOKENS["auto"]
     assert count_input_tokens(doc) == expected
 
 

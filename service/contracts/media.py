@@ -1,4 +1,5 @@
-"""What can be known of an image or a PDF sent as base64, cheaply and without trusting it.
+"""What can be known of an image or a PDF sent as base64 in a Messages API content block,
+cheaply and without trusting it (admission estimates from it, the simulator bills from it).
 
 - `image_size`: width and height from the header of a PNG, JPEG, GIF or WebP, decoding
   only the few bytes it reads (a JPEG is walked marker by marker, jumping over the
@@ -108,7 +109,10 @@ def _jpeg(b: _B64) -> tuple[int, int] | None:
 class PdfFacts:
     pages: int
     content_bytes: int | None
-    """Bytes of the page content streams, inflated (None: some could not be read)."""
+    """Bytes of the page content streams, inflated (None: some could not be read): an upper
+    bound of the text the pages draw."""
+    text_chars: int
+    """Characters in the strings the content streams show (inside BT ... ET): the text."""
 
 
 _PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
@@ -120,6 +124,40 @@ _NOT_CONTENT = re.compile(
     rb"/Subtype\s*/Image|/FontFile|/Length[123]\s|/N\s+\d|/Type\s*/(?:XRef|Metadata|EmbeddedFile|CMap)"
 )
 _OBJSTM = re.compile(rb"/Type\s*/ObjStm")
+_TEXT_OBJECT = re.compile(rb"\bBT\b(.*?)\bET\b", re.S)
+_HEX_STRING = re.compile(rb"<([0-9A-Fa-f\s]*)>")
+
+
+def _shown_chars(content: bytes) -> int:
+    """Characters of the literal strings (balanced parentheses, backslash escapes) and hex
+    strings in the content's text objects."""
+    chars = 0
+    for text in _TEXT_OBJECT.finditer(content):
+        body = text.group(1)
+        i, n = 0, len(body)
+        while i < n:
+            c = body[i]
+            if c == 0x28:  # '(': a literal string, parentheses nest
+                depth, i = 1, i + 1
+                while i < n and depth:
+                    c = body[i]
+                    if c == 0x5C:  # backslash: the next byte is one character
+                        i += 1
+                    elif c == 0x28:
+                        depth += 1
+                    elif c == 0x29:
+                        depth -= 1
+                        if not depth:
+                            break
+                    chars += 1
+                    i += 1
+            elif c == 0x3C and i + 1 < n and body[i + 1] != 0x3C:  # '<' not '<<': a hex string
+                m = _HEX_STRING.match(body, i)
+                if m is not None:
+                    chars += len(re.sub(rb"\s", b"", m.group(1))) // 2
+                    i = m.end() - 1
+            i += 1
+    return chars
 
 
 def pdf_facts(data: str) -> PdfFacts | None:
@@ -131,7 +169,7 @@ def pdf_facts(data: str) -> PdfFacts | None:
     if not raw.startswith(b"%PDF-"):
         return None
     pages = len(_PAGE.findall(raw))
-    content = 0
+    content = shown = 0
     unreadable = False
     budget = MAX_INFLATED_BYTES
     for m in _STREAM.finditer(raw):
@@ -163,8 +201,9 @@ def pdf_facts(data: str) -> PdfFacts | None:
             pages += len(_PAGE.findall(body))
         elif not _NOT_CONTENT.search(header):
             content += len(body)
+            shown += _shown_chars(body)
     counted = [int(a or b) for a, b in _PAGES_COUNT.findall(raw)]
     pages = max([pages, *counted])
     if pages == 0:
         return None
-    return PdfFacts(pages, None if unreadable or b"/Encrypt" in raw else content)
+    return PdfFacts(pages, None if unreadable or b"/Encrypt" in raw else content, shown)

@@ -1,0 +1,214 @@
+"""The input-token estimate, block by block (issue 10): honest in both directions.
+
+ANTHROPIC (vision): an image costs about width x height / 750 tokens after being scaled down
+to a long edge of 1568 px and about 1,600 tokens; (PDF support): a page is billed as text
+plus an image of the page. Before, the estimate was the request's bytes / 3: a 1 MB base64
+image reserved ~350,000 tokens, a URL document almost nothing.
+
+The simulator (service/simulator/media.py) bills what the estimate is measured against.
+"""
+
+from __future__ import annotations
+
+import base64
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.admission.estimate import estimate_input_tokens
+from service.config.settings import EstimateSettings
+from service.contracts.media import image_size, pdf_facts
+from service.simulator.tokens import count_input_tokens
+
+E = EstimateSettings()
+CPT = 3.0
+
+
+def est(params: dict[str, object]) -> int:
+    return estimate_input_tokens(params, E, CPT)
+
+
+def png(w: int, h: int, body: int = 0) -> bytes:
+    ihdr = b"\x00\x00\x00\rIHDR" + w.to_bytes(4, "big") + h.to_bytes(4, "big") + b"\x08\x02\x00\x00\x00"
+    return b"\x89PNG\r\n\x1a\n" + ihdr + b"\x00" * (4 + body)
+
+
+def gif(w: int, h: int) -> bytes:
+    return b"GIF89a" + w.to_bytes(2, "little") + h.to_bytes(2, "little") + b"\x00" * 20
+
+
+def webp(kind: bytes, w: int, h: int) -> bytes:
+    head = b"RIFF" + (100).to_bytes(4, "little") + b"WEBP" + kind + (80).to_bytes(4, "little")
+    if kind == b"VP8 ":
+        return (
+            head + b"\x00\x00\x00\x9d\x01\x2a" + w.to_bytes(2, "little") + h.to_bytes(2, "little") + b"\0" * 8
+        )
+    if kind == b"VP8L":
+        bits = (w - 1) | ((h - 1) << 14)
+        return head + b"\x2f" + bits.to_bytes(4, "little") + b"\0" * 8
+    return (
+        head + b"\x00\x00\x00\x00" + (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little") + b"\0" * 8
+    )
+
+
+def jpeg(w: int, h: int, exif_bytes: int = 30_000) -> bytes:
+    app1 = b"\xff\xe1" + (exif_bytes + 2).to_bytes(2, "big") + b"E" * exif_bytes
+    dqt = b"\xff\xdb" + (67).to_bytes(2, "big") + b"\x00" * 65
+    sof = (
+        b"\xff\xc2"
+        + (17).to_bytes(2, "big")
+        + b"\x08"
+        + h.to_bytes(2, "big")
+        + w.to_bytes(2, "big")
+        + b"\0" * 10
+    )
+    return b"\xff\xd8" + app1 + dqt + sof + b"\xff\xda" + b"\0" * 64
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def pdf(pages: list[str], compress: bool = True) -> str:
+    objs = [b"<< /Type /Catalog /Pages 2 0 R >>"]
+    kids = " ".join(f"{3 + 2 * i} 0 R" for i in range(len(pages)))
+    objs.append(f"<< /Type /Pages /Kids [{kids}] /Count {len(pages)} >>".encode())
+    for i, text in enumerate(pages):
+        lines = [text[j : j + 80] for j in range(0, len(text), 80)] or [""]
+        content = b"".join(
+            b"BT /F1 11 Tf 72 %d Td (%s) Tj ET\n" % (740 - 13 * k, ln.encode()) for k, ln in enumerate(lines)
+        )
+        objs.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {4 + 2 * i} 0 R >>".encode()
+        )
+        data, filt = (zlib.compress(content), b" /Filter /FlateDecode") if compress else (content, b"")
+        objs.append(b"<< /Length %d%s >>\nstream\n" % (len(data), filt) + data + b"\nendstream")
+    out = b"%PDF-1.4\n" + b"".join(b"%d 0 obj\n" % (n + 1) + o + b"\nendobj\n" for n, o in enumerate(objs))
+    return b64(out + b"trailer\n<< /Root 1 0 R >>\n%%EOF\n")
+
+
+@pytest.mark.parametrize(
+    ("raw", "size"),
+    [
+        (png(1920, 1080), (1920, 1080)),
+        (gif(320, 200), (320, 200)),
+        (webp(b"VP8 ", 800, 600), (800, 600)),
+        (webp(b"VP8L", 1000, 3000), (1000, 3000)),
+        (webp(b"VP8X", 5000, 4000), (5000, 4000)),
+        (jpeg(4032, 3024), (4032, 3024)),
+    ],
+)
+def test_image_sizes_are_read_from_the_header(raw: bytes, size: tuple[int, int]) -> None:
+    assert image_size(b64(raw)) == size
+
+
+def test_only_the_header_is_decoded() -> None:
+    """A JPEG's size sits after its EXIF segment: the walk jumps over it; what follows the
+    frame header is never decoded (here it is not even valid base64)."""
+    data = b64(jpeg(640, 480, exif_bytes=60_000))
+    assert image_size(data[:81_000] + "!!!! not base64 !!!!" * 1000) == (640, 480)
+    assert image_size(b64(b"not an image at all")) is None
+    assert image_size("%%%") is None
+
+
+@pytest.mark.parametrize(
+    ("size", "tokens"),
+    [((200, 200), 54), ((1000, 1000), 1334), ((1092, 1092), 1590), ((4000, 3000), 1600), ((3000, 200), 219)],
+)
+def test_an_image_costs_its_size_after_anthropics_resizing(size: tuple[int, int], tokens: int) -> None:
+    source = {"type": "base64", "media_type": "image/png", "data": b64(png(*size, body=500_000))}
+    params = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": source}
+    ]}]}  # fmt: skip
+    assert est(params) == tokens + 4  # the message's framing
+    assert count_input_tokens(params) <= est(params)
+
+
+def test_a_big_base64_image_no_longer_reserves_its_bytes() -> None:
+    data = b64(png(1024, 768, body=1_000_000))  # 1.3 MB of base64
+    params = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
+    ]}]}  # fmt: skip
+    assert est(params) < 1_200  # was len(data) / 3 = 450,000
+
+
+def test_urls_count_the_most_they_can_cost() -> None:
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.jpg"}}
+    doc = {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}}
+    for model, cap in (("claude-haiku-4-5", 1600), ("claude-opus-4-8", 4784)):
+        params = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": [image]}]}
+        assert est(params) == cap + 4
+        assert count_input_tokens(params) <= est(params)  # an upper bound: the size is unknown
+    params = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": [doc]}]}
+    assert est(params) >= E.unknown_document_tokens
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_a_pdf_counts_its_pages_and_its_text(compress: bool) -> None:
+    data = pdf(["Quarterly report. " * 150, "Figures (see table) " * 100, ""], compress)
+    facts = pdf_facts(data)
+    assert facts is not None
+    assert facts.pages == 3
+    assert facts.text_chars == 18 * 150 + 20 * 100
+    params = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": data}}
+    ]}]}  # fmt: skip
+    billed = count_input_tokens(params)
+    assert billed == 3 * 1600 + (18 * 150 + 20 * 100) // 4 + 3
+    assert billed <= est(params) <= 1.5 * billed
+
+
+def test_an_unreadable_pdf_counts_the_conservative_default() -> None:
+    source = {"type": "base64", "media_type": "application/pdf", "data": b64(b"%PDF-1.7 garbage")}
+    params = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": source}
+    ]}]}  # fmt: skip
+    assert est(params) >= E.unknown_document_tokens
+
+
+def test_tools_and_server_tools_are_counted() -> None:
+    tools = [{"name": "lookup", "description": "find a record", "input_schema": {"type": "object"}}]
+    base = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    with_tools = {**base, "tools": tools}
+    assert est(with_tools) - est(base) >= 346  # Anthropic's tool-use system prompt
+    assert count_input_tokens(with_tools) <= est(with_tools)
+    search = {**base, "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]}
+    assert est(search) >= 3 * E.server_tool_tokens_per_use
+    assert count_input_tokens(search) <= est(search)
+
+
+text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=3000)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    texts=st.lists(text, min_size=1, max_size=6),
+    images=st.lists(st.tuples(st.integers(1, 9000), st.integers(1, 9000)), max_size=3),
+    pages=st.lists(text, max_size=4),
+    model=st.sampled_from(["claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-8"]),
+    tools=st.booleans(),
+)
+def test_never_below_what_is_billed_where_the_size_is_knowable(
+    texts: list[str], images: list[tuple[int, int]], pages: list[str], model: str, tools: bool
+) -> None:
+    blocks: list[dict[str, object]] = [{"type": "text", "text": t} for t in texts]
+    blocks += [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(png(w, h))}}
+        for w, h in images
+    ]
+    if pages:
+        safe = ["".join(c for c in p if c.isascii() and c.isprintable()) for p in pages]
+        source = {"type": "base64", "media_type": "application/pdf", "data": pdf(safe)}
+        blocks.append({"type": "document", "source": source})
+    params: dict[str, object] = {
+        "model": model,
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": blocks}],
+    }
+    if tools:
+        params["tools"] = [
+            {"name": "t", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}
+        ]
+    assert est(params) >= count_input_tokens(params)
