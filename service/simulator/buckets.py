@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from service.simulator.config import LimitSettings
@@ -148,6 +148,12 @@ class BucketSet:
         elif actual > estimate:
             self.output_tokens.take(actual - estimate)
 
+    def give_back(self, input_tokens: int, output_estimate: int) -> None:
+        """Undo a `try_admit` (another set refused the call)."""
+        self.requests.give_back(1)
+        self.input_tokens.give_back(input_tokens)
+        self.output_tokens.give_back(output_estimate)
+
     def reset(self) -> None:
         """Fill all three buckets."""
         self.requests.reset()
@@ -173,6 +179,45 @@ class BucketSet:
         return out
 
 
+class KeyedBuckets(BucketSet):
+    """A workspace's buckets and the org pool's, drawn on together, all or nothing. Its
+    `requests`, `input_tokens` and `output_tokens` are the org pool's; the headers show,
+    per dimension, whichever has less left (ANTHROPIC.md: the most restrictive in effect)."""
+
+    __slots__ = ("org", "workspace")
+
+    def __init__(self, workspace: BucketSet, org: BucketSet) -> None:  # no super(): shares org's
+        self.workspace, self.org = workspace, org
+        self.name = org.name
+        self.requests, self.input_tokens, self.output_tokens = (
+            org.requests,
+            org.input_tokens,
+            org.output_tokens,
+        )
+
+    def tightest(self) -> tuple[TokenBucket, TokenBucket, TokenBucket]:
+        pairs = zip(
+            (self.workspace.requests, self.workspace.input_tokens, self.workspace.output_tokens),
+            (self.org.requests, self.org.input_tokens, self.org.output_tokens),
+            strict=True,
+        )
+        out = [w if not w.unlimited and (o.unlimited or w.level() < o.level()) else o for w, o in pairs]
+        return out[0], out[1], out[2]
+
+    def try_admit(self, input_tokens: int, output_estimate: int) -> Refusal | None:
+        refusal = self.workspace.try_admit(input_tokens, output_estimate)
+        if refusal is not None:
+            return Refusal(tuple(f"workspace {b}" for b in refusal.buckets), refusal.wait_s)
+        refusal = self.org.try_admit(input_tokens, output_estimate)
+        if refusal is not None:
+            self.workspace.give_back(input_tokens, output_estimate)
+        return refusal
+
+    def settle_output(self, estimate: int, actual: int) -> None:
+        self.workspace.settle_output(estimate, actual)
+        self.org.settle_output(estimate, actual)
+
+
 class RateLimiter:
     """The organisation's buckets: a default set plus one per `model_limits` entry.
 
@@ -188,12 +233,22 @@ class RateLimiter:
         model_limits: Mapping[str, LimitSettings] | None = None,
         count_tokens_rpm: int | None = None,
         clock: Clock = time.monotonic,
+        workspaces: Mapping[str, tuple[Sequence[str], LimitSettings]] | None = None,
     ) -> None:
         self._clock = clock
         self.default = BucketSet(self.DEFAULT, limits, clock)
         self._classes = {key: BucketSet(key, lim, clock) for key, lim in (model_limits or {}).items()}
         self.count_tokens = TokenBucket(count_tokens_rpm, clock)
         self._by_model: dict[str, BucketSet] = {}
+        self._workspaces = {
+            n: BucketSet(f"workspace:{n}", lim, clock) for n, (_, lim) in (workspaces or {}).items()
+        }
+        self._workspace_of = {key: n for n, (keys, _) in (workspaces or {}).items() for key in keys}
+
+    def for_key(self, key_name: str | None, buckets: BucketSet) -> BucketSet:
+        """What a call with this key draws on: `buckets`, and its workspace's when it has one."""
+        workspace = self._workspace_of.get(key_name or "")
+        return buckets if workspace is None else KeyedBuckets(self._workspaces[workspace], buckets)
 
     def for_model(self, model: str | None) -> BucketSet:
         """The bucket set that `model` draws on (the default one for None)."""
@@ -217,7 +272,7 @@ class RateLimiter:
     def reset(self) -> None:
         """Fill every bucket."""
         self.default.reset()
-        for s in self._classes.values():
+        for s in (*self._classes.values(), *self._workspaces.values()):
             s.reset()
         self.count_tokens.reset()
 
@@ -225,6 +280,7 @@ class RateLimiter:
         """Levels of every bucket set, by class name, plus `count_tokens`."""
         out = {self.DEFAULT: self.default.snapshot()}
         out.update({key: s.snapshot() for key, s in self._classes.items()})
+        out.update({s.name: s.snapshot() for s in self._workspaces.values()})
         ct = self.count_tokens
         out["count_tokens"] = {
             "requests": {

@@ -12,6 +12,7 @@ YAML layout (every key optional):
     models: [claude-sonnet-4-5, ...]
     limits: {rpm: 4000, itpm: 2000000, otpm: 400000}
     model_limits: {opus: {rpm: 50}}      # substring of the model id -> own buckets
+    workspaces: {team-a: {keys: [alice], limits: {rpm: 60}}}   # keys' own limits, besides the org's
     count_tokens_rpm: 2000
     latency: {distribution: lognormal, median_s: 0.8, sigma: 0.4, per_output_token_s: 0.01}
     output: {distribution: uniform, min_tokens: 20, max_tokens: 400}
@@ -150,6 +151,14 @@ class FaultSettings(_Frozen):
         return self.api_error_rate + self.overloaded_rate + self.drop_rate + self.spend_limit_rate
 
 
+class WorkspaceSettings(_Frozen):
+    """A workspace: its keys (by name, as in `api_keys`) draw on its limits as well as the org's.
+    Unset limits are unlimited here (only the org's apply)."""
+
+    keys: list[str] = Field(default_factory=list)
+    limits: LimitSettings = LimitSettings(rpm=None, itpm=None, otpm=None)
+
+
 class SimulatorConfig(_Frozen):
     """Everything the simulator can be told. See the module docstring for YAML."""
 
@@ -159,6 +168,7 @@ class SimulatorConfig(_Frozen):
     models: tuple[str, ...] = DEFAULT_MODELS
     limits: LimitSettings = LimitSettings()
     model_limits: dict[str, LimitSettings] = Field(default_factory=dict)
+    workspaces: dict[str, WorkspaceSettings] = Field(default_factory=dict)
     count_tokens_rpm: int | None = Field(default=2_000, ge=0)
     max_tokens_limit: int = Field(default=128_000, ge=1)
     priority_tier: bool = False
@@ -192,12 +202,12 @@ def _format(exc: ValidationError) -> str:
 
 
 #: Mapping-valued settings that an update replaces whole instead of merging into.
-REPLACED_WHOLE = frozenset({"api_keys", "model_limits"})
+REPLACED_WHOLE = frozenset({"api_keys", "model_limits", "workspaces"})
 
 
 def deep_merge(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
     """`base` updated by `changes`, merging nested settings (`limits`, `faults`, ...) key by
-    key; `api_keys` and `model_limits` are replaced whole so that entries can be removed."""
+    key; `api_keys`, `model_limits` and `workspaces` are replaced whole so that entries can be removed."""
     merged = dict(base)
     for key, value in changes.items():
         current = merged.get(key)

@@ -53,7 +53,13 @@ class SimulatorEngine:
         warm()  # the body schemas compile once per process
 
     def _new_limiter(self, config: SimulatorConfig) -> RateLimiter:
-        return RateLimiter(config.limits, config.model_limits, config.count_tokens_rpm, clock=self.clock)
+        return RateLimiter(
+            config.limits,
+            config.model_limits,
+            config.count_tokens_rpm,
+            clock=self.clock,
+            workspaces={name: (w.keys, w.limits) for name, w in config.workspaces.items()},
+        )
 
     @staticmethod
     def _key_lookup(config: SimulatorConfig) -> dict[str, str]:
@@ -68,10 +74,11 @@ class SimulatorEngine:
         self._key_names = self._key_lookup(config)
         self._fingerprints.clear()
         self.stats.requests.max_entries = config.max_tracked_requests
-        if (old.limits, old.model_limits, old.count_tokens_rpm) != (
+        if (old.limits, old.model_limits, old.count_tokens_rpm, old.workspaces) != (
             config.limits,
             config.model_limits,
             config.count_tokens_rpm,
+            config.workspaces,
         ):
             self.limiter = self._new_limiter(config)
         if old.seed != config.seed:

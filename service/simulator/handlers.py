@@ -77,10 +77,11 @@ class Handlers:
     def _rate_limited(self, refusal: Refusal, request_id: str, buckets: BucketSet) -> web.Response:
         self.engine.stats.rate_limited_429 += 1
         what = ", ".join(refusal.buckets)
+        whose = "workspace's" if what.startswith("workspace") else "organization's"
         if refusal.never:
-            message = f"This request would exceed your organization's per-minute limit ({what}) on its own."
+            message = f"This request would exceed your {whose} per-minute limit ({what}) on its own."
         else:
-            message = f"This request would exceed your organization's rate limit ({what}); retry later."
+            message = f"This request would exceed your {whose} rate limit ({what}); retry later."
         return self._error(RateLimitError(message), request_id, buckets, refusal.retry_after_s)
 
     async def _read_json(self, request: web.Request) -> Any:
@@ -132,14 +133,14 @@ class Handlers:
                     call_key = request_key(request.headers, body)
                 if isinstance(body, Mapping) and isinstance(body.get("model"), str):
                     model = body["model"]
-                    buckets = engine.limiter.for_model(model)
+                    buckets = engine.limiter.for_key(key_name, engine.limiter.for_model(model))
                 validate_messages(body, engine.models, config.max_tokens_limit)
             except ApiError as exc:
                 stats.identified(key_name, model)
                 return self._error(exc, request_id, buckets)
             stats.identified(key_name, model)
             assert model is not None
-            response = await self._complete(body, model, config, request_id, buckets)
+            response = await self._complete(body, model, config, request_id, buckets, key_name)
             if response is None:
                 # Dropped: close the connection without an answer. aiohttp then fails
                 # to write the placeholder with a ConnectionError, which it ignores quietly.
@@ -160,6 +161,7 @@ class Handlers:
         config: SimulatorConfig,
         request_id: str,
         buckets: BucketSet,
+        key_name: str | None = None,
     ) -> web.Response | None:
         """Fault, admission, output, latency, settlement; None means drop the connection."""
         engine = self.engine
@@ -193,7 +195,7 @@ class Handlers:
                 await _sleep(latency_s)
         finally:  # settle even if the handler is cancelled while "generating"
             buckets.settle_output(max_tokens, output_tokens)
-        engine.stats.billed(input_tokens, output_tokens)
+        engine.stats.billed(input_tokens, output_tokens, key_name)
 
         if fault is Fault.DROP:
             return None

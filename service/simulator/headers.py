@@ -5,7 +5,8 @@ For each of `requests`, `input-tokens`, `output-tokens`: `-limit` (per minute),
 `round_remaining`, as Anthropic does) and `-reset` (RFC 3339 UTC time at
 which the bucket is full again, rounded up to the second). The `tokens-*`
 trio repeats whichever of input/output has the fewest tokens remaining.
-An unlimited bucket reports `UNLIMITED_HEADER_VALUE` and a reset of now.
+An unlimited bucket reports `UNLIMITED_HEADER_VALUE` and a reset of now. A key in a
+workspace reports, per dimension, the workspace's or the org's, whichever has less left.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 
-from service.simulator.buckets import UNLIMITED_HEADER_VALUE, BucketSet, TokenBucket
+from service.simulator.buckets import UNLIMITED_HEADER_VALUE, BucketSet, KeyedBuckets, TokenBucket
 
 _NAMES = tuple(
     tuple(f"anthropic-ratelimit-{kind}-{field}" for field in ("limit", "remaining", "reset"))
@@ -52,9 +53,14 @@ def _trio(bucket: TokenBucket, wall_now: float, rounded: bool) -> tuple[int, int
 
 def ratelimit_headers(buckets: BucketSet, wall_now: float, round_remaining: bool = True) -> dict[str, str]:
     """All twelve `anthropic-ratelimit-*` headers for `buckets` at wall-clock time `wall_now`."""
-    req = _trio(buckets.requests, wall_now, False)
-    inp = _trio(buckets.input_tokens, wall_now, round_remaining)
-    out = _trio(buckets.output_tokens, wall_now, round_remaining)
+    requests, input_tokens, output_tokens = (
+        buckets.tightest()
+        if isinstance(buckets, KeyedBuckets)
+        else (buckets.requests, buckets.input_tokens, buckets.output_tokens)
+    )
+    req = _trio(requests, wall_now, False)
+    inp = _trio(input_tokens, wall_now, round_remaining)
+    out = _trio(output_tokens, wall_now, round_remaining)
     tok = inp if inp[1] <= out[1] else out
     headers: dict[str, str] = {}
     for (limit_name, remaining_name, reset_name), (limit, remaining, reset) in zip(

@@ -41,6 +41,7 @@ class SimulatorStats:
         self.spend_limit_429 = 0
         self.input_tokens_total = 0
         self.output_tokens_total = 0
+        self.billed_by_key: dict[str, list[int]] = {}
         self.count_tokens_input_tokens_total = 0
 
     def call(self, endpoint: str) -> None:
@@ -59,10 +60,15 @@ class SimulatorStats:
         """The call ended with `status` (an HTTP status or `DROPPED`)."""
         self.status_counts[str(status)] += 1
 
-    def billed(self, input_tokens: int, output_tokens: int) -> None:
-        """A call did its work."""
+    def billed(self, input_tokens: int, output_tokens: int, key_name: str | None = None) -> None:
+        """A call did its work (with the key named `key_name`)."""
         self.input_tokens_total += input_tokens
         self.output_tokens_total += output_tokens
+        if key_name is not None and (key_name in self.billed_by_key or len(self.billed_by_key) < 10_000):
+            billed = self.billed_by_key.setdefault(key_name, [0, 0, 0])
+            billed[0] += 1
+            billed[1] += input_tokens
+            billed[2] += output_tokens
 
     def as_dict(self) -> dict[str, Any]:
         """The stats as plain JSON-ready data (buckets are added by the server)."""
@@ -79,6 +85,10 @@ class SimulatorStats:
             "spend_limit_429": self.spend_limit_429,
             "input_tokens_total": self.input_tokens_total,
             "output_tokens_total": self.output_tokens_total,
+            "billed_by_key": {
+                k: {"requests": r, "input_tokens": i, "output_tokens": o}
+                for k, (r, i, o) in self.billed_by_key.items()
+            },
             "count_tokens_input_tokens_total": self.count_tokens_input_tokens_total,
             "request_calls": self.requests.summary(),
         }
