@@ -142,9 +142,10 @@ async def test_reserve_cuts_off_at_the_request_that_would_exceed() -> None:
     assert isinstance(first, Admitted)
     res = first.reservation
     assert res is not None
-    # value bytes at 1 char/token input ($1/Mtok) + 100 output tokens at $5/Mtok
+    # the input estimate ($1/Mtok) + 100 output tokens at $5/Mtok
     per_request = res.amount.nusd
-    assert per_request == len(w.record().value or b"") * 1000 + 100 * 5000
+    assert first.est_input_tokens > 0
+    assert per_request == first.est_input_tokens * 1000 + 100 * 5000
     admitted = 1
     while True:
         verdict = await w.admission.admit_and_reserve(w.record())
@@ -182,7 +183,7 @@ async def test_a_request_bigger_than_the_cap_is_refused_even_when_deferring() ->
 
 
 async def test_defer_holds_until_a_reload_raises_the_budget() -> None:
-    w = World({"tokens_per_day": 300, "on_exhausted": "defer"})
+    w = World({"tokens_per_day": 150, "on_exhausted": "defer"})  # one request fits, not two
     first = await w.admission.admit_and_reserve(w.record())
     assert isinstance(first, Admitted)
     held = asyncio.create_task(w.admission.admit_and_reserve(w.record()))
@@ -196,15 +197,15 @@ async def test_defer_holds_until_a_reload_raises_the_budget() -> None:
 
 
 async def test_defer_gives_way_when_the_partner_is_disabled_or_the_service_stops() -> None:
-    w = World({"tokens_per_day": 300, "on_exhausted": "defer"})
+    w = World({"tokens_per_day": 150, "on_exhausted": "defer"})  # one request fits, not two
     assert isinstance(await w.admission.admit_and_reserve(w.record()), Admitted)
     held = asyncio.create_task(w.admission.admit_and_reserve(w.record()))
     await asyncio.sleep(0.1)
-    w.reload({"tokens_per_day": 300, "on_exhausted": "defer"}, enabled=False)
+    w.reload({"tokens_per_day": 150, "on_exhausted": "defer"}, enabled=False)
     verdict = await asyncio.wait_for(held, 2)
     assert isinstance(verdict, Rejected)
     assert verdict.reason is Reason.PARTNER_DISABLED
-    w.reload({"tokens_per_day": 300, "on_exhausted": "defer"})
+    w.reload({"tokens_per_day": 150, "on_exhausted": "defer"})
     held = asyncio.create_task(w.admission.admit_and_reserve(w.record()))
     await asyncio.sleep(0.1)
     w.budgets.close()
