@@ -31,8 +31,8 @@ from typing import Any
 
 import orjson
 
-from service.contracts.media import image_size, pdf_facts
 from service.config.settings import EstimateSettings
+from service.contracts.media import image_size, pdf_facts
 
 MESSAGE_TOKENS = 4
 """Framing per message (role and separators)."""
