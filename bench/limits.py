@@ -10,6 +10,9 @@ the buckets' initial burst, measured over a window of saturation (60 s by defaul
 - redis: three gateway processes sharing limits through Redis -> utilization, 429 ratio
 - backlog: one partner with a 1,000,000-message backlog, a quiet partner at 1 req/s ->
   the quiet partner's p99 queue wait, and the gateway's RSS growth
+- mixed, per_model, key_429 (bench/limits_mixed.py): request sizes that differ by orders of
+  magnitude, limits per model class, a 429 on one workspace
+- redis50 (bench/limits_scale.py): 50 replicas sharing one org limit through one Redis
 
 The equal, work_conserving and backlog scenarios also run through a naive limiter
 (bench/run_gateway.py: per-partner static buckets, blind to headers and 429s).
@@ -23,14 +26,13 @@ import contextlib
 import hashlib
 import math
 import os
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ import psutil
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from bench import limits_mixed, limits_scale
 from bench.common import BENCH_DIR, MODEL, Simulator, create_topics, kafka, log, spawn, tag, tail, terminate
 
 ORG_RPM = 6_000
@@ -46,6 +49,17 @@ ORG_TOKENS = 50_000_000  # ITPM/OTPM far from binding: RPM is the binding limit
 RATE = ORG_RPM / 60
 PARTITIONS = 3
 KEYS = {p: f"sk-bench-{p}-0123456789" for p in ("p1", "p2", "p3", "flood", "quiet")}
+SCENARIOS = (
+    "equal",
+    "weighted",
+    "work_conserving",
+    "redis",
+    "backlog",
+    "mixed",
+    "per_model",
+    "key_429",
+    "redis50",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--limits-scenarios",
-        default="equal,weighted,work_conserving,redis,backlog",
-        help="comma-separated subset of: equal, weighted, work_conserving, redis, backlog",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of: {', '.join(SCENARIOS)}",
     )
     parser.add_argument(
         "--limits-backlog", type=int, default=int(os.environ.get("BENCH_LIMITS_BACKLOG", 1_000_000))
@@ -77,28 +91,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _redis() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed; `make bench` installs it")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 # --------------------------------------------------------------------------- traffic
@@ -423,17 +415,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sim_args += ["--api-key", f"{name}={key}"]
     result: dict[str, Any] = {"bench": "limits", "org_rpm": ORG_RPM, "window_s": window}
     naive: dict[str, Any] = {}
-    with kafka() as bootstrap, Simulator(sim_args, name="limits-simulator") as sim:
-        if "equal" in scenarios:
-            await _equal(bootstrap, sim, window, result, naive)
-        if "weighted" in scenarios:
-            await _weighted(bootstrap, sim, window, result)
-        if "work_conserving" in scenarios:
-            await _work_conserving(bootstrap, sim, window, result, naive)
-        if "redis" in scenarios:
-            await _replicas(bootstrap, sim, window, result)
-        if "backlog" in scenarios:
-            await _quiet_behind_backlog(bootstrap, sim, window, backlog, result, naive)
+    with kafka() if scenarios - {"redis50"} else contextlib.nullcontext("") as bootstrap:
+        if scenarios & {"equal", "weighted", "work_conserving", "redis", "backlog"}:
+            with Simulator(sim_args, name="limits-simulator") as sim:
+                if "equal" in scenarios:
+                    await _equal(bootstrap, sim, window, result, naive)
+                if "weighted" in scenarios:
+                    await _weighted(bootstrap, sim, window, result)
+                if "work_conserving" in scenarios:
+                    await _work_conserving(bootstrap, sim, window, result, naive)
+                if "redis" in scenarios:
+                    await _replicas(bootstrap, sim, window, result)
+                if "backlog" in scenarios:
+                    await _quiet_behind_backlog(bootstrap, sim, window, backlog, result, naive)
+        # each with its own simulator (bench/limits_mixed.py)
+        if "mixed" in scenarios:
+            await limits_mixed.mixed(bootstrap, window, result, naive)
+        if "per_model" in scenarios:
+            await limits_mixed.per_model(bootstrap, window, result)
+        if "key_429" in scenarios:
+            await limits_mixed.key_429(bootstrap, window, result)
+    if "redis50" in scenarios:
+        result.update(await limits_scale.fifty_replicas(window))
     result["naive"] = naive
     checks: dict[str, Callable[[float], bool]] = {
         "utilization": lambda v: v >= 0.98,
@@ -445,6 +448,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "redis_replicas_429_ratio": lambda v: v <= 0.01,
         "work_conserving_utilization": lambda v: v >= 0.98,
         "backlog_rss_growth_mb": lambda v: v <= 100,
+        "mixed_jain_binding": lambda v: v >= 0.99,
+        "mixed_order_independent_pp": lambda v: v <= 1.0,
+        "mixed_weighted_share_max_error_pp": lambda v: v <= 3,
+        "mixed_utilization": lambda v: v >= 0.97,
+        "mixed_upstream_429_ratio": lambda v: v <= 0.005,
+        "per_model_isolation": lambda v: v >= 0.97,
+        "key_429_isolation": lambda v: v >= 0.97,
+        "redis_50_replicas_utilization": lambda v: v >= 0.95,
+        "redis_50_replicas_429_ratio": lambda v: v <= 0.01,
     }
     result["targets_met"] = {k: check(result[k]) for k, check in checks.items() if k in result}
     return result
@@ -490,7 +502,7 @@ async def _work_conserving(
 
 async def _replicas(bootstrap: str, sim: Simulator, window: float, result: dict[str, Any]) -> None:
     log("limits: three replicas through Redis")
-    with _redis() as redis_url:
+    with limits_scale.redis_server() as redis_url:
         rw = World(bootstrap, sim, "redis", {"p1": 1, "p2": 1, "p3": 1})
         await rw.create()
         m = await _saturate(rw, ["p1", "p2", "p3"], window, replicas=3, redis_url=redis_url)

@@ -20,6 +20,7 @@ from service.admission.budget import Budgets, RedisLedger
 from service.admission.registry import Registry
 from service.admission.replay import LocalReplayStore, RedisReplayStore, ReplayGuard
 from service.config.redis import redis_client
+from service.config.redis_health import RedisHealth
 from service.config.settings import GatewaySettings
 from service.egress.publisher import Publisher
 from service.ingest.consumer import IngestLoop
@@ -61,15 +62,19 @@ class Gateway:
         self.publisher = publisher or Publisher(settings.kafka)
         self.audit = Audit(settings.kafka.audit_topic, self.publisher)
         self.redis = redis_client(settings.redis) if settings.redis is not None else None
+        # one view of Redis' health for the limiter, the budgets and the replay store
+        self.redis_health = RedisHealth(self.redis) if self.redis is not None else None
         self.budgets = Budgets(
             lambda: self.registry,
             shared=RedisLedger(self.redis, settings.redis.key_prefix) if settings.redis else None,
             metrics=self.metrics,
             audit=self.audit,
+            health=self.redis_health,
         )
         replay = ReplayGuard(
             LocalReplayStore(settings.runtime.replay_cache_max_entries),
             RedisReplayStore(self.redis, settings.redis.key_prefix) if settings.redis else None,
+            health=self.redis_health,
         )
         self.admission = Admission(self.registry, replay=replay, budgets=self.budgets)
         self.admission.operator_replays.configure(settings)  # dead letters replayed by an operator
@@ -112,7 +117,11 @@ class Gateway:
         if settings.limiter_backend == "redis":
             assert settings.redis is not None  # enforced by the settings model
             return RedisLimiter(
-                settings.redis, limits, client=self.redis, on_degraded=self._on_redis_degraded
+                settings.redis,
+                limits,
+                client=self.redis,
+                health=self.redis_health,
+                on_degraded=self._on_redis_degraded,
             )
         return LocalLimiter(limits)
 
@@ -121,7 +130,17 @@ class Gateway:
 
     @property
     def redis_degraded(self) -> bool:
-        return isinstance(self.limiter, RedisLimiter) and self.limiter.degraded
+        """Redis is down: limits, budgets and replay checks run on this replica's local state."""
+        return self.redis_health is not None and self.redis_health.down
+
+    def _redis_fallbacks(self) -> dict[str, bool]:
+        """Which parts run on local state now (each part that uses Redis)."""
+        parts = {
+            "budgets": self.budgets.shared is not None,
+            "replay": self.admission.replay.shared is not None,
+        }
+        parts["limiter"] = isinstance(self.limiter, RedisLimiter)
+        return {part: self.redis_degraded for part, uses in parts.items() if uses}
 
     def readiness(self) -> tuple[bool, str]:
         """Whether to send work here, and why not: joining, broker silent, draining."""
@@ -143,6 +162,9 @@ class Gateway:
             "assigned": self.ingest.assigned,
             "broker_silent_s": None if silent is None else round(silent, 3),
             "redis_degraded": self.redis_degraded,
+            "redis": None
+            if self.redis_health is None
+            else {"state": self.redis_health.state, "local_fallback": self._redis_fallbacks()},
             "tracing": self.tracing.enabled,
         }
 
@@ -156,6 +178,8 @@ class Gateway:
             waiting = outstanding.get(partner.id, 0) - m.in_flight_now(partner.id)
             m.queued.labels(partner.id).set(max(0, waiting))
         m.redis_degraded.set(1 if self.redis_degraded else 0)
+        for part, local in self._redis_fallbacks().items():
+            m.redis_fallback.labels(part).set(1 if local else 0)
         self.ingest.observe()
 
     def _register_secrets(self, registry: Registry) -> None:
@@ -220,6 +244,8 @@ class Gateway:
             stack.push_async_callback(self.audit.stop)
             if self.redis is not None:
                 stack.push_async_callback(self.redis.aclose)
+            if self.redis_health is not None:
+                stack.push_async_callback(self.redis_health.aclose)
             stack.push_async_callback(self.scheduler.aclose)
             if isinstance(self.limiter, RedisLimiter):
                 stack.push_async_callback(self.limiter.aclose)

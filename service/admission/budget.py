@@ -22,7 +22,10 @@ ends), changed only by atomic Lua scripts, so they are shared by every
 replica and survive restarts. Without Redis, in process: they then start
 from zero at every restart. If Redis cannot be reached, the in-process
 counters (which mirror the last values read from Redis) take over until it
-answers again; each replica then enforces the budget on its own.
+answers again; each replica then enforces the budget on its own, and what it
+records meanwhile is added to the shared counters when Redis is back
+(`budget_sync.py`). One slow call does not count as Redis down
+(`service/config/redis_health.py`).
 
 When the outcome of a call is unknown (a timeout or connection error, an
 internal error, a cancelled task, a process killed mid-call) the reservation
@@ -40,10 +43,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from redis.exceptions import RedisError
-
 from service.admission.admit import Admitted, Deferred, Rejected
+from service.admission.budget_sync import OutageSpend
 from service.admission.pricing import NANO_PER_USD, Amount, actual, estimate
+from service.config.redis_health import REDIS_ERRORS, RedisHealth
 from service.config.settings import BudgetSettings
 from service.contracts.reasons import Reason
 from service.scheduling.scheduler import Draining
@@ -242,6 +245,7 @@ class RedisLedger:
     def __init__(self, redis: Any, key_prefix: str, clock: Callable[[], float] = time.time) -> None:
         self._tag = "{" + key_prefix + "}"  # one hash slot: the scripts also run on Redis Cluster
         self._clock = clock
+        self.redis = redis
         self._reserve = redis.register_script(_RESERVE)
         self._adjust = redis.register_script(_ADJUST)
 
@@ -272,8 +276,6 @@ def _or_minus_one(value: int | None) -> int:
 
 # -- the front ----------------------------------------------------------------------------
 
-_REDIS_ERRORS = (RedisError, OSError, TimeoutError)
-
 
 class Budgets:
     """Reserve, settle and release partner spend against the current registry's budgets."""
@@ -287,16 +289,21 @@ class Budgets:
         metrics: Metrics | None = None,
         audit: Audit | None = None,
         clock: Callable[[], float] = time.time,
+        health: RedisHealth | None = None,
     ) -> None:
         self._registry = registry
         self.shared = shared
+        self.health = health or (RedisHealth(shared.redis) if shared is not None else None)
+        if self.health is not None:
+            self.health.subscribe(self._health_changed)
+        self.outage = OutageSpend(clock)
+        self._pushing: asyncio.Task[None] | None = None
         self.local = local or LocalLedger(clock)
         self._metrics = metrics
         self._audit = audit
         self._clock = clock
         self._changed = asyncio.Event()
         self._exhausted_seen: set[tuple[str, str, str]] = set()
-        self._degraded = False
         self._closed = False
 
     def close(self) -> None:
@@ -388,37 +395,37 @@ class Budgets:
     async def _ledger_reserve(
         self, pid: str, ps: tuple[Period, ...], amount: Amount
     ) -> tuple[LedgerAnswer, bool]:
-        if self.shared is not None:
+        if self.shared is not None and not self.degraded:
             try:
                 answer = await self.shared.reserve(pid, ps, amount)
-            except _REDIS_ERRORS as exc:
-                self._set_degraded(True, exc)
+            except REDIS_ERRORS as exc:
+                self._failed(exc)
             else:
-                self._set_degraded(False)
-                self.local.mirror(pid, ps, answer.used)
+                self._answered()
+                self._mirror(pid, ps, answer.used)
                 return answer, True
-        return self.local.reserve(pid, ps, amount), False
+        answer = self.local.reserve(pid, ps, amount)
+        if answer.ok and self.shared is not None:
+            self.outage.record(pid, ps, amount)  # the shared ledger gets it when Redis is back
+        return answer, False
 
     async def _adjust(self, res: Reservation, delta: Amount) -> None:
         if delta.tokens == 0 and delta.nusd == 0:
             return
         pid = res.partner_id
-        if res.shared and self.shared is not None:
+        if res.shared and self.shared is not None and not self.degraded:
             try:
                 used = await self.shared.adjust(pid, res.periods, delta)
-            except _REDIS_ERRORS as exc:
-                # the shared counter keeps the reservation: it errs on the side of the bill
-                self._set_degraded(True, exc)
-                log.warning(
-                    "budget settlement not written to redis",
-                    extra={"partner": pid, "tokens": delta.tokens, "usd": delta.usd},
-                )
-                used = self.local.adjust(pid, res.periods, delta)
+            except REDIS_ERRORS as exc:
+                self._failed(exc)
             else:
-                self._set_degraded(False)
-                self.local.mirror(pid, res.periods, used)
-        else:
-            used = self.local.adjust(pid, res.periods, delta)
+                self._answered()
+                self._mirror(pid, res.periods, used)
+                self._observe(pid, res.periods, used)
+                return
+        used = self.local.adjust(pid, res.periods, delta)
+        if self.shared is not None:
+            self.outage.record(pid, res.periods, delta)  # the shared ledger gets it when Redis is back
         self._observe(pid, res.periods, used)
 
     def _observe(self, pid: str, ps: Sequence[Period], used: Sequence[Amount]) -> None:
@@ -454,15 +461,43 @@ class Budgets:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 
-    def _set_degraded(self, degraded: bool, exc: BaseException | None = None) -> None:
-        if degraded and not self._degraded:
-            log.warning(
-                "budget store unreachable: budgets enforced per replica from the last known usage",
-                extra={"error": type(exc).__name__ if exc else None},
-            )
-        elif not degraded and self._degraded:
-            log.info("budget store reachable again")
-        self._degraded = degraded
+    # -- the shared ledger's health ----------------------------------------------------------
+
+    @property
+    def degraded(self) -> bool:
+        """Redis is down: budgets are enforced per replica from the last known usage."""
+        return self.health is not None and self.health.down
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.health is not None:
+            self.health.failed(exc)
+
+    def _answered(self) -> None:
+        if self.health is not None:
+            self.health.ok()
+        if self.outage and (self._pushing is None or self._pushing.done()):
+            self._pushing = asyncio.get_running_loop().create_task(self._push())
+
+    def _mirror(self, pid: str, ps: Sequence[Period], used: Sequence[Amount]) -> None:
+        """Take Redis' figures, plus what this replica spent that Redis does not have yet."""
+        pending = [self.outage.pending(pid, p) for p in ps]
+        self.local.mirror(
+            pid, ps, [Amount(u.tokens + t, u.nusd + n) for u, (t, n) in zip(used, pending, strict=True)]
+        )
+
+    async def _health_changed(self, down: bool) -> None:
+        if down:
+            log.warning("budget store unreachable: budgets enforced per replica from the last known usage")
+        else:
+            await self._push()
+
+    async def _push(self) -> None:
+        if self.shared is None or not self.outage:
+            return
+        try:
+            await self.outage.push(self.shared)
+        except REDIS_ERRORS as exc:
+            self._failed(exc)
 
 
 def _of(amount: Amount, unit: Unit) -> int:

@@ -13,8 +13,9 @@ has a new offset and is.
 
 Sightings live in a bounded, time-expiring in-process map and, when Redis is
 configured, in Redis (`SET key origin NX PX window`, one Lua script), so they
-hold across replicas and restarts. If Redis cannot be reached the local map
-still answers (the gap: a replay to another replica during the outage).
+hold across replicas and restarts. If Redis is down the local map still answers
+(the gap: a replay to another replica during the outage); the shared Redis health
+(`service/config/redis_health.py`) says when, and when it is back.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
+from service.config.redis_health import REDIS_ERRORS, RedisHealth
 from service.config.settings import PartnerSettings
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class RedisReplayStore:
     (the prefix in braces: a Redis Cluster hash tag, as the other gateway keys)."""
 
     def __init__(self, redis: Any, key_prefix: str) -> None:
-        self._redis = redis
+        self.redis = redis
         self._tag = "{" + key_prefix + "}"
         self._script = redis.register_script(_CHECK_AND_SET)
 
@@ -137,10 +137,20 @@ class RedisReplayStore:
 class ReplayGuard:
     """Local sightings first (no round trip for a replay to the same replica), then Redis."""
 
-    def __init__(self, local: LocalReplayStore | None = None, shared: RedisReplayStore | None = None):
+    def __init__(
+        self,
+        local: LocalReplayStore | None = None,
+        shared: RedisReplayStore | None = None,
+        health: RedisHealth | None = None,
+    ):
         self.local = local or LocalReplayStore()
         self.shared = shared
-        self._degraded = False
+        self.health = health or (RedisHealth(shared.redis) if shared is not None else None)
+
+    @property
+    def degraded(self) -> bool:
+        """Redis is down: replays are checked on this replica only."""
+        return self.health is not None and self.health.down
 
     async def first_seen(self, ps: PartnerSettings, request_id: str, origin: Origin) -> str | None:
         """None when the request may proceed; else where this request id was first seen."""
@@ -151,20 +161,15 @@ class ReplayGuard:
         first = self.local.lookup(ps.id, request_id)
         if first is not None:
             return None if first == here else first
-        if self.shared is not None:
+        if self.shared is not None and not self.degraded:
             try:
                 first = await self.shared.check_and_record(ps.id, request_id, here, window)
-            except (RedisError, OSError, TimeoutError) as exc:
-                if not self._degraded:
-                    log.warning(
-                        "replay store unreachable: checking replays on this replica only",
-                        extra={"error": type(exc).__name__},
-                    )
-                self._degraded = True
+            except REDIS_ERRORS as exc:  # this one checked here only (a slow call is not an outage)
+                if self.health is not None:
+                    self.health.failed(exc)
             else:
-                if self._degraded:
-                    log.info("replay store reachable again")
-                self._degraded = False
+                if self.health is not None:
+                    self.health.ok()
                 self.local.record(ps.id, request_id, first or here, window)
                 return first
         return self.local.check_and_record(ps.id, request_id, here, window)

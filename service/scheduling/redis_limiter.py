@@ -170,6 +170,9 @@ class RedisLimiter:
         self._clock = clock
         self._tag = "{" + settings.key_prefix + "}"
         self._last_clamp: dict[str, float] = {}
+        # every replica follows the headers, so each clamps less often the more there are:
+        # about ten clamps a second in all, whatever the number of replicas
+        self._clamp_interval_s = max(0.1, 0.1 * settings.expected_replicas)
         self._shared_levels: dict[tuple[str, str], float] = {}
         self._levels_at = -1e18
         self._background: set[asyncio.Task[None]] = set()
@@ -258,7 +261,7 @@ class RedisLimiter:
         self._local.observe_headers(partner_id, cost, headers)
         pool = self._pool_name(cost)
         now = self._clock()
-        if self.degraded or now - self._last_clamp.get(pool, -1e18) < 0.1:
+        if self.degraded or now - self._last_clamp.get(pool, -1e18) < self._clamp_interval_s:
             return
         self._last_clamp[pool] = now
         keys: list[str] = []

@@ -84,9 +84,9 @@ class TokenBucket:
             return 0.0
         return max(0.0, (self.capacity - self.level()) / self._rate_per_s)
 
-    def reset(self) -> None:
-        """Fill the bucket up."""
-        self._level = self.capacity
+    def reset(self, *, empty: bool = False) -> None:
+        """Fill the bucket up (or empty it)."""
+        self._level = 0.0 if empty else self.capacity
         self._stamp = self._clock()
 
 
@@ -154,11 +154,11 @@ class BucketSet:
         self.input_tokens.give_back(input_tokens)
         self.output_tokens.give_back(output_estimate)
 
-    def reset(self) -> None:
-        """Fill all three buckets."""
-        self.requests.reset()
-        self.input_tokens.reset()
-        self.output_tokens.reset()
+    def reset(self, *, empty: bool = False) -> None:
+        """Fill (or empty) all three buckets."""
+        self.requests.reset(empty=empty)
+        self.input_tokens.reset(empty=empty)
+        self.output_tokens.reset(empty=empty)
 
     def snapshot(self) -> dict[str, dict[str, int | float | None]]:
         """Current levels for the stats endpoint (limit None = unlimited)."""
@@ -269,11 +269,11 @@ class RateLimiter:
         self.count_tokens.take(1)
         return None
 
-    def reset(self) -> None:
-        """Fill every bucket."""
-        self.default.reset()
+    def reset(self, *, empty: bool = False) -> None:
+        """Fill (or empty) every bucket."""
+        self.default.reset(empty=empty)
         for s in (*self._classes.values(), *self._workspaces.values()):
-            s.reset()
+            s.reset(empty=empty)
         self.count_tokens.reset()
 
     def snapshot(self) -> dict[str, dict[str, dict[str, int | float | None]]]:

@@ -84,10 +84,10 @@ class SimulatorEngine:
         if old.seed != config.seed:
             self.rng = random.Random(config.seed)
 
-    def reset(self) -> None:
-        """Zero the stats, fill the buckets and re-seed the random generator."""
+    def reset(self, *, empty: bool = False) -> None:
+        """Zero the stats, fill (or empty) the buckets and re-seed the random generator."""
         self.stats.reset()
-        self.limiter.reset()
+        self.limiter.reset(empty=empty)
         self.rng = random.Random(self.config.seed)
 
     def next_request_id(self) -> str:

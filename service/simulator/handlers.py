@@ -273,8 +273,9 @@ class Handlers:
         return self._control(200, orjson.dumps(self.engine.stats.requests.as_dict(**minimums)))
 
     async def reset(self, request: web.Request) -> web.StreamResponse:
-        """`POST /_sim/reset`: zero the stats, fill the buckets, re-seed."""
-        self.engine.reset()
+        """`POST /_sim/reset`: zero the stats, fill the buckets (`?buckets=empty`: empty them, so
+        that a load test starts at saturation instead of spending a minute's burst), re-seed."""
+        self.engine.reset(empty=request.query.get("buckets") == "empty")
         return self._control(200, b'{"reset":true}')
 
     async def get_config(self, request: web.Request) -> web.StreamResponse:

@@ -141,7 +141,15 @@ class Metrics:
             registry=r,
         )
         self.redis_degraded = Gauge(
-            "gateway_redis_degraded", "1 while shared limits fall back to a local share.", registry=r
+            "gateway_redis_degraded",
+            "1 while Redis is down: limits, budgets and replay checks fall back to local state.",
+            registry=r,
+        )
+        self.redis_fallback = Gauge(
+            "gateway_redis_fallback",
+            "1 while this part (limiter, budgets, replay) runs on local state because Redis is down.",
+            ["part"],
+            registry=r,
         )
         self.budget_remaining = Gauge(
             "gateway_budget_remaining_usd",

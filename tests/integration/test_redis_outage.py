@@ -1,0 +1,159 @@
+"""Budgets, replay checks and limits through a Redis outage, on a real Redis behind a proxy
+that takes it away and gives it back with its data (issue 10):
+
+- spend made while Redis was unreachable is added to the shared ledger when it returns
+  (outage, spend, recovery: the totals equal everything spent);
+- a slow Redis is not a down Redis on the first slow call;
+- the limiter's levels report the shared buckets, not a replica's unused local ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlparse
+
+import pytest
+import redis.asyncio as aioredis
+
+from service.admission.budget import Budgets, RedisLedger, Reservation, periods
+from service.admission.registry import Registry
+from service.config.loader import parse_config
+from service.config.redis import redis_client
+from service.config.redis_health import RedisHealth
+from service.config.settings import LimitSettings, RedisSettings
+from service.scheduling.limiter import Cost
+from service.scheduling.redis_limiter import RedisLimiter
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.integration
+
+NOON = 1_795_521_600.0  # 2026-11-24T12:00:00Z
+
+
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[TcpProxy]:
+    p = TcpProxy(urlparse(redis_url).port or 6379)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+def _settings(url: str) -> RedisSettings:
+    return RedisSettings(url=url, key_prefix=f"t-{uuid.uuid4().hex[:8]}", timeout_s=0.2)
+
+
+def _registry() -> Registry:
+    settings = parse_config(
+        {"partners": [{"id": "acme", "api_key": {"env": "K"}, "budget": {"tokens_per_day": 10_000_000}}]}
+    )
+    return Registry.build(settings, environ={"K": "sk"})
+
+
+class _Adm:
+    """What `Budgets.reserve` reads of an admitted request."""
+
+    def __init__(self, est: int, max_tokens: int) -> None:
+        self.request_id, self.model, self.est_input_tokens, self.max_tokens = (
+            "r",
+            "claude-haiku-4-5",
+            est,
+            max_tokens,
+        )
+        self.params: dict[str, object] = {"model": self.model, "max_tokens": max_tokens}
+
+
+async def _spend(budgets: Budgets, registry: Registry, n: int) -> int:
+    """n calls reserving 1,000 tokens and billed 300 each: returns the tokens billed."""
+    for _ in range(n):
+        res = await budgets.reserve(registry.by_id["acme"], _Adm(900, 100), wait=False)  # type: ignore[arg-type]
+        assert isinstance(res, Reservation)
+        await budgets.settle(res, {"input_tokens": 200, "output_tokens": 100})
+    return n * 300
+
+
+async def _until(condition: object, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_spend_during_an_outage_reaches_the_shared_ledger(proxy: TcpProxy, redis_url: str) -> None:
+    rs = _settings(proxy.url)
+    client = redis_client(rs)
+    health = RedisHealth(client, probe_interval_s=0.2)
+    registry = _registry()
+    ledger = RedisLedger(client, rs.key_prefix, clock=lambda: NOON)
+    budgets = Budgets(lambda: registry, shared=ledger, health=health, clock=lambda: NOON)
+    direct = aioredis.Redis.from_url(redis_url)
+    key = f"{{{rs.key_prefix}}}:budget:acme:day:2026-11-24"
+    try:
+        billed = await _spend(budgets, registry, 5)
+        assert int(await direct.hget(key, "tokens") or 0) == billed
+
+        await proxy.stop()  # the outage
+        billed += await _spend(budgets, registry, 7)
+        assert health.down
+        assert budgets.degraded
+        assert int(await direct.hget(key, "tokens") or 0) == 5 * 300, "Redis did not see the outage spend"
+
+        await proxy.start()  # recovery: the probe finds Redis, the outage spend is added
+        await _until(lambda: not health.down)
+        await _until(lambda: not budgets.outage)
+        assert int(await direct.hget(key, "tokens") or 0) == billed
+        billed += await _spend(budgets, registry, 2)  # and Redis keeps counting from there
+        assert int(await direct.hget(key, "tokens") or 0) == billed
+        day = periods(registry.by_id["acme"].settings.budget, NOON)[0]
+        assert budgets.local.used("acme", day).tokens == billed  # the mirror keeps what Redis has
+    finally:
+        await health.aclose()
+        await client.aclose()
+        await direct.aclose()
+
+
+async def test_a_slow_call_is_not_an_outage(proxy: TcpProxy) -> None:
+    rs = _settings(proxy.url)
+    client = redis_client(rs)
+    health = RedisHealth(client, slow_strikes=3, probe_interval_s=0.2)
+    limiter = RedisLimiter(rs, LimitSettings(rpm=600), {}, client=client, health=health)
+    try:
+        assert (await limiter.acquire("p", Cost(1, 1))).ok
+        proxy.delay_s = 0.5  # answers later than the client's 0.2 s timeout
+        d = await limiter.acquire("p", Cost(1, 1))  # falls back to the local share, once
+        assert health.state == "slow"
+        assert not limiter.degraded
+        proxy.delay_s = 0.0
+        await client.connection_pool.disconnect()  # drop the connection with the late answer
+        assert (await limiter.acquire("p", Cost(1, 1))).ok
+        assert health.state == "healthy"
+        proxy.delay_s = 0.5
+        for _ in range(3):  # three timeouts in a row: down
+            d = await limiter.acquire("p", Cost(1, 1))
+            await client.connection_pool.disconnect()
+        assert d.ok
+        assert health.state == "down"
+        assert limiter.degraded
+        proxy.delay_s = 0.0
+        await _until(lambda: not health.down)
+    finally:
+        await limiter.aclose()
+        await health.aclose()
+        await client.aclose()
+
+
+async def test_levels_report_the_shared_buckets(redis_url: str) -> None:
+    rs = _settings(redis_url)
+    a = RedisLimiter(rs, LimitSettings(rpm=600), {})
+    b = RedisLimiter(rs, LimitSettings(rpm=600), {})
+    try:
+        for _ in range(100):
+            assert (await a.acquire("p", Cost(1, 1))).ok
+        b.levels()  # the first call reads Redis in the background
+        await _until(lambda: ("org", "rpm") in b.levels())
+        assert b.levels()[("org", "rpm")] < 510  # what replica a took shows on replica b
+    finally:
+        await a.aclose()
+        await b.aclose()
