@@ -178,8 +178,6 @@ class Gateway:
             waiting = outstanding.get(partner.id, 0) - m.in_flight_now(partner.id)
             m.queued.labels(partner.id).set(max(0, waiting))
         m.redis_degraded.set(1 if self.redis_degraded else 0)
-        for part, local in self._redis_fallbacks().items():
-            m.redis_fallback.labels(part).set(1 if local else 0)
         self.ingest.observe()
 
     def _register_secrets(self, registry: Registry) -> None:

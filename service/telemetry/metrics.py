@@ -145,12 +145,7 @@ class Metrics:
             "1 while Redis is down: limits, budgets and replay checks fall back to local state.",
             registry=r,
         )
-        self.redis_fallback = Gauge(
-            "gateway_redis_fallback",
-            "1 while this part (limiter, budgets, replay) runs on local state because Redis is down.",
-            ["part"],
-            registry=r,
-        )
+
         self.budget_remaining = Gauge(
             "gateway_budget_remaining_usd",
             "USD left in the partner's budget period.",
