@@ -59,7 +59,7 @@ class Failure:
     request_id: str | None = None
     retry_after_s: float | None = None
     rate_limited: bool = False
-    """A 429 that should pause everyone drawing on the org bucket."""
+    """A 429: the scheduler pauses the scope it is about (the org pool, or the key's workspace)."""
 
 
 _NON_RETRYABLE_STATUS: dict[int, tuple[Reason, str]] = {

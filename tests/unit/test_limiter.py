@@ -191,3 +191,14 @@ def test_parse_headers_ignores_garbage() -> None:
     assert parse_ratelimit_headers({"anthropic-ratelimit-output-tokens-limit": "8000"}) == {
         "otpm": (8000, None)
     }
+
+
+def test_headers_update_the_pool_the_call_drew_on() -> None:
+    clock = Clock()
+    config = LimitConfig(pools={DEFAULT_CLASS: LimitSettings(rpm=1000), "haiku": LimitSettings(rpm=500)})
+    limiter = LocalLimiter(config, clock=clock)
+    headers = {"anthropic-ratelimit-requests-limit": "500", "anthropic-ratelimit-requests-remaining": "120"}
+    limiter.observe_headers("p", Cost(1, 1, "haiku"), headers)
+    levels = limiter.levels()
+    assert levels[("org:haiku", "rpm")] == 120
+    assert levels[("org", "rpm")] == 1000
