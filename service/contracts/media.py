@@ -119,21 +119,35 @@ _PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
 _PAGES_COUNT = re.compile(
     rb"/Type\s*/Pages\b[^>]{0,200}?/Count\s+(\d+)|/Count\s+(\d+)[^>]{0,200}?/Type\s*/Pages\b"
 )
-_STREAM = re.compile(rb"<<((?:[^<>]|<<(?:[^<>]|<<[^<>]*>>)*>>|<[^<>]*>)*)>>\s*stream\r?\n", re.S)
+_STREAM = re.compile(rb">>\s*stream\r?\n")
+_HEADER_BYTES = 4096
+"""How far before `stream` a stream's dictionary is looked for (from its object's ` obj`)."""
 _NOT_CONTENT = re.compile(
     rb"/Subtype\s*/Image|/FontFile|/Length[123]\s|/N\s+\d|/Type\s*/(?:XRef|Metadata|EmbeddedFile|CMap)"
 )
 _OBJSTM = re.compile(rb"/Type\s*/ObjStm")
-_TEXT_OBJECT = re.compile(rb"\bBT\b(.*?)\bET\b", re.S)
+_TEXT_OPERATOR = re.compile(rb"\b(BT|ET)\b")
 _HEX_STRING = re.compile(rb"<([0-9A-Fa-f\s]*)>")
+
+
+def _text_objects(content: bytes) -> list[bytes]:
+    """The bodies of BT ... ET text objects, in one pass."""
+    out: list[bytes] = []
+    start: int | None = None
+    for m in _TEXT_OPERATOR.finditer(content):
+        if m.group(1) == b"BT" and start is None:
+            start = m.end()
+        elif m.group(1) == b"ET" and start is not None:
+            out.append(content[start : m.start()])
+            start = None
+    return out
 
 
 def _shown_chars(content: bytes) -> int:
     """Characters of the literal strings (balanced parentheses, backslash escapes) and hex
     strings in the content's text objects."""
     chars = 0
-    for text in _TEXT_OBJECT.finditer(content):
-        body = text.group(1)
+    for body in _text_objects(content):
         i, n = 0, len(body)
         while i < n:
             c = body[i]
@@ -172,12 +186,15 @@ def pdf_facts(data: str) -> PdfFacts | None:
     content = shown = 0
     unreadable = False
     budget = MAX_INFLATED_BYTES
-    for m in _STREAM.finditer(raw):
-        header = m.group(1)
+    pos = 0
+    while (m := _STREAM.search(raw, pos)) is not None:
+        window = raw[max(0, m.start() - _HEADER_BYTES) : m.start()]
+        header = window[window.rfind(b" obj") + 1 :]
         end = raw.find(b"endstream", m.end())
         if end < 0:
             unreadable = True
             break
+        pos = end + len(b"endstream")
         body = raw[m.end() : end]
         if b"/Encrypt" in header:
             unreadable = True
