@@ -5,7 +5,8 @@ initial burst, over one window; shares and utilization come from what the simula
 billed each partner's key (`billed_by_key`).
 
 - mixed: three equal-weight partners at `max_tokens` 8192 / 1024 / 256 with prompts of
-  20k / 2k / 200 tokens, OTPM binding (outputs run to `max_tokens`): Jain's index of the
+  20k / 2k / 200 tokens, OTPM binding at 400k (outputs run to `max_tokens`; windows four
+  times the base window, so one large request is 0.5% of a share): Jain's index of the
   output-token shares, the same with the config order reversed, weights 1:2:3, OTPM
   utilization, 429 ratio; and the same mix through the naive limiter.
 - per_model: a Haiku partner and an Opus partner, each saturating its own class pool:
@@ -56,8 +57,12 @@ MIX = (
     Partner("medium", 1024, 2_000),
     Partner("small", 256, 200),
 )
-MIX_OTPM = 2_000_000
+MIX_OTPM = 400_000
+"""Low enough that the largest request (8,192 tokens) is more than a second of the budget (the
+fair-share cap that made large requests cheap before), high enough that it is 0.5% of what a
+window of `MIX_WINDOW_FACTOR` x the base window measures (shares exact to about a point)."""
 MIX_LIMITS = {"rpm": 10_000, "itpm": 40_000_000, "otpm": MIX_OTPM}
+MIX_WINDOW_FACTOR = 4
 
 
 def _value(rid: str, p: Partner) -> bytes:
@@ -256,7 +261,9 @@ def _mix_rates(partners: Sequence[Partner]) -> dict[str, float]:
     return {p.id: MIX_OTPM * p.weight / total / p.max_tokens for p in partners}
 
 
-async def mixed(bootstrap: str, window_s: float, result: dict[str, Any], naive: dict[str, Any]) -> None:
+async def mixed(bootstrap: str, base_window_s: float, result: dict[str, Any], naive: dict[str, Any]) -> None:
+    window_s = MIX_WINDOW_FACTOR * base_window_s
+    result["mixed_window_s"] = window_s
     gateway: dict[str, Any] = {"org_limits": MIX_LIMITS}
     with simulator("limits-mixed-simulator", MIX_LIMITS) as sim:
         otpm = [("default", "output_tokens")]
