@@ -227,3 +227,27 @@ async def test_a_waiter_cancelled_in_the_queue_or_just_granted_leaves_nothing_be
     assert after[("org", "rpm")] == before[("org", "rpm")] - 3
     assert after[("org", "otpm")] == before[("org", "otpm")] - 3 * 64
     await scheduler.aclose()
+
+
+async def test_itpm_is_settled_with_cache_creation_and_without_cache_reads() -> None:
+    """ANTHROPIC.md: ITPM counts input_tokens + cache_creation_input_tokens; on current models
+    cache reads do not count."""
+    usage = {
+        "input_tokens": 50,
+        "output_tokens": 10,
+        "cache_creation_input_tokens": 400,
+        "cache_read_input_tokens": 9000,
+    }
+
+    async def handler(_: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=orjson.dumps({**BODY, "usage": usage}), headers=JSON)
+
+    pipeline, scheduler = _pipeline(handler)
+    before = _levels(scheduler)
+    sink = Sink(0)
+    await asyncio.wait_for(pipeline.handle(_record(0), sink), 5)
+    assert _outcome(sink) == "response"
+    after = _levels(scheduler)
+    assert before[("org", "itpm")] - after[("org", "itpm")] == 50 + 400
+    assert before[("org", "otpm")] - after[("org", "otpm")] == 10
+    await scheduler.aclose()
