@@ -244,6 +244,7 @@ class Gateway:
                 stack.push_async_callback(self.redis.aclose)
             if self.redis_health is not None:
                 stack.push_async_callback(self.redis_health.aclose)
+            stack.push_async_callback(self.budgets.aclose)  # before Redis closes: a last push
             stack.push_async_callback(self.scheduler.aclose)
             if isinstance(self.limiter, RedisLimiter):
                 stack.push_async_callback(self.limiter.aclose)

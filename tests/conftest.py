@@ -4,11 +4,26 @@ Real services, one per session: `kafka_bootstrap` (str, host:port), `kafka_admin
 (a started AIOKafkaAdminClient), `redis_url` (str). Per test: `new_topic` (a
 TopicFactory making topics unique to the test) and `unique_group` (str).
 See tests/support/kafka.py and tests/support/redis.py.
+
+Every test ends with a garbage collection, so a socket, connection or task a
+test leaves open is reported against that test (warnings are errors), not
+against whichever later test happens to trigger the collection.
 """
 
 from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
 
 from tests.support.kafka import kafka_admin, kafka_bootstrap, new_topic, unique_group
 from tests.support.redis import redis_url
 
 __all__ = ["kafka_admin", "kafka_bootstrap", "new_topic", "redis_url", "unique_group"]
+
+
+@pytest.fixture(autouse=True)
+def _collect_leaks_of_this_test() -> Iterator[None]:
+    yield
+    gc.collect()

@@ -293,6 +293,7 @@ class Budgets:
     ) -> None:
         self._registry = registry
         self.shared = shared
+        self._owns_health = health is None
         self.health = health or (RedisHealth(shared.redis) if shared is not None else None)
         if self.health is not None:
             self.health.subscribe(self._health_changed)
@@ -310,6 +311,16 @@ class Budgets:
         """The service stops: deferred requests give up (`Draining`) and are redelivered later."""
         self._closed = True
         self.config_changed()
+
+    async def aclose(self, push_timeout_s: float = 2.0) -> None:
+        """Let a push of outage spend to Redis finish (briefly), then stop the health probe
+        this object started (a health passed in belongs to its owner)."""
+        self.close()
+        if self._pushing is not None and not self._pushing.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._pushing, push_timeout_s)
+        if self._owns_health and self.health is not None:
+            await self.health.aclose()
 
     def config_changed(self) -> None:
         """Wake deferred requests: a reload may have raised a budget or disabled a partner."""

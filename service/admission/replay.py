@@ -145,7 +145,13 @@ class ReplayGuard:
     ):
         self.local = local or LocalReplayStore()
         self.shared = shared
+        self._owns_health = health is None
         self.health = health or (RedisHealth(shared.redis) if shared is not None else None)
+
+    async def aclose(self) -> None:
+        """Stop the health probe this guard started (a health passed in belongs to its owner)."""
+        if self._owns_health and self.health is not None:
+            await self.health.aclose()
 
     @property
     def degraded(self) -> bool:

@@ -89,6 +89,11 @@ async def test_unreachable_redis_falls_back_to_local() -> None:
         ps = _deduped()
         assert await guard.first_seen(ps, "r1", Origin("t", 0, 1)) is None
         assert await guard.first_seen(ps, "r1", Origin("t", 0, 2)) == "t/0/1"
+        assert guard.degraded, "a refused connection is a down Redis"
+        await guard.aclose()
+        assert guard.health is not None
+        assert guard.health._probe is not None
+        assert guard.health._probe.done(), "closing the guard stops the probe it started"
     finally:
         await dead.aclose()
 
@@ -155,6 +160,7 @@ async def test_budgets_degrade_to_the_last_known_usage(client: aioredis.Redis, p
         assert not was_shared
         assert not answer.ok, "the fallback still knows 9000 of 10000 are used"
     finally:
+        await shared.aclose()
         await dead.aclose()
 
 
