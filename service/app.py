@@ -19,6 +19,8 @@ from service.admission.admit import Admission
 from service.admission.budget import Budgets, RedisLedger
 from service.admission.registry import Registry
 from service.admission.replay import LocalReplayStore, RedisReplayStore, ReplayGuard
+from service.batches.routing import Router, Turnaround
+from service.batches.worker import BatchContext, BatchWorker
 from service.config.redis import redis_client
 from service.config.redis_health import RedisHealth
 from service.config.settings import GatewaySettings
@@ -81,6 +83,7 @@ class Gateway:
         register_secrets(self.admission.operator_replays.secrets())
         self.limiter = limiter or self._make_limiter(settings)
         self.scheduler = Scheduler(settings, self.limiter)
+        self.router = Router(Turnaround(settings.batches))
         self.pipeline = Pipeline(
             settings,
             self.admission,
@@ -88,6 +91,10 @@ class Gateway:
             self.claude,
             self.metrics,
             tracing=self.tracing,
+            router=self.router,
+        )
+        self.batch_worker = BatchWorker(
+            BatchContext(lambda: self.settings, self.admission, self.claude, self.router, self.metrics)
         )
         self.ingest = IngestLoop(
             settings, self.pipeline, self.metrics, lambda: self.registry, publisher=self.publisher
@@ -252,6 +259,9 @@ class Gateway:
             stack.push_async_callback(self.ingest.stop)
             console = asyncio.create_task(self.console.run(stop), name="admin-console")
             stack.push_async_callback(_finish, console)
+            if self.settings.batches.enabled:  # the batch worker, where the group makes this replica it
+                batches = asyncio.create_task(self.batch_worker.run(stop), name="batch-worker")
+                stack.push_async_callback(_finish, batches)
             topics = asyncio.create_task(
                 watch_topics(
                     self.ingest.consumer.subscription,

@@ -23,6 +23,8 @@ import anthropic
 from service.admin.pauses import Pauses
 from service.admission.admit import Admission, Admitted, Deferred, RecordLike, Rejected
 from service.admission.pricing import cost_usd
+from service.batches.records import BadHandoff, Handoff, handoff_message, read_handoff
+from service.batches.routing import Router, Turnaround
 from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter, Origin, Timings, UpstreamInfo, encode_response, utc_iso
 from service.contracts.reasons import Reason
@@ -79,6 +81,7 @@ class Pipeline:
         metrics: Metrics,
         retry: RetryPolicy | None = None,
         tracing: Tracing | None = None,
+        router: Router | None = None,
     ) -> None:
         self.settings = settings
         self.admission = admission
@@ -88,6 +91,8 @@ class Pipeline:
         self.retry = retry or RetryPolicy(settings.retry)
         self.tracing = tracing or Tracing()
         self.emit = Emitter(settings, metrics, self.tracing)
+        self.router = router or Router(Turnaround(settings.batches))
+        """Real time or a Message Batch (`service/batches/routing.py`)."""
         self.pauses: Pauses | None = None
         """Partners paused or drained from the admin console: their requests wait here."""
 
@@ -99,9 +104,19 @@ class Pipeline:
 
     async def _handle(self, rec: RecordLike, sink: Sink) -> None:
         timings = Timings(received_at=time.time())
+        back = rec.topic == self.settings.realtime_topic()
+        if back:  # sent back to real time by the batch path: the request as the partner sent it
+            try:
+                _, rec = read_handoff(rec)
+            except BadHandoff as exc:
+                log.critical(
+                    "record on the realtime topic without a readable handoff", extra={"error": str(exc)}
+                )
+                await sink.publish([])  # only the gateway writes that topic: nothing to answer
+                return
         origin = Origin(rec.topic, rec.partition, rec.offset, rec.timestamp, rec.key, rec.value, rec.headers)
         with self.tracing.span("admission"):
-            verdict = await self.admission.admit_checked(rec)
+            verdict = await self.admission.admit_checked(rec, verified=back)
         self.tracing.annotate(
             partner=verdict.partner_id if isinstance(verdict, Rejected) else verdict.partner.id,
             request_id=verdict.request_id,
@@ -136,6 +151,14 @@ class Pipeline:
             )
             await self.emit.dead_letter(sink, dl, model=verdict.model)
             return
+        if (
+            not back
+            and inherited is None
+            and self.router.route(self.settings.batches, verdict.urgency, timings.received_at) == "batch"
+        ):
+            await self._to_batch(verdict, rec, sink, timings.received_at)
+            return
+        self.metrics.batch.routed.labels(pid, "realtime").inc()
         try:
             outcome = await self._call(verdict, timings, sink)
         except (Draining, Revoked, Fenced, asyncio.CancelledError):
@@ -171,6 +194,25 @@ class Pipeline:
             )
             return
         await self._respond(outcome, timings, origin, sink)
+
+    async def _to_batch(self, adm: Admitted, rec: RecordLike, sink: Sink, now: float) -> None:
+        """Hand the request to the batch path: the pending record and this offset's finish
+        are one transaction, so the input partition never waits for the batch."""
+        handoff = Handoff(
+            partner=adm.partner.id,
+            request_id=adm.request_id,
+            respond_by=adm.urgency.respond_by,
+            routed_at=now,
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            timestamp_ms=rec.timestamp,
+            model=adm.model,
+            metadata=dict(adm.metadata) if adm.metadata else None,
+        )
+        await sink.publish([handoff_message(self.settings.batches.pending_topic, rec, handoff)])
+        self.metrics.batch.routed.labels(adm.partner.id, "batch").inc()
+        self.tracing.outcome("batch")
 
     async def _dispatch(self, adm: Admitted, cost: Cost, sink: Sink) -> tuple[Grant, Admitted] | Rejected:
         """A fair turn, then the budget, then the claim: a request holds a reservation only

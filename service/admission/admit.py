@@ -24,6 +24,7 @@ from service.admission.policy import check_params
 from service.admission.registry import Partner, Registry
 from service.admission.replay import Origin, ReplayGuard, replay_window_s
 from service.admission.signature import SignatureError, SignatureVerifier
+from service.batches.routing import REALTIME, Urgency, UrgencyError, parse_urgency
 from service.contracts.params import check_request
 from service.contracts.reasons import Reason
 from service.contracts.schemas import SchemaViolation, compiled
@@ -87,6 +88,8 @@ class Admitted:
     """Conservative estimate, block by block (`estimate.py`)."""
     reservation: Reservation | None = None
     """The budget this request holds until `Admission.settle` / `release` (set by `admit_and_reserve`)."""
+    urgency: Urgency = REALTIME
+    """Its service class and deadline (`service/batches/routing.py`)."""
 
     @property
     def model(self) -> str:
@@ -140,12 +143,13 @@ class Admission:
         assert not isinstance(reservation, Deferred)  # waiting reserve never defers
         return replace(verdict, reservation=reservation)
 
-    async def reserve(self, adm: Admitted) -> Admitted | Rejected | Deferred:
+    async def reserve(self, adm: Admitted, service_tier: str | None = None) -> Admitted | Rejected | Deferred:
         """Reserve the budget at dispatch, without waiting: a request that never reaches
-        Claude holds nothing (a crash strands no queued reservation)."""
+        Claude holds nothing (a crash strands no queued reservation). `service_tier`
+        `batch` reserves at batch price."""
         if self.budgets is None:
             return adm
-        reservation = await self.budgets.reserve(adm.partner, adm, wait=False)
+        reservation = await self.budgets.reserve(adm.partner, adm, wait=False, service_tier=service_tier)
         if isinstance(reservation, Rejected | Deferred):
             return reservation
         return replace(adm, reservation=reservation)
@@ -154,10 +158,11 @@ class Admission:
         assert self.budgets is not None
         await self.budgets.wait_for_budget(deferred)
 
-    async def admit_checked(self, rec: RecordLike) -> Admitted | Rejected:
-        """`admit`, then the replay check (no budget reserved yet)."""
-        verdict = self.admit(rec)
-        if isinstance(verdict, Rejected):
+    async def admit_checked(self, rec: RecordLike, *, verified: bool = False) -> Admitted | Rejected:
+        """`admit`, then the replay check (no budget reserved yet). `verified`: the record
+        came back from the batch path; its signature and replay were checked when first read."""
+        verdict = self.admit(rec, verified=verified)
+        if isinstance(verdict, Rejected) or verified:
             return verdict
         ps = verdict.partner.settings
         first = await self.replay.first_seen(  # an operator replay: by request id and dead letter
@@ -189,7 +194,7 @@ class Admission:
             except Exception:  # the outcome matters more than the counter
                 log.exception("budget release failed", extra={"partner": adm.partner.id})
 
-    def admit(self, rec: RecordLike) -> Admitted | Rejected:
+    def admit(self, rec: RecordLike, *, verified: bool = False) -> Admitted | Rejected:
         registry = self.registry
         partner = registry.by_topic.get(rec.topic)
         if partner is None:
@@ -228,22 +233,14 @@ class Admission:
         except SchemaViolation as exc:
             return Rejected(pid, Reason.SCHEMA_VIOLATION, f"request.v1 schema: {exc}", request_id)
         assert request_id is not None
-        replayed = self.operator_replays.verify(rec.topic, value, rec.headers, request_id)
-        if isinstance(replayed, tuple):
-            return Rejected(pid, *replayed, request_id)
         try:
-            self.signatures.verify(
-                topic=rec.topic,
-                key=rec.key,
-                value=value,
-                headers=rec.headers,
-                request_id=request_id,
-                partner=partner,
-                # an operator replay's partner signature is judged at the time it was signed
-                appended_ms=replayed.signed_ms if isinstance(replayed, Accepted) else _log_append_time(rec),
-            )
-        except SignatureError as exc:
-            return Rejected(pid, exc.reason, exc.detail, request_id)
+            urgency = parse_urgency(doc, ps.service_class)
+        except UrgencyError as exc:
+            return Rejected(pid, Reason.SCHEMA_VIOLATION, f"request.v1 schema: {exc}", request_id)
+        if not verified:  # a request back from the batch path was verified when first read
+            unverified = self._verify(rec, partner, value, request_id)
+            if unverified is not None:
+                return unverified
         claimed = doc.get("partner")
         if claimed is not None and claimed != pid:
             return Rejected(
@@ -284,7 +281,28 @@ class Admission:
                 return rejected
         gs = registry.settings
         est = estimate_input_tokens(params, gs.estimates, gs.runtime.estimate_chars_per_token)
-        return Admitted(partner, request_id, params, doc.get("metadata"), est)
+        return Admitted(partner, request_id, params, doc.get("metadata"), est, urgency=urgency)
+
+    def _verify(self, rec: RecordLike, partner: Partner, value: bytes, request_id: str) -> Rejected | None:
+        """An operator replay's signature, then the partner's signature."""
+        pid = partner.id
+        replayed = self.operator_replays.verify(rec.topic, value, rec.headers, request_id)
+        if isinstance(replayed, tuple):
+            return Rejected(pid, *replayed, request_id)
+        try:
+            self.signatures.verify(
+                topic=rec.topic,
+                key=rec.key,
+                value=value,
+                headers=rec.headers,
+                request_id=request_id,
+                partner=partner,
+                # an operator replay's partner signature is judged at the time it was signed
+                appended_ms=replayed.signed_ms if isinstance(replayed, Accepted) else _log_append_time(rec),
+            )
+        except SignatureError as exc:
+            return Rejected(pid, exc.reason, exc.detail, request_id)
+        return None
 
 
 def _log_append_time(rec: RecordLike) -> int | None:

@@ -328,7 +328,7 @@ class Budgets:
         event.set()
 
     async def reserve(
-        self, partner: Partner, admitted: Admitted, *, wait: bool = True
+        self, partner: Partner, admitted: Admitted, *, wait: bool = True, service_tier: str | None = None
     ) -> Reservation | Rejected | Deferred:
         """Reserve the request's estimated cost. With `on_exhausted: defer`, an exhausted
         budget waits (``wait``) or answers `Deferred` so the caller can give back what it
@@ -350,6 +350,7 @@ class Budgets:
                 admitted.est_input_tokens,
                 admitted.max_tokens,
                 speed=admitted.params.get("speed"),
+                service_tier=service_tier,
             )
             for p in ps:
                 for unit in _UNITS:

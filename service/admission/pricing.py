@@ -110,15 +110,20 @@ def multiplier(price: ModelPrice, service_tier: str | None, speed: str | None) -
 
 
 def estimate(
-    price: ModelPrice | None, est_input_tokens: int, max_tokens: int, *, speed: str | None = None
+    price: ModelPrice | None,
+    est_input_tokens: int,
+    max_tokens: int,
+    *,
+    speed: str | None = None,
+    service_tier: str | None = None,
 ) -> Amount:
     """The reservation: estimated input at the input price, `max_tokens` at the output price,
-    at the fast-mode price if the request asks for it."""
+    at the fast-mode price if the request asks for it, at batch price for a batch."""
     tokens = est_input_tokens + max_tokens
     if price is None:
         return Amount(tokens, 0)
     per_mtok = est_input_tokens * price.input_per_mtok_usd + max_tokens * price.output_per_mtok_usd
-    nusd = per_mtok * multiplier(price, None, speed) * _NANO_PER_MTOK_USD
+    nusd = per_mtok * multiplier(price, service_tier, speed) * _NANO_PER_MTOK_USD
     return Amount(tokens, math.ceil(nusd))
 
 

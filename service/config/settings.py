@@ -8,51 +8,17 @@ file says where a secret lives, never what it is.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, get_args, get_origin
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from service.config.batching import BatchSettings, ServiceClass
+from service.config.frozen import Frozen as _Frozen
 from service.config.policy import ParamsPolicy
 from service.config.secrets import SecretRef
 
 _PARTNER_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _enums_any_case(cls, data: Any) -> Any:
-        """Enum settings (`Literal` choices) match whatever their case: `log_level: debug`."""
-        if not isinstance(data, dict):
-            return data
-        fixed = None
-        for name, choices in _choices(cls).items():
-            value = data.get(name)
-            if isinstance(value, str) and value not in choices:
-                for choice in choices:
-                    if choice.lower() == value.lower():
-                        fixed = fixed if fixed is not None else dict(data)
-                        fixed[name] = choice
-        return fixed if fixed is not None else data
-
-
-_CHOICES: dict[type, dict[str, tuple[str, ...]]] = {}
-
-
-def _choices(model: type[BaseModel]) -> dict[str, tuple[str, ...]]:
-    """The string choices of each `Literal` field of a model (also in `Literal[...] | None`)."""
-    found = _CHOICES.get(model)
-    if found is None:
-        found = {}
-        for name, info in model.model_fields.items():
-            for arg in (info.annotation, *get_args(info.annotation)):
-                if get_origin(arg) is Literal:
-                    found[name] = tuple(c for c in get_args(arg) if isinstance(c, str))
-        _CHOICES[model] = found
-    return found
 
 
 class KafkaSettings(_Frozen):
@@ -264,6 +230,9 @@ class PartnerSettings(_Frozen):
     """The Anthropic workspace of this partner's key. Partners in one workspace share its
     limits: a 429 about the workspace pauses them all, and no one else."""
     on_unknown: Literal["deadletter", "retry"] = "deadletter"
+    service_class: ServiceClass = "realtime"
+    """A request's class when it names none: `batch` and `auto` use Message Batches
+    (half price) when `batches.enabled` (docs/batches.md)."""
     """A call whose outcome is unknown (its owner died mid-call, a timeout or dropped
     connection after sending): dead-letter `outcome_unknown`, or call again and maybe pay twice."""
 
@@ -416,6 +385,7 @@ class GatewaySettings(_Frozen):
     redis: RedisSettings | None = None
     admin: AdminSettings | None = None
     operator_replay: OperatorReplaySettings | None = None
+    batches: BatchSettings = BatchSettings()
     models: dict[str, ModelPrice] = Field(default_factory=_default_models)
     partners: list[PartnerSettings]
 
@@ -451,3 +421,7 @@ class GatewaySettings(_Frozen):
 
     def deadletter_topic(self, partner_id: str) -> str:
         return f"{self.kafka.deadletter_topic_prefix}{partner_id}"
+
+    def realtime_topic(self) -> str:
+        """Where the batch path sends requests back to real time (inside the subscription)."""
+        return self.batches.realtime_topic or f"{self.kafka.request_topic_prefix}_gateway.realtime"

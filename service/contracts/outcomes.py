@@ -84,6 +84,7 @@ def encode_response(
     request_timestamp_ms: int | None,
     metadata: Mapping[str, str] | None,
     unknown_retry: Mapping[str, Any] | None = None,
+    served_by: Mapping[str, Any] | None = None,
 ) -> bytes:
     usage = message_body.get("usage") or {}
     doc: dict[str, Any] = {
@@ -107,6 +108,8 @@ def encode_response(
         doc["metadata"] = dict(metadata)
     if unknown_retry is not None:
         doc["unknown_retry"] = dict(unknown_retry)
+    if served_by is not None:
+        doc["served_by"] = dict(served_by)
     return orjson.dumps(doc)
 
 

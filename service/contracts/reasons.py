@@ -46,10 +46,19 @@ class Reason(StrEnum):
     RETRIES_EXHAUSTED = "retries_exhausted"
     OUTCOME_UNKNOWN = "outcome_unknown"
     RESPONSE_TOO_LARGE = "response_too_large"
+    BATCH_EXPIRED = "batch_expired"
+    BATCH_CANCELED = "batch_canceled"
     # the gateway itself
     INTERNAL_ERROR = "internal_error"
 
 
 RETRYABLE_REASONS = frozenset(
-    {Reason.BUDGET_EXHAUSTED, Reason.RETRIES_EXHAUSTED, Reason.UPSTREAM_SPEND_LIMIT, Reason.INTERNAL_ERROR}
+    {
+        Reason.BUDGET_EXHAUSTED,
+        Reason.RETRIES_EXHAUSTED,
+        Reason.UPSTREAM_SPEND_LIMIT,
+        Reason.INTERNAL_ERROR,
+        Reason.BATCH_EXPIRED,
+        Reason.BATCH_CANCELED,
+    }
 )

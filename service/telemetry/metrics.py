@@ -30,6 +30,7 @@ from prometheus_client import (
 )
 
 from service.scheduling.limiter import parse_ratelimit_headers
+from service.telemetry.batch_metrics import BatchMetrics
 from service.version import version
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Metrics:
         GCCollector(registry=r)
         self.build_info = Info("gateway_build", "The running gateway's version.", registry=r)
         self.build_info.info({"version": version(), "python": platform.python_version()})
+        self.batch = BatchMetrics(r)
         self.requests = Counter(
             "gateway_requests", "Requests by final outcome.", ["partner", "model", "outcome"], registry=r
         )

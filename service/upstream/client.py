@@ -104,6 +104,13 @@ class ClaudeClient:
             elapsed_s=time.perf_counter() - started,
         )
 
+    def batches(self, partner_id: str) -> Any:
+        """The partner key's Message Batches resource (`client.messages.batches`)."""
+        client = self._clients.get(partner_id)
+        if client is None:
+            raise UnknownPartnerKey(partner_id)
+        return client.messages.batches
+
     async def aclose(self) -> None:
         self._clients.clear()
         if self._own_http:

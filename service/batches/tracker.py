@@ -1,0 +1,314 @@
+"""One batch from its intent to its last result: create, record, poll, publish, forget.
+
+Each step is durable before the next starts:
+
+1. the intent (members, reservations) is in the state topic (`worker.py`);
+2. `batches.create`, then one transaction records the batch id. A crash between the
+   two leaves an intent without an id: the next worker waits until any create the
+   dead one had in flight must have ended (`create_timeout_s + create_grace_s` after
+   the intent), then lists the partner's recent batches; one created after the
+   intent, unknown to the state and with as many requests as members, is the one
+   (creates are sequential per partner key, so there is no other candidate). If
+   there is none, the create never happened and is made now;
+3. poll with backoff until `ended`;
+4. the results are read in the file's order (stable for a batch) and published in
+   transactions of `results_chunk`, each also recording how many are published: a
+   crash re-reads the file and skips that many. A member the results never mention
+   is treated as expired;
+5. a tombstone forgets the batch.
+
+Budgets are settled (billed results) or released (the rest) after the transaction
+that published the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import anthropic
+from aiokafka import TopicPartition
+
+from service.admission.budget import Reservation, periods
+from service.admission.pricing import Amount
+from service.batches.records import BatchState, read_handoff
+from service.batches.results import Decision, decide, result_dict, with_record
+from service.batches.store import read_pending
+from service.ingest import failpoints
+from service.upstream.errors import may_have_been_sent
+
+if TYPE_CHECKING:
+    from service.batches.worker import BatchContext, PendingOwner
+
+log = logging.getLogger(__name__)
+
+LIST_SKEW_S = 60.0
+"""A batch created this long before its intent is not a candidate (clock skew allowance)."""
+
+
+class Tracker:
+    def __init__(
+        self,
+        ctx: BatchContext,
+        owner: PendingOwner,
+        tp: TopicPartition,
+        state: BatchState,
+        *,
+        recovered: bool,
+        members: dict[str, Any] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.owner = owner
+        self.tp = tp
+        self.state = state
+        self.recovered = recovered
+        self._params = members or {}
+        self.phase = "intent" if state.batch_id is None else "in_progress"
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batch-{self.state.key}")
+
+    async def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    @property
+    def _log(self) -> dict[str, Any]:
+        return {"partner": self.state.partner, "batch_key": self.state.key, "batch_id": self.state.batch_id}
+
+    async def _run(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                if not self.state.handoffs or (self.state.batch_id is None and not self._params):
+                    await self._load_members()
+                if self.state.batch_id is None:
+                    await self._create()
+                await self._poll()
+                await self._publish()
+                self.owner.done(self.state.key)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("batch step failed; trying again", extra=self._log)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    async def _load_members(self) -> None:
+        """After a crash: the members' handoffs (and params, to create) from the pending topic."""
+        gs = self.ctx.settings()
+        records = await read_pending(gs.kafka, self.tp, self.state.members)
+        for offset in self.state.members:
+            rec = records.get(offset)
+            if rec is None:
+                log.critical(
+                    "a batch member is gone from the pending topic", extra={**self._log, "offset": offset}
+                )
+                continue
+            handoff, original = read_handoff(rec)
+            verdict = self.ctx.admission.admit(original, verified=True)
+            model = getattr(verdict, "model", "")
+            h = handoff.next(submissions=handoff.submissions + 1, model=model)
+            self.state.handoffs[h.custom_id] = (offset, h)
+            if self.state.batch_id is None and hasattr(verdict, "params"):
+                self._params[h.custom_id] = verdict.params
+
+    # -- 2. create and record ----------------------------------------------------------------
+
+    def _batches(self) -> Any:
+        return self.ctx.claude.batches(self.state.partner)
+
+    async def _create(self) -> None:
+        gs = self.ctx.settings()
+        s = gs.batches
+        async with self.owner.creating_lock(self.state.partner):
+            batch_id = await self._find_created() if self.recovered else None
+            if batch_id is None:
+                batch_id = await self._create_call(s.create_timeout_s)
+            if batch_id is None:
+                return  # refused: every member was given its outcome
+            failpoints.hit("batch.created")
+            self.state.batch_id = batch_id
+            self.state.phase = "submitted"
+            self.state.submitted_at = time.time()
+            await self.owner.transact([self.state.message(s.state_topic)])
+        self.phase = "in_progress"
+        log.info("batch submitted", extra={**self._log, "requests": len(self.state.members)})
+
+    async def _create_call(self, timeout_s: float) -> str | None:
+        requests = [{"custom_id": cid, "params": params} for cid, params in self._params.items()]
+        delay = 1.0
+        while True:
+            try:
+                batch = await self._batches().create(requests=requests, timeout=timeout_s)
+                return str(batch.id)
+            except anthropic.APIStatusError as exc:
+                self.ctx.metrics.batch.api_errors.labels("create").inc()
+                if exc.status_code == 429 or exc.status_code >= 500:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 60.0)
+                    continue
+                detail = f"the batch was refused: HTTP {exc.status_code} {exc.type or ''}".strip()
+                await self._refused(detail)
+                return None
+            except anthropic.APIConnectionError as exc:  # includes timeouts
+                self.ctx.metrics.batch.api_errors.labels("create").inc()
+                if may_have_been_sent(exc):
+                    found = await self._find_created()
+                    if found is not None:
+                        return found
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    async def _find_created(self) -> str | None:
+        """An intent without a batch id: was the batch created? (see the module's docstring)."""
+        s = self.ctx.settings().batches
+        wait = self.state.intent_at + s.create_timeout_s + s.create_grace_s - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        known = {t.state.batch_id for t in self.owner.trackers.values() if t.state.batch_id}
+        found: list[tuple[float, str]] = []
+        async for b in self._batches().list(limit=100):
+            created = b.created_at.timestamp()
+            if created < self.state.intent_at - LIST_SKEW_S:
+                break
+            counts = b.request_counts
+            total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
+            if (
+                b.id not in known
+                and total == len(self.state.members)
+                and created >= self.state.intent_at - LIST_SKEW_S
+            ):
+                found.append((created, str(b.id)))
+        outcome = "found" if found else "created_anew"
+        self.ctx.metrics.batch.recovered.labels(outcome).inc()
+        log.warning("batch intent without an id recovered", extra={**self._log, "outcome": outcome})
+        return min(found)[1] if found else None
+
+    async def _refused(self, detail: str) -> None:
+        """The create was refused as a whole: each member goes to real time (or a dead letter)."""
+        result = {"type": "canceled"}
+        gs, label = self.ctx.settings(), f"(not created: {detail})"
+        decisions = [
+            (cid, decide(gs, self.ctx.router, h, result, label))
+            for cid, (_, h) in self.state.handoffs.items()
+        ]
+        await self._commit(decisions, published=0, final=True)
+
+    # -- 3. poll ---------------------------------------------------------------------------
+
+    async def _poll(self) -> None:
+        s = self.ctx.settings().batches
+        delay = s.poll_min_s
+        while True:
+            try:
+                b = await self._batches().retrieve(self.state.batch_id)
+            except anthropic.NotFoundError:
+                log.error("batch not found upstream: its members are treated as expired", extra=self._log)
+                return
+            except anthropic.APIError:
+                self.ctx.metrics.batch.api_errors.labels("retrieve").inc()
+            else:
+                if b.processing_status == "ended":
+                    if b.ended_at is not None:
+                        took = (b.ended_at - b.created_at).total_seconds()
+                        self.ctx.router.turnaround.observe(took)
+                        self.ctx.metrics.batch.turnaround.observe(took)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, s.poll_max_s)
+
+    # -- 4. publish ------------------------------------------------------------------------
+
+    async def _publish(self) -> None:
+        gs = self.ctx.settings()
+        self.phase = "publishing"
+        assert self.state.batch_id is not None
+        batch_id = self.state.batch_id
+        index = 0
+        chunk: list[tuple[str, Decision]] = []
+        answered: set[str] = set()
+        try:
+            results = await self._batches().results(batch_id)
+        except anthropic.NotFoundError:
+            results = None
+        if results is not None:
+            async for entry in results:
+                cid, result = result_dict(entry)
+                index += 1
+                member = self.state.handoffs.get(cid)
+                if member is None or cid in answered:
+                    log.error(
+                        "a batch result for no member; ignored", extra={**self._log, "custom_id": cid[:64]}
+                    )
+                    continue
+                answered.add(cid)
+                if index <= self.state.published:
+                    continue  # published before a crash
+                chunk.append((cid, decide(gs, self.ctx.router, member[1], result, batch_id)))
+                if len(chunk) >= gs.batches.results_chunk:
+                    await self._commit(chunk, published=index)
+                    chunk = []
+        missing = [cid for cid in self.state.handoffs if cid not in answered]
+        for cid in missing:
+            chunk.append(
+                (cid, decide(gs, self.ctx.router, self.state.handoffs[cid][1], {"type": "expired"}, batch_id))
+            )
+        await self._commit(chunk, published=index, final=True)
+        log.info("batch published", extra={**self._log, "results": index, "missing": len(missing)})
+
+    async def _commit(
+        self, chunk: list[tuple[str, Decision]], *, published: int, final: bool = False
+    ) -> None:
+        gs = self.ctx.settings()
+        needing = [self.state.handoffs[cid][0] for cid, d in chunk if d.needs_record]
+        records = await read_pending(gs.kafka, self.tp, needing) if needing else {}
+        messages = []
+        for cid, d in chunk:
+            if d.needs_record:
+                rec = records.get(self.state.handoffs[cid][0])
+                if rec is None:
+                    log.critical(
+                        "a batch member is gone from the pending topic", extra={**self._log, "custom_id": cid}
+                    )
+                    continue
+                d = with_record(gs, d, rec)
+            messages += d.messages
+        self.state.published = published
+        key = self.state.key.encode()
+        if final:
+            await self.owner.transact(messages, tombstones=[(gs.batches.state_topic, key)])
+        else:
+            await self.owner.transact([*messages, self.state.message(gs.batches.state_topic)])
+        failpoints.hit("batch.published")
+        await self._settle(chunk)
+
+    async def _settle(self, chunk: list[tuple[str, Decision]]) -> None:
+        budgets = self.ctx.admission.budgets
+        registry = self.ctx.admission.registry
+        m = self.ctx.metrics.batch
+        for cid, d in chunk:
+            offset, h = self.state.handoffs[cid]
+            m.results.labels(h.partner, d.kind, d.action).inc()
+            partner = registry.by_id.get(h.partner)
+            if budgets is None or partner is None:
+                continue
+            tokens, nusd = self.state.reserved_of(offset)
+            res = Reservation(
+                h.partner,
+                h.model,
+                periods(partner.settings.budget, self.state.intent_at),
+                Amount(tokens, nusd),
+                self.state.shared,
+            )
+            if d.usage is not None:
+                await budgets.settle(res, d.usage)
+            else:  # not billed; a new batch or the real-time call reserves again
+                await budgets.release(res)

@@ -1,0 +1,337 @@
+"""The batch worker: forms Message Batches from the pending topic, exactly once.
+
+It consumes `batches.pending_topic` (one partition) in the group `<group_id>.batches`,
+so one replica at a time is the worker; on assignment it initialises the
+transactional producer `<group_id>.batches.<partition>`, which fences the previous
+worker, reads the open batches from the state topic and resumes each (`tracker.py`).
+
+Forming: pending requests are buffered until a partner's batch would exceed
+`max_requests` / `max_bytes`, or the oldest waited `max_age_s`. Then, for the
+buffer's prefix taken, each request is admitted again (its params as first admitted;
+the signature and replay were checked when it was first read) and reserves its
+budget at batch price; and ONE transaction records a state document (an *intent*)
+per partner batch, the dead letters of the refused, the deferred ones written
+back to the pending topic, and the pending offset past everything taken. Only
+then is any batch created: a crash before leaves nothing behind but the
+untouched pending records, a crash after leaves an intent the next worker finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from service.admission.admit import Admission, Admitted, Deferred, Rejected
+from service.admission.budget import Reservation, periods
+from service.admission.pricing import Amount
+from service.batches.records import BadHandoff, BatchState, Handoff, handoff_message, read_handoff
+from service.batches.results import dead_letter, origin_of
+from service.batches.routing import Router
+from service.batches.store import commit, load_states, transactional_producer
+from service.batches.tracker import Tracker
+from service.config.kafka import client_kwargs
+from service.config.settings import GatewaySettings
+from service.contracts.outcomes import DeadLetter
+from service.ingest import failpoints
+from service.ingest.sending import OutMessage
+from service.ingest.stable_offsets import fetch_committed_stable
+from service.telemetry.metrics import Metrics
+from service.upstream.client import ClaudeClient
+
+log = logging.getLogger(__name__)
+
+DEFER_RETRY_S = 60.0
+"""A request whose budget is exhausted (on_exhausted: defer) is looked at again this often."""
+
+
+@dataclass
+class BatchContext:
+    settings: Callable[[], GatewaySettings]
+    admission: Admission
+    claude: ClaudeClient
+    router: Router
+    metrics: Metrics
+
+    @property
+    def group(self) -> str:
+        return f"{self.settings().kafka.group_id}.batches"
+
+
+@dataclass
+class _Member:
+    rec: ConsumerRecord
+    handoff: Handoff
+    adm: Admitted
+    amount: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class _Taken:
+    members: dict[str, list[_Member]] = field(default_factory=lambda: defaultdict(list))
+    messages: list[OutMessage] = field(default_factory=list)
+    last_offset: int = -1
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: BatchWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.worker.revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.worker.assigned(list(assigned))
+
+
+class BatchWorker:
+    def __init__(self, ctx: BatchContext) -> None:
+        self.ctx = ctx
+        self._consumer: AIOKafkaConsumer | None = None
+        self._owners: dict[TopicPartition, PendingOwner] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        k = self.ctx.settings().kafka
+        self._consumer = AIOKafkaConsumer(
+            **client_kwargs(k),
+            group_id=self.ctx.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_poll_interval_ms=k.max_poll_interval_ms,
+        )
+        await self._consumer.start()
+        self._consumer.subscribe([self.ctx.settings().batches.pending_topic], listener=_Listener(self))
+        try:
+            while not stop.is_set():
+                fetched = await self._consumer.getmany(timeout_ms=200, max_records=1000)
+                for tp, records in fetched.items():
+                    owner = self._owners.get(tp)
+                    if owner is not None:
+                        owner.offer(records)
+                for tp, owner in list(self._owners.items()):
+                    if owner.full():
+                        self._consumer.pause(tp)
+                    else:
+                        self._consumer.resume(tp)
+                    try:
+                        await owner.form_if_due()
+                    except Exception:  # a failed transaction: start over from the committed state
+                        log.exception("forming a batch failed; the worker restarts from its committed state")
+                        await self.revoked([tp])
+                        await self.assigned([tp])
+                self.refresh_metrics()
+        finally:
+            await self.revoked(list(self._owners))
+            await self._consumer.stop()
+
+    async def assigned(self, tps: list[TopicPartition]) -> None:
+        assert self._consumer is not None
+        for tp in tps:
+            owner = PendingOwner(self.ctx, tp)
+            committed = await owner.start(self._consumer)
+            self._consumer.seek(tp, committed)
+            self._owners[tp] = owner
+
+    async def revoked(self, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            owner = self._owners.pop(tp, None)
+            if owner is not None:
+                await owner.stop()
+
+    def refresh_metrics(self) -> None:
+        m = self.ctx.metrics.batch
+        forming = sum(len(o.buffer) for o in self._owners.values())
+        m.requests.labels("forming").set(forming)
+        trackers = [t for o in self._owners.values() for t in o.trackers.values()]
+        m.requests.labels("submitted").set(sum(len(t.state.members) for t in trackers if t.state.batch_id))
+        for phase in ("intent", "in_progress", "publishing"):
+            m.batches.labels(phase).set(sum(t.phase == phase for t in trackers))
+        now = time.time()
+        m.oldest_age.set(max((now - t.state.intent_at for t in trackers), default=0.0))
+        m.expected_turnaround.set(self.ctx.router.turnaround.expected_s)
+
+
+class PendingOwner:
+    """The worker of one pending partition while this replica owns it."""
+
+    def __init__(self, ctx: BatchContext, tp: TopicPartition) -> None:
+        self.ctx = ctx
+        self.tp = tp
+        self.buffer: list[ConsumerRecord] = []
+        self._buffer_bytes = 0
+        self.trackers: dict[str, Tracker] = {}
+        self._producer: AIOKafkaProducer | None = None
+        self._txn = asyncio.Lock()
+        self._creating: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def start(self, consumer: AIOKafkaConsumer) -> int:
+        """Fence the previous worker, resume the open batches; returns the offset to read from."""
+        gs = self.ctx.settings()
+        self._producer = transactional_producer(gs.kafka, f"{self.ctx.group}.{self.tp.partition}")
+        await self._producer.start()  # initialises the transactional id: the old worker is fenced
+        states = await load_states(gs.kafka, TopicPartition(gs.batches.state_topic, self.tp.partition))
+        for st in states.values():
+            self._track(st, recovered=True)
+        offset, _ = await fetch_committed_stable(consumer._coordinator, self.tp)
+        log.info("batch worker started", extra={"open_batches": len(states), "offset": offset})
+        return offset or 0
+
+    async def stop(self) -> None:
+        for tracker in list(self.trackers.values()):
+            await tracker.cancel()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def transact(self, messages: list[OutMessage], **kw: Any) -> None:
+        assert self._producer is not None
+        async with self._txn:
+            await commit(self._producer, messages, **kw)
+
+    def creating_lock(self, partner: str) -> asyncio.Lock:
+        """One create (or recovery listing) at a time per partner key: a batch found by
+        listing after a crash can then only be the one its intent was for."""
+        return self._creating[partner]
+
+    def done(self, key: str) -> None:
+        self.trackers.pop(key, None)
+
+    def _track(self, st: BatchState, *, recovered: bool, members: dict[str, Any] | None = None) -> None:
+        tracker = Tracker(self.ctx, self, self.tp, st, recovered=recovered, members=members)
+        self.trackers[st.key] = tracker
+        tracker.start()
+
+    # -- forming --------------------------------------------------------------------------
+
+    def offer(self, records: list[ConsumerRecord]) -> None:
+        for rec in records:
+            self.buffer.append(rec)
+            self._buffer_bytes += len(rec.value or b"")
+
+    def full(self) -> bool:
+        s = self.ctx.settings().batches
+        return len(self.buffer) >= 2 * s.max_requests or self._buffer_bytes >= 2 * s.max_bytes
+
+    def _queued(self) -> int:
+        return sum(len(t.state.members) for t in self.trackers.values())
+
+    async def form_if_due(self) -> None:
+        if not self.buffer:
+            return
+        s = self.ctx.settings().batches
+        oldest = self.buffer[0].timestamp / 1000 if self.buffer[0].timestamp else time.time()
+        due = time.time() - oldest >= s.max_age_s or self.full() or len(self.buffer) >= s.max_requests
+        if not due:
+            return
+        if s.max_queued_requests is not None and self._queued() >= s.max_queued_requests:
+            return  # Anthropic's batch queue is full: wait for batches to end
+        await self.form()
+
+    async def form(self) -> None:
+        gs = self.ctx.settings()
+        taken = await self._take(gs)
+        if taken.last_offset < 0:
+            return
+        now = time.time()
+        new: list[tuple[BatchState, dict[str, Any]]] = []
+        for partner, members in taken.members.items():
+            st = BatchState(
+                key=f"{partner}.{uuid.uuid4().hex}",
+                partner=partner,
+                intent_at=now,
+                members=[m.rec.offset for m in members],
+                reserved=[list(m.amount) for m in members],
+                shared=self.ctx.admission.budgets is not None
+                and self.ctx.admission.budgets.shared is not None,
+            )
+            st.handoffs = {m.handoff.custom_id: (m.rec.offset, m.handoff) for m in members}
+            new.append((st, {m.handoff.custom_id: m.adm.params for m in members}))
+            taken.messages.append(st.message(gs.batches.state_topic))
+        try:
+            await self.transact(
+                taken.messages, offsets={self.tp: taken.last_offset + 1}, group_id=self.ctx.group
+            )
+        except BaseException:
+            for st, _ in new:  # nothing was recorded: give the reservations back
+                await self._release(st)
+            raise
+        failpoints.hit("batch.intent")
+        for st, params in new:
+            self._track(st, recovered=False, members=params)
+
+    async def _release(self, st: BatchState) -> None:
+        budgets = self.ctx.admission.budgets
+        partner = self.ctx.admission.registry.by_id.get(st.partner)
+        if budgets is None or partner is None:
+            return
+        for offset, (_, h) in zip(st.members, st.handoffs.values(), strict=False):
+            tokens, nusd = st.reserved_of(offset)
+            ps = periods(partner.settings.budget, st.intent_at)
+            await budgets.release(Reservation(st.partner, h.model, ps, Amount(tokens, nusd), st.shared))
+
+    async def _take(self, gs: GatewaySettings) -> _Taken:
+        """Decide the buffer's prefix: members of a partner batch, dead letters, or deferred."""
+        s = gs.batches
+        taken = _Taken()
+        sizes: dict[str, int] = defaultdict(int)
+        seen: dict[str, set[str]] = defaultdict(set)
+        now = time.time()
+        count = 0
+        for rec in self.buffer:
+            try:
+                handoff, original = read_handoff(rec)
+            except BadHandoff as exc:
+                log.critical(
+                    "pending record without a readable handoff; skipped",
+                    extra={"offset": rec.offset, "error": str(exc)},
+                )
+                count += 1
+                continue
+            pid = handoff.partner
+            size = len(rec.value or b"") + 256
+            if len(taken.members[pid]) >= s.max_requests or sizes[pid] + size > s.max_bytes:
+                break  # this partner's batch is full: the rest waits for the next one
+            count += 1
+            if handoff.not_before > now or handoff.custom_id in seen[pid]:
+                # deferred (budget), or the same request id twice: into a later batch
+                taken.messages.append(handoff_message(s.pending_topic, rec, handoff))
+                continue
+            verdict = self.ctx.admission.admit(original, verified=True)
+            if isinstance(verdict, Admitted):
+                reserved = await self.ctx.admission.reserve(verdict, service_tier="batch")
+                if isinstance(reserved, Deferred):
+                    later = handoff.next(not_before=min(reserved.period_end, now + DEFER_RETRY_S))
+                    taken.messages.append(handoff_message(s.pending_topic, rec, later))
+                    continue
+                verdict = reserved
+            if isinstance(verdict, Rejected):
+                taken.messages += _rejected(gs, handoff, verdict)
+                continue
+            res = verdict.reservation
+            amount = (res.amount.tokens, res.amount.nusd) if res is not None else (0, 0)
+            h = handoff.next(submissions=handoff.submissions + 1, model=verdict.model)
+            taken.members[pid].append(_Member(rec, h, verdict, amount))
+            seen[pid].add(h.custom_id)
+            sizes[pid] += size
+        if count:
+            taken.last_offset = self.buffer[count - 1].offset
+            for rec in self.buffer[:count]:
+                self._buffer_bytes -= len(rec.value or b"")
+            del self.buffer[:count]
+        return taken
+
+
+def _rejected(gs: GatewaySettings, h: Handoff, rejected: Rejected) -> list[OutMessage]:
+    detail = rejected.detail
+    dl = DeadLetter(h.partner, rejected.reason, detail, origin_of(h), h.request_id, h.submissions)
+    return dead_letter(gs, dl, time.time())
