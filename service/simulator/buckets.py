@@ -141,6 +141,14 @@ class BucketSet:
             bucket.take(amount)
         return None
 
+    def try_request(self) -> Refusal | None:
+        """Take 1 request and no tokens (a call that generates nothing, e.g. a batch create)."""
+        wait = self.requests.wait_s(1)
+        if wait > 0:
+            return Refusal(("requests",), wait)
+        self.requests.take(1)
+        return None
+
     def settle_output(self, estimate: int, actual: int) -> None:
         """Correct the OTPM reservation from the estimate to the real output."""
         if actual < estimate:
@@ -213,6 +221,15 @@ class KeyedBuckets(BucketSet):
             self.workspace.give_back(input_tokens, output_estimate)
         return refusal
 
+    def try_request(self) -> Refusal | None:
+        refusal = self.workspace.try_request()
+        if refusal is not None:
+            return Refusal(tuple(f"workspace {b}" for b in refusal.buckets), refusal.wait_s)
+        refusal = self.org.try_request()
+        if refusal is not None:
+            self.workspace.requests.give_back(1)
+        return refusal
+
     def settle_output(self, estimate: int, actual: int) -> None:
         self.workspace.settle_output(estimate, actual)
         self.org.settle_output(estimate, actual)
@@ -244,6 +261,10 @@ class RateLimiter:
             n: BucketSet(f"workspace:{n}", lim, clock) for n, (_, lim) in (workspaces or {}).items()
         }
         self._workspace_of = {key: n for n, (keys, _) in (workspaces or {}).items() for key in keys}
+
+    def workspace_of(self, key_name: str | None) -> str | None:
+        """The workspace a key belongs to (None: the organisation's default workspace)."""
+        return self._workspace_of.get(key_name or "")
 
     def for_key(self, key_name: str | None, buckets: BucketSet) -> BucketSet:
         """What a call with this key draws on: `buckets`, and its workspace's when it has one."""

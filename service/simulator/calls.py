@@ -19,6 +19,15 @@ Once the cap is reached, calls for keys not yet tracked are counted in `untracke
 and nothing else grows; keys already tracked keep counting. A key longer than
 `MAX_KEY_CHARS` is stored as `sha256:<hex>` so one hostile header cannot use the budget.
 `POST /_sim/reset` clears everything.
+
+Message Batch entries are counted apart, by their `custom_id` (`batch_calls_by_custom_id` in
+`GET /_sim/calls`, totals in `batch_calls`; service/simulator/batches/stats.py), with the same
+three counts and the same filters: a succeeded entry is one `ok` and `billed` call of its
+custom_id. A batch entry has no header of its own, and the gateway's custom_id cannot carry
+`<partner_id>:<request_id>` verbatim (`:` is not allowed, 64 characters at most), so the
+simulator takes the custom_id as it is and never maps it back: whoever checks for double
+billing derives the custom_id of a request the way the gateway does and adds
+`batch_calls_by_custom_id[custom_id]["billed"]` to `calls_by_request[request_key]["billed"]`.
 """
 
 from __future__ import annotations
@@ -120,12 +129,13 @@ class RequestCalls:
             "untracked_calls": self.untracked_calls,
         }
 
+    def by_key(self, min_ok: int = 0, min_billed: int = 0, min_all: int = 0) -> dict[str, dict[str, int]]:
+        """`{key: {"ok", "billed", "all"}}` of the keys at or above the given minimums."""
+        return {
+            key: {"ok": ok, "billed": billed, "all": every}
+            for key, ok, billed, every in self.items(min_ok, min_billed, min_all)
+        }
+
     def as_dict(self, min_ok: int = 0, min_billed: int = 0, min_all: int = 0) -> dict[str, Any]:
         """The summary plus `calls_by_request` (filtered by the minimums), JSON-ready."""
-        return {
-            **self.summary(),
-            "calls_by_request": {
-                key: {"ok": ok, "billed": billed, "all": every}
-                for key, ok, billed, every in self.items(min_ok, min_billed, min_all)
-            },
-        }
+        return {**self.summary(), "calls_by_request": self.by_key(min_ok, min_billed, min_all)}

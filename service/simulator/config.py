@@ -22,6 +22,7 @@ YAML layout (every key optional):
     round_remaining: true
     max_tracked_requests: 1000000        # per-request call counts kept (GET /_sim/calls)
     priority_tier: false                 # true: service_tier auto is served as priority
+    batches: {processing_s: 1.0, expiry_s: 24.0, api_error_rate: 0.0, max_queued_requests: null}
 """
 
 from __future__ import annotations
@@ -151,6 +152,58 @@ class FaultSettings(_Frozen):
         return self.api_error_rate + self.overloaded_rate + self.drop_rate + self.spend_limit_rate
 
 
+#: Anthropic's limits on one Message Batch (ANTHROPIC.md, Message Batches).
+MAX_BATCH_REQUESTS = 100_000
+MAX_BATCH_BYTES = 256 * 1024 * 1024
+
+
+class BatchSettings(_Frozen):
+    """Message Batches (`/v1/messages/batches`, see service/simulator/batches/), in compressed
+    time: by default one second stands for one of Anthropic's hours.
+
+    - `processing_s`: how long a batch takes (its entries finish evenly over that time);
+      with `processing_max_s` set, each batch's time is drawn uniformly in between.
+    - `expiry_s`: Anthropic's 24 hours; `expires_at` is `created_at` + this, and the entries
+      not finished by then end `expired`.
+    - `retention_s`: Anthropic's 29 days; an ended batch and its results are deleted this
+      long after it was created (memory stays bounded in long runs).
+    - `api_error_rate`, `overloaded_rate`: share of valid entries that end `errored` with
+      `api_error` / `overloaded_error`; `expire_rate`: share that never finish (the batch then
+      ends at `expires_at`, those entries `expired`). Drawn from a generator seeded by `seed`
+      and the batch's number, so a seed reproduces every batch whatever else runs.
+    - `max_queued_requests`: entries still processing, over all batches of the organisation,
+      above which a create answers 429 `rate_limit_error` (None = no limit).
+    - `max_requests`, `max_bytes`: one batch's size limits (400 above them).
+    - `shuffle_results`: results come in a seeded shuffled order (stable for a batch), as
+      Anthropic gives them "in any order"; false = request order.
+    """
+
+    processing_s: float = Field(default=1.0, ge=0)
+    processing_max_s: float | None = Field(default=None, ge=0)
+    expiry_s: float = Field(default=24.0, gt=0)
+    retention_s: float = Field(default=29 * 24.0, gt=0)
+    api_error_rate: float = Field(default=0.0, ge=0, le=1)
+    overloaded_rate: float = Field(default=0.0, ge=0, le=1)
+    expire_rate: float = Field(default=0.0, ge=0, le=1)
+    max_queued_requests: int | None = Field(default=None, ge=1)
+    max_requests: int = Field(default=MAX_BATCH_REQUESTS, ge=1)
+    max_bytes: int = Field(default=MAX_BATCH_BYTES, ge=1)
+    shuffle_results: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> BatchSettings:
+        if self.processing_max_s is not None and self.processing_max_s < self.processing_s:
+            raise ValueError("batches.processing_max_s must not be below batches.processing_s")
+        if self.api_error_rate + self.overloaded_rate + self.expire_rate > 1.0 + 1e-9:
+            raise ValueError("batches: api_error_rate + overloaded_rate + expire_rate must be at most 1")
+        return self
+
+    @property
+    def outcome_rate(self) -> float:
+        """Share of entries with a drawn outcome; 0 means no draw per entry."""
+        return self.api_error_rate + self.overloaded_rate + self.expire_rate
+
+
 class WorkspaceSettings(_Frozen):
     """A workspace: its keys (by name, as in `api_keys`) draw on its limits as well as the org's.
     Unset limits are unlimited here (only the org's apply)."""
@@ -182,6 +235,7 @@ class SimulatorConfig(_Frozen):
     round_remaining: bool = True
     max_tracked_requests: int = Field(default=1_000_000, ge=0)
     """Requests whose calls are counted one by one (see service/simulator/calls.py); 0 = none."""
+    batches: BatchSettings = BatchSettings()
 
     @model_validator(mode="after")
     def _keys_unique(self) -> SimulatorConfig:

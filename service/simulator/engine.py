@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from service.simulator.batches.store import BatchStore
 from service.simulator.buckets import Clock, RateLimiter
 from service.simulator.config import SimulatorConfig
 from service.simulator.errors import AuthenticationError, InvalidRequestError
@@ -50,6 +51,7 @@ class SimulatorEngine:
         self._key_names = self._key_lookup(config)
         self._fingerprints: dict[str, str] = {}
         self.models = frozenset(config.models)
+        self.batches = BatchStore(self._id_prefix)
         warm()  # the body schemas compile once per process
 
     def _new_limiter(self, config: SimulatorConfig) -> RateLimiter:
@@ -73,7 +75,7 @@ class SimulatorEngine:
         self.models = frozenset(config.models)
         self._key_names = self._key_lookup(config)
         self._fingerprints.clear()
-        self.stats.requests.max_entries = config.max_tracked_requests
+        self.stats.set_max_tracked(config.max_tracked_requests)
         if (old.limits, old.model_limits, old.count_tokens_rpm, old.workspaces) != (
             config.limits,
             config.model_limits,
@@ -85,8 +87,10 @@ class SimulatorEngine:
             self.rng = random.Random(config.seed)
 
     def reset(self, *, empty: bool = False) -> None:
-        """Zero the stats, fill (or empty) the buckets and re-seed the random generator."""
+        """Zero the stats, fill (or empty) the buckets, re-seed the random generator and
+        forget every Message Batch (a batch in progress would bill into the new stats)."""
         self.stats.reset()
+        self.batches.clear()
         self.limiter.reset(empty=empty)
         self.rng = random.Random(self.config.seed)
 
@@ -133,5 +137,7 @@ class SimulatorEngine:
     def snapshot(self) -> dict[str, Any]:
         """Stats plus current bucket levels, JSON-ready."""
         data = self.stats.as_dict()
+        data["batches"].update(self.batches.snapshot())
+        data["batches"]["request_counts"]["processing"] = self.batches.queued_requests()
         data["buckets"] = self.limiter.snapshot()
         return data

@@ -11,7 +11,8 @@ a dropped connection. Every answer carries `request-id` and the twelve
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from service.simulator.buckets import BucketSet, Refusal
 from service.simulator.calls import request_key
+from service.simulator.completion import draw_completion, message_of
 from service.simulator.config import SimulatorConfig, SimulatorConfigError, updated_config
 from service.simulator.engine import SimulatorEngine
 from service.simulator.errors import (
@@ -30,17 +32,17 @@ from service.simulator.errors import (
 )
 from service.simulator.faults import Fault, draw_fault, fault_error
 from service.simulator.headers import ratelimit_headers
-from service.simulator.sampling import draw_latency_s, draw_output_tokens
+from service.simulator.sampling import draw_latency_s
 from service.simulator.stats import DROPPED
-from service.simulator.tokens import count_input_tokens, filler_text
-from service.simulator.usage import usage_of
+from service.simulator.tokens import count_input_tokens
 from service.simulator.validation import validate_count_tokens, validate_messages
 
 MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+#: Paths that exist with other methods: 405 rather than 404.
+_API_PATHS = re.compile(r"/v1/messages(/count_tokens|/batches(/[^/]+(/cancel|/results)?)?)?")
 _JSON = "application/json"
 _DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
-_UNBOUNDED_BYTES = 1 << 62
 _CALL_FILTERS = ("min_ok", "min_billed", "min_all")
 
 # Indirection so that tests can check that zero latency never sleeps.
@@ -59,22 +61,22 @@ class Handlers:
 
     # -- helpers -----------------------------------------------------------------
 
-    def _headers(self, request_id: str, buckets: BucketSet) -> dict[str, str]:
+    def headers_for(self, request_id: str, buckets: BucketSet) -> dict[str, str]:
         engine = self.engine
         headers = ratelimit_headers(buckets, engine.wall_clock(), engine.config.round_remaining)
         headers["request-id"] = request_id
         return headers
 
-    def _error(
+    def error_response(
         self, exc: ApiError, request_id: str, buckets: BucketSet, retry_after_s: int | None = None
     ) -> web.Response:
         self.engine.stats.status(exc.status)
-        headers = self._headers(request_id, buckets)
+        headers = self.headers_for(request_id, buckets)
         if retry_after_s is not None:
             headers["retry-after"] = str(retry_after_s)
         return _json(exc.status, exc.body(request_id), headers)
 
-    def _rate_limited(self, refusal: Refusal, request_id: str, buckets: BucketSet) -> web.Response:
+    def rate_limited(self, refusal: Refusal, request_id: str, buckets: BucketSet) -> web.Response:
         self.engine.stats.rate_limited_429 += 1
         what = ", ".join(refusal.buckets)
         whose = "workspace's" if what.startswith("workspace") else "organization's"
@@ -82,15 +84,23 @@ class Handlers:
             message = f"This request would exceed your {whose} per-minute limit ({what}) on its own."
         else:
             message = f"This request would exceed your {whose} rate limit ({what}); retry later."
-        return self._error(RateLimitError(message), request_id, buckets, refusal.retry_after_s)
+        return self.error_response(RateLimitError(message), request_id, buckets, refusal.retry_after_s)
 
-    async def _read_json(self, request: web.Request) -> Any:
-        limit = self.engine.config.max_body_bytes
+    async def read_json(
+        self,
+        request: web.Request,
+        limit: int | None = None,
+        too_large: Callable[[int], ApiError] | None = None,
+    ) -> Any:
+        """The JSON body, at most `limit` bytes (default `max_body_bytes`, else 413 or `too_large`)."""
+        if limit is None:
+            limit = self.engine.config.max_body_bytes
+        refuse = too_large or _too_large
         length = request.content_length
         if length is not None:
             if length > limit:
                 await _drain(request)
-                raise _too_large(limit)
+                raise refuse(limit)
             raw = await request.read()
         else:
             chunks: list[bytes] = []
@@ -99,7 +109,7 @@ class Handlers:
                 size += len(chunk)
                 if size > limit:
                     await _drain(request)
-                    raise _too_large(limit)
+                    raise refuse(limit)
                 chunks.append(chunk)
             raw = b"".join(chunks)
         try:
@@ -124,11 +134,11 @@ class Handlers:
                 key_name = engine.authenticate(request.headers)
                 engine.check_version(request.headers)
             except ApiError as exc:
-                return self._error(exc, request_id, buckets)
+                return self.error_response(exc, request_id, buckets)
             model: str | None = None
             config = engine.config
             try:
-                body = await self._read_json(request)
+                body = await self.read_json(request)
                 if call_key is None:
                     call_key = request_key(request.headers, body)
                 if isinstance(body, Mapping) and isinstance(body.get("model"), str):
@@ -137,10 +147,9 @@ class Handlers:
                 validate_messages(body, engine.models, config.max_tokens_limit)
             except ApiError as exc:
                 stats.identified(key_name, model)
-                return self._error(exc, request_id, buckets)
+                return self.error_response(exc, request_id, buckets)
             stats.identified(key_name, model)
-            assert model is not None
-            response = await self._complete(body, model, config, request_id, buckets, key_name)
+            response = await self._complete(body, config, request_id, buckets, key_name)
             if response is None:
                 # Dropped: close the connection without an answer. aiohttp then fails
                 # to write the placeholder with a ConnectionError, which it ignores quietly.
@@ -157,7 +166,6 @@ class Handlers:
     async def _complete(
         self,
         body: Mapping[str, Any],
-        model: str,
         config: SimulatorConfig,
         request_id: str,
         buckets: BucketSet,
@@ -171,47 +179,31 @@ class Handlers:
         if error is not None:
             if fault is Fault.SPEND_LIMIT:
                 engine.stats.spend_limit_429 += 1
-            return self._error(error, request_id, buckets)
+            return self.error_response(error, request_id, buckets)
 
         input_tokens = count_input_tokens(body)
         max_tokens: int = body["max_tokens"]
         refusal = buckets.try_admit(input_tokens, max_tokens)
         if refusal is not None:
-            return self._rate_limited(refusal, request_id, buckets)
+            return self.rate_limited(refusal, request_id, buckets)
 
-        wanted = draw_output_tokens(rng, config.output)
-        stop_sequence: str | None = None
-        if wanted >= max_tokens:
-            output_tokens, stop_reason = max_tokens, "max_tokens"
-        else:
-            output_tokens, stop_reason = wanted, "end_turn"
-            stops = body.get("stop_sequences")
-            rate = config.output.stop_sequence_rate
-            if stops and rate > 0 and rng.random() < rate:
-                stop_reason, stop_sequence = "stop_sequence", stops[0]
-        latency_s = draw_latency_s(rng, config.latency, output_tokens)
+        completion = draw_completion(rng, config.output, body)
+        latency_s = draw_latency_s(rng, config.latency, completion.output_tokens)
         try:
             if latency_s > 0:
                 await _sleep(latency_s)
         finally:  # settle even if the handler is cancelled while "generating"
-            buckets.settle_output(max_tokens, output_tokens)
-        engine.stats.billed(input_tokens, output_tokens, key_name)
+            buckets.settle_output(max_tokens, completion.output_tokens)
+        engine.stats.billed(input_tokens, completion.output_tokens, key_name)
 
         if fault is Fault.DROP:
             return None
 
-        message = {
-            "id": engine.next_message_id(),
-            "type": "message",
-            "role": "assistant",
-            "model": model,
-            "content": [{"type": "text", "text": filler_text(output_tokens)}] if output_tokens else [],
-            "stop_reason": stop_reason,
-            "stop_sequence": stop_sequence,
-            "usage": usage_of(body, input_tokens, output_tokens, priority_tier=config.priority_tier),
-        }
+        message = message_of(
+            engine.next_message_id(), body, input_tokens, completion, priority_tier=config.priority_tier
+        )
         engine.stats.status(200)
-        return _json(200, orjson.dumps(message), self._headers(request_id, buckets))
+        return _json(200, orjson.dumps(message), self.headers_for(request_id, buckets))
 
     # -- /v1/messages/count_tokens -----------------------------------------------------
 
@@ -227,22 +219,22 @@ class Handlers:
         try:
             key_name = engine.authenticate(request.headers)
             engine.check_version(request.headers)
-            body = await self._read_json(request)
+            body = await self.read_json(request)
             if isinstance(body, Mapping) and isinstance(body.get("model"), str):
                 model = body["model"]
                 buckets = engine.limiter.for_model(model)
             validate_count_tokens(body, engine.models)
         except ApiError as exc:
             stats.identified(key_name, model)
-            return self._error(exc, request_id, buckets)
+            return self.error_response(exc, request_id, buckets)
         stats.identified(key_name, model)
         refusal = engine.limiter.try_count_tokens()
         if refusal is not None:
-            return self._rate_limited(refusal, request_id, buckets)
+            return self.rate_limited(refusal, request_id, buckets)
         tokens = count_input_tokens(body)
         stats.count_tokens_input_tokens_total += tokens
         stats.status(200)
-        return _json(200, orjson.dumps({"input_tokens": tokens}), self._headers(request_id, buckets))
+        return _json(200, orjson.dumps({"input_tokens": tokens}), self.headers_for(request_id, buckets))
 
     # -- fallbacks and control routes ------------------------------------------------
 
@@ -250,11 +242,11 @@ class Handlers:
         """Any other path or method: Anthropic-shaped 404/405."""
         request_id = self.engine.next_request_id()
         buckets = self.engine.limiter.default
-        if request.path in (MESSAGES_PATH, COUNT_TOKENS_PATH):
+        if _API_PATHS.fullmatch(request.path):
             exc: ApiError = _MethodNotAllowed(f"Method {request.method} not allowed for {request.path}")
         else:
             exc = NotFoundError(f"Not found: {request.method} {request.path}")
-        return _json(exc.status, exc.body(request_id), self._headers(request_id, buckets))
+        return _json(exc.status, exc.body(request_id), self.headers_for(request_id, buckets))
 
     def _control(self, status: int, body: bytes) -> web.Response:
         return _json(status, body, {"request-id": self.engine.next_request_id()})
@@ -270,7 +262,7 @@ class Handlers:
         except ValueError:
             message = f"{', '.join(_CALL_FILTERS)} must be integers"
             return self._control(400, InvalidRequestError(message).body())
-        return self._control(200, orjson.dumps(self.engine.stats.requests.as_dict(**minimums)))
+        return self._control(200, orjson.dumps(self.engine.stats.calls(**minimums)))
 
     async def reset(self, request: web.Request) -> web.StreamResponse:
         """`POST /_sim/reset`: zero the stats, fill the buckets (`?buckets=empty`: empty them, so
@@ -319,19 +311,3 @@ def _drop_connection(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
-
-
-def build_app(engine: SimulatorEngine) -> web.Application:
-    """The aiohttp application serving `engine`."""
-    handlers = Handlers(engine)
-    # The size limit is checked by the handlers (it can change at runtime), not by aiohttp.
-    app = web.Application(client_max_size=_UNBOUNDED_BYTES)
-    app.router.add_post(MESSAGES_PATH, handlers.messages)
-    app.router.add_post(COUNT_TOKENS_PATH, handlers.count_tokens)
-    app.router.add_get("/_sim/stats", handlers.stats)
-    app.router.add_get("/_sim/calls", handlers.calls)
-    app.router.add_post("/_sim/reset", handlers.reset)
-    app.router.add_get("/_sim/config", handlers.get_config)
-    app.router.add_post("/_sim/config", handlers.post_config)
-    app.router.add_route("*", "/{tail:.*}", handlers.not_found)
-    return app

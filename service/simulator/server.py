@@ -21,7 +21,7 @@ from aiohttp import web
 from service.simulator.buckets import Clock
 from service.simulator.config import SimulatorConfig, updated_config
 from service.simulator.engine import SimulatorEngine
-from service.simulator.handlers import build_app
+from service.simulator.routes import build_app
 
 
 class SimulatorServer:
@@ -105,8 +105,9 @@ class SimulatorServer:
         return self.engine.snapshot()
 
     def calls(self, min_ok: int = 0, min_billed: int = 0, min_all: int = 0) -> dict[str, Any]:
-        """The same JSON-ready dict as `GET /_sim/calls` (calls per request, see calls.py)."""
-        return self.engine.stats.requests.as_dict(min_ok, min_billed, min_all)
+        """The same JSON-ready dict as `GET /_sim/calls` (calls per request and per batch
+        custom_id, see calls.py)."""
+        return self.engine.stats.calls(min_ok, min_billed, min_all)
 
     def reset(self) -> None:
         """Zero the stats, fill the buckets, re-seed (as `POST /_sim/reset`)."""

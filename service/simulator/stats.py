@@ -6,7 +6,9 @@ Token totals count what Anthropic would bill: calls that did their work,
 whether answered (200) or dropped after the work. Calls per request (the
 gateway's `x-gateway-request-id`, or `metadata.user_id`) are in `requests`
 (see service/simulator/calls.py); the stats show only their totals, the
-per-request map is served by `GET /_sim/calls`.
+per-request map is served by `GET /_sim/calls`. Message Batches have their own figures
+under `batches` (service/simulator/batches/stats.py): their tokens are billed at the batch
+tier, so `input_tokens_total` and `output_tokens_total` count standard-tier calls only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from service.simulator.batches.stats import BatchStats
 from service.simulator.calls import DEFAULT_MAX_TRACKED, RequestCalls
 
 DROPPED = "dropped"
@@ -25,11 +28,13 @@ class SimulatorStats:
 
     def __init__(self, max_tracked_requests: int = DEFAULT_MAX_TRACKED) -> None:
         self.requests = RequestCalls(max_tracked_requests)
+        self.batches = BatchStats(max_tracked_requests)
         self.reset()
 
     def reset(self) -> None:
         """Zero every counter (the per-request counts too; their cap is kept)."""
         self.requests = RequestCalls(self.requests.max_entries)
+        self.batches = BatchStats(self.requests.max_entries)
         self.started_at = time.time()
         self.calls_total = 0
         self.in_flight = 0
@@ -70,6 +75,18 @@ class SimulatorStats:
             billed[1] += input_tokens
             billed[2] += output_tokens
 
+    def set_max_tracked(self, max_entries: int) -> None:
+        """Change how many requests (and custom_ids) are counted one by one."""
+        self.requests.max_entries = max_entries
+        self.batches.calls.max_entries = max_entries
+
+    def calls(self, min_ok: int = 0, min_billed: int = 0, min_all: int = 0) -> dict[str, Any]:
+        """`GET /_sim/calls`: calls per request and per batch custom_id, filtered by the minimums."""
+        data = self.requests.as_dict(min_ok, min_billed, min_all)
+        data["batch_calls"] = self.batches.calls.summary()
+        data["batch_calls_by_custom_id"] = self.batches.calls.by_key(min_ok, min_billed, min_all)
+        return data
+
     def as_dict(self) -> dict[str, Any]:
         """The stats as plain JSON-ready data (buckets are added by the server)."""
         return {
@@ -91,4 +108,6 @@ class SimulatorStats:
             },
             "count_tokens_input_tokens_total": self.count_tokens_input_tokens_total,
             "request_calls": self.requests.summary(),
+            "batches": self.batches.as_dict(),
+            "batch_calls": self.batches.calls.summary(),
         }

@@ -2,7 +2,7 @@
 
 - `service_tier`: `standard`, or `priority` when the request says `service_tier: auto` and the
   simulated organisation has Priority Tier capacity (`priority_tier: true` in the config);
-  `standard_only` is always `standard`.
+  `standard_only` is always `standard`; `batch` for an entry of a Message Batch.
 - `speed`: the request's `speed` (`fast` or `standard`), `standard` when it has none.
 - `inference_geo`: the request's `inference_geo`, when it has one.
 - `server_tool_use`: one web search per `web_search` tool and one web fetch per `web_fetch`
@@ -27,10 +27,18 @@ def _server_tool_use(tools: Any) -> dict[str, int]:
 
 
 def usage_of(
-    body: Mapping[str, Any], input_tokens: int, output_tokens: int, *, priority_tier: bool = False
+    body: Mapping[str, Any],
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    priority_tier: bool = False,
+    batch: bool = False,
 ) -> dict[str, Any]:
-    """`usage` for a validated `/v1/messages` body that was answered."""
-    tier = "priority" if priority_tier and body.get("service_tier") == "auto" else "standard"
+    """`usage` for a validated `/v1/messages` body that was answered (`batch`: as a batch entry)."""
+    if batch:
+        tier = "batch"
+    else:
+        tier = "priority" if priority_tier and body.get("service_tier") == "auto" else "standard"
     usage: dict[str, Any] = {
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
