@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from service.batches.store import batch_topics
 from service.config.kafka import client_kwargs
 from service.config.settings import GatewaySettings
 
@@ -52,6 +53,8 @@ def wanted(
         out.append(
             NewTopic(settings.deadletter_topic(p.id), partitions, replication, topic_configs=retention)
         )
+    if settings.batches.enabled:
+        out += batch_topics(settings, replication, partitions)
     return out
 
 

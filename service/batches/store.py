@@ -8,14 +8,18 @@ worker, so a zombie can neither record a batch nor publish a result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord
 
 from service.batches.records import BatchState
 from service.config.kafka import client_kwargs
-from service.config.settings import KafkaSettings
+from service.config.settings import GatewaySettings, KafkaSettings
 from service.ingest.sending import OutMessage
 
 
@@ -55,29 +59,37 @@ async def commit(
 
 
 async def _read_range(
-    k: KafkaSettings, tp: TopicPartition, first: int | None, stop_at: int | None
+    k: KafkaSettings, tp: TopicPartition, first: int | None, stop_at: int | None, timeout_s: float = 60.0
 ) -> list[ConsumerRecord]:
     """Committed records of `tp` from `first` (None: the beginning) up to `stop_at`
-    (exclusive; None: the end as of now)."""
+    (exclusive), or to the partition's last stable offset as of the read. (The fetch
+    responses' last stable offset: `end_offsets` may answer a stale 0 right after a
+    transaction committed.)"""
     consumer = AIOKafkaConsumer(
         **client_kwargs(k), enable_auto_commit=False, isolation_level="read_committed", group_id=None
     )
     await consumer.start()
     try:
         consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        limit = end if stop_at is None else min(end, stop_at)
         if first is None:
             await consumer.seek_to_beginning(tp)
         else:
             consumer.seek(tp, first)
         out: list[ConsumerRecord] = []
-        while await consumer.position(tp) < limit:
-            fetched = await consumer.getmany(tp, timeout_ms=1000)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            fetched = await consumer.getmany(tp, timeout_ms=200)
             for rec in fetched.get(tp, []):
-                if rec.offset < limit:
+                if stop_at is None or rec.offset < stop_at:
                     out.append(rec)
-        return out
+            position = await consumer.position(tp)
+            if stop_at is not None and position >= stop_at:
+                return out
+            stable = consumer.last_stable_offset(tp)
+            if stable is not None and position >= stable and not fetched:
+                return out
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {tp.topic}[{tp.partition}] took over {timeout_s:g}s")
     finally:
         await consumer.stop()
 
@@ -105,3 +117,50 @@ async def read_pending(
         return {}
     records = await _read_range(k, tp, min(wanted), max(wanted) + 1)
     return {r.offset: r for r in records if r.offset in wanted}
+
+
+PENDING_RETENTION_MS = 7 * 24 * 3600 * 1000
+"""Pending requests are re-read until their batch ends (up to 24 h, then retries): a week."""
+
+
+def batch_topics(settings: GatewaySettings, replication: int, realtime_partitions: int) -> list[NewTopic]:
+    """The batch path's own topics: pending (one partition: one worker), state (compacted),
+    and the way back to real time."""
+    b = settings.batches
+    big = str(max(8 * 1024 * 1024, settings.kafka.producer_max_request_bytes))
+    return [
+        NewTopic(
+            b.pending_topic,
+            1,
+            replication,
+            topic_configs={"retention.ms": str(PENDING_RETENTION_MS), "max.message.bytes": big},
+        ),
+        NewTopic(
+            b.state_topic,
+            1,
+            replication,
+            topic_configs={"cleanup.policy": "compact", "max.message.bytes": big},
+        ),
+        NewTopic(
+            settings.realtime_topic(),
+            realtime_partitions,
+            replication,
+            topic_configs={"max.message.bytes": big},
+        ),
+    ]
+
+
+async def ensure_topics(settings: GatewaySettings) -> None:
+    """Create the batch path's topics when missing (a broker with fewer than 3 nodes gets
+    fewer replicas)."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        brokers = len((await admin.describe_cluster()).get("brokers") or [1])
+        wanted = [t for t in batch_topics(settings, min(3, brokers), 3) if t.name not in existing]
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(wanted)
+    finally:
+        await admin.close()

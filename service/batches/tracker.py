@@ -3,13 +3,16 @@
 Each step is durable before the next starts:
 
 1. the intent (members, reservations) is in the state topic (`worker.py`);
-2. `batches.create`, then one transaction records the batch id. A crash between the
-   two leaves an intent without an id: the next worker waits until any create the
-   dead one had in flight must have ended (`create_timeout_s + create_grace_s` after
-   the intent), then lists the partner's recent batches; one created after the
-   intent, unknown to the state and with as many requests as members, is the one
-   (creates are sequential per partner key, so there is no other candidate). If
-   there is none, the create never happened and is made now;
+2. `batches.create`, then one transaction records the batch id. Creates are made one
+   at a time, in the order the intents were recorded (`PendingOwner.creating_lock`),
+   so a crash leaves at most one create whose id was not recorded: the first intent
+   without an id, in that order. The next worker resumes the intents in the same
+   order; for that first one it waits until any create the dead worker had in flight
+   must have ended (`create_timeout_s + create_grace_s` after the intent), then lists
+   the key's recent batches: one created after the intent, unknown to the state and
+   with as many requests as members is the one. If there is none, the create never
+   happened and is made now. (The key must not be used to create batches by anyone
+   else, or a foreign batch of the same size could be taken for it: docs/batches.md.)
 3. poll with backoff until `ended`;
 4. the results are read in the file's order (stable for a batch) and published in
    transactions of `results_chunk`, each also recording how many are published: a
@@ -128,7 +131,7 @@ class Tracker:
     async def _create(self) -> None:
         gs = self.ctx.settings()
         s = gs.batches
-        async with self.owner.creating_lock(self.state.partner):
+        async with self.owner.creating_lock():
             batch_id = await self._find_created() if self.recovered else None
             if batch_id is None:
                 batch_id = await self._create_call(s.create_timeout_s)

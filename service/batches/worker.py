@@ -36,7 +36,7 @@ from service.admission.pricing import Amount
 from service.batches.records import BadHandoff, BatchState, Handoff, handoff_message, read_handoff
 from service.batches.results import dead_letter, origin_of
 from service.batches.routing import Router
-from service.batches.store import commit, load_states, transactional_producer
+from service.batches.store import commit, ensure_topics, load_states, transactional_producer
 from service.batches.tracker import Tracker
 from service.config.kafka import client_kwargs
 from service.config.settings import GatewaySettings
@@ -99,6 +99,7 @@ class BatchWorker:
         self._owners: dict[TopicPartition, PendingOwner] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
+        await ensure_topics(self.ctx.settings())
         k = self.ctx.settings().kafka
         self._consumer = AIOKafkaConsumer(
             **client_kwargs(k),
@@ -173,7 +174,7 @@ class PendingOwner:
         self.trackers: dict[str, Tracker] = {}
         self._producer: AIOKafkaProducer | None = None
         self._txn = asyncio.Lock()
-        self._creating: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._creating = asyncio.Lock()
 
     async def start(self, consumer: AIOKafkaConsumer) -> int:
         """Fence the previous worker, resume the open batches; returns the offset to read from."""
@@ -198,10 +199,11 @@ class PendingOwner:
         async with self._txn:
             await commit(self._producer, messages, **kw)
 
-    def creating_lock(self, partner: str) -> asyncio.Lock:
-        """One create (or recovery listing) at a time per partner key: a batch found by
-        listing after a crash can then only be the one its intent was for."""
-        return self._creating[partner]
+    def creating_lock(self) -> asyncio.Lock:
+        """One create (or recovery listing) at a time, first come first served (asyncio's
+        locks are FIFO), in the order the intents were recorded, before and after a crash.
+        Only the first intent without a recorded id can then have a batch upstream."""
+        return self._creating
 
     def done(self, key: str) -> None:
         self.trackers.pop(key, None)
