@@ -223,7 +223,7 @@ def new_batch(
         key_name=key_name,
         workspace=workspace,
         created_s=now_s,
-        wall_offset=engine.wall_clock() - now_s,
+        created_wall_us=round(engine.wall_clock() * 1_000_000),
         processing_s=processing_s,
         expires_s=now_s + settings.expiry_s,
         custom_ids=custom_ids,
