@@ -13,7 +13,8 @@ import anthropic
 import pytest
 
 from service.simulator import SimulatorConfig
-from service.simulator.calls import HEADER
+from service.simulator.batches.intake import CUSTOM_ID
+from service.simulator.calls import HEADER, batch_custom_id
 from tests.simulator.batchkit import HAIKU, SONNET, ended, entry, params, results
 from tests.simulator.conftest import SDK_KEY, ClientFactory, SimFactory
 from tests.simulator.simkit import FakeClock
@@ -27,23 +28,24 @@ async def test_batch_billing_in_stats_and_calls_per_custom_id(
     )
     sim = await make_sim(config)
     client = make_client(sim)
+    r1, r2, r3 = (batch_custom_id(f"acme:r{i}") for i in (1, 2, 3))
     first = await client.messages.batches.create(
         requests=[
-            entry("acme-r1"),
-            entry("acme-r2", model=SONNET, text="a longer question " * 20),
+            entry(r1),
+            entry(r2, model=SONNET, text="a longer question " * 20),
             {"custom_id": "acme-bad", "params": {"model": HAIKU, "max_tokens": 10, "messages": []}},
         ]
     )
-    # The gateway retried acme-r1 in a second batch: billed twice, and it shows.
-    second = await client.messages.batches.create(requests=[entry("acme-r1"), entry("acme-r3")])
+    # The gateway retried acme:r1 in a second batch: billed twice, and it shows.
+    second = await client.messages.batches.create(requests=[entry(r1), entry(r3)])
     lines = []
     for batch in (first, second):
         await ended(client, batch.id)
         lines += await results(client, batch.id)
     usages = [line.result.message.usage for line in lines if line.result.type == "succeeded"]
     assert len(usages) == 4
-    # A standard call, keyed by the gateway's header: counted apart from the batch entries.
-    await client.messages.create(**params(), extra_headers={HEADER: "acme:r9"})
+    # acme:r2 also went through /v1/messages (keyed by the gateway's header): counted apart.
+    await client.messages.create(**params(), extra_headers={HEADER: "acme:r2"})
 
     stats = sim.stats()
     batches = stats["batches"]
@@ -72,17 +74,33 @@ async def test_batch_billing_in_stats_and_calls_per_custom_id(
 
     async with http.get(f"{sim.url}/_sim/calls?min_billed=2") as resp:
         twice = await resp.json()
-    assert twice["batch_calls_by_custom_id"] == {"acme-r1": {"ok": 2, "billed": 2, "all": 2}}
+    assert twice["batch_calls_by_custom_id"] == {r1: {"ok": 2, "billed": 2, "all": 2}}
     assert twice["calls_by_request"] == {}
     every = sim.calls()
     assert every["batch_calls_by_custom_id"] == {
-        "acme-r1": {"ok": 2, "billed": 2, "all": 2},
-        "acme-r2": {"ok": 1, "billed": 1, "all": 1},
-        "acme-r3": {"ok": 1, "billed": 1, "all": 1},
+        r1: {"ok": 2, "billed": 2, "all": 2},
+        r2: {"ok": 1, "billed": 1, "all": 1},
+        r3: {"ok": 1, "billed": 1, "all": 1},
         "acme-bad": {"ok": 0, "billed": 0, "all": 1},
     }
-    assert every["calls_by_request"] == {"acme:r9": {"ok": 1, "billed": 1, "all": 1}}
+    assert every["calls_by_request"] == {"acme:r2": {"ok": 1, "billed": 1, "all": 1}}
     assert every["batch_calls"]["tracked"] == 4
+    # What a verifier adds up per request: acme:r2 was billed once in each path.
+    billed = {
+        key: every["calls_by_request"].get(key, {}).get("billed", 0)
+        + every["batch_calls_by_custom_id"][batch_custom_id(key)]["billed"]
+        for key in ("acme:r1", "acme:r2", "acme:r3")
+    }
+    assert billed == {"acme:r1": 2, "acme:r2": 2, "acme:r3": 1}
+
+
+def test_batch_custom_id_fits_the_api_pattern() -> None:
+    longest = "p" * 63 + ":" + "r" * 128  # the longest partner id and request id
+    for key in ("acme:r-1", "acme:a.b:c", longest):
+        custom_id = batch_custom_id(key)
+        assert CUSTOM_ID.fullmatch(custom_id), key
+        assert len(custom_id) == 64
+    assert batch_custom_id("acme:r-1") != batch_custom_id("acme:r-2")
 
 
 async def test_entries_draw_no_tokens_and_a_create_is_one_request(

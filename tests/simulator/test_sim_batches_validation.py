@@ -12,7 +12,8 @@ from typing import Any
 import anthropic
 import pytest
 
-from service.simulator import SimulatorConfig, SimulatorConfigError
+from service.simulator import SimulatorConfig, SimulatorConfigError, load_config
+from service.simulator.__main__ import build_parser, overrides_from_args
 from service.simulator.config import MAX_BATCH_BYTES, MAX_BATCH_REQUESTS, updated_config
 from tests.simulator.batchkit import entry, params
 from tests.simulator.conftest import ClientFactory, SimFactory
@@ -101,3 +102,12 @@ def test_batch_defaults_follow_the_api() -> None:
 def test_invalid_batch_settings_name_the_setting(change: dict[str, Any], where: str) -> None:
     with pytest.raises(SimulatorConfigError, match=where):
         updated_config(SimulatorConfig(), {"batches": change})
+
+
+def test_cli_flags() -> None:
+    args = build_parser().parse_args(
+        ["--batch-processing-s", "2", "--batch-expiry-s", "48", "--batch-max-queued-requests", "10"]
+    )
+    batches = load_config(None, overrides_from_args(args)).batches
+    assert (batches.processing_s, batches.expiry_s, batches.max_queued_requests) == (2.0, 48.0, 10)
+    assert batches.processing_max_s is None

@@ -42,7 +42,7 @@ from service.simulator.validation import validate_messages
 log = logging.getLogger(__name__)
 
 #: Entries decided per `advance` call before the task yields to the event loop.
-CHUNK = 500
+CHUNK = 200
 #: Longest sleep between two looks at the clock (an injected clock may jump).
 MAX_SLEEP_S = 0.25
 #: Shortest sleep when the next entry is due soon: entries due meanwhile are done together.
