@@ -50,9 +50,15 @@ MIN_SLEEP_S = 0.005
 _RESULT_NAMES = {ERRORED: "errored", CANCELED: "canceled", EXPIRED: "expired"}
 
 
+def compact_json(value: Any) -> bytes:
+    """`value` as JSON in bytes of its own size, for keeping: the bytes orjson returns hold on
+    to its whole write buffer (4 KB at least, measured with tracemalloc on orjson 3.8)."""
+    return bytes(memoryview(orjson.dumps(value)))
+
+
 def error_payload(error_type: str, message: str) -> bytes:
     """The `error` of an errored result: an API error body (`ErrorResponse` in the SDK)."""
-    return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+    return compact_json({"type": "error", "error": {"type": error_type, "message": message}})
 
 
 class BatchProcessor:
@@ -143,7 +149,7 @@ class BatchProcessor:
         message = message_of(
             engine.next_message_id(), params, input_tokens, completion, batch=True, with_content=False
         )
-        batch.resolve(position, SUCCEEDED, orjson.dumps(message), completion.output_tokens)
+        batch.resolve(position, SUCCEEDED, compact_json(message), completion.output_tokens)
         stats.succeeded(custom_id, batch.key_name, params["model"], input_tokens, completion.output_tokens)
 
     def _finish(self, batch: Batch, kind: int | None, at_s: float) -> None:
