@@ -9,6 +9,8 @@ in test_sim_batches_validation.py; billing, calls and limits in test_sim_batches
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
 from datetime import timedelta
 
 import aiohttp
@@ -362,3 +364,34 @@ async def test_processing_time_drawn_in_a_range(make_sim: SimFactory, make_clien
         durations.add((done.ended_at - done.created_at).total_seconds())
     assert all(1.0 <= d <= 5.0 for d in durations)
     assert len(durations) > 1
+
+
+async def test_stored_results_are_small_and_delete_frees_them(
+    make_sim: SimFactory, make_client: ClientFactory
+) -> None:
+    """Per entry: its Message without the text (added when read), not the 4 KB buffer orjson
+    returns; a delete frees it all. Measured with tracemalloc around processing only."""
+    n = 3_000
+    clock = FakeClock()
+    config = SimulatorConfig(output={"fixed_tokens": 1_000}, batches={"processing_s": 1.0})
+    sim = await make_sim(config, clock=clock)
+    client = make_client(sim)
+    batch = await client.messages.batches.create(
+        requests=[entry(f"m{i}", max_tokens=2_000) for i in range(n)]
+    )
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        clock.advance(1.0)  # everything is due now
+        await ended(client, batch.id)
+        gc.collect()
+        stored = tracemalloc.get_traced_memory()[0] - before
+        await client.messages.batches.delete(batch.id)
+        gc.collect()
+        left = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert stored < n * 800  # a Message with 1,000 tokens of text would be 4 KB alone
+    assert left < stored / 2  # what stays: the per-custom_id call counts
+    assert len(sim.engine.batches) == 0
