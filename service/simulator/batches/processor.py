@@ -75,7 +75,7 @@ class BatchProcessor:
 
     def advance(self, now_s: float, budget: int = CHUNK) -> float | None:
         """Decide what is due at `now_s`, at most `budget` entries. Returns the seconds until
-        something is next due: 0 when more is due already, None when nothing is stored."""
+        something is next due: 0 when more is due already, None when no batch is in progress."""
         engine = self.engine
         config = engine.config
         store = engine.batches
