@@ -1,5 +1,6 @@
 """A Claude Messages API simulator: auth, validation, usage, rate-limit headers,
-token buckets, latency and fault injection, over HTTP.
+token buckets, latency and fault injection, over HTTP; and the Message Batches API
+(`/v1/messages/batches`, in compressed time: see service/simulator/batches/).
 
 Used by the tests, the demo and the benchmarks in place of Claude, and by
 users to load test a partner setup before spending money. Run it with
@@ -11,6 +12,7 @@ users to load test a partner setup before spending money. Run it with
 
 from service.simulator.buckets import BucketSet, RateLimiter, Refusal, TokenBucket
 from service.simulator.config import (
+    BatchSettings,
     FaultSettings,
     LatencySettings,
     LimitSettings,
@@ -23,6 +25,7 @@ from service.simulator.server import SimulatorServer
 from service.simulator.tokens import count_input_tokens
 
 __all__ = [
+    "BatchSettings",
     "BucketSet",
     "FaultSettings",
     "LatencySettings",

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overloaded-rate", type=float, help="share of calls answered 529 overloaded_error")
     p.add_argument("--spend-limit-rate", type=float, help="share of calls answered 429 spend limit")
     p.add_argument("--drop-rate", type=float, help="share of calls whose connection is dropped")
+    p.add_argument("--batch-processing-s", type=float, help="a Message Batch's processing time (s = hours)")
+    p.add_argument("--batch-processing-max-s", type=float, help="draw each batch's time up to this")
+    p.add_argument("--batch-expiry-s", type=float, help="a batch's expiry (Anthropic's 24 h), seconds")
+    p.add_argument("--batch-max-queued-requests", type=int, help="batch entries queued org-wide before 429")
     p.add_argument("--seed", type=int, help="seed for every random draw")
     p.add_argument("--max-body-bytes", type=int)
     p.add_argument("--max-tracked-requests", type=int, help="requests counted one by one in /_sim/calls")
@@ -121,6 +125,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     _set(o, "output.sigma", args.output_sigma)
     for name in ("api_error_rate", "overloaded_rate", "spend_limit_rate", "drop_rate"):
         _set(o, f"faults.{name}", getattr(args, name))
+    for name in ("processing_s", "processing_max_s", "expiry_s", "max_queued_requests"):
+        _set(o, f"batches.{name}", getattr(args, f"batch_{name}"))
     return o
 
 

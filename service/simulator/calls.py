@@ -23,11 +23,12 @@ and nothing else grows; keys already tracked keep counting. A key longer than
 Message Batch entries are counted apart, by their `custom_id` (`batch_calls_by_custom_id` in
 `GET /_sim/calls`, totals in `batch_calls`; service/simulator/batches/stats.py), with the same
 three counts and the same filters: a succeeded entry is one `ok` and `billed` call of its
-custom_id. A batch entry has no header of its own, and the gateway's custom_id cannot carry
-`<partner_id>:<request_id>` verbatim (`:` is not allowed, 64 characters at most), so the
-simulator takes the custom_id as it is and never maps it back: whoever checks for double
-billing derives the custom_id of a request the way the gateway does and adds
-`batch_calls_by_custom_id[custom_id]["billed"]` to `calls_by_request[request_key]["billed"]`.
+custom_id, any other outcome counts in `all` only. A batch entry has no header of its own,
+and a custom_id cannot carry `<partner_id>:<request_id>` (`:` and `.` are not allowed, 64
+characters at most), so the simulator takes the custom_id as it is and never maps it back.
+`batch_custom_id(request_key)` is the mapping the gateway is expected to use (the SHA-256 of
+the request key, 64 hex characters): a request's billed calls are then
+`calls_by_request[key]["billed"] + batch_calls_by_custom_id[batch_custom_id(key)]["billed"]`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def request_key(headers: Mapping[str, str], body: object) -> str | None:
     if len(key) > MAX_KEY_CHARS:
         return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
     return key
+
+
+def batch_custom_id(request_key: str) -> str:
+    """The custom_id of a request's batch entry: SHA-256 of `<partner_id>:<request_id>`, in hex
+    (64 characters of `[0-9a-f]`, which the API's `[A-Za-z0-9_-]{1,64}` admits)."""
+    return hashlib.sha256(request_key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _unpack(packed: int) -> tuple[int, int, int]:

@@ -22,7 +22,11 @@ YAML layout (every key optional):
     round_remaining: true
     max_tracked_requests: 1000000        # per-request call counts kept (GET /_sim/calls)
     priority_tier: false                 # true: service_tier auto is served as priority
-    batches: {processing_s: 1.0, expiry_s: 24.0, api_error_rate: 0.0, max_queued_requests: null}
+    batches:                             # Message Batches; seconds stand for Anthropic's hours
+      processing_s: 1.0                  # a batch's processing time (processing_max_s: a range)
+      expiry_s: 24.0                     # expires_at - created_at; unfinished entries end expired
+      api_error_rate: 0.0                # also overloaded_rate, expire_rate (shares of entries)
+      max_queued_requests: null          # entries processing, org-wide; over it a create is 429
 """
 
 from __future__ import annotations

@@ -8,34 +8,17 @@ connection to APIConnectionError, and a 429 with `error.details.error_code`
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anthropic
 import pytest
 
-from service.simulator import SimulatorConfig, SimulatorServer
-from tests.simulator.conftest import SimFactory
+from service.simulator import SimulatorConfig
+from tests.simulator.conftest import SDK_KEY as KEY
+from tests.simulator.conftest import ClientFactory, SimFactory
 from tests.simulator.simkit import MODEL, FakeClock
 
-KEY = "sk-sim-alice"
 MESSAGES: list[Any] = [{"role": "user", "content": "Hello, Claude"}]
-
-ClientFactory = Callable[..., anthropic.AsyncAnthropic]
-
-
-@pytest.fixture
-async def make_client() -> AsyncIterator[ClientFactory]:
-    clients: list[anthropic.AsyncAnthropic] = []
-
-    def factory(sim: SimulatorServer, api_key: str = KEY) -> anthropic.AsyncAnthropic:
-        client = anthropic.AsyncAnthropic(api_key=api_key, base_url=sim.url, max_retries=0)
-        clients.append(client)
-        return client
-
-    yield factory
-    for client in clients:
-        await client.close()
 
 
 async def test_the_sdk_sends_bearer_auth_and_is_accepted(

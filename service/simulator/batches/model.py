@@ -6,8 +6,9 @@ its stored results. Positions are the order of processing and of the results fil
 shuffle of the requests (or their order), fixed at creation, so the results of a batch come
 in the same order at every fetch and a consumer may resume by index.
 
-Times are the engine's clock (monotonic seconds); `wall_offset` turns them into the wall
-clock for the API's timestamps. The schedule is linear: with `n` entries and a processing
+Times are the engine's clock (monotonic seconds); the API's timestamps are the wall-clock
+time of creation (whole microseconds) plus the clock time since, so that `expires_at -
+created_at` is exactly the configured expiry. The schedule is linear: with `n` entries and a processing
 time `d`, the entry at position `p` is due `d * (p + 1) / n` after creation.
 """
 
@@ -29,9 +30,10 @@ IN_PROGRESS, CANCELING, ENDED = "in_progress", "canceling", "ended"
 _EPSILON = 1e-9
 
 
-def rfc3339(wall_s: float) -> str:
-    """A wall-clock time as the API writes it: `2024-08-20T18:37:24.100435Z`."""
-    return datetime.fromtimestamp(wall_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def rfc3339(wall_us: int) -> str:
+    """A wall-clock time in microseconds as the API writes it: `2024-08-20T18:37:24.100435Z`."""
+    seconds, micros = divmod(wall_us, 1_000_000)
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{micros:06d}Z"
 
 
 @dataclass(eq=False, slots=True)
@@ -42,7 +44,7 @@ class Batch:
     key_name: str
     workspace: str | None
     created_s: float
-    wall_offset: float
+    created_wall_us: int
     processing_s: float
     expires_s: float
     custom_ids: list[str]
@@ -118,9 +120,9 @@ class Batch:
         self.params = []
         self.rng = None
 
-    def wall(self, clock_s: float) -> float:
-        """A clock time of this batch as a wall-clock time."""
-        return clock_s + self.wall_offset
+    def wall_us(self, clock_s: float) -> int:
+        """A clock time of this batch as a wall-clock time in microseconds."""
+        return self.created_wall_us + round((clock_s - self.created_s) * 1_000_000)
 
     def as_json(self, origin: str) -> dict[str, Any]:
         """The `MessageBatch` object; `origin` (`http://host:port`) prefixes `results_url`."""
@@ -131,10 +133,10 @@ class Batch:
             "type": "message_batch",
             "processing_status": self.status,
             "request_counts": dict(zip(COUNT_NAMES, self.counts, strict=True)),
-            "created_at": rfc3339(self.wall(self.created_s)),
-            "expires_at": rfc3339(self.wall(self.expires_s)),
-            "ended_at": None if ended is None else rfc3339(self.wall(ended)),
-            "cancel_initiated_at": None if cancel is None else rfc3339(self.wall(cancel)),
+            "created_at": rfc3339(self.wall_us(self.created_s)),
+            "expires_at": rfc3339(self.wall_us(self.expires_s)),
+            "ended_at": None if ended is None else rfc3339(self.wall_us(ended)),
+            "cancel_initiated_at": None if cancel is None else rfc3339(self.wall_us(cancel)),
             "archived_at": None,
             "results_url": f"{origin}/v1/messages/batches/{self.id}/results" if self.ended else None,
         }

@@ -42,7 +42,7 @@ from service.simulator.validation import validate_messages
 log = logging.getLogger(__name__)
 
 #: Entries decided per `advance` call before the task yields to the event loop.
-CHUNK = 500
+CHUNK = 200
 #: Longest sleep between two looks at the clock (an injected clock may jump).
 MAX_SLEEP_S = 0.25
 #: Shortest sleep when the next entry is due soon: entries due meanwhile are done together.
@@ -50,9 +50,15 @@ MIN_SLEEP_S = 0.005
 _RESULT_NAMES = {ERRORED: "errored", CANCELED: "canceled", EXPIRED: "expired"}
 
 
+def compact_json(value: Any) -> bytes:
+    """`value` as JSON in bytes of its own size, for keeping: the bytes orjson returns hold on
+    to its whole write buffer (4 KB at least, measured with tracemalloc on orjson 3.8)."""
+    return bytes(memoryview(orjson.dumps(value)))
+
+
 def error_payload(error_type: str, message: str) -> bytes:
     """The `error` of an errored result: an API error body (`ErrorResponse` in the SDK)."""
-    return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+    return compact_json({"type": "error", "error": {"type": error_type, "message": message}})
 
 
 class BatchProcessor:
@@ -69,7 +75,7 @@ class BatchProcessor:
 
     def advance(self, now_s: float, budget: int = CHUNK) -> float | None:
         """Decide what is due at `now_s`, at most `budget` entries. Returns the seconds until
-        something is next due: 0 when more is due already, None when nothing is stored."""
+        something is next due: 0 when more is due already, None when no batch is in progress."""
         engine = self.engine
         config = engine.config
         store = engine.batches
@@ -143,7 +149,7 @@ class BatchProcessor:
         message = message_of(
             engine.next_message_id(), params, input_tokens, completion, batch=True, with_content=False
         )
-        batch.resolve(position, SUCCEEDED, orjson.dumps(message), completion.output_tokens)
+        batch.resolve(position, SUCCEEDED, compact_json(message), completion.output_tokens)
         stats.succeeded(custom_id, batch.key_name, params["model"], input_tokens, completion.output_tokens)
 
     def _finish(self, batch: Batch, kind: int | None, at_s: float) -> None:
@@ -223,7 +229,7 @@ def new_batch(
         key_name=key_name,
         workspace=workspace,
         created_s=now_s,
-        wall_offset=engine.wall_clock() - now_s,
+        created_wall_us=round(engine.wall_clock() * 1_000_000),
         processing_s=processing_s,
         expires_s=now_s + settings.expiry_s,
         custom_ids=custom_ids,
