@@ -242,6 +242,9 @@ class Tracker:
             results = await self._batches().results(batch_id)
         except anthropic.NotFoundError:
             results = None
+        except anthropic.APIError:
+            self.ctx.metrics.batch.api_errors.labels("results").inc()
+            raise
         if results is not None:
             async for entry in results:
                 cid, result = result_dict(entry)

@@ -70,3 +70,18 @@ class BatchMetrics:
             self.requests.labels(state)
         for phase in ("intent", "in_progress", "publishing"):
             self.batches.labels(phase)
+        for operation in ("create", "retrieve", "results"):
+            self.api_errors.labels(operation)
+        for outcome in ("found", "created_anew"):
+            self.recovered.labels(outcome)
+
+    def init_partner(self, partner: str) -> None:
+        """Zero samples, so panels and alerts see 0 before the first batch."""
+        for route in ("realtime", "batch"):
+            self.routed.labels(partner, route)
+        for result, action in (
+            ("succeeded", "response"),
+            ("expired", "deadletter"),
+            ("errored", "deadletter"),
+        ):
+            self.results.labels(partner, result, action)

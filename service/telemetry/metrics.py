@@ -205,6 +205,7 @@ class Metrics:
         """Zero samples for a partner's counters of rare events, so alerts and dashboards
         see a 0 (not "no data") until the first one happens."""
         self.unknown_outcomes.labels(partner, "owner_lost")
+        self.batch.init_partner(partner)
         for gauge in (self.in_flight, self.queued, self.paused_partitions, self.eos_window, self.eos_claims):
             gauge.labels(partner)
         self.unknown_retries.labels(partner)
