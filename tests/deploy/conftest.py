@@ -197,6 +197,7 @@ ALL_FLAGS: dict[str, Any] = {
         "retry": {"max_attempts": 5},
         "runtime": {"max_in_flight": 512, "log_level": "WARNING"},
         "org_limits": {"rpm": 4000, "itpm": 2000000, "otpm": 400000},
+        "batches": {"enabled": True, "max_age_s": 30, "expected_turnaround_s": 1800},
         "models": {
             "claude-sonnet-4-5": {"input_per_mtok_usd": 3, "output_per_mtok_usd": 15},
             "claude-haiku-4-5": {
