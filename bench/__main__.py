@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.common import log
 
-BENCHES = ["pipeline", "eos_scale", "limits", "estimation", "soak"]
+BENCHES = ["pipeline", "eos_scale", "limits", "estimation", "cost", "soak"]
 ON_REQUEST = {"soak"}
 
 

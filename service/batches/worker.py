@@ -112,7 +112,13 @@ class BatchWorker:
             max_poll_interval_ms=k.max_poll_interval_ms,
         )
         await self._consumer.start()
-        self._consumer.subscribe([self.ctx.settings().batches.pending_topic], listener=_Listener(self))
+        pending = self.ctx.settings().batches.pending_topic
+        for _ in range(100):  # a topic just created: the group must see its partition to assign it
+            await self._consumer._client.force_metadata_update()
+            if self._consumer._client.cluster.partitions_for_topic(pending):
+                break
+            await asyncio.sleep(0.1)
+        self._consumer.subscribe([pending], listener=_Listener(self))
         try:
             while not stop.is_set():
                 fetched = await self._consumer.getmany(timeout_ms=200, max_records=1000)
