@@ -30,7 +30,8 @@ SUFFIXES = {
 def _declared() -> dict[str, tuple[str, ...]]:
     """Every series name the service exports -> the labels of its metric."""
     out: dict[str, tuple[str, ...]] = {}
-    for metric in vars(Metrics()).values():
+    metrics = Metrics()
+    for metric in [*vars(metrics).values(), *vars(metrics.batch).values()]:
         if isinstance(metric, MetricWrapperBase) and not metric._documentation.startswith("Deprecated"):
             for suffix in SUFFIXES[metric._type]:
                 out[metric._name + suffix] = tuple(metric._labelnames)
