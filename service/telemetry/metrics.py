@@ -59,7 +59,12 @@ class Metrics:
         self.tokens = Counter(
             "gateway_tokens", "Tokens billed, by kind.", ["partner", "model", "kind"], registry=r
         )
-        self.cost = Counter("gateway_cost_usd", "Cost in US dollars.", ["partner", "model"], registry=r)
+        self.cost = Counter(
+            "gateway_cost_usd",
+            "Cost of billed calls in US dollars (the sum of their `cost.nano_usd` / 1e9).",
+            ["partner", "model"],
+            registry=r,
+        )
         self.upstream_calls = Counter(
             "gateway_upstream_calls",
             "Upstream attempts by HTTP status class (2xx, 4xx, 5xx, error: no answer) and code.",
@@ -171,6 +176,13 @@ class Metrics:
             ["partner"],
             registry=r,
         )
+        self.metering_lost = Counter(
+            "gateway_metering_lost",
+            "Billed calls whose outcome was published without its metering record "
+            "(the usage topic refused it).",
+            ["partner"],
+            registry=r,
+        )
         self.internal_errors = Counter(
             "gateway_internal_errors",
             "Faults of the gateway itself, by where.",
@@ -207,6 +219,7 @@ class Metrics:
             gauge.labels(partner)
         self.unknown_retries.labels(partner)
         self.quarantined.labels(partner)
+        self.metering_lost.labels(partner)
         self.internal_errors.labels(partner, "call")
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
