@@ -74,7 +74,7 @@ async def send_all(producer: AIOKafkaProducer, items: list[Item]) -> tuple[list[
                     raise
                 _set_error(item, exc)
                 refused[id(item)] = item
-                continue
+                break  # nor the item's next ones: an outcome's metering record never goes without it
             futures.append((item, fut))
     resend: list[Item] = []
     if futures:

@@ -1,4 +1,4 @@
-"""A Claude Messages API simulator: auth, validation, usage, rate-limit headers,
+"""A Claude Messages API simulator: auth, validation, usage, prompt caching, rate-limit headers,
 token buckets, latency and fault injection, over HTTP.
 
 Used by the tests, the demo and the benchmarks in place of Claude, and by

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from service.simulator.buckets import Clock, RateLimiter
+from service.simulator.caching import PromptCache
 from service.simulator.config import SimulatorConfig
 from service.simulator.errors import AuthenticationError, InvalidRequestError
 from service.simulator.stats import SimulatorStats
@@ -47,6 +48,7 @@ class SimulatorEngine:
         self.config = config
         self.rng = random.Random(config.seed)
         self.limiter = self._new_limiter(config)
+        self.prompt_cache = PromptCache(clock)
         self._key_names = self._key_lookup(config)
         self._fingerprints: dict[str, str] = {}
         self.models = frozenset(config.models)
@@ -85,8 +87,10 @@ class SimulatorEngine:
             self.rng = random.Random(config.seed)
 
     def reset(self, *, empty: bool = False) -> None:
-        """Zero the stats, fill (or empty) the buckets and re-seed the random generator."""
+        """Zero the stats, fill (or empty) the buckets, empty the prompt cache and re-seed the
+        random generator."""
         self.stats.reset()
+        self.prompt_cache.clear()
         self.limiter.reset(empty=empty)
         self.rng = random.Random(self.config.seed)
 

@@ -175,7 +175,8 @@ class Handlers:
 
         input_tokens = count_input_tokens(body)
         max_tokens: int = body["max_tokens"]
-        refusal = buckets.try_admit(input_tokens, max_tokens)
+        cache = engine.prompt_cache.plan(model, body, input_tokens)
+        refusal = buckets.try_admit(input_tokens - cache.read, max_tokens)  # ITPM: reads are free
         if refusal is not None:
             return self._rate_limited(refusal, request_id, buckets)
 
@@ -196,6 +197,7 @@ class Handlers:
         finally:  # settle even if the handler is cancelled while "generating"
             buckets.settle_output(max_tokens, output_tokens)
         engine.stats.billed(input_tokens, output_tokens, key_name)
+        engine.prompt_cache.commit(cache)
 
         if fault is Fault.DROP:
             return None
@@ -208,7 +210,9 @@ class Handlers:
             "content": [{"type": "text", "text": filler_text(output_tokens)}] if output_tokens else [],
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
-            "usage": usage_of(body, input_tokens, output_tokens, priority_tier=config.priority_tier),
+            "usage": usage_of(
+                body, input_tokens, output_tokens, priority_tier=config.priority_tier, cache=cache
+            ),
         }
         engine.stats.status(200)
         return _json(200, orjson.dumps(message), self._headers(request_id, buckets))
