@@ -48,11 +48,18 @@ class World:
     def deadletter_topic(self, partner: str) -> str:
         return f"{self.tag}.deadletter.{partner}"
 
+    @property
+    def usage_topic(self) -> str:
+        return f"{self.tag}.usage"
+
     def all_topics(self) -> list[str]:
         return [
-            t
-            for p in self.partners
-            for t in (self.request_topic(p), self.response_topic(p), self.deadletter_topic(p))
+            *(
+                t
+                for p in self.partners
+                for t in (self.request_topic(p), self.response_topic(p), self.deadletter_topic(p))
+            ),
+            self.usage_topic,
         ]
 
     def settings_dict(self, sim_url: str, **overrides: Any) -> dict[str, Any]:
@@ -63,6 +70,7 @@ class World:
                 "request_topic_prefix": self.request_prefix,
                 "response_topic_prefix": f"{self.tag}.responses.",
                 "deadletter_topic_prefix": f"{self.tag}.deadletter.",
+                "usage_topic": self.usage_topic,
                 "metadata_max_age_ms": 2_000,
                 "session_timeout_ms": 10_000,
             },
@@ -223,3 +231,34 @@ async def committed_offsets(world: World, group: str) -> dict[TopicPartition, in
         return result
     finally:
         await consumer.stop()
+
+
+async def usage_records(
+    world: World, expected: int, timeout_s: float = 60.0, settle_s: float = 1.0
+) -> list[dict[str, Any]]:
+    """The metering records on the world's usage topic, read `read_committed` from the start
+    until `expected` arrived (then `settle_s` longer, to catch duplicates) or the timeout."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=world.bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
+    await consumer.start()
+    records: list[dict[str, Any]] = []
+    try:
+        tps = [TopicPartition(world.usage_topic, i) for i in range(world.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_s
+        settle_deadline: float | None = None
+        while time.monotonic() < deadline:
+            if settle_deadline is None and len(records) >= expected:
+                settle_deadline = time.monotonic() + settle_s
+            if settle_deadline is not None and time.monotonic() >= settle_deadline:
+                break
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                for r in batch:
+                    doc = orjson.loads(r.value)
+                    assert r.key == doc["partner"].encode(), "metering records are keyed by partner"
+                    records.append(doc)
+    finally:
+        await consumer.stop()
+    return records
