@@ -188,12 +188,12 @@ def _dec(value: float) -> Decimal:
     return Decimal(repr(value))
 
 
-def _one_hour_price(price: ModelPrice) -> float:
+def _one_hour_price(price: ModelPrice) -> Decimal:
     one_hour = price.cache_write_1h_per_mtok_usd
-    return 2 * price.input_per_mtok_usd if one_hour is None else one_hour
+    return 2 * _dec(price.input_per_mtok_usd) if one_hour is None else _dec(one_hour)
 
 
-def unit_prices_nusd(price: ModelPrice) -> tuple[Decimal, ...]:
+def _unit_prices_nusd(price: ModelPrice) -> tuple[Decimal, ...]:
     """nano-USD per unit of each kind (a token, or one server tool request), before multipliers."""
     per_token = _NANO_PER_MTOK_USD
     per_request = Decimal(NANO_PER_USD) / 1000
@@ -202,7 +202,7 @@ def unit_prices_nusd(price: ModelPrice) -> tuple[Decimal, ...]:
         _dec(price.output_per_mtok_usd) * per_token,
         _dec(price.cache_read_per_mtok_usd) * per_token,
         _dec(price.cache_write_per_mtok_usd) * per_token,
-        _dec(_one_hour_price(price)) * per_token,
+        _one_hour_price(price) * per_token,
         _dec(price.web_search_per_1k_usd) * per_request,
         _dec(price.web_fetch_per_1k_usd) * per_request,
     )
@@ -273,7 +273,7 @@ def quote(
     tier, speed = _tier_multiplier(price, b.service_tier), _speed_multiplier(price, b.speed)
     token_multiplier = _dec(tier) * _dec(speed)
     parts = []
-    for i, (units, unit_price) in enumerate(zip(b.units, unit_prices_nusd(price), strict=True)):
+    for i, (units, unit_price) in enumerate(zip(b.units, _unit_prices_nusd(price), strict=True)):
         exact = units * unit_price * (token_multiplier if i < _TOKEN_KINDS else 1)
         parts.append(int(exact.to_integral_value(ROUND_HALF_UP)))
     return Quote(b, price_version, tuple(parts), tier, speed)
