@@ -264,6 +264,7 @@ class Gateway:
                     self.ingest.consumer._client.force_metadata_update,  # new topics within seconds
                     stop,
                     self.settings.kafka,
+                    known_topics=self.ingest.consumer._client.cluster.topics,
                 ),
                 name="topics",
             )
