@@ -34,6 +34,7 @@ from service.pipeline import Pipeline
 from service.scheduling.scheduler import Scheduler
 from service.telemetry.metrics import Metrics
 from service.telemetry.tracing import Tracing
+from service.topics import wanted
 from service.upstream.client import ClaudeClient
 
 USAGE_TOPIC = "t.usage"
@@ -301,3 +302,17 @@ async def test_the_pipeline_prices_once_for_the_response_the_record_and_the_metr
     assert metrics.cost.labels("acme", "claude-haiku-4-5")._value.get() == pytest.approx(
         nano / 1e9, abs=1e-15
     )
+
+
+def test_topics_ensure_creates_the_usage_topic_once() -> None:
+    settings = parse_config(
+        {
+            "kafka": {"usage_topic": USAGE_TOPIC},
+            "partners": [{"id": p, "api_key": {"env": "K"}} for p in ("acme", "globex")],
+        }
+    )
+    topics = wanted(settings, 3, 1, deadletter_retention_days=30, usage_retention_days=7)
+    usage = [t for t in topics if t.name == USAGE_TOPIC]
+    assert len(usage) == 1
+    assert usage[0].topic_configs == {"retention.ms": str(7 * 86_400_000)}
+    assert len(topics) == 2 * 3 + 1
