@@ -11,12 +11,13 @@ import asyncio
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.config.loader import parse_config
@@ -183,39 +184,55 @@ class Outcomes:
         return Counter(d["reason"] for d in self.dead_letters)
 
 
-async def collect(world: World, expected: int, timeout_s: float = 120.0, settle_s: float = 0.0) -> Outcomes:
-    """Read response and dead-letter topics from the start until `expected` outcomes
-    arrived (then `settle_s` longer, to catch duplicates) or the timeout passed. Reads as
-    downstream consumers must: `read_committed` (aborted transactions are not outcomes)."""
+async def _read_committed(
+    world: World,
+    tps: list[TopicPartition],
+    take: Callable[[TopicPartition, ConsumerRecord[bytes, bytes]], None],
+    enough: Callable[[], bool],
+    timeout_s: float,
+    settle_s: float,
+) -> None:
+    """Read `tps` `read_committed` from the start, giving each record to `take`, until
+    `enough()` (then `settle_s` longer, to catch duplicates) or the timeout passed."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=world.bootstrap, enable_auto_commit=False, isolation_level="read_committed"
     )
     await consumer.start()
-    out = Outcomes()
     try:
-        tps = [
-            TopicPartition(t, i)
-            for p in world.partners
-            for t in (world.response_topic(p), world.deadletter_topic(p))
-            for i in range(world.partitions)
-        ]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         deadline = time.monotonic() + timeout_s
         settle_deadline: float | None = None
         while time.monotonic() < deadline:
-            if settle_deadline is None and out.total >= expected:
+            if settle_deadline is None and enough():
                 settle_deadline = time.monotonic() + settle_s
             if settle_deadline is not None and time.monotonic() >= settle_deadline:
                 break
-            batches = await consumer.getmany(timeout_ms=200)
-            for tp, records in batches.items():
+            for tp, records in (await consumer.getmany(timeout_ms=200)).items():
                 for r in records:
-                    doc = orjson.loads(r.value)
-                    (out.dead_letters if ".deadletter." in tp.topic else out.responses).append(doc)
-                    out.headers.append(list(r.headers))
+                    take(tp, r)
     finally:
         await consumer.stop()
+
+
+async def collect(world: World, expected: int, timeout_s: float = 120.0, settle_s: float = 0.0) -> Outcomes:
+    """Read response and dead-letter topics from the start until `expected` outcomes
+    arrived (then `settle_s` longer, to catch duplicates) or the timeout passed. Reads as
+    downstream consumers must: `read_committed` (aborted transactions are not outcomes)."""
+    out = Outcomes()
+
+    def take(tp: TopicPartition, r: ConsumerRecord[bytes, bytes]) -> None:
+        doc = orjson.loads(r.value)
+        (out.dead_letters if ".deadletter." in tp.topic else out.responses).append(doc)
+        out.headers.append(list(r.headers))
+
+    tps = [
+        TopicPartition(t, i)
+        for p in world.partners
+        for t in (world.response_topic(p), world.deadletter_topic(p))
+        for i in range(world.partitions)
+    ]
+    await _read_committed(world, tps, take, lambda: out.total >= expected, timeout_s, settle_s)
     return out
 
 
@@ -238,27 +255,13 @@ async def usage_records(
 ) -> list[dict[str, Any]]:
     """The metering records on the world's usage topic, read `read_committed` from the start
     until `expected` arrived (then `settle_s` longer, to catch duplicates) or the timeout."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=world.bootstrap, enable_auto_commit=False, isolation_level="read_committed"
-    )
-    await consumer.start()
     records: list[dict[str, Any]] = []
-    try:
-        tps = [TopicPartition(world.usage_topic, i) for i in range(world.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        deadline = time.monotonic() + timeout_s
-        settle_deadline: float | None = None
-        while time.monotonic() < deadline:
-            if settle_deadline is None and len(records) >= expected:
-                settle_deadline = time.monotonic() + settle_s
-            if settle_deadline is not None and time.monotonic() >= settle_deadline:
-                break
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                for r in batch:
-                    doc = orjson.loads(r.value)
-                    assert r.key == doc["partner"].encode(), "metering records are keyed by partner"
-                    records.append(doc)
-    finally:
-        await consumer.stop()
+
+    def take(_: TopicPartition, r: ConsumerRecord[bytes, bytes]) -> None:
+        doc = orjson.loads(r.value)
+        assert r.key == doc["partner"].encode(), "metering records are keyed by partner"
+        records.append(doc)
+
+    tps = [TopicPartition(world.usage_topic, i) for i in range(world.partitions)]
+    await _read_committed(world, tps, take, lambda: len(records) >= expected, timeout_s, settle_s)
     return records
