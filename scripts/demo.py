@@ -4,7 +4,8 @@
 What it does, in order (all files under `.run/`):
 
 1. starts a fresh local Apache Kafka broker (`scripts/kafka_local.py`, files in `.run/demo-kafka`);
-2. creates the request, response and dead-letter topics of three partners (3 partitions each);
+2. creates the request, response and dead-letter topics of three partners (3 partitions each)
+   and the usage topic (`claude.usage`, metering records);
 3. starts the Claude API simulator as a process (`python -m service.simulator`): one API key per
    partner, lognormal latency (median 0.3 s), injected faults (5% 529, 3% 500, 1% dropped
    connections) and a modest org RPM limit, so some calls get 429 and are retried;
@@ -55,6 +56,7 @@ KAFKA_DIR = RUN / "demo-kafka"
 DEMO_DIR = RUN / "demo"
 KEY_DIR = DEMO_DIR / "keys"
 PARTITIONS = 3
+USAGE_TOPIC = "claude.usage"  # kafka.usage_topic's default: metering records
 HOST = "127.0.0.1"
 
 OUTCOME_TIMEOUT_S = 75.0  # after the last message is sent
@@ -255,9 +257,12 @@ async def create_topics(bootstrap: str) -> None:
     try:
         await admin.create_topics(
             [
-                NewTopic(topic(kind, p.id), num_partitions=PARTITIONS, replication_factor=1)
-                for p in PARTNERS
-                for kind in ("requests", "responses", "deadletter")
+                *(
+                    NewTopic(topic(kind, p.id), num_partitions=PARTITIONS, replication_factor=1)
+                    for p in PARTNERS
+                    for kind in ("requests", "responses", "deadletter")
+                ),
+                NewTopic(USAGE_TOPIC, num_partitions=PARTITIONS, replication_factor=1),
             ]
         )
     finally:
@@ -393,6 +398,7 @@ def summarise(traffic: list[Sent], got: Collected) -> bool:
     responses: Counter[str] = Counter()
     dead: dict[str, Counter[str]] = defaultdict(Counter)
     retries: Counter[str] = Counter()
+    nano_usd: Counter[str] = Counter()
     latencies: dict[str, list[float]] = defaultdict(list)
     unexpected: list[str] = []
     for s in traffic:
@@ -400,6 +406,7 @@ def summarise(traffic: list[Sent], got: Collected) -> bool:
             if o.kind == "response":
                 responses[s.partner] += 1
                 retries[s.partner] += max(0, int(o.doc.get("attempts") or 1) - 1)
+                nano_usd[s.partner] += (o.doc.get("cost") or {}).get("nano_usd") or 0
                 ms = _e2e_ms(o)
                 if ms is not None:
                     latencies[s.partner].append(ms)
@@ -415,22 +422,25 @@ def summarise(traffic: list[Sent], got: Collected) -> bool:
     duplicated = [k for k, v in got.by_key.items() if len(v) > 1]
 
     print()
-    print("Per partner (latency: partner's produce timestamp -> response, over responses)")
+    print("Per partner (latency: partner's produce timestamp -> response, over responses;")
+    print("cost: the responses' cost.nano_usd, also on the claude.usage topic)")
     rows = []
     for p in PARTNERS:
         lat = latencies[p.id]
         rows.append([
             p.id, str(sent[p.id]), str(responses[p.id]), str(sum(dead[p.id].values())),
             str(retries[p.id]), fmt_ms(percentile(lat, 50)), fmt_ms(percentile(lat, 99)),
+            f"{nano_usd[p.id] / 1e9:.6f}",
         ])  # fmt: skip
     all_lat = [x for v in latencies.values() for x in v]
     rows.append([
         "total", str(sum(sent.values())), str(sum(responses.values())),
         str(sum(sum(c.values()) for c in dead.values())), str(sum(retries.values())),
         fmt_ms(percentile(all_lat, 50)), fmt_ms(percentile(all_lat, 99)),
+        f"{sum(nano_usd.values()) / 1e9:.6f}",
     ])  # fmt: skip
-    headers = ["partner", "sent", "responses", "dead letters", "retries", "p50 ms", "p99 ms"]
-    print(table(headers, rows, right=range(1, 7)))
+    headers = ["partner", "sent", "responses", "dead letters", "retries", "p50 ms", "p99 ms", "cost USD"]
+    print(table(headers, rows, right=range(1, 8)))
 
     reasons = sorted({r for c in dead.values() for r in c})
     if reasons:

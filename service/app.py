@@ -17,6 +17,7 @@ from opentelemetry.trace import TracerProvider
 from service.admin.console import Console
 from service.admission.admit import Admission
 from service.admission.budget import Budgets, RedisLedger
+from service.admission.pricing import price_version
 from service.admission.registry import Registry
 from service.admission.replay import LocalReplayStore, RedisReplayStore, ReplayGuard
 from service.batches.routing import Router, Turnaround
@@ -118,6 +119,8 @@ class Gateway:
             )
         self.claude.sync_keys(self.registry.api_keys())
         self.audit.loaded(self.registry)
+        prices = {"price_version": price_version(settings), "models": len(settings.models)}
+        log.info("prices loaded", extra=prices)
 
     def _make_limiter(self, settings: GatewaySettings) -> Limiter:
         limits = LimitConfig.of(settings)
@@ -230,6 +233,9 @@ class Gateway:
                 "configuration reloaded, but these sections only take effect after a restart",
                 extra={"sections": ",".join(needs_restart)},
             )
+        old_prices, new_prices = price_version(old_settings), price_version(settings)
+        if old_prices != new_prices:  # costs from now on carry the new version
+            log.info("prices changed", extra={"price_version": new_prices, "previous": old_prices})
         log.info("configuration reloaded", extra={"partners": len(settings.partners)})
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -268,6 +274,7 @@ class Gateway:
                     self.ingest.consumer._client.force_metadata_update,  # new topics within seconds
                     stop,
                     self.settings.kafka,
+                    known_topics=self.ingest.consumer._client.cluster.topics,
                 ),
                 name="topics",
             )

@@ -7,7 +7,9 @@
   consumed within seconds (not at `kafka.metadata_max_age_ms`, 30 s); and a warning
   while the request-topic pattern matches no topic (a typo in
   `kafka.request_topic_prefix`, or partner topics not created yet), repeated every
-  minute, with one line when topics appear.
+  minute, with one line when topics appear; likewise while the brokers do not know the usage
+  topic (`kafka.usage_topic`): billed calls' outcomes go out with their metering records, so
+  without it they wait (unless the brokers create topics on first use).
 """
 
 from __future__ import annotations
@@ -83,11 +85,14 @@ async def watch_topics(
     *,
     every_s: float = DISCOVERY_S,
     repeat_s: float = NO_TOPIC_REPEAT_S,
+    known_topics: Callable[[], set[str]] | None = None,
 ) -> None:
     """Every `every_s`, ask the brokers for metadata (`refresh`: a new partner topic is then
     consumed within seconds, not at `kafka.metadata_max_age_ms`), and warn, at most every
-    `repeat_s`, while no topic matches `{request_topic_prefix}.+`."""
+    `repeat_s`, while no topic matches `{request_topic_prefix}.+`, or `known_topics` (all the
+    brokers' topics) lacks `kafka.usage_topic`."""
     warned_at: float | None = None
+    usage_warned_at: float | None = None
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
@@ -96,6 +101,18 @@ async def watch_topics(
             return
         with contextlib.suppress(KafkaError, TimeoutError):
             await asyncio.wait_for(refresh(), every_s)
+        if known_topics is not None and subscription():
+            if settings.usage_topic in known_topics():
+                usage_warned_at = None
+            elif usage_warned_at is None or loop.time() - usage_warned_at >= repeat_s:
+                usage_warned_at = loop.time()
+                log.warning(
+                    "the usage topic does not exist: billed calls' outcomes wait for it",
+                    extra={
+                        "topic": settings.usage_topic,
+                        "hint": "create it (claude-gateway topics ensure), or check kafka.usage_topic",
+                    },
+                )
         if subscription():
             if warned_at is not None:
                 log.info("request topics found", extra={"topics": len(subscription())})

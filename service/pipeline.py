@@ -22,13 +22,14 @@ import anthropic
 
 from service.admin.pauses import Pauses
 from service.admission.admit import Admission, Admitted, Deferred, RecordLike, Rejected
-from service.admission.pricing import cost_usd
+from service.admission.pricing import billed, price_version, quote
 from service.batches.records import BadHandoff, Handoff, handoff_message, read_handoff
 from service.batches.routing import Router, Turnaround
 from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter, Origin, Timings, UpstreamInfo, encode_response, utc_iso
 from service.contracts.reasons import Reason
 from service.egress.emit import Emitter, Sink, claim_doc
+from service.egress.metering import Metered
 from service.ingest.partition import Fenced, Revoked
 from service.scheduling.scheduler import NOT_CALLED, Cost, Draining, Grant, Scheduler, Usage
 from service.telemetry.metrics import Metrics
@@ -60,15 +61,6 @@ class _Failed:
     unknown: bool = False
     """The call may have been billed: the reservation is kept."""
     claim: dict[str, Any] | None = None
-
-
-def _usage_numbers(usage: Mapping[str, Any]) -> tuple[int, int, int, int]:
-    return (
-        int(usage.get("input_tokens") or 0),
-        int(usage.get("output_tokens") or 0),
-        int(usage.get("cache_read_input_tokens") or 0),
-        int(usage.get("cache_creation_input_tokens") or 0),
-    )
 
 
 class Pipeline:
@@ -341,8 +333,9 @@ class Pipeline:
                 m.in_flight.labels(pid).dec()
                 span.end()
             timings.upstream_s += result.elapsed_s
-            inp, out, _, cache_write = _usage_numbers(result.body.get("usage") or {})
-            self.scheduler.release(grant, Usage(inp + cache_write, out))  # ITPM: cache reads are free
+            b = billed(result.body.get("usage") or {})
+            # ITPM: cache reads are free
+            self.scheduler.release(grant, Usage(b.input + b.cache_write, b.output))
             self.scheduler.observe_headers(grant, result.headers)
             m.observe_ratelimit_headers(result.headers)
             m.upstream_latency.labels(pid, adm.model).observe(result.elapsed_s)
@@ -353,7 +346,11 @@ class Pipeline:
         adm = ok.adm
         pid = adm.partner.id
         body = ok.result.body
-        await self.admission.settle(adm, body.get("usage") or {})  # billed, whether or not published
+        usage = body.get("usage") or {}
+        # one quote for the response's `cost`, the metering record, the budget and the metric
+        cost = quote(self.settings.models.get(adm.model), usage, price_version=price_version(self.settings))
+        await self.admission.settle(adm, cost.amount)  # billed, whether or not published
+        completed_at = time.time()
         value = encode_response(
             partner=pid,
             request_id=adm.request_id,
@@ -361,14 +358,27 @@ class Pipeline:
             attempts=ok.attempts,
             upstream_request_id=ok.result.request_id,
             timings=timings,
-            completed_at=time.time(),
+            completed_at=completed_at,
             request_timestamp_ms=origin.timestamp_ms,
             metadata=adm.metadata,
             unknown_retry=ok.unknown_retry,
+            cost=cost.doc(),
         )
-        self._account(pid, adm.model, body.get("usage") or {})  # billed, whether or not published
+        self.metrics.billed(pid, adm.model, cost)  # billed, whether or not published
+        metered = Metered(
+            pid,
+            adm.request_id,
+            adm.model,
+            usage,
+            cost,
+            origin,
+            "realtime",
+            ok.result.request_id,
+            ok.attempts,
+            billed_at=completed_at,
+        )
         published = await self.emit.response(
-            sink, pid, adm.request_id, value, origin, body=body, attempts=ok.attempts
+            sink, pid, adm.request_id, value, origin, body=body, attempts=ok.attempts, metered=metered
         )
         if not published:
             return
@@ -385,17 +395,6 @@ class Pipeline:
                     "attempts": ok.attempts,
                 },
             )
-
-    def _account(self, pid: str, model: str, usage: Mapping[str, Any]) -> None:
-        inp, out, cache_read, cache_write = _usage_numbers(usage)
-        tokens = self.metrics.tokens
-        tokens.labels(pid, model, "input").inc(inp)
-        tokens.labels(pid, model, "output").inc(out)
-        tokens.labels(pid, model, "cache_read").inc(cache_read)
-        tokens.labels(pid, model, "cache_creation").inc(cache_write)
-        price = self.settings.models.get(model)
-        if price is not None:
-            self.metrics.cost.labels(pid, model).inc(cost_usd(price, usage))
 
 
 def _previous(claim: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 For every partner: its request topic (`--partitions`, by default 3), its response
 topic and its dead-letter topic (as many partitions as the request topic; dead
 letters kept `--deadletter-retention-days`, 30 by default: they are for replay).
-Existing topics are left alone and reported (with their partition count, so a
-mismatch shows). One JSON line per topic, then a summary.
+Once: the usage topic (`kafka.usage_topic`, metering records keyed by partner; kept
+`--usage-retention-days`, 30 by default: chargeback reads it). Existing topics are
+left alone and reported (with their partition count, so a mismatch shows). One JSON
+line per topic, then a summary.
 """
 
 from __future__ import annotations
@@ -39,11 +41,16 @@ def add_commands(sub: Any, config: argparse.ArgumentParser) -> None:
         "--replication-factor", type=int, help="of new topics (default: 3, or fewer brokers if fewer)"
     )
     ensure.add_argument("--deadletter-retention-days", type=float, default=30.0)
+    ensure.add_argument("--usage-retention-days", type=float, default=30.0)
     ensure.add_argument("--dry-run", action="store_true", help="say what would be created")
 
 
 def wanted(
-    settings: GatewaySettings, partitions: int, replication: int, deadletter_retention_days: float
+    settings: GatewaySettings,
+    partitions: int,
+    replication: int,
+    deadletter_retention_days: float,
+    usage_retention_days: float = 30.0,
 ) -> list[NewTopic]:
     out: list[NewTopic] = []
     retention = {"retention.ms": str(int(deadletter_retention_days * DAY_MS))}
@@ -55,6 +62,8 @@ def wanted(
         )
     if settings.batches.enabled:
         out += batch_topics(settings, replication, partitions)
+    usage_retention = {"retention.ms": str(int(usage_retention_days * DAY_MS))}
+    out.append(NewTopic(settings.kafka.usage_topic, partitions, replication, topic_configs=usage_retention))
     return out
 
 
@@ -64,6 +73,7 @@ async def ensure(
     partitions: int = 3,
     replication_factor: int | None = None,
     deadletter_retention_days: float = 30.0,
+    usage_retention_days: float = 30.0,
     dry_run: bool = False,
 ) -> list[dict[str, Any]]:
     """Create what is missing; one report row per topic."""
@@ -79,7 +89,9 @@ async def ensure(
         if replication_factor is None:
             brokers = (await admin.describe_cluster()).get("brokers") or []
             replication_factor = max(1, min(3, len(brokers)))
-        for t in wanted(settings, partitions, replication_factor, deadletter_retention_days):
+        for t in wanted(
+            settings, partitions, replication_factor, deadletter_retention_days, usage_retention_days
+        ):
             if t.name in existing:
                 rows.append({"topic": t.name, "action": "exists", "partitions": existing[t.name]})
                 continue
@@ -105,6 +117,7 @@ def run(args: argparse.Namespace, settings: GatewaySettings) -> int:
             partitions=args.partitions,
             replication_factor=args.replication_factor,
             deadletter_retention_days=args.deadletter_retention_days,
+            usage_retention_days=args.usage_retention_days,
             dry_run=args.dry_run,
         )
     )

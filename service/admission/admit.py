@@ -31,6 +31,7 @@ from service.contracts.schemas import SchemaViolation, compiled
 
 if TYPE_CHECKING:
     from service.admission.budget import Budgets, Reservation
+    from service.admission.pricing import Amount
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +179,12 @@ class Admission:
             )
         return verdict
 
-    async def settle(self, adm: Admitted, usage: Mapping[str, Any]) -> None:
-        """The call was billed: replace the budget reservation by the real usage. Never raises."""
+    async def settle(self, adm: Admitted, cost: Amount) -> None:
+        """The call was billed: replace the budget reservation by what it cost
+        (`pricing.Quote.amount`). Never raises."""
         if self.budgets is not None and adm.reservation is not None:
             try:
-                await self.budgets.settle(adm.reservation, usage)
+                await self.budgets.settle(adm.reservation, cost)
             except Exception:  # the outcome matters more than the counter
                 log.exception("budget settlement failed", extra={"partner": adm.partner.id})
 

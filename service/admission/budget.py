@@ -4,8 +4,9 @@
   by `pricing.estimate` (the model's prices in `settings.models`). The request
   is refused when, in any period with a cap, what is used or reserved plus
   this reservation would exceed the cap.
-- **Settle after the call** with what the real `usage` cost (`pricing.actual`: tokens
-  of every kind, tier, speed, server tools), refunding the difference; **release** the whole
+- **Settle after the call** with what the real `usage` cost (`pricing.quote`: tokens
+  of every kind, tier, speed, server tools; the very figure the response's `cost` and its
+  metering record carry), refunding the difference; **release** the whole
   reservation when the call failed and nothing was billed.
 - **Over budget**: `budget.on_exhausted: deadletter` dead-letters with
   `budget_exhausted` (retryable); `defer` holds the request until the period
@@ -39,13 +40,13 @@ import calendar
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from service.admission.admit import Admitted, Deferred, Rejected
 from service.admission.budget_sync import OutageSpend
-from service.admission.pricing import NANO_PER_USD, Amount, actual, estimate
+from service.admission.pricing import NANO_PER_USD, Amount, estimate
 from service.config.redis_health import REDIS_ERRORS, RedisHealth
 from service.config.settings import BudgetSettings
 from service.contracts.reasons import Reason
@@ -390,12 +391,11 @@ class Budgets:
             raise Draining
         await self._wait(deferred.period_end, self._registry().settings.runtime.budget_defer_poll_s)
 
-    async def settle(self, reservation: Reservation, usage: Mapping[str, Any]) -> None:
-        """Replace the reservation by what the call really cost. Never raises."""
-        if not reservation.periods:
-            return
-        price = self._registry().settings.models.get(reservation.model)
-        await self._adjust(reservation, actual(price, usage) - reservation.amount)
+    async def settle(self, reservation: Reservation, cost: Amount) -> None:
+        """Replace the reservation by what the call really cost (`pricing.Quote.amount`, the
+        figure the response and its metering record carry). Never raises."""
+        if reservation.periods:
+            await self._adjust(reservation, cost - reservation.amount)
 
     async def release(self, reservation: Reservation) -> None:
         """Give the whole reservation back (nothing was billed). Never raises."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from service.admission.pricing import Quote, price_version, quote
 from service.batches.records import Handoff, handoff_message
 from service.batches.routing import Router
 from service.config.settings import GatewaySettings
@@ -36,6 +37,7 @@ from service.contracts.outcomes import (
     encode_response,
 )
 from service.contracts.reasons import Reason
+from service.egress.metering import Metered, metering_message
 from service.ingest.sending import OutMessage
 
 RETRYABLE_ERRORS = frozenset({"api_error", "overloaded_error", "rate_limit_error", "timeout_error"})
@@ -55,8 +57,8 @@ class Decision:
     messages: list[OutMessage]
     action: str
     """response | rebatched | realtime | deadletter (for metrics)."""
-    usage: Mapping[str, Any] | None = None
-    """Billed: settle the budget with this; None: release the reservation (nothing billed)."""
+    cost: Quote | None = None
+    """Billed (at batch price): settle the budget with this; None: release the reservation."""
     needs_record: bool = False
     """Rebatched or sent to real time: the message needs the original record (set by the worker)."""
     handoff: Handoff | None = None
@@ -75,6 +77,12 @@ def served_by(batch_id: str) -> dict[str, Any]:
 def _response(
     gs: GatewaySettings, h: Handoff, message: Mapping[str, Any], batch_id: str, now: float
 ) -> Decision:
+    usage = message.get("usage") or {}
+    model = h.model or str(message.get("model") or "")
+    cost = quote(gs.models.get(model), usage, price_version=price_version(gs), service_tier="batch")
+    metered = Metered(
+        h.partner, h.request_id, model, usage, cost, origin_of(h), "batch", None, h.submissions, now
+    )
     value = encode_response(
         partner=h.partner,
         request_id=h.request_id,
@@ -85,21 +93,28 @@ def _response(
         completed_at=now,
         request_timestamp_ms=h.timestamp_ms,
         metadata=h.metadata,
+        cost=cost.doc(),
         served_by=served_by(batch_id),
     )
+    usage_topic = gs.kafka.usage_topic
     if len(value) > gs.kafka.producer_max_request_bytes - 4096:
+        reason = Reason.RESPONSE_TOO_LARGE
         dl = DeadLetter(
             h.partner,
-            Reason.RESPONSE_TOO_LARGE,
+            reason,
             f"the batch result ({len(value)} bytes) is over the producer's size limit",
             origin_of(h),
             h.request_id,
             h.submissions,
-            response={"value": b"", "value_size": len(value), "usage": message.get("usage") or {}},
+            response={"value": b"", "value_size": len(value), "usage": usage},
         )
-        return Decision(dead_letter(gs, dl, now), "deadletter", usage=message.get("usage") or {})
+        messages = [
+            *dead_letter(gs, dl, now),
+            metering_message(usage_topic, metered, "deadletter", reason.value),
+        ]
+        return Decision(messages, "deadletter", cost=cost)
     msg = OutMessage(gs.response_topic(h.partner), h.request_id.encode(), value, JSON)
-    return Decision([msg], "response", usage=message.get("usage") or {})
+    return Decision([msg, metering_message(usage_topic, metered)], "response", cost=cost)
 
 
 def dead_letter(gs: GatewaySettings, dl: DeadLetter, now: float) -> list[OutMessage]:

@@ -303,6 +303,10 @@ class Tracker:
         for cid, d in chunk:
             offset, h = self.state.handoffs[cid]
             m.results.labels(h.partner, d.kind, d.action).inc()
+            if d.action in ("response", "deadletter"):
+                self.ctx.metrics.requests.labels(h.partner, h.model, d.action).inc()
+            if d.cost is not None:
+                self.ctx.metrics.billed(h.partner, h.model, d.cost)
             partner = registry.by_id.get(h.partner)
             if budgets is None or partner is None:
                 continue
@@ -314,7 +318,7 @@ class Tracker:
                 Amount(tokens, nusd),
                 self.state.shared,
             )
-            if d.usage is not None:
-                await budgets.settle(res, d.usage)
+            if d.cost is not None:
+                await budgets.settle(res, d.cost.amount)
             else:  # not billed; a new batch or the real-time call reserves again
                 await budgets.release(res)

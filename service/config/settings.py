@@ -75,6 +75,9 @@ class KafkaSettings(_Frozen):
 
     audit_topic: str | None = Field(default=None, min_length=1, max_length=249)
     """Also publish audit events (key rotation, partner enable/disable, budget exhaustion) here."""
+    usage_topic: str = Field(default="claude.usage", min_length=1, max_length=249)
+    """Metering records (schemas/usage.v1.json): one per billed call, keyed by partner, published
+    in the same transaction as the call's outcome (service/egress/metering.py)."""
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
@@ -387,6 +390,9 @@ class GatewaySettings(_Frozen):
     operator_replay: OperatorReplaySettings | None = None
     batches: BatchSettings = BatchSettings()
     models: dict[str, ModelPrice] = Field(default_factory=_default_models)
+    price_version: str | None = Field(default=None, min_length=1, max_length=64)
+    """Names the prices in `models`; every `cost` carries it. None: derived from the table
+    (`auto-` and 12 hex digits of its SHA-256), so any change of a price changes it."""
     partners: list[PartnerSettings]
 
     @model_validator(mode="after")

@@ -83,9 +83,11 @@ def encode_response(
     completed_at: float,
     request_timestamp_ms: int | None,
     metadata: Mapping[str, str] | None,
+    cost: Mapping[str, Any],
     unknown_retry: Mapping[str, Any] | None = None,
     served_by: Mapping[str, Any] | None = None,
 ) -> bytes:
+    """The response document; `cost` is the call's cost object (`pricing.Quote.doc()`)."""
     usage = message_body.get("usage") or {}
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -93,6 +95,7 @@ def encode_response(
         "partner": partner,
         "message": message_body,
         "usage": usage,
+        "cost": cost,
         "attempts": attempts,
         "upstream_request_id": upstream_request_id,
         "timings": {

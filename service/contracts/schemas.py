@@ -32,6 +32,7 @@ SCHEMA_FILES = {
     "request": "request.v1.json",
     "response": "response.v1.json",
     "deadletter": "deadletter.v1.json",
+    "usage": "usage.v1.json",
 }
 
 
@@ -48,7 +49,7 @@ def _schema_dir() -> Path:
 
 @cache
 def load_schema(name: str) -> dict[str, Any]:
-    """The parsed JSON Schema called `name` (request, response, deadletter)."""
+    """The parsed JSON Schema called `name` (request, response, deadletter, usage)."""
     data: dict[str, Any] = orjson.loads((_schema_dir() / SCHEMA_FILES[name]).read_bytes())
     return data
 

@@ -1,13 +1,22 @@
 """A request's one outcome on the wire: a response or a dead letter, through its record's sink.
 
-Nothing billed is thrown away and no record can stop the service:
+A billed call's outcome goes out with its metering record (`metering.py`) in one
+`sink.publish([outcome, record])`, so in one transaction: the record says `response`, or
+`deadletter` and the reason when a dead letter replaced the response. Nothing billed is
+thrown away and no record can stop the service:
 
 - a response the broker refuses for its size becomes a `response_too_large`
   dead letter carrying as much of the body as fits, with its digest and usage;
 - a dead letter the broker refuses is cut down (original bytes, then all of
   them); if even the smallest is refused, the record is *quarantined*: its
   offset is finished with no message, a critical log names topic, partition
-  and offset, and `gateway_quarantined_total` (alerted) counts it.
+  and offset, and `gateway_quarantined_total` (alerted) counts it. A billed call's
+  metering record (`outcome: quarantined`) is still published, alone, finishing the offset;
+- metering never costs a partner its outcome: when an outcome with its metering record is
+  refused for another reason than size (the usage topic missing from the ACLs, say), the
+  outcome goes out alone; the record is then lost: `gateway_metering_lost_total` (alerted)
+  counts it and a critical log line carries the whole record, to replay by hand. (A refusal
+  for size is the outcome's: a metering record is a few hundred bytes.)
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from aiokafka.errors import KafkaError
 from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter, Origin, deadletter_headers, encode_deadletter
 from service.contracts.reasons import Reason
+from service.egress.metering import Metered, Outcome, encode_usage, metering_message
 from service.ingest.ledger import Claim
 from service.ingest.partition import Fenced
 from service.ingest.sending import OutMessage
@@ -75,12 +85,15 @@ class Emitter:
         *,
         body: Mapping[str, Any],
         attempts: int,
+        metered: Metered | None = None,
     ) -> bool:
-        """Publish a response; True if it went out as one, False if it became a dead letter."""
+        """Publish a response (with the metering record of its billed call, if any); True if it
+        went out as one, False if it became a dead letter."""
         topic, key = self.settings.response_topic(partner), request_id.encode()
         try:
             with self.tracing.produce(topic, key, origin.headers) as trace_headers:
-                await sink.publish([OutMessage(topic, key, value, (*JSON_HEADERS, *trace_headers))])
+                message = OutMessage(topic, key, value, (*JSON_HEADERS, *trace_headers))
+                await self._publish(sink, message, metered, "response")
             return True
         except Fenced:
             raise
@@ -101,10 +114,15 @@ class Emitter:
                 partner, reason, detail, origin, request_id, attempts, response=_response_doc(value, body)
             ),
             model=str(body.get("model") or ""),
+            metered=metered,
         )
         return False
 
-    async def dead_letter(self, sink: Sink, dl: DeadLetter, model: str) -> None:
+    async def dead_letter(
+        self, sink: Sink, dl: DeadLetter, model: str, metered: Metered | None = None
+    ) -> None:
+        """Publish a dead letter (with the metering record of a billed call, if any), cut down
+        until the broker takes it; quarantine the record if it takes none."""
         headers = (*JSON_HEADERS, *deadletter_headers(dl, self.settings.kafka.group_id))
         self.tracing.outcome("deadletter", dl.reason.value)
         topic = self.settings.deadletter_topic(dl.partner)
@@ -122,8 +140,9 @@ class Emitter:
                     max_original_bytes=original_bytes,
                     max_response_bytes=response_bytes,
                 )
+                message = OutMessage(topic, key, value, (*headers, *trace_headers))
                 try:
-                    await sink.publish([OutMessage(topic, key, value, (*headers, *trace_headers))])
+                    await self._publish(sink, message, metered, "deadletter", dl.reason.value)
                 except Fenced:
                     raise
                 except KafkaError as exc:
@@ -133,10 +152,64 @@ class Emitter:
                     continue
                 self._count(dl, model)
                 return
-        await self._quarantine(sink, dl, last)
+        await self._quarantine(sink, dl, last, metered)
 
-    async def _quarantine(self, sink: Sink, dl: DeadLetter, exc: BaseException | None) -> None:
-        await sink.publish([])  # finished with no message: the loop goes on
+    async def _publish(
+        self,
+        sink: Sink,
+        message: OutMessage,
+        metered: Metered | None,
+        outcome: Outcome,
+        reason: str | None = None,
+    ) -> None:
+        """`message` and, for a billed call, its metering record, in one transaction. Raises
+        the broker's refusal of `message` (the caller makes a smaller outcome)."""
+        if metered is None:
+            await sink.publish([message])
+            return
+        record = metering_message(self.settings.kafka.usage_topic, metered, outcome, reason)
+        try:
+            await sink.publish([message, record])
+        except Fenced:
+            raise
+        except KafkaError as exc:
+            if _refused_for_size(exc):
+                raise
+            await sink.publish([message])  # the usage topic's refusal, or the outcome's: raised
+            self._metering_lost(metered, outcome, reason, exc)
+
+    def _metering_lost(
+        self, metered: Metered, outcome: Outcome, reason: str | None, exc: BaseException | None
+    ) -> None:
+        self.metrics.metering_lost.labels(metered.partner).inc()
+        log.critical(
+            "metering record could not be published; replay it from this line (see the runbook)",
+            extra={
+                **_origin_ctx(metered.origin),
+                "partner": metered.partner,
+                "request_id": metered.request_id,
+                "usage_topic": self.settings.kafka.usage_topic,
+                "error": type(exc).__name__ if exc is not None else None,
+                "record": encode_usage(metered, outcome, reason).decode(),
+            },
+        )
+
+    async def _quarantine(
+        self, sink: Sink, dl: DeadLetter, exc: BaseException | None, metered: Metered | None
+    ) -> None:
+        finished = False
+        if metered is not None:  # the call was billed: its record finishes the offset
+            topic = self.settings.kafka.usage_topic
+            record = metering_message(topic, metered, "quarantined", dl.reason.value)
+            try:
+                await sink.publish([record])
+                finished = True
+            except Fenced:
+                raise
+            except KafkaError as refused:
+                self._metering_lost(metered, "quarantined", dl.reason.value, refused)
+        if not finished:
+            await sink.publish([])  # finished with no message: the loop goes on
         self.metrics.quarantined.labels(dl.partner).inc()
         log.critical(
             "dead letter could not be published; record quarantined (see the runbook)",

@@ -2,9 +2,12 @@
 
 The broker applies `max.message.bytes` to a whole record batch, and aiokafka
 does not split a refused batch (the Java producer does): every message in it
-fails with `MessageSizeTooLargeError`. A message refused among others is
-therefore sent again in a batch of its own (`Item.alone`); only the refusal of
-a message sent alone is final, and the caller then makes a smaller outcome.
+fails with `MessageSizeTooLargeError`. An item refused among others is
+therefore sent again in batches of its own (`Item.alone`); only the refusal of
+an item sent alone is final, and the caller then makes a smaller outcome. An
+item's messages (an outcome and its metering record) belong together: once one
+is refused, the item's later messages are not sent (and with exactly-once the
+tick's transaction, which holds the earlier ones, is aborted).
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ async def send_all(producer: AIOKafkaProducer, items: list[Item]) -> tuple[list[
     Any other error fails the whole tick.
 
     The broker applies `max.message.bytes` to a whole batch and aiokafka does not split a
-    refused batch, so a message refused among others is marked `alone` and sent again in
-    a batch of its own; only the refusal of a message sent alone is final."""
+    refused batch, so a message refused among other items' messages is marked `alone` and
+    sent again in a batch of its own; only the refusal of an item sent alone (or the only
+    item of its tick: an outcome with its metering record) is final."""
     refused: dict[int, Item] = {}
     for item in items:
         if item.alone:
@@ -74,21 +78,23 @@ async def send_all(producer: AIOKafkaProducer, items: list[Item]) -> tuple[list[
                     raise
                 _set_error(item, exc)
                 refused[id(item)] = item
-                continue
+                break  # nor the item's next ones: an outcome's metering record never goes without it
             futures.append((item, fut))
     resend: list[Item] = []
     if futures:
         results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
         failure: BaseException | None = None
+        one_item = len({id(item) for item, _ in futures}) == 1  # its batches had nothing else
         for (item, _), res in zip(futures, results, strict=True):
             if not isinstance(res, BaseException):
                 continue
-            if _refusal(res) and len(futures) == 1:
+            if _refusal(res) and one_item:
                 _set_error(item, res)
                 refused[id(item)] = item
             elif _refusal(res):
-                item.alone = True
-                resend.append(item)
+                if not item.alone and id(item) not in refused:
+                    item.alone = True
+                    resend.append(item)
             elif failure is None or isinstance(res, ProducerFenced):
                 failure = res
         if failure is not None:

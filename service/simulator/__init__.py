@@ -1,4 +1,4 @@
-"""A Claude Messages API simulator: auth, validation, usage, rate-limit headers,
+"""A Claude Messages API simulator: auth, validation, usage, prompt caching, rate-limit headers,
 token buckets, latency and fault injection, over HTTP; and the Message Batches API
 (`/v1/messages/batches`, in compressed time: see service/simulator/batches/).
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from service.simulator.caching import NO_CACHE, CacheUse
 from service.simulator.config import OutputSettings
 from service.simulator.sampling import draw_output_tokens
 from service.simulator.tokens import filler_text
@@ -50,6 +51,7 @@ def message_of(
     priority_tier: bool = False,
     batch: bool = False,
     with_content: bool = True,
+    cache: CacheUse = NO_CACHE,
 ) -> dict[str, Any]:
     """The Message answered for `body`. `with_content=False` leaves `content` out (a batch
     stores its results without the text and adds it when they are read: see batches/results.py)."""
@@ -65,6 +67,6 @@ def message_of(
     message["stop_reason"] = completion.stop_reason
     message["stop_sequence"] = completion.stop_sequence
     message["usage"] = usage_of(
-        body, input_tokens, completion.output_tokens, priority_tier=priority_tier, batch=batch
+        body, input_tokens, completion.output_tokens, priority_tier=priority_tier, batch=batch, cache=cache
     )
     return message

@@ -17,6 +17,7 @@ from typing import Any
 
 from service.simulator.batches.store import BatchStore
 from service.simulator.buckets import Clock, RateLimiter
+from service.simulator.caching import PromptCache
 from service.simulator.config import SimulatorConfig
 from service.simulator.errors import AuthenticationError, InvalidRequestError
 from service.simulator.stats import SimulatorStats
@@ -48,6 +49,7 @@ class SimulatorEngine:
         self.config = config
         self.rng = random.Random(config.seed)
         self.limiter = self._new_limiter(config)
+        self.prompt_cache = PromptCache(clock)
         self._key_names = self._key_lookup(config)
         self._fingerprints: dict[str, str] = {}
         self.models = frozenset(config.models)
@@ -87,10 +89,12 @@ class SimulatorEngine:
             self.rng = random.Random(config.seed)
 
     def reset(self, *, empty: bool = False) -> None:
-        """Zero the stats, fill (or empty) the buckets, re-seed the random generator and
-        forget every Message Batch (a batch in progress would bill into the new stats)."""
+        """Zero the stats, fill (or empty) the buckets, empty the prompt cache, re-seed the
+        random generator and forget every Message Batch (a batch in progress would bill into
+        the new stats)."""
         self.stats.reset()
         self.batches.clear()
+        self.prompt_cache.clear()
         self.limiter.reset(empty=empty)
         self.rng = random.Random(self.config.seed)
 

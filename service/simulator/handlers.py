@@ -183,7 +183,8 @@ class Handlers:
 
         input_tokens = count_input_tokens(body)
         max_tokens: int = body["max_tokens"]
-        refusal = buckets.try_admit(input_tokens, max_tokens)
+        cache = engine.prompt_cache.plan(str(body["model"]), body, input_tokens)
+        refusal = buckets.try_admit(input_tokens - cache.read, max_tokens)  # ITPM: reads are free
         if refusal is not None:
             return self.rate_limited(refusal, request_id, buckets)
 
@@ -195,12 +196,18 @@ class Handlers:
         finally:  # settle even if the handler is cancelled while "generating"
             buckets.settle_output(max_tokens, completion.output_tokens)
         engine.stats.billed(input_tokens, completion.output_tokens, key_name)
+        engine.prompt_cache.commit(cache)
 
         if fault is Fault.DROP:
             return None
 
         message = message_of(
-            engine.next_message_id(), body, input_tokens, completion, priority_tier=config.priority_tier
+            engine.next_message_id(),
+            body,
+            input_tokens,
+            completion,
+            priority_tier=config.priority_tier,
+            cache=cache,
         )
         engine.stats.status(200)
         return _json(200, orjson.dumps(message), self.headers_for(request_id, buckets))

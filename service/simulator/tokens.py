@@ -31,7 +31,7 @@ CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 3
 
 
-def _block_chars(block: Any, model: str) -> tuple[int, int]:
+def block_chars(block: Any, model: str) -> tuple[int, int]:
     """(characters, flat tokens) of one content block."""
     if not isinstance(block, Mapping):
         return len(orjson.dumps(block)), 0
@@ -73,7 +73,7 @@ def _content_chars(content: Any, model: str) -> tuple[int, int]:
     if isinstance(content, Sequence):
         chars = flat = 0
         for block in content:
-            c, f = _block_chars(block, model)
+            c, f = block_chars(block, model)
             chars += c
             flat += f
         return chars, flat

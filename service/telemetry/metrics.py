@@ -29,6 +29,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from service.admission.pricing import NANO_PER_USD, Quote
 from service.scheduling.limiter import parse_ratelimit_headers
 from service.telemetry.batch_metrics import BatchMetrics
 from service.version import version
@@ -61,7 +62,12 @@ class Metrics:
         self.tokens = Counter(
             "gateway_tokens", "Tokens billed, by kind.", ["partner", "model", "kind"], registry=r
         )
-        self.cost = Counter("gateway_cost_usd", "Cost in US dollars.", ["partner", "model"], registry=r)
+        self.cost = Counter(
+            "gateway_cost_usd",
+            "Cost of billed calls in US dollars (the sum of their `cost.nano_usd` / 1e9).",
+            ["partner", "model"],
+            registry=r,
+        )
         self.upstream_calls = Counter(
             "gateway_upstream_calls",
             "Upstream attempts by HTTP status class (2xx, 4xx, 5xx, error: no answer) and code.",
@@ -173,6 +179,13 @@ class Metrics:
             ["partner"],
             registry=r,
         )
+        self.metering_lost = Counter(
+            "gateway_metering_lost",
+            "Billed calls whose outcome was published without its metering record "
+            "(the usage topic refused it).",
+            ["partner"],
+            registry=r,
+        )
         self.internal_errors = Counter(
             "gateway_internal_errors",
             "Faults of the gateway itself, by where.",
@@ -201,6 +214,16 @@ class Metrics:
         self._ratelimit_headers: Mapping[str, str] | None = None
         self._refreshers: list[Callable[[], None]] = [self._refresh_ratelimit]
 
+    def billed(self, partner: str, model: str, cost: Quote) -> None:
+        """A billed call: its tokens by kind and its cost (one quote for every figure)."""
+        b = cost.billed
+        self.tokens.labels(partner, model, "input").inc(b.input)
+        self.tokens.labels(partner, model, "output").inc(b.output)
+        self.tokens.labels(partner, model, "cache_read").inc(b.cache_read)
+        self.tokens.labels(partner, model, "cache_creation").inc(b.cache_write)
+        if cost.nusd is not None:
+            self.cost.labels(partner, model).inc(cost.nusd / NANO_PER_USD)
+
     def init_partner(self, partner: str) -> None:
         """Zero samples for a partner's counters of rare events, so alerts and dashboards
         see a 0 (not "no data") until the first one happens."""
@@ -210,6 +233,7 @@ class Metrics:
             gauge.labels(partner)
         self.unknown_retries.labels(partner)
         self.quarantined.labels(partner)
+        self.metering_lost.labels(partner)
         self.internal_errors.labels(partner, "call")
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:

@@ -244,6 +244,22 @@ UNIT_TESTS: list[dict[str, Any]] = [
         ],
     },
     {
+        # One metering record lost at minute 6: critical at once.
+        "interval": "1m",
+        "input_series": [
+            {"series": 'gateway_metering_lost_total{partner="acme",pod="gw-0"}', "values": "0x5 1x30"},
+            {"series": 'gateway_metering_lost_total{partner="calm",pod="gw-0"}', "values": "0x35"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "4m", "alertname": "ClaudeGatewayMeteringLost", "exp_alerts": []},
+            {
+                "eval_time": "8m",
+                "alertname": "ClaudeGatewayMeteringLost",
+                "exp_alerts": [{"exp_labels": {"severity": "critical", "partner": "acme"}}],
+            },
+        ],
+    },
+    {
         "interval": "1m",
         "input_series": [
             {

@@ -1,10 +1,13 @@
 """The chaos suite, short: `make chaos` runs the long versions (10,000 and 3,000 requests).
 
-Each test is one run of the harness in bench/chaos (its own broker, Redis, simulator with 20%
-faults, gateway replicas as processes) and asserts its verdict: every request has exactly one
-outcome, and no request was billed twice without the `on_unknown: retry` policy explaining it
-(in the rebalance run, none at all). The run's logs stay in the test's tmp_path (the failure
-message names the dir).
+Each run test is one run of the harness in bench/chaos (its own broker, Redis, simulator with
+20% faults, gateway replicas as processes) and asserts its verdict: every request has exactly
+one outcome, and no request was billed twice without the `on_unknown: retry` policy
+explaining it (in the rebalance run, none at all). In the chaos run a quarter of the requests
+go to Message Batches, and the kills aim at the batch worker while it has batches open: no
+batch request is lost, answered twice, or billed twice (in two batches, or in a batch and in
+real time). The run's logs stay in the test's tmp_path (the failure message names the dir).
+The last test feeds the verifier made-up counts: each way of failing is counted as one.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import ChaosOptions, run_chaos
+from bench.chaos import ChaosOptions, passed, run_chaos
+from bench.chaos.traffic import Request
+from bench.chaos.verify import Outcome, Tally, summarise
+from service.batches.routing import custom_id
 
 pytestmark = [
     pytest.mark.integration,
@@ -42,14 +48,36 @@ def _short(mode: str, run_dir: Path, **overrides: object) -> ChaosOptions:
 
 
 async def test_chaos_short_kills_a_broker_restart_and_scaling(tmp_path: Path) -> None:
-    """800 requests over 20 s: 2 kill -9 (each restarted), a broker restart, 3 -> 4 -> 2 replicas."""
-    result = await run_chaos(_short("chaos", tmp_path, max_kills=2, kill_every_s=(4.0, 7.0)))
+    """800 requests over 20 s, a quarter of them for Message Batches (which take 1-3 s,
+    12% of their entries errored or expired): 2 kill -9 (each restarted), aimed at the
+    batch worker when one holds open batches, a broker restart, 3 -> 4 -> 2 replicas."""
+    options = _short(
+        "chaos",
+        tmp_path,
+        max_kills=2,
+        kill_every_s=(4.0, 7.0),
+        batch_processing_s=(1.0, 3.0),
+        batch_expiry_s=5.0,
+        batch_worker_kills=1.0,
+    )
+    result = await run_chaos(options)
     print(json.dumps(result))
     assert result["kills"] == 2
     assert result["broker_restarts"] == 1
     assert result["requests"] == 800
     verdict = {k: result[k] for k in ("lost", "duplicate_outcomes", "called_twice_unexplained")}
     assert verdict == {"lost": 0, "duplicate_outcomes": 0, "called_twice_unexplained": 0}, json.dumps(result)
+    assert 150 <= result["batch_requests"] <= 250, result["batch_requests"]
+    assert result["batches_created"] > 0, json.dumps(result)
+    assert result["kills_of_batch_worker"] >= 1, "a kill must hit the batch worker: " + json.dumps(result)
+    assert result["kills_with_batches_in_progress"] >= 1, json.dumps(result)
+    batch = {
+        k: result[k]
+        for k in ("batch_lost", "batch_duplicated", "batch_billed_twice_unexplained", "realtime_in_a_batch")
+    }
+    assert batch == dict.fromkeys(batch, 0), json.dumps(result)
+    assert result["batch_served"] > 0, json.dumps(result)
+    assert result["passed"], json.dumps(result)
 
 
 async def test_rebalance_short_join_and_leave_call_nothing_twice(tmp_path: Path) -> None:
@@ -61,3 +89,56 @@ async def test_rebalance_short_join_and_leave_call_nothing_twice(tmp_path: Path)
     assert result["requests"] == 1000
     verdict = {k: result[k] for k in ("lost", "duplicate_outcomes", "called_twice")}
     assert verdict == {"lost": 0, "duplicate_outcomes": 0, "called_twice": 0}, json.dumps(result)
+
+
+def test_the_verifier_counts_every_way_a_batch_request_can_fail() -> None:
+    """Made-up outcomes and calls: each batch request below fails one way, and only the
+    real-time retry the `on_unknown: retry` policy pays for is explained."""
+
+    def req(partner: str, rid: str, urgency: str = "batch") -> Request:
+        return Request(partner, rid, b"{}", urgency)
+
+    ok = {"ok": 1, "billed": 1, "all": 1}
+    batch_ok = Outcome("response", None, False, "batch")
+    realtime_ok = Outcome("response", None, False)
+    cases = {  # request -> (outcomes, real-time calls, batch entries)
+        req("alpha", "fine"): ([batch_ok], None, ok),
+        req("alpha", "lost"): ([], None, ok),
+        req("alpha", "twice"): ([batch_ok, batch_ok], None, ok),
+        req("alpha", "two-batches"): ([batch_ok], None, {"ok": 2, "billed": 2, "all": 2}),
+        req("bravo", "batch-and-realtime"): ([realtime_ok], ok, ok),
+        req("charlie", "retry-and-batch"): ([Outcome("response", None, True)], ok, ok),
+        req("charlie", "realtime-retried"): (
+            [Outcome("response", None, True)],
+            {"ok": 1, "billed": 2, "all": 3},
+            {"ok": 0, "billed": 0, "all": 1},
+        ),
+        req("bravo", "realtime-in-batch", "realtime"): ([realtime_ok], ok, {"ok": 0, "billed": 0, "all": 1}),
+    }
+    tally = Tally()
+    calls: dict[str, dict[str, int]] = {}
+    batch_calls: dict[str, dict[str, int]] = {}
+    for r, (outcomes, rt, entries) in cases.items():
+        if outcomes:
+            tally.by_request[r.request_id] = outcomes
+        if rt is not None:
+            calls[r.key] = rt
+        batch_calls[custom_id(r.partner, r.request_id)] = entries
+    figures = summarise(list(cases), tally, calls, {"charlie"}, batch_calls)
+    assert figures["batch_requests"] == 7
+    assert (figures["batch_lost"], figures["batch_duplicated"]) == (1, 1)
+    assert figures["batch_in_two_batches"] == 1
+    assert figures["batch_and_realtime"] == 2
+    assert figures["batch_billed_twice"] == 4  # two batches, batch + real time (twice), retried
+    assert figures["batch_billed_twice_unexplained"] == 3  # all but the real-time retry
+    assert figures["realtime_in_a_batch"] == 1
+    assert figures["called_twice_unexplained"] == 3  # ok twice, a batch entry among them
+    assert (figures["batch_served"], figures["batch_served_in_realtime"]) == (4, 3)
+    clean = {"lost": 0, "duplicate_outcomes": 0, "called_twice_unexplained": 0, "called_twice": 0}
+    good = {"mode": "chaos", "requests": 1, "batch_share": 0.25, "batch_requests": 1, "batches_created": 1}
+    good |= clean | {"batch_billed_twice": 0, "batch_billed_twice_unexplained": 0, "realtime_in_a_batch": 0}
+    assert passed(good)
+    assert not passed(good | {"batch_billed_twice_unexplained": 1})
+    assert not passed(good | {"realtime_in_a_batch": 1})
+    assert not passed(good | {"batches_created": 0}), "batch traffic that made no batch tested nothing"
+    assert not passed(good | {"mode": "rebalance", "batch_billed_twice": 1})

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.admission.budget import Budgets, RedisLedger, Reservation, periods
+from service.admission.pricing import actual
 from service.admission.registry import Registry
 from service.config.loader import parse_config
 from service.config.redis import redis_client
@@ -67,10 +68,11 @@ class _Adm:
 
 async def _spend(budgets: Budgets, registry: Registry, n: int) -> int:
     """n calls reserving 1,000 tokens and billed 300 each: returns the tokens billed."""
+    price = registry.settings.models["claude-haiku-4-5"]
     for _ in range(n):
         res = await budgets.reserve(registry.by_id["acme"], _Adm(900, 100), wait=False)  # type: ignore[arg-type]
         assert isinstance(res, Reservation)
-        await budgets.settle(res, {"input_tokens": 200, "output_tokens": 100})
+        await budgets.settle(res, actual(price, {"input_tokens": 200, "output_tokens": 100}))
     return n * 300
 
 

@@ -2,7 +2,8 @@
 
 - Kafka unreachable at start: the gateway retries with backoff, one warning per attempt (no
   traceback), is not ready, and stops cleanly when asked;
-- no topic matches the request pattern: a warning says so, naming the pattern;
+- no topic matches the request pattern: a warning says so, naming the pattern; the usage topic
+  (metering records) missing: a warning names it;
 - a partner topic created while the gateway runs is consumed within seconds, although
   `kafka.metadata_max_age_ms` is 30 s (the first request used to wait for it).
 """
@@ -73,7 +74,16 @@ async def test_no_matching_topic_is_said_and_a_new_topic_is_found_within_seconds
 
             admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
             await admin.start()
-            await admin.create_topics([NewTopic(t, 1, 1) for t in world.all_topics()])
+            await admin.create_topics(
+                [NewTopic(t, 1, 1) for t in world.all_topics() if t != world.usage_topic]
+            )
+            for _ in range(150):
+                if any(r.getMessage().startswith("the usage topic does not exist") for r in caplog.records):
+                    break
+                await asyncio.sleep(0.2)
+            [missing] = [r for r in caplog.records if r.getMessage().startswith("the usage topic does not")]
+            assert getattr(missing, "topic", None) == world.usage_topic
+            await admin.create_topics([NewTopic(world.usage_topic, 1, 1)])
             await admin.close()
             created = time.monotonic()
             await produce(kafka_bootstrap, [(world.request_topic("acme"), None, request("first"))])

@@ -53,6 +53,7 @@ async def test_success_shape(make_sim: SimFactory, http: aiohttp.ClientSession) 
         "output_tokens": 42,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
         "service_tier": "standard",
         "speed": "standard",
     }

@@ -11,12 +11,13 @@ import asyncio
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.config.loader import parse_config
@@ -48,11 +49,18 @@ class World:
     def deadletter_topic(self, partner: str) -> str:
         return f"{self.tag}.deadletter.{partner}"
 
+    @property
+    def usage_topic(self) -> str:
+        return f"{self.tag}.usage"
+
     def all_topics(self) -> list[str]:
         return [
-            t
-            for p in self.partners
-            for t in (self.request_topic(p), self.response_topic(p), self.deadletter_topic(p))
+            *(
+                t
+                for p in self.partners
+                for t in (self.request_topic(p), self.response_topic(p), self.deadletter_topic(p))
+            ),
+            self.usage_topic,
         ]
 
     def settings_dict(self, sim_url: str, **overrides: Any) -> dict[str, Any]:
@@ -63,6 +71,7 @@ class World:
                 "request_topic_prefix": self.request_prefix,
                 "response_topic_prefix": f"{self.tag}.responses.",
                 "deadletter_topic_prefix": f"{self.tag}.deadletter.",
+                "usage_topic": self.usage_topic,
                 "metadata_max_age_ms": 2_000,
                 "session_timeout_ms": 10_000,
             },
@@ -175,39 +184,55 @@ class Outcomes:
         return Counter(d["reason"] for d in self.dead_letters)
 
 
-async def collect(world: World, expected: int, timeout_s: float = 120.0, settle_s: float = 0.0) -> Outcomes:
-    """Read response and dead-letter topics from the start until `expected` outcomes
-    arrived (then `settle_s` longer, to catch duplicates) or the timeout passed. Reads as
-    downstream consumers must: `read_committed` (aborted transactions are not outcomes)."""
+async def _read_committed(
+    world: World,
+    tps: list[TopicPartition],
+    take: Callable[[TopicPartition, ConsumerRecord[bytes, bytes]], None],
+    enough: Callable[[], bool],
+    timeout_s: float,
+    settle_s: float,
+) -> None:
+    """Read `tps` `read_committed` from the start, giving each record to `take`, until
+    `enough()` (then `settle_s` longer, to catch duplicates) or the timeout passed."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=world.bootstrap, enable_auto_commit=False, isolation_level="read_committed"
     )
     await consumer.start()
-    out = Outcomes()
     try:
-        tps = [
-            TopicPartition(t, i)
-            for p in world.partners
-            for t in (world.response_topic(p), world.deadletter_topic(p))
-            for i in range(world.partitions)
-        ]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         deadline = time.monotonic() + timeout_s
         settle_deadline: float | None = None
         while time.monotonic() < deadline:
-            if settle_deadline is None and out.total >= expected:
+            if settle_deadline is None and enough():
                 settle_deadline = time.monotonic() + settle_s
             if settle_deadline is not None and time.monotonic() >= settle_deadline:
                 break
-            batches = await consumer.getmany(timeout_ms=200)
-            for tp, records in batches.items():
+            for tp, records in (await consumer.getmany(timeout_ms=200)).items():
                 for r in records:
-                    doc = orjson.loads(r.value)
-                    (out.dead_letters if ".deadletter." in tp.topic else out.responses).append(doc)
-                    out.headers.append(list(r.headers))
+                    take(tp, r)
     finally:
         await consumer.stop()
+
+
+async def collect(world: World, expected: int, timeout_s: float = 120.0, settle_s: float = 0.0) -> Outcomes:
+    """Read response and dead-letter topics from the start until `expected` outcomes
+    arrived (then `settle_s` longer, to catch duplicates) or the timeout passed. Reads as
+    downstream consumers must: `read_committed` (aborted transactions are not outcomes)."""
+    out = Outcomes()
+
+    def take(tp: TopicPartition, r: ConsumerRecord[bytes, bytes]) -> None:
+        doc = orjson.loads(r.value)
+        (out.dead_letters if ".deadletter." in tp.topic else out.responses).append(doc)
+        out.headers.append(list(r.headers))
+
+    tps = [
+        TopicPartition(t, i)
+        for p in world.partners
+        for t in (world.response_topic(p), world.deadletter_topic(p))
+        for i in range(world.partitions)
+    ]
+    await _read_committed(world, tps, take, lambda: out.total >= expected, timeout_s, settle_s)
     return out
 
 
@@ -223,3 +248,20 @@ async def committed_offsets(world: World, group: str) -> dict[TopicPartition, in
         return result
     finally:
         await consumer.stop()
+
+
+async def usage_records(
+    world: World, expected: int, timeout_s: float = 60.0, settle_s: float = 1.0
+) -> list[dict[str, Any]]:
+    """The metering records on the world's usage topic, read `read_committed` from the start
+    until `expected` arrived (then `settle_s` longer, to catch duplicates) or the timeout."""
+    records: list[dict[str, Any]] = []
+
+    def take(_: TopicPartition, r: ConsumerRecord[bytes, bytes]) -> None:
+        doc = orjson.loads(r.value)
+        assert r.key == doc["partner"].encode(), "metering records are keyed by partner"
+        records.append(doc)
+
+    tps = [TopicPartition(world.usage_topic, i) for i in range(world.partitions)]
+    await _read_committed(world, tps, take, lambda: len(records) >= expected, timeout_s, settle_s)
+    return records

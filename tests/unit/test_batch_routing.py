@@ -183,8 +183,14 @@ def test_a_succeeded_result_is_a_response_served_by_batch() -> None:
         "msgbatch_1",
         NOW,
     )
-    assert (d.action, d.kind, d.usage) == ("response", "succeeded", message["usage"])
+    assert (d.action, d.kind) == ("response", "succeeded")
+    assert d.cost is not None
+    assert d.cost.doc()["service_tier"] == "batch"
     doc = orjson.loads(d.messages[0].value)
+    assert doc["cost"] == d.cost.doc()
+    record = orjson.loads(d.messages[1].value)
+    assert d.messages[1].topic == gs.kafka.usage_topic
+    assert (record["served_by"], record["cost"], record["request_id"]) == ("batch", doc["cost"], "r-1")
     assert d.messages[0].topic == gs.response_topic("acme")
     assert doc["served_by"] == {"path": "batch", "batch_id": "msgbatch_1"}
     assert (doc["message"], doc["metadata"], doc["request_id"]) == (message, {"a": "b"}, "r-1")
@@ -230,7 +236,7 @@ def test_what_each_unbilled_result_becomes(
     gs = _settings(realtime_reserve_s=300, max_submissions=3)
     d = decide(gs, Router(Turnaround(gs.batches)), _handoff(**handoff), result, "msgbatch_1", NOW)
     assert d.action == action
-    assert d.usage is None, "nothing billed"
+    assert d.cost is None, "nothing billed"
     if reason is None:
         assert d.needs_record
         assert d.handoff is not None

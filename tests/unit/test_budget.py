@@ -165,7 +165,7 @@ async def test_settle_refunds_unused_and_release_gives_all_back() -> None:
     assert isinstance(adm, Admitted)
     assert adm.reservation is not None
     day = adm.reservation.periods[0]
-    await w.admission.settle(adm, {"input_tokens": 10, "output_tokens": 4})
+    await w.admission.settle(adm, actual(HAIKU, {"input_tokens": 10, "output_tokens": 4}))
     assert w.budgets.local.used("acme", day) == Amount(14, 10 * 1000 + 4 * 5000)
     assert w.remaining() == pytest.approx(1 - 30e-6)
     adm2 = await w.admission.admit_and_reserve(w.record())
@@ -230,4 +230,4 @@ async def test_partner_without_budget_reserves_nothing() -> None:
     adm = await w.admission.admit_and_reserve(w.record())
     assert isinstance(adm, Admitted)
     assert adm.reservation == Reservation("acme", "claude-haiku-4-5", (), Amount(0, 0), shared=False)
-    await w.admission.settle(adm, {"input_tokens": 5})
+    await w.admission.settle(adm, actual(HAIKU, {"input_tokens": 5}))

@@ -8,6 +8,8 @@ import hashlib
 import orjson
 import pytest
 
+from service.admission.pricing import quote
+from service.config.settings import GatewaySettings
 from service.contracts.outcomes import (
     DeadLetter,
     Origin,
@@ -19,6 +21,7 @@ from service.contracts.outcomes import (
 from service.contracts.reasons import Reason
 from service.contracts.schemas import SchemaViolation, validate
 
+DEFAULT_PRICES = GatewaySettings(partners=[]).models
 ORIGIN = Origin(
     "claude.requests.acme", 2, 41, 1_700_000_000_000, b"key", b'{"x": 1}', (("traceparent", b"00-ab"),)
 )
@@ -45,9 +48,11 @@ def test_response_matches_schema() -> None:
         completed_at=1_700_000_000.5,
         request_timestamp_ms=1_700_000_000_000,
         metadata={"k": "v"},
+        cost=quote(DEFAULT_PRICES["claude-haiku-4-5"], body["usage"], price_version="v1").doc(),
     )
     doc = orjson.loads(raw)
     validate("response", doc)
+    assert doc["cost"]["nano_usd"] == 3 * 1_000 + 2 * 5_000
     assert doc["usage"] == body["usage"]
     assert doc["timings"]["total_ms"] == 500.0
 

@@ -90,9 +90,11 @@ def _levels(s: Scheduler) -> dict[tuple[str, str], float]:
 
 
 def _outcome(sink: Sink) -> str:
-    assert len(sink.published) == 1, sink.published
-    doc = orjson.loads(sink.published[0].value)
-    return "response" if ".responses." in sink.published[0].topic else str(doc["reason"])
+    """The one outcome published (besides a billed response's metering record)."""
+    outcomes = [m for m in sink.published if m.topic != "claude.usage"]
+    assert len(outcomes) == 1, sink.published
+    doc = orjson.loads(outcomes[0].value)
+    return "response" if ".responses." in outcomes[0].topic else str(doc["reason"])
 
 
 async def _no_json(_: httpx2.Request) -> httpx2.Response:

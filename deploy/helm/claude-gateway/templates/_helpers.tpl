@@ -142,6 +142,7 @@ mounted Secrets; the service resolves them at start and on reload.
 {{- with $v.config.org_limits }}{{ $_ := set $cfg "org_limits" (deepCopy .) }}{{ end -}}
 {{- with $v.config.models }}{{ $_ := set $cfg "models" (deepCopy .) }}{{ end -}}
 {{- with $v.config.batches }}{{ $_ := set $cfg "batches" (deepCopy .) }}{{ end -}}
+{{- with $v.config.price_version }}{{ $_ := set $cfg "price_version" . }}{{ end -}}
 
 {{- if $v.redis.enabled -}}
 {{- $redis := dict
