@@ -28,6 +28,7 @@ from service.contracts.outcomes import DeadLetter, Origin, Timings, UpstreamInfo
 from service.contracts.reasons import Reason
 from service.egress.emit import Emitter, Sink, claim_doc
 from service.ingest.partition import Fenced, Revoked
+from service.response_cache.cache import Lookup, ResponseCache, cached_response
 from service.scheduling.scheduler import NOT_CALLED, Cost, Draining, Grant, Scheduler, Usage
 from service.telemetry.metrics import Metrics
 from service.telemetry.tracing import Tracing
@@ -79,6 +80,7 @@ class Pipeline:
         metrics: Metrics,
         retry: RetryPolicy | None = None,
         tracing: Tracing | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.settings = settings
         self.admission = admission
@@ -90,6 +92,8 @@ class Pipeline:
         self.emit = Emitter(settings, metrics, self.tracing)
         self.pauses: Pauses | None = None
         """Partners paused or drained from the admin console: their requests wait here."""
+        self.cache = cache
+        """The exact response cache (service/response_cache/); None: off for everyone."""
 
     async def handle(self, rec: RecordLike, sink: Sink) -> None:
         """Process one record until its outcome is committed (or left to another owner)."""
@@ -136,6 +140,13 @@ class Pipeline:
             )
             await self.emit.dead_letter(sink, dl, model=verdict.model)
             return
+        lookup = None
+        if self.cache is not None:  # before any turn, reservation or claim: a hit costs nothing
+            with self.tracing.span("response_cache"):
+                lookup = await self.cache.lookup(verdict)
+            if lookup is not None and lookup.entry is not None:
+                await self._serve_cached(lookup, verdict, timings, origin, sink)
+                return
         try:
             outcome = await self._call(verdict, timings, sink)
         except (Draining, Revoked, Fenced, asyncio.CancelledError):
@@ -170,7 +181,7 @@ class Pipeline:
                 model=verdict.model,
             )
             return
-        await self._respond(outcome, timings, origin, sink)
+        await self._respond(outcome, timings, origin, sink, lookup)
 
     async def _dispatch(self, adm: Admitted, cost: Cost, sink: Sink) -> tuple[Grant, Admitted] | Rejected:
         """A fair turn, then the budget, then the claim: a request holds a reservation only
@@ -307,7 +318,26 @@ class Pipeline:
             m.upstream_calls.labels(pid, "2xx", "200").inc()
             return _Success(result, attempt, adm, unknown_retry)
 
-    async def _respond(self, ok: _Success, timings: Timings, origin: Origin, sink: Sink) -> None:
+    async def _serve_cached(
+        self, hit: Lookup, adm: Admitted, timings: Timings, origin: Origin, sink: Sink
+    ) -> None:
+        """Publish a cached answer: no turn, grant, reservation, claim or call, nothing billed.
+        The one place a request is answered from the cache."""
+        assert hit.entry is not None
+        pid, body = adm.partner.id, hit.entry.message
+        value = cached_response(hit.entry, adm, timings, origin.timestamp_ms)
+        if not await self.emit.response(sink, pid, adm.request_id, value, origin, body=body, attempts=0):
+            return
+        served_s = max(0.0, time.time() - timings.received_at)
+        self.metrics.response_cache_hit_latency.labels(pid).observe(served_s)
+        self.metrics.requests.labels(pid, adm.model, "response").inc()
+        self.emit.observe_e2e(pid, origin)
+        self.tracing.annotate(cached=True)
+        self.tracing.outcome("response")
+
+    async def _respond(
+        self, ok: _Success, timings: Timings, origin: Origin, sink: Sink, lookup: Lookup | None = None
+    ) -> None:
         adm = ok.adm
         pid = adm.partner.id
         body = ok.result.body
@@ -329,7 +359,9 @@ class Pipeline:
             sink, pid, adm.request_id, value, origin, body=body, attempts=ok.attempts
         )
         if not published:
-            return
+            return  # a dead letter now (too large, say): not an answer to cache
+        if lookup is not None and self.cache is not None:
+            await self.cache.store(lookup, body, ok.result.request_id)
         self.metrics.requests.labels(pid, adm.model, "response").inc()
         self.emit.observe_e2e(pid, origin)
         self.tracing.outcome("response")

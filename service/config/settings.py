@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.config.policy import ParamsPolicy
+from service.config.response_cache import PartnerCacheSettings, ResponseCacheSettings
 from service.config.secrets import SecretRef
 
 _PARTNER_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -266,6 +267,8 @@ class PartnerSettings(_Frozen):
     on_unknown: Literal["deadletter", "retry"] = "deadletter"
     """A call whose outcome is unknown (its owner died mid-call, a timeout or dropped
     connection after sending): dead-letter `outcome_unknown`, or call again and maybe pay twice."""
+    cache: PartnerCacheSettings = PartnerCacheSettings()
+    """The exact response cache (service/response_cache/): off unless `enabled`."""
 
     @model_validator(mode="after")
     def _replay_window_covers_skew(self) -> PartnerSettings:
@@ -417,6 +420,8 @@ class GatewaySettings(_Frozen):
     admin: AdminSettings | None = None
     operator_replay: OperatorReplaySettings | None = None
     models: dict[str, ModelPrice] = Field(default_factory=_default_models)
+    response_cache: ResponseCacheSettings = ResponseCacheSettings()
+    """The exact response cache's store and sharing; partners opt in with `partners[].cache`."""
     partners: list[PartnerSettings]
 
     @model_validator(mode="after")
@@ -439,6 +444,9 @@ class GatewaySettings(_Frozen):
         for name in self.org_class_limits:
             if not name or name == "default":
                 raise ValueError(f"org_class_limits: {name!r} is not a class name (a part of model ids)")
+        unknown = self.response_cache.unknown_partners(seen)
+        if unknown:
+            raise ValueError(unknown[0])
         if self.limiter_backend == "redis" and self.redis is None:
             raise ValueError("limiter_backend is 'redis' but the redis section is missing")
         return self

@@ -84,7 +84,11 @@ def encode_response(
     request_timestamp_ms: int | None,
     metadata: Mapping[str, str] | None,
     unknown_retry: Mapping[str, Any] | None = None,
+    cached_from: Mapping[str, Any] | None = None,
 ) -> bytes:
+    """A response document. `cached_from` (the original call's `upstream_request_id` and
+    `cached_at`) makes it a response served from the response cache: `cached: true`, and
+    `upstream_request_id` null (no call was made for this one)."""
     usage = message_body.get("usage") or {}
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -93,6 +97,7 @@ def encode_response(
         "message": message_body,
         "usage": usage,
         "attempts": attempts,
+        "cached": cached_from is not None,
         "upstream_request_id": upstream_request_id,
         "timings": {
             "request_timestamp_ms": request_timestamp_ms,
@@ -107,6 +112,8 @@ def encode_response(
         doc["metadata"] = dict(metadata)
     if unknown_retry is not None:
         doc["unknown_retry"] = dict(unknown_retry)
+    if cached_from is not None:
+        doc["cached_from"] = dict(cached_from)
     return orjson.dumps(doc)
 
 
