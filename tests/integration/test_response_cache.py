@@ -7,7 +7,7 @@ outcomes from the read_committed topics, spend from the budget hashes in Redis.
 - partner isolation: the same params from another partner call upstream; a sharing group shares;
 - error answers and responses too large to publish are not cached;
 - a partner without `cache.enabled` never hits;
-- Redis down: every request is still answered (misses), /readyz says so; back: hits again.
+- Redis down or slow: every request is still answered (misses), /readyz says so; back: hits again.
 """
 
 from __future__ import annotations
@@ -221,7 +221,9 @@ async def proxy(redis_url: str) -> AsyncIterator[TcpProxy]:
     await p.stop()
 
 
-async def test_redis_down_requests_are_still_answered_as_misses(world: World, proxy: TcpProxy) -> None:
+async def test_redis_down_or_slow_requests_are_still_answered_as_misses(
+    world: World, proxy: TcpProxy
+) -> None:
     async with SimulatorServer(sim_config(world)) as sim:
         cfg = _config(world, sim.url, proxy.url, {"acme": ON})
         gateway, stop, task = await start_gateway(world, sim.url, **cfg)
@@ -236,15 +238,21 @@ async def test_redis_down_requests_are_still_answered_as_misses(world: World, pr
             await proxy.start()  # back: the shared health's probe finds it
             await _until(lambda: not gateway.redis_degraded)
             d4 = await send("acme", "d4")
+            proxy.delay_s = 0.5  # slow: the lookup times out (timeout_s 0.2)
+            d5 = await send("acme", "d5")
+            slow_state = gateway.redis_health.state if gateway.redis_health else None
+            proxy.delay_s = 0.0
+            d6 = await send("acme", "d6")
         finally:
             await stop_gateway(stop, task)
         calls = calls_of(sim, "acme")
 
-    assert [d.get("cached") for d in (d1, d2, d3, d4)] == [False, False, False, True]
-    assert set(calls) == {"d1", "d2", "d3"}
+    assert [d.get("cached") for d in (d1, d2, d3, d4, d5, d6)] == [False, False, False, True, False, True]
+    assert set(calls) == {"d1", "d2", "d3", "d5"}
+    assert slow_state == "slow", "one slow call is not an outage"
     assert status["state"] == "down"
     assert status["local_fallback"]["response_cache"] is True
-    assert _cache_count(gateway, "acme", "unavailable") == 2
-    assert _cache_count(gateway, "acme", "skip_unavailable") == 2
+    assert _cache_count(gateway, "acme", "unavailable") == 3
+    assert _cache_count(gateway, "acme", "skip_unavailable") == 3
     assert d4["message"] == d1["message"]
     assert orjson.loads(orjson.dumps(d4))["cached_from"]["upstream_request_id"] == d1["upstream_request_id"]
