@@ -141,7 +141,7 @@ class Pipeline:
             await self.emit.dead_letter(sink, dl, model=verdict.model)
             return
         lookup = None
-        if self.cache is not None:  # before any turn, reservation or claim: a hit costs nothing
+        if self.cache is not None and self.cache.enabled_for(pid):  # before any turn, reservation or claim
             with self.tracing.span("response_cache"):
                 lookup = await self.cache.lookup(verdict)
             if lookup is not None and lookup.entry is not None:

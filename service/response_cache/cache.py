@@ -93,6 +93,10 @@ class ResponseCache:
             if p.cache.enabled
         }
 
+    def enabled_for(self, partner_id: str) -> bool:
+        """The partner has `cache.enabled`: its requests are looked up."""
+        return partner_id in self._partners
+
     @property
     def degraded(self) -> bool:
         """Redis is down: every lookup is a miss and nothing is stored."""
