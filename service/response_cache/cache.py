@@ -92,6 +92,10 @@ class ResponseCache:
             for p in settings.partners
             if p.cache.enabled
         }
+        for pid in self._partners:  # zero samples: dashboards see 0, not "no data"
+            for result in ("hit", "miss"):
+                self.metrics.response_cache.labels(pid, result)
+            self.metrics.response_cache_hit_latency.labels(pid)
 
     def enabled_for(self, partner_id: str) -> bool:
         """The partner has `cache.enabled`: its requests are looked up."""
