@@ -67,9 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--response-cache-eos-tick-ms", type=int, default=None, help="kafka.eos_tick_ms (default: 20)"
     )
     g.add_argument("--response-cache-seed", type=int, default=1, help="seed of the request mix")
+    g.add_argument(
+        "--response-cache-at-least-once",
+        action="store_true",
+        help="kafka.exactly_once: false (outcomes through one idempotent producer, no transaction)",
+    )
 
 
-def _config(tag: str, bootstrap: str, sim_url: str, redis_url: str, tick_ms: int | None) -> dict[str, Any]:
+def _config(
+    tag: str, bootstrap: str, sim_url: str, redis_url: str, args: argparse.Namespace
+) -> dict[str, Any]:
     key = BENCH_DIR / "response-cache.key"
     key.parent.mkdir(parents=True, exist_ok=True)
     key.write_text("sk-bench")
@@ -80,8 +87,10 @@ def _config(tag: str, bootstrap: str, sim_url: str, redis_url: str, tick_ms: int
         "response_topic_prefix": f"{tag}.responses.",
         "deadletter_topic_prefix": f"{tag}.deadletter.",
     }
-    if tick_ms is not None:
-        kafka["eos_tick_ms"] = tick_ms
+    if args.response_cache_eos_tick_ms is not None:
+        kafka["eos_tick_ms"] = args.response_cache_eos_tick_ms
+    if args.response_cache_at_least_once:
+        kafka["exactly_once"] = False
     return {
         "kafka": kafka,
         "anthropic": {"base_url": sim_url},
@@ -164,7 +173,7 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
         await admin.create_topics([NewTopic(f"{tag}.{k}.{PARTNER}", partitions, 1) for k in kinds])
     finally:
         await admin.close()
-    settings = parse_config(_config(tag, bootstrap, sim_url, redis_url, args.response_cache_eos_tick_ms))
+    settings = parse_config(_config(tag, bootstrap, sim_url, redis_url, args))
     gateway = Gateway(settings, serve_http=False)
     hits = _Hits(gateway)
     rng = random.Random(args.response_cache_seed)
@@ -214,6 +223,7 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
     return {
         "keys": len(params),
         "partitions": partitions,
+        "exactly_once": settings.kafka.exactly_once,
         "eos_tick_ms": settings.kafka.eos_tick_ms,
         "phases": phases,
         "misses": _count(gateway, "miss"),
