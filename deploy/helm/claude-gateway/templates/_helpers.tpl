@@ -141,6 +141,7 @@ mounted Secrets; the service resolves them at start and on reload.
 {{- with $v.config.retry }}{{ $_ := set $cfg "retry" (deepCopy .) }}{{ end -}}
 {{- with $v.config.org_limits }}{{ $_ := set $cfg "org_limits" (deepCopy .) }}{{ end -}}
 {{- with $v.config.models }}{{ $_ := set $cfg "models" (deepCopy .) }}{{ end -}}
+{{- with $v.config.response_cache }}{{ $_ := set $cfg "response_cache" (deepCopy .) }}{{ end -}}
 
 {{- if $v.redis.enabled -}}
 {{- $redis := dict
