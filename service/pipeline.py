@@ -6,7 +6,8 @@ also marks the offset finished. A Claude call starts only once its claim is
 committed: if this replica dies mid-call, the partition's next owner knows the
 call may have been billed and applies the partner's `on_unknown` policy. A
 timeout or dropped connection after the request was sent is unknown too.
-An unexpected error becomes an `internal_error` dead letter.
+An unexpected error becomes an `internal_error` dead letter. A partner with `cache.enabled` may
+be answered from the response cache right after admission, with none of that (`_serve_cached`).
 """
 
 from __future__ import annotations
