@@ -29,6 +29,7 @@ from service.egress.publisher import Publisher
 from service.ingest.consumer import IngestLoop
 from service.lifecycle import until_kafka_answers, watch_topics
 from service.pipeline import Pipeline
+from service.response_cache.cache import ResponseCache
 from service.scheduling.limiter import Limiter, LocalLimiter
 from service.scheduling.pools import LimitConfig
 from service.scheduling.redis_limiter import RedisLimiter
@@ -85,6 +86,7 @@ class Gateway:
         self.limiter = limiter or self._make_limiter(settings)
         self.scheduler = Scheduler(settings, self.limiter)
         self.router = Router(Turnaround(settings.batches))
+        self.cache = ResponseCache.build(settings, self.metrics, self.redis, self.redis_health)
         self.pipeline = Pipeline(
             settings,
             self.admission,
@@ -92,6 +94,7 @@ class Gateway:
             self.claude,
             self.metrics,
             tracing=self.tracing,
+            cache=self.cache,
             router=self.router,
         )
         self.batch_worker = BatchWorker(
@@ -148,6 +151,7 @@ class Gateway:
         parts = {
             "budgets": self.budgets.shared is not None,
             "replay": self.admission.replay.shared is not None,
+            "response_cache": self.cache.shared,  # its fallback: every lookup a miss, nothing stored
         }
         parts["limiter"] = isinstance(self.limiter, RedisLimiter)
         return {part: self.redis_degraded for part, uses in parts.items() if uses}
@@ -220,6 +224,7 @@ class Gateway:
         for partner in settings.partners:
             self.metrics.init_partner(partner.id)
         self.pipeline.settings = settings
+        self.cache.configure(settings)
         self.ingest.settings = settings
         self.budgets.config_changed()
         self.audit.changes(old, registry)

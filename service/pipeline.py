@@ -6,7 +6,8 @@ also marks the offset finished. A Claude call starts only once its claim is
 committed: if this replica dies mid-call, the partition's next owner knows the
 call may have been billed and applies the partner's `on_unknown` policy. A
 timeout or dropped connection after the request was sent is unknown too.
-An unexpected error becomes an `internal_error` dead letter.
+An unexpected error becomes an `internal_error` dead letter. A partner with `cache.enabled` may
+be answered from the response cache right after admission, with none of that (`_serve_cached`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import anthropic
 
 from service.admin.pauses import Pauses
 from service.admission.admit import Admission, Admitted, Deferred, RecordLike, Rejected
-from service.admission.pricing import billed, price_version, quote
+from service.admission.pricing import billed, price_version, quote, unbilled
 from service.batches.records import BadHandoff, Handoff, handoff_message, read_handoff
 from service.batches.routing import Router, Turnaround
 from service.config.settings import GatewaySettings
@@ -31,6 +32,7 @@ from service.contracts.reasons import Reason
 from service.egress.emit import Emitter, Sink, claim_doc
 from service.egress.metering import Metered
 from service.ingest.partition import Fenced, Revoked
+from service.response_cache.cache import Lookup, ResponseCache, cached_response
 from service.scheduling.scheduler import NOT_CALLED, Cost, Draining, Grant, Scheduler, Usage
 from service.telemetry.metrics import Metrics
 from service.telemetry.tracing import Tracing
@@ -74,6 +76,7 @@ class Pipeline:
         retry: RetryPolicy | None = None,
         tracing: Tracing | None = None,
         router: Router | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.settings = settings
         self.admission = admission
@@ -87,6 +90,8 @@ class Pipeline:
         """Real time or a Message Batch (`service/batches/routing.py`)."""
         self.pauses: Pauses | None = None
         """Partners paused or drained from the admin console: their requests wait here."""
+        self.cache = cache
+        """The exact response cache (service/response_cache/); None: off for everyone."""
 
     async def handle(self, rec: RecordLike, sink: Sink) -> None:
         """Process one record until its outcome is committed (or left to another owner)."""
@@ -143,6 +148,13 @@ class Pipeline:
             )
             await self.emit.dead_letter(sink, dl, model=verdict.model)
             return
+        lookup = None
+        if self.cache is not None and self.cache.enabled_for(pid):  # before any turn, reservation or claim
+            with self.tracing.span("response_cache"):
+                lookup = await self.cache.lookup(verdict)
+            if lookup is not None and lookup.entry is not None:
+                await self._serve_cached(lookup, verdict, timings, origin, sink)
+                return
         if (
             not back
             and inherited is None
@@ -185,7 +197,7 @@ class Pipeline:
                 model=verdict.model,
             )
             return
-        await self._respond(outcome, timings, origin, sink)
+        await self._respond(outcome, timings, origin, sink, lookup)
 
     async def _to_batch(self, adm: Admitted, rec: RecordLike, sink: Sink, now: float) -> None:
         """Hand the request to the batch path: the pending record and this offset's finish
@@ -342,7 +354,32 @@ class Pipeline:
             m.upstream_calls.labels(pid, "2xx", "200").inc()
             return _Success(result, attempt, adm, unknown_retry)
 
-    async def _respond(self, ok: _Success, timings: Timings, origin: Origin, sink: Sink) -> None:
+    async def _serve_cached(
+        self, hit: Lookup, adm: Admitted, timings: Timings, origin: Origin, sink: Sink
+    ) -> None:
+        """Publish a cached answer: no turn, grant, reservation, claim or call, nothing billed.
+        The one place a request is answered from the cache."""
+        assert hit.entry is not None
+        pid, body = adm.partner.id, hit.entry.message
+        cost = unbilled(price_version(self.settings))  # a zero-cost metering record, served_by cache
+        value = cached_response(hit.entry, adm, timings, origin.timestamp_ms, cost.doc())
+        usage = body.get("usage") or {}
+        metered = Metered(pid, adm.request_id, adm.model, usage, cost, origin, "cache", None, 0)
+        published = await self.emit.response(
+            sink, pid, adm.request_id, value, origin, body=body, attempts=0, metered=metered
+        )
+        if not published:
+            return
+        served_s = max(0.0, time.time() - timings.received_at)
+        self.metrics.response_cache_hit_latency.labels(pid).observe(served_s)
+        self.metrics.requests.labels(pid, adm.model, "response").inc()
+        self.emit.observe_e2e(pid, origin)
+        self.tracing.annotate(cached=True)
+        self.tracing.outcome("response")
+
+    async def _respond(
+        self, ok: _Success, timings: Timings, origin: Origin, sink: Sink, lookup: Lookup | None = None
+    ) -> None:
         adm = ok.adm
         pid = adm.partner.id
         body = ok.result.body
@@ -381,7 +418,9 @@ class Pipeline:
             sink, pid, adm.request_id, value, origin, body=body, attempts=ok.attempts, metered=metered
         )
         if not published:
-            return
+            return  # a dead letter now (too large, say): not an answer to cache
+        if lookup is not None and self.cache is not None:
+            await self.cache.store(lookup, body, ok.result.request_id)
         self.metrics.requests.labels(pid, adm.model, "response").inc()
         self.emit.observe_e2e(pid, origin)
         self.tracing.outcome("response")

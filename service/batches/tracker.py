@@ -89,10 +89,16 @@ class Tracker:
         delay = 1.0
         while True:
             try:
-                if not self.state.handoffs or (self.state.batch_id is None and not self._params):
-                    await self._load_members()
                 if self.state.batch_id is None:
-                    await self._create()
+                    # the lock first, before any I/O: the waiters queue in the order the
+                    # trackers were started, which is the order the intents were recorded
+                    async with self.owner.creating_lock():
+                        await self._create()
+                    if self.state.batch_id is None:  # refused as a whole: every member answered
+                        self.owner.done(self.state.key)
+                        return
+                if not self.state.handoffs:
+                    await self._load_members()
                 await self._poll()
                 await self._publish()
                 self.owner.done(self.state.key)
@@ -129,19 +135,20 @@ class Tracker:
         return self.ctx.claude.batches(self.state.partner)
 
     async def _create(self) -> None:
-        gs = self.ctx.settings()
-        s = gs.batches
-        async with self.owner.creating_lock():
-            batch_id = await self._find_created() if self.recovered else None
-            if batch_id is None:
-                batch_id = await self._create_call(s.create_timeout_s)
-            if batch_id is None:
-                return  # refused: every member was given its outcome
-            failpoints.hit("batch.created")
-            self.state.batch_id = batch_id
-            self.state.phase = "submitted"
-            self.state.submitted_at = time.time()
-            await self.owner.transact([self.state.message(s.state_topic)])
+        """Under the owner's creating lock: find (after a crash) or create the batch, record its id."""
+        s = self.ctx.settings().batches
+        if not self.state.handoffs or not self._params:
+            await self._load_members()
+        batch_id = await self._find_created() if self.recovered else None
+        if batch_id is None:
+            batch_id = await self._create_call(s.create_timeout_s)
+        if batch_id is None:
+            return  # refused: every member was given its outcome
+        failpoints.hit("batch.created")
+        self.state.batch_id = batch_id
+        self.state.phase = "submitted"
+        self.state.submitted_at = time.time()
+        await self.owner.transact([self.state.message(s.state_topic)])
         self.phase = "in_progress"
         log.info("batch submitted", extra={**self._log, "requests": len(self.state.members)})
 

@@ -19,6 +19,7 @@ untouched pending records, a crash after leaves an intent the next worker finish
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -89,7 +90,10 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.worker.revoked(list(revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        await self.worker.assigned(list(assigned))
+        try:
+            await self.worker.assigned(list(assigned))
+        except Exception as exc:  # noqa: BLE001 - the run loop raises it: the worker starts again
+            self.worker.failure = exc
 
 
 class BatchWorker:
@@ -97,8 +101,23 @@ class BatchWorker:
         self.ctx = ctx
         self._consumer: AIOKafkaConsumer | None = None
         self._owners: dict[TopicPartition, PendingOwner] = {}
+        self.failure: Exception | None = None
+        """Taking a partition over failed (in the rebalance listener)."""
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Work until `stop`; an unexpected error restarts the worker (with backoff) from the
+        committed state, it never ends the batch path."""
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                await self._run(stop)
+            except Exception:
+                log.exception("the batch worker failed; it starts again from its committed state")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 60.0)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         await ensure_topics(self.ctx.settings())
         k = self.ctx.settings().kafka
         self._consumer = AIOKafkaConsumer(
@@ -122,6 +141,9 @@ class BatchWorker:
         try:
             while not stop.is_set():
                 fetched = await self._consumer.getmany(timeout_ms=200, max_records=1000)
+                if self.failure is not None:
+                    failure, self.failure = self.failure, None
+                    raise failure
                 for tp, records in fetched.items():
                     owner = self._owners.get(tp)
                     if owner is not None:
@@ -131,12 +153,7 @@ class BatchWorker:
                         self._consumer.pause(tp)
                     else:
                         self._consumer.resume(tp)
-                    try:
-                        await owner.form_if_due()
-                    except Exception:  # a failed transaction: start over from the committed state
-                        log.exception("forming a batch failed; the worker restarts from its committed state")
-                        await self.revoked([tp])
-                        await self.assigned([tp])
+                    await owner.form_if_due()  # a failure restarts the worker from its committed state
                 self.refresh_metrics()
         finally:
             await self.revoked(list(self._owners))
@@ -147,6 +164,9 @@ class BatchWorker:
         for tp in tps:
             owner = PendingOwner(self.ctx, tp)
             committed = await owner.start(self._consumer)
+            if tp not in self._consumer.assignment():  # revoked meanwhile
+                await owner.stop()
+                continue
             self._consumer.seek(tp, committed)
             self._owners[tp] = owner
 

@@ -7,7 +7,7 @@ from service.config.settings import GatewaySettings
 
 def warnings(settings: GatewaySettings) -> list[str]:
     """One sentence per finding, naming the settings involved."""
-    out: list[str] = []
+    out = _cache_sharing(settings)
     if settings.redis is not None:
         return out
     budgets = [p.id for p in settings.partners if _has_budget(p.budget)]
@@ -22,7 +22,24 @@ def warnings(settings: GatewaySettings) -> list[str]:
             f"replay protection is on for {', '.join(guarded)} but there is no redis section: request ids "
             "are remembered in this process only (forgotten on restart, not shared by replicas)"
         )
+    cached = [p.id for p in settings.partners if p.cache.enabled]
+    if cached:
+        out.append(
+            f"the response cache is on for {', '.join(cached)} but there is no redis section: each "
+            "replica caches in its own memory (response_cache.local_max_bytes), lost on restart"
+        )
     return out
+
+
+def _cache_sharing(settings: GatewaySettings) -> list[str]:
+    enabled = {p.id for p in settings.partners if p.cache.enabled}
+    return [
+        f"response_cache.share[{i}] names {pid!r}, whose cache is not enabled: it neither reads nor "
+        "writes the group's entries (set its cache.enabled: true)"
+        for i, group in enumerate(settings.response_cache.share)
+        for pid in group
+        if pid not in enabled
+    ]
 
 
 def _has_budget(budget: object) -> bool:

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from service.config.batching import BatchSettings, ServiceClass
 from service.config.frozen import Frozen as _Frozen
 from service.config.policy import ParamsPolicy
+from service.config.response_cache import PartnerCacheSettings, ResponseCacheSettings
 from service.config.secrets import SecretRef
 
 _PARTNER_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -238,6 +239,8 @@ class PartnerSettings(_Frozen):
     (half price) when `batches.enabled` (docs/batches.md)."""
     """A call whose outcome is unknown (its owner died mid-call, a timeout or dropped
     connection after sending): dead-letter `outcome_unknown`, or call again and maybe pay twice."""
+    cache: PartnerCacheSettings = PartnerCacheSettings()
+    """The exact response cache (service/response_cache/): off unless `enabled`."""
 
     @model_validator(mode="after")
     def _replay_window_covers_skew(self) -> PartnerSettings:
@@ -393,6 +396,8 @@ class GatewaySettings(_Frozen):
     price_version: str | None = Field(default=None, min_length=1, max_length=64)
     """Names the prices in `models`; every `cost` carries it. None: derived from the table
     (`auto-` and 12 hex digits of its SHA-256), so any change of a price changes it."""
+    response_cache: ResponseCacheSettings = ResponseCacheSettings()
+    """The exact response cache's store and sharing; partners opt in with `partners[].cache`."""
     partners: list[PartnerSettings]
 
     @model_validator(mode="after")
@@ -415,6 +420,9 @@ class GatewaySettings(_Frozen):
         for name in self.org_class_limits:
             if not name or name == "default":
                 raise ValueError(f"org_class_limits: {name!r} is not a class name (a part of model ids)")
+        unknown = self.response_cache.unknown_partners(seen)
+        if unknown:
+            raise ValueError(unknown[0])
         if self.limiter_backend == "redis" and self.redis is None:
             raise ValueError("limiter_backend is 'redis' but the redis section is missing")
         return self

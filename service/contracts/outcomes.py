@@ -86,8 +86,12 @@ def encode_response(
     cost: Mapping[str, Any],
     unknown_retry: Mapping[str, Any] | None = None,
     served_by: Mapping[str, Any] | None = None,
+    cached_from: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """The response document; `cost` is the call's cost object (`pricing.Quote.doc()`)."""
+    """The response document; `cost` is the call's cost object (`pricing.Quote.doc()`).
+    `served_by`: a Message Batches result. `cached_from` (the original call's
+    `upstream_request_id` and `cached_at`) makes it a response served from the response
+    cache: `cached: true`, and `upstream_request_id` null (no call was made for this one)."""
     usage = message_body.get("usage") or {}
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -97,6 +101,7 @@ def encode_response(
         "usage": usage,
         "cost": cost,
         "attempts": attempts,
+        "cached": cached_from is not None,
         "upstream_request_id": upstream_request_id,
         "timings": {
             "request_timestamp_ms": request_timestamp_ms,
@@ -113,6 +118,8 @@ def encode_response(
         doc["unknown_retry"] = dict(unknown_retry)
     if served_by is not None:
         doc["served_by"] = dict(served_by)
+    if cached_from is not None:
+        doc["cached_from"] = dict(cached_from)
     return orjson.dumps(doc)
 
 

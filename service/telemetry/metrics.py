@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TOKEN_DIRECTIONS = {"itpm": "input", "otpm": "output"}
+_HIT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 5)
 _WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -210,6 +211,30 @@ class Metrics:
         )
         self.eos_claims = Gauge(
             "gateway_eos_claims", "Calls claimed and not yet finished, per partner.", ["partner"], registry=r
+        )
+        self.response_cache = Counter(
+            "gateway_response_cache",
+            "Response cache lookups (hit, miss, unavailable: Redis down or failing) and stores "
+            "(store, skip_stop_reason, skip_too_large, skip_no_room, skip_unavailable), by partner.",
+            ["partner", "result"],
+            registry=r,
+        )
+        self.response_cache_hit_latency = Histogram(
+            "gateway_response_cache_hit_seconds",
+            "A response served from the cache: the record received to its response committed.",
+            ["partner"],
+            buckets=_HIT_BUCKETS,
+            registry=r,
+        )
+        self.response_cache_evictions = Counter(
+            "gateway_response_cache_evictions",
+            "Unexpired entries evicted to keep the response cache within its max bytes.",
+            registry=r,
+        )
+        self.response_cache_bytes = Gauge(
+            "gateway_response_cache_bytes",
+            "Bytes the response cache holds (in Redis: as of this replica's last store).",
+            registry=r,
         )
         self._ratelimit_headers: Mapping[str, str] | None = None
         self._refreshers: list[Callable[[], None]] = [self._refresh_ratelimit]

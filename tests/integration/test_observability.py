@@ -167,6 +167,7 @@ async def test_scrape_passes_promtool_and_every_declared_metric_has_samples(two:
     promtool = _promtool()
     partners = two.settings_dict("x")["partners"]
     partners[0] = {**partners[0], "max_queue": 2, "limits": {"rpm": 100_000}, "budget": {"usd_per_day": 100}}
+    partners[1] = {**partners[1], "cache": {"enabled": True}}  # the response cache's series exist
     overrides = {
         "partners": partners,
         "org_limits": {"rpm": 100_000, "itpm": 10_000_000, "otpm": 1_000_000},

@@ -143,6 +143,7 @@ mounted Secrets; the service resolves them at start and on reload.
 {{- with $v.config.models }}{{ $_ := set $cfg "models" (deepCopy .) }}{{ end -}}
 {{- with $v.config.batches }}{{ $_ := set $cfg "batches" (deepCopy .) }}{{ end -}}
 {{- with $v.config.price_version }}{{ $_ := set $cfg "price_version" . }}{{ end -}}
+{{- with $v.config.response_cache }}{{ $_ := set $cfg "response_cache" (deepCopy .) }}{{ end -}}
 
 {{- if $v.redis.enabled -}}
 {{- $redis := dict

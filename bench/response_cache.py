@@ -1,0 +1,259 @@
+"""A response cache hit's publish latency: the record received to its response committed.
+
+The gateway runs in this process (so every hit's latency is read exactly, not from histogram
+buckets) with exactly-once on (the default), its `redis` section on a throwaway redis-server,
+against the zero-latency simulator (a separate process) and the broker of `bench.common.kafka()`.
+One partner with `cache.enabled`:
+
+1. warm: `--response-cache-keys` distinct requests of the realistic mix (`bench.traffic`), each
+   answered by a call and stored;
+2. hits: the same params again (new request ids), paced at each of `--response-cache-rates`
+   per second for `--response-cache-seconds`, over the partitions: every one a hit.
+
+A hit's latency (`hit_publish_ms`) is what `gateway_response_cache_hit_seconds` observes: from
+the pipeline taking the record (`timings.received_at`, just after the fetch) to the response's
+transaction committed (`sink.publish` returning), the cache lookup, the decoding and the
+encoding included. Its parts: `lookup_ms` (the Redis read and the decoding) and `commit_ms`
+(the response handed to its partition's writer until the writer's transaction committed: the
+tick's batching, `kafka.eos_tick_ms`, and the transaction, shared with every other outcome).
+Each phase (`--response-cache-rates`) is reported on its own. Target: p99 <= 20 ms.
+
+    python -m bench.response_cache [--response-cache-rates 20,200 --response-cache-eos-tick-ms 5 ...]
+
+prints one JSON line (the `bench/__main__.py` convention: it can be added to `BENCHES`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import sys
+import time
+import uuid
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from bench import common, traffic
+from bench.common import BENCH_DIR, Simulator, log
+from bench.latency import percentile
+from bench.limits_scale import redis_server
+from service.app import Gateway
+from service.config.loader import parse_config
+
+P99_TARGET_MS = 20.0
+PARTNER = "cached"
+SIM_ARGS = [
+    "--latency-s", "0", "--rpm", "0", "--itpm", "0", "--otpm", "0", "--count-tokens-rpm", "0",
+    *traffic.SIM_OUTPUT_ARGS, "--seed", "1",
+]  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("response_cache")
+    g.add_argument("--response-cache-keys", type=int, default=200, help="distinct requests stored first")
+    g.add_argument(
+        "--response-cache-rates",
+        default="20,200",
+        help="hits per second of each paced phase (comma-separated)",
+    )
+    g.add_argument("--response-cache-seconds", type=float, default=10.0, help="length of each phase")
+    g.add_argument("--response-cache-partitions", type=int, default=3, help="request topic partitions")
+    g.add_argument(
+        "--response-cache-eos-tick-ms", type=int, default=None, help="kafka.eos_tick_ms (default: 20)"
+    )
+    g.add_argument("--response-cache-seed", type=int, default=1, help="seed of the request mix")
+    g.add_argument(
+        "--response-cache-at-least-once",
+        action="store_true",
+        help="kafka.exactly_once: false (outcomes through one idempotent producer, no transaction)",
+    )
+
+
+def _config(
+    tag: str, bootstrap: str, sim_url: str, redis_url: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    key = BENCH_DIR / "response-cache.key"
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_text("sk-bench")
+    kafka: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "group_id": f"{tag}-gateway",
+        "request_topic_prefix": f"{tag}.requests.",
+        "response_topic_prefix": f"{tag}.responses.",
+        "deadletter_topic_prefix": f"{tag}.deadletter.",
+    }
+    if args.response_cache_eos_tick_ms is not None:
+        kafka["eos_tick_ms"] = args.response_cache_eos_tick_ms
+    if args.response_cache_at_least_once:
+        kafka["exactly_once"] = False
+    return {
+        "kafka": kafka,
+        "anthropic": {"base_url": sim_url},
+        "runtime": {"log_level": "WARNING"},
+        "redis": {"url": redis_url, "key_prefix": tag},
+        "partners": [
+            {"id": PARTNER, "api_key": {"file": str(key)}, "max_concurrency": 256, "cache": {"enabled": True}}
+        ],
+    }
+
+
+async def _until(condition: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _count(gateway: Gateway, result: str) -> float:
+    value = gateway.metrics.registry.get_sample_value(
+        "gateway_response_cache_total", {"partner": PARTNER, "result": result}
+    )
+    return value or 0.0
+
+
+class _Hits:
+    """Every hit's exact latency (ms): the whole (what the histogram observes), the lookup, and
+    the publish (from the response handed to the partition writer to its transaction committed)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.total: list[float] = []
+        self.lookup: list[float] = []
+        self.publish: list[float] = []
+        child = gateway.metrics.response_cache_hit_latency.labels(PARTNER)
+        observe, lookup, respond = child.observe, gateway.cache.lookup, gateway.pipeline.emit.response
+
+        def record(seconds: float, exemplar: Any = None) -> None:
+            self.total.append(seconds * 1000)
+            observe(seconds, exemplar)
+
+        async def timed_lookup(adm: Any) -> Any:
+            began = time.perf_counter()
+            found = await lookup(adm)
+            if found is not None and found.entry is not None:
+                self.lookup.append((time.perf_counter() - began) * 1000)
+            return found
+
+        async def timed_response(*args: Any, **kw: Any) -> bool:
+            began = time.perf_counter()
+            published = await respond(*args, **kw)
+            if kw.get("attempts") == 0:
+                self.publish.append((time.perf_counter() - began) * 1000)
+            return published
+
+        setattr(child, "observe", record)  # noqa: B010 - instruments this process's gateway only
+        setattr(gateway.cache, "lookup", timed_lookup)  # noqa: B010
+        setattr(gateway.pipeline.emit, "response", timed_response)  # noqa: B010
+
+    def mark(self) -> tuple[int, int, int]:
+        return len(self.total), len(self.lookup), len(self.publish)
+
+    def summary(self, since: tuple[int, int, int]) -> dict[str, Any]:
+        out: dict[str, Any] = {"hits": len(self.total) - since[0]}
+        series = (("hit_publish_ms", self.total), ("lookup_ms", self.lookup), ("commit_ms", self.publish))
+        for (name, values), start in zip(series, since, strict=True):
+            v = values[start:]
+            out[name] = {q: round(percentile(v, n), 2) for q, n in (("p50", 50), ("p90", 90), ("p99", 99))}
+            out[name]["max"] = round(max(v), 2) if v else float("nan")
+        return out
+
+
+async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis_url: str) -> dict[str, Any]:
+    tag = f"rc{uuid.uuid4().hex[:8]}"
+    partitions = args.response_cache_partitions
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        kinds = ("requests", "responses", "deadletter")
+        await admin.create_topics([NewTopic(f"{tag}.{k}.{PARTNER}", partitions, 1) for k in kinds])
+    finally:
+        await admin.close()
+    settings = parse_config(_config(tag, bootstrap, sim_url, redis_url, args))
+    gateway = Gateway(settings, serve_http=False)
+    hits = _Hits(gateway)
+    rng = random.Random(args.response_cache_seed)
+    params = [traffic.draw(rng)[1] for _ in range(args.response_cache_keys)]
+    topic = settings.request_topic(settings.partners[0])
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=0, max_request_size=2 << 20
+    )
+    await producer.start()
+    phases: list[dict[str, Any]] = []
+    try:
+        for i, p in enumerate(params):
+            rid = f"w{i}"
+            await producer.send(
+                topic, traffic.request_value(rid, p), key=rid.encode(), partition=i % partitions
+            )
+        await producer.flush()
+        log(f"response_cache: {len(params)} requests sent to be stored")
+        done = len(params)
+        await _until(
+            lambda: _count(gateway, "store") + _count(gateway, "skip_stop_reason") >= done, 120, "stores"
+        )
+        sent = 0
+        for rate in (float(r) for r in str(args.response_cache_rates).split(",")):
+            n = max(1, int(rate * args.response_cache_seconds))
+            log(f"response_cache: {n} hits at {rate:g}/s")
+            since = hits.mark()
+            t0 = time.perf_counter()
+            for i in range(n):
+                delay = t0 + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                rid = f"h{sent}"
+                value = traffic.request_value(rid, params[sent % len(params)])
+                await producer.send(topic, value, key=rid.encode(), partition=sent % partitions)
+                sent += 1
+            await producer.flush()
+            await _until(lambda: len(hits.total) >= since[0] + n, 120, "hits")  # noqa: B023
+            phases.append({"rate_per_s": rate, **hits.summary(since)})
+    finally:
+        await producer.stop()
+        stop.set()
+        await asyncio.wait_for(task, 60)
+    p99 = max(ph["hit_publish_ms"]["p99"] for ph in phases)
+    return {
+        "keys": len(params),
+        "partitions": partitions,
+        "exactly_once": settings.kafka.exactly_once,
+        "eos_tick_ms": settings.kafka.eos_tick_ms,
+        "phases": phases,
+        "misses": _count(gateway, "miss"),
+        "stored": _count(gateway, "store"),
+        "not_stored_stop_reason": _count(gateway, "skip_stop_reason"),
+        "hit_publish_p99_ms": p99,
+        "targets": {"hit_publish_p99_ms": P99_TARGET_MS},
+        "targets_met": p99 <= P99_TARGET_MS,
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    with (
+        common.kafka() as bootstrap,
+        redis_server() as redis_url,
+        Simulator(SIM_ARGS, "response-cache-sim") as sim,
+    ):
+        return await _measure(args, bootstrap, sim.url, redis_url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.response_cache", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    result = {"bench": "response_cache", **asyncio.run(run(args))}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
