@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +23,13 @@ import anthropic
 from service.admin.pauses import Pauses
 from service.admission.admit import Admission, Admitted, Deferred, RecordLike, Rejected
 from service.admission.pricing import billed, price_version, quote, unbilled
-from service.batches.records import BadHandoff, Handoff, handoff_message, read_handoff
+from service.batches.records import BadHandoff, pending_message, read_handoff
 from service.batches.routing import Router, Turnaround
 from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter, Origin, Timings, UpstreamInfo, encode_response, utc_iso
 from service.contracts.reasons import Reason
-from service.egress.emit import Emitter, Sink, claim_doc
+from service.egress.claims import claim_doc, owner_lost, previous_claim
+from service.egress.emit import Emitter, Sink
 from service.egress.metering import Metered
 from service.ingest.partition import Fenced, Revoked
 from service.response_cache.cache import Lookup, ResponseCache, cached_response
@@ -37,7 +37,14 @@ from service.scheduling.scheduler import NOT_CALLED, Cost, Draining, Grant, Sche
 from service.telemetry.metrics import Metrics
 from service.telemetry.tracing import Tracing
 from service.upstream.client import ClaudeClient, UnknownPartnerKey, UpstreamResult
-from service.upstream.errors import Failure, InvalidParams, classify, may_have_been_sent
+from service.upstream.errors import (
+    Failure,
+    InvalidParams,
+    classify,
+    describe,
+    may_have_been_sent,
+    status_class,
+)
 from service.upstream.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -130,22 +137,7 @@ class Pipeline:
             verdict.partner.settings.on_unknown == "deadletter" or inherited.attempts >= MAX_CLAIMS
         ):
             self.metrics.unknown_outcomes.labels(pid, "owner_lost").inc()
-            detail = (
-                f"a call for this request was claimed by {inherited.owner} (attempt {inherited.attempts}) "
-                "and its outcome is unknown: that owner stopped before publishing it; "
-                f"partners[{pid}].on_unknown is {verdict.partner.settings.on_unknown}, so it is not "
-                "called again"
-                + (" (its one extra call was used)" if inherited.attempts >= MAX_CLAIMS else "")
-            )
-            dl = DeadLetter(
-                pid,
-                Reason.OUTCOME_UNKNOWN,
-                detail,
-                origin,
-                verdict.request_id,
-                inherited.attempts,
-                claim=claim_doc(inherited),
-            )
+            dl = owner_lost(verdict.partner.settings, inherited, origin, verdict.request_id, MAX_CLAIMS)
             await self.emit.dead_letter(sink, dl, model=verdict.model)
             return
         lookup = None
@@ -202,19 +194,7 @@ class Pipeline:
     async def _to_batch(self, adm: Admitted, rec: RecordLike, sink: Sink, now: float) -> None:
         """Hand the request to the batch path: the pending record and this offset's finish
         are one transaction, so the input partition never waits for the batch."""
-        handoff = Handoff(
-            partner=adm.partner.id,
-            request_id=adm.request_id,
-            respond_by=adm.urgency.respond_by,
-            routed_at=now,
-            topic=rec.topic,
-            partition=rec.partition,
-            offset=rec.offset,
-            timestamp_ms=rec.timestamp,
-            model=adm.model,
-            metadata=dict(adm.metadata) if adm.metadata else None,
-        )
-        await sink.publish([handoff_message(self.settings.batches.pending_topic, rec, handoff)])
+        await sink.publish([pending_message(self.settings.batches.pending_topic, adm, rec, now)])
         self.metrics.batch.routed.labels(adm.partner.id, "batch").inc()
         self.tracing.outcome("batch")
 
@@ -255,7 +235,7 @@ class Pipeline:
         unknown_retry: dict[str, Any] | None = None
         if sink.inherited is not None:  # on_unknown: retry, after an owner died mid-call
             m.unknown_retries.labels(pid).inc()
-            unknown_retry = {**_previous(claim_doc(sink.inherited)), "cause": "owner_lost"}
+            unknown_retry = {**previous_claim(claim_doc(sink.inherited)), "cause": "owner_lost"}
         while True:
             attempt += 1
             dispatched = await self._dispatch(adm, cost, sink)
@@ -293,7 +273,7 @@ class Pipeline:
                     self.scheduler.release(grant, None)  # maybe billed: keep the reservation
                 m.upstream_latency.labels(pid, adm.model).observe(elapsed)
                 code = str(failure.status or "none")
-                m.upstream_calls.labels(pid, _status_class(failure.status), code).inc()
+                m.upstream_calls.labels(pid, status_class(failure.status), code).inc()
                 if failure.status == 429:
                     m.upstream_429.inc()
                 if not answered and may_have_been_sent(exc):
@@ -314,11 +294,11 @@ class Pipeline:
                     sink.claimed = False  # the extra call is claimed anew: a crash during it ends the retries
                 if not failure.retryable:
                     span.decided("fail")
-                    return _Failed(failure, attempt, _describe(failure, exc), adm, unknown=not answered)
+                    return _Failed(failure, attempt, describe(failure, exc), adm, unknown=not answered)
                 delay = self.retry.delay_s(attempt, failure.retry_after_s)
                 if not self.retry.should_retry(attempt, time.monotonic() - started, delay):
                     span.decided("give_up")
-                    detail = f"gave up after {attempt} attempts; last: {_describe(failure, exc)}"
+                    detail = f"gave up after {attempt} attempts; last: {describe(failure, exc)}"
                     return _Failed(failure, attempt, detail, adm, unknown=not answered)
                 span.decided("retry", delay)
                 m.retries.labels(pid, failure.label).inc()
@@ -434,25 +414,6 @@ class Pipeline:
                     "attempts": ok.attempts,
                 },
             )
-
-
-def _previous(claim: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "previous_claimed_at": claim["claimed_at"],
-        "previous_owner": claim["owner"],
-        "previous_attempts": claim["attempts"],
-    }
-
-
-def _status_class(status: int | None) -> str:
-    return "error" if status is None else f"{status // 100}xx"
-
-
-def _describe(failure: Failure, exc: BaseException) -> str:
-    if isinstance(exc, anthropic.APIStatusError):
-        msg = (exc.api_message or "")[:300]
-        return f"HTTP {exc.status_code} {exc.type or ''}: {msg}".strip()
-    return f"{failure.label}: {type(exc).__name__}"
 
 
 def _origin_ctx(origin: Origin) -> dict[str, Any]:

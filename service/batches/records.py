@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from service.admission.admit import Record, RecordLike
+from service.admission.admit import Admitted, Record, RecordLike
 from service.batches.routing import custom_id
 from service.ingest.sending import OutMessage
 
@@ -58,6 +58,23 @@ class Handoff:
 
     def next(self, **changes: Any) -> Handoff:
         return replace(self, **changes)
+
+
+def pending_message(topic: str, adm: Admitted, rec: RecordLike, now: float) -> OutMessage:
+    """An admitted request handed to the batch path (for the pending topic)."""
+    handoff = Handoff(
+        partner=adm.partner.id,
+        request_id=adm.request_id,
+        respond_by=adm.urgency.respond_by,
+        routed_at=now,
+        topic=rec.topic,
+        partition=rec.partition,
+        offset=rec.offset,
+        timestamp_ms=rec.timestamp,
+        model=adm.model,
+        metadata=dict(adm.metadata) if adm.metadata else None,
+    )
+    return handoff_message(topic, rec, handoff)
 
 
 def _headers_without_ours(headers: Iterable[tuple[Any, Any]]) -> list[tuple[str, bytes]]:

@@ -268,15 +268,4 @@ def _origin_ctx(origin: Origin) -> dict[str, Any]:
     return {"topic": origin.topic, "partition": origin.partition, "offset": origin.offset}
 
 
-def claim_doc(claim: Claim) -> dict[str, Any]:
-    """The claim an `outcome_unknown` dead letter reports."""
-    from service.contracts.outcomes import utc_iso
-
-    return {
-        "claimed_at": utc_iso(claim.claimed_at_ms / 1000),
-        "attempts": claim.attempts,
-        "owner": claim.owner,
-    }
-
-
-__all__: Sequence[str] = ("JSON_HEADERS", "Emitter", "Sink", "claim_doc")
+__all__: Sequence[str] = ("JSON_HEADERS", "Emitter", "Sink")

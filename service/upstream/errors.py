@@ -163,3 +163,16 @@ def _classify_status(exc: anthropic.APIStatusError) -> Failure:
         retry_after = parse_retry_after(exc.response.headers.get("retry-after"))
         return failure(True, Reason.RETRIES_EXHAUSTED, retry_label, retry_after)
     return failure(False, Reason.UPSTREAM_REJECTED, f"status_{status // 100}xx")
+
+
+def status_class(status: int | None) -> str:
+    """The `status` label of the upstream-calls metric: 2xx, 4xx, 5xx, or error (no answer)."""
+    return "error" if status is None else f"{status // 100}xx"
+
+
+def describe(failure: Failure, exc: BaseException) -> str:
+    """A dead letter's detail for a failed call (the API's message cut to 300 characters)."""
+    if isinstance(exc, anthropic.APIStatusError):
+        msg = (exc.api_message or "")[:300]
+        return f"HTTP {exc.status_code} {exc.type or ''}: {msg}".strip()
+    return f"{failure.label}: {type(exc).__name__}"
