@@ -232,16 +232,18 @@ def _scrape(run: Run) -> str:
         return str(r.read().decode())
 
 
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
 async def _ready(run: Run, timeout_s: float = 60.0) -> None:
     """Until the gateway's /readyz answers 200 (then a second more for the group to settle)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{run.port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
+    while time.monotonic() < deadline and not await asyncio.to_thread(_answers, run.port):
         await asyncio.sleep(0.5)
     await asyncio.sleep(1.0)
 
