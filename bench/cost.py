@@ -242,8 +242,9 @@ def _answers(port: int) -> bool:
 
 async def _ready(run: Run, timeout_s: float = 60.0) -> None:
     """Until the gateway's /readyz answers 200 (then a second more for the group to settle)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not await asyncio.to_thread(_answers, run.port):
+    for _ in range(int(timeout_s / 0.5)):
+        if await asyncio.to_thread(_answers, run.port):
+            break
         await asyncio.sleep(0.5)
     await asyncio.sleep(1.0)
 
