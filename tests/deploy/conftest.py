@@ -25,11 +25,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "claude-gateway"
 HELM = ROOT / ".tools" / "bin" / "helm"
 HADOLINT = ROOT / ".venv" / "bin" / "hadolint"
+HELM_DOCS = ROOT / ".tools" / "bin" / "helm-docs"
 RELEASE = "gw"
 NAMESPACE = "claude-gateway"
 # The chart's minimum (Chart.yaml kubeVersion) and the newest schemas kubernetes-validate ships.
 KUBE_VERSIONS = ("1.27.0", "1.37.0")
-CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
 FULLNAME = f"{RELEASE}-claude-gateway"
 
 INSTALL_HINT = "run `make deploy-check` (or `make test`), which installs it"
@@ -49,6 +50,11 @@ def helm_bin() -> Path:
 @pytest.fixture(scope="session")
 def hadolint_bin() -> Path:
     return _require(HADOLINT, "hadolint")
+
+
+@pytest.fixture(scope="session")
+def helm_docs_bin() -> Path:
+    return _require(HELM_DOCS, "helm-docs")
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +88,14 @@ class Rendered:
         found = [d for d in self.docs if d["kind"] == kind]
         return found[0] if found else None
 
+    def config_map(self) -> dict[str, Any]:
+        """The gateway's own ConfigMap (config.yaml), not the dashboard's."""
+        found = [d for d in self.docs if d["kind"] == "ConfigMap" and "config.yaml" in d.get("data", {})]
+        assert len(found) == 1, f"expected one config.yaml ConfigMap, got {len(found)}"
+        return found[0]
+
     def config(self) -> dict[str, Any]:
-        text = self.one("ConfigMap")["data"]["config.yaml"]
+        text = self.config_map()["data"]["config.yaml"]
         data = yaml.safe_load(text)
         assert isinstance(data, dict)
         return data
@@ -166,6 +178,18 @@ ALL_FLAGS: dict[str, Any] = {
             "valueFrom": {"secretKeyRef": {"name": "otel-credentials", "key": "token"}},
         },
     ],
+    "envFrom": [
+        {"configMapRef": {"name": "otel-settings"}},
+        {"secretRef": {"name": "otel-headers", "optional": True}, "prefix": "OTEL_"},
+    ],
+    "extraVolumes": [
+        {"name": "otel-ca", "configMap": {"name": "otel-ca-bundle"}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": "16Mi"}},
+    ],
+    "extraVolumeMounts": [
+        {"name": "otel-ca", "mountPath": "/etc/otel-ca", "readOnly": True},
+        {"name": "scratch", "mountPath": "/var/scratch"},
+    ],
     "secrets": {
         "anthropic": {"existingSecret": "gw-anthropic-keys"},
         "signing": {"existingSecret": "gw-signing-keys"},
@@ -226,6 +250,18 @@ ALL_FLAGS: dict[str, Any] = {
         {"id": "batch_jobs", "api_key": {"secret_key": "shared-key"}, "budget": {"tokens_per_day": 5000000}},
     ],
     "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+    "prometheusRule": {
+        "enabled": True,
+        "labels": {"release": "kube-prometheus-stack"},
+        "namespace": "monitoring",
+        "runbookBaseUrl": "https://git.example.internal/platform/claude-gateway/-/blob/v0.1.0",
+    },
+    "grafanaDashboard": {
+        "enabled": True,
+        "labels": {"grafana_dashboard": "1", "team": "platform"},
+        "folder": "Claude Gateway",
+        "namespace": "monitoring",
+    },
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
     "autoscaling": {
         "enabled": True,

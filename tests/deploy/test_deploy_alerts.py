@@ -1,5 +1,6 @@
 """Prometheus alert rules: promtool accepts them, they fire when they should, and
-each points at its section of docs/operations.md and at metrics the service exports."""
+each points at its section of docs/operations.md (an absolute URL into the project's
+repository) and at metrics the service exports."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -14,6 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 RUNBOOK = ROOT / "docs" / "operations.md"
+CHART_YAML = ROOT / "deploy" / "helm" / "claude-gateway" / "Chart.yaml"
 
 
 def _rules() -> list[dict[str, Any]]:
@@ -28,6 +31,29 @@ def _slug(heading: str) -> str:
 
 def _anchors() -> set[str]:
     return {_slug(m) for m in re.findall(r"^#{1,6} (.+)$", RUNBOOK.read_text(), flags=re.MULTILINE)}
+
+
+def _repository() -> str:
+    """The project's repository: Chart.yaml `home`, where every runbook_url starts."""
+    home = yaml.safe_load(CHART_YAML.read_text())["home"]
+    assert isinstance(home, str)
+    return home.rstrip("/")
+
+
+def runbook_url_problems(name: str, url: str, anchors: set[str]) -> list[str]:
+    """What is wrong with an alert's runbook_url: it must be an absolute https URL into the
+    project's repository, ending in docs/operations.md#<alert name>, an existing section."""
+    problems = []
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.netloc:
+        problems.append(f"{name}: runbook_url {url!r} is not an absolute https URL")
+    if not url.startswith(_repository() + "/"):
+        problems.append(f"{name}: runbook_url {url!r} is not in the repository {_repository()} (Chart.yaml home)")
+    if not parts.path.endswith("/docs/operations.md") or parts.fragment != name.lower():
+        problems.append(f"{name}: runbook_url {url!r} does not end in docs/operations.md#{name.lower()}")
+    if parts.fragment not in anchors:
+        problems.append(f"{name}: no section '### {name}' in docs/operations.md for #{parts.fragment}")
+    return problems
 
 
 def _promtool(promtool: Path, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -60,9 +86,27 @@ def test_every_alert_is_documented_and_labelled() -> None:
         annotations = rule["annotations"]
         assert annotations["summary"], name
         assert annotations["description"], name
-        url = annotations["runbook_url"]
-        assert url == f"docs/operations.md#{name.lower()}", name
-        assert name.lower() in anchors, f"{name}: no section '### {name}' in docs/operations.md"
+        assert not runbook_url_problems(name, annotations["runbook_url"], anchors)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("docs/operations.md#claudegatewaynoreadyreplicas", "not an absolute https URL"),
+        ("https://example.com/docs/operations.md#claudegatewaynoreadyreplicas", "not in the repository"),
+        ("{repo}/blob/main/docs/operations.md#claudegatewayredisdegraded", "does not end in"),
+        ("{repo}/blob/main/docs/scaling.md#claudegatewaynoreadyreplicas", "does not end in"),
+    ],
+)
+def test_a_wrong_runbook_url_is_caught(url: str, problem: str) -> None:
+    problems = runbook_url_problems("ClaudeGatewayNoReadyReplicas", url.format(repo=_repository()), _anchors())
+    assert any(problem in p for p in problems), problems
+
+
+def test_a_runbook_url_to_a_missing_section_is_caught() -> None:
+    url = f"{_repository()}/blob/main/docs/operations.md#claudegatewaynosuchalert"
+    problems = runbook_url_problems("ClaudeGatewayNoSuchAlert", url, _anchors())
+    assert problems == ["ClaudeGatewayNoSuchAlert: no section '### ClaudeGatewayNoSuchAlert' in docs/operations.md for #claudegatewaynosuchalert"]
 
 
 def test_runbook_links_resolve() -> None:

@@ -116,6 +116,23 @@ def test_runtime_stage_is_slim_and_non_root() -> None:
     assert ("EXPOSE", "9464") in runtime
 
 
+def test_runtime_works_under_any_uid_in_group_0() -> None:
+    """OpenShift's restricted SCC runs the image under an assigned uid, in group 0, with no
+    passwd entry: the files must be readable without being the owner, and HOME writable."""
+    stages = _stages()
+    runtime = stages[list(stages)[-1]]
+    user = [rest for w, rest in runtime if w == "USER"][-1]
+    assert user.split(":")[1:] == ["0"], f"USER {user}: the image's group must be 0"
+    env = " ".join(rest for w, rest in runtime if w == "ENV")
+    assert re.search(r"\bHOME=/tmp\b", env), "HOME must be the writable /tmp (no passwd entry for the uid)"
+    assert not any(w == "RUN" and "chown" in rest for w, rest in runtime), "no file may belong to one uid"
+    builder = " ".join(rest for w, rest in stages["builder"] if w == "RUN")
+    # readable and traversable by every uid, writable by none but root
+    assert "chmod -R a+rX,go-w /opt/claude-gateway" in builder
+    useradd = [rest for w, rest in runtime if w == "RUN" and "useradd" in rest]
+    assert useradd and "--gid 0" in useradd[0] and "--home-dir /tmp" in useradd[0]
+
+
 def test_entrypoint_is_the_projects_console_script() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["claude-gateway"] == "service.cli:main"
