@@ -157,3 +157,31 @@ def test_artifacthub_annotations_parse(chart_yaml: dict[str, Any]) -> None:
     changes = yaml.safe_load(annotations["artifacthub.io/changes"])
     assert changes and all(c["kind"] in ARTIFACTHUB_CHANGE_KINDS and c["description"] for c in changes)
     assert annotations["artifacthub.io/prerelease"] in {"true", "false"}
+
+
+# --- docs/operations.md names only values that exist ------------------------------------------
+
+OPERATIONS = ROOT / "docs" / "operations.md"
+
+
+def _value_paths(node: Any, path: str = "") -> set[str]:
+    out = {path} if path else set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out |= _value_paths(value, f"{path}.{key}" if path else str(key))
+    return out
+
+
+def unknown_values_named(text: str, values: dict[str, Any]) -> list[str]:
+    """Chart values named in `backticks` that values.yaml lacks. Chart values are camelCase
+    (`securityIds.runAsUser`); config.yaml keys are snake_case (`kafka.eos_window`) and skipped."""
+    paths = _value_paths(values)
+    found = re.findall(r"`([a-z][A-Za-z0-9]*(?:\.[A-Za-z0-9_]+)*)(?:[:=][^`]*)?`", text)
+    return sorted({t for t in found if t.split(".")[0] in values and re.search(r"[A-Z]", t) and t not in paths})
+
+
+def test_operations_guide_names_only_existing_values() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert not unknown_values_named(OPERATIONS.read_text(), values)
+    assert unknown_values_named("set `securityIds.runAsUsr` and `extraEnvs`", values) == ["securityIds.runAsUsr"]
+    assert unknown_values_named("`prometheusRule.runBookBaseUrl: x`", values) == ["prometheusRule.runBookBaseUrl"]
