@@ -48,7 +48,9 @@ def runbook_url_problems(name: str, url: str, anchors: set[str]) -> list[str]:
     if parts.scheme != "https" or not parts.netloc:
         problems.append(f"{name}: runbook_url {url!r} is not an absolute https URL")
     if not url.startswith(_repository() + "/"):
-        problems.append(f"{name}: runbook_url {url!r} is not in the repository {_repository()} (Chart.yaml home)")
+        problems.append(
+            f"{name}: runbook_url {url!r} is not in the repository {_repository()} (Chart.yaml home)"
+        )
     if not parts.path.endswith("/docs/operations.md") or parts.fragment != name.lower():
         problems.append(f"{name}: runbook_url {url!r} does not end in docs/operations.md#{name.lower()}")
     if parts.fragment not in anchors:
@@ -99,14 +101,18 @@ def test_every_alert_is_documented_and_labelled() -> None:
     ],
 )
 def test_a_wrong_runbook_url_is_caught(url: str, problem: str) -> None:
-    problems = runbook_url_problems("ClaudeGatewayNoReadyReplicas", url.format(repo=_repository()), _anchors())
+    problems = runbook_url_problems(
+        "ClaudeGatewayNoReadyReplicas", url.format(repo=_repository()), _anchors()
+    )
     assert any(problem in p for p in problems), problems
 
 
 def test_a_runbook_url_to_a_missing_section_is_caught() -> None:
     url = f"{_repository()}/blob/main/docs/operations.md#claudegatewaynosuchalert"
     problems = runbook_url_problems("ClaudeGatewayNoSuchAlert", url, _anchors())
-    assert problems == ["ClaudeGatewayNoSuchAlert: no section '### ClaudeGatewayNoSuchAlert' in docs/operations.md for #claudegatewaynosuchalert"]
+    (problem,) = problems
+    assert problem.startswith("ClaudeGatewayNoSuchAlert: no section '### ClaudeGatewayNoSuchAlert'")
+    assert problem.endswith("for #claudegatewaynosuchalert")
 
 
 def test_runbook_links_resolve() -> None:

@@ -130,7 +130,9 @@ def test_runtime_works_under_any_uid_in_group_0() -> None:
     # readable and traversable by every uid, writable by none but root
     assert "chmod -R a+rX,go-w /opt/claude-gateway" in builder
     useradd = [rest for w, rest in runtime if w == "RUN" and "useradd" in rest]
-    assert useradd and "--gid 0" in useradd[0] and "--home-dir /tmp" in useradd[0]
+    assert useradd
+    assert "--gid 0" in useradd[0]
+    assert "--home-dir /tmp" in useradd[0]
 
 
 def test_entrypoint_is_the_projects_console_script() -> None:

@@ -53,7 +53,8 @@ def test_the_charts_copy_is_identical_to_the_source(source: Path) -> None:
     copy = COPIES[source]
     assert copy.exists(), f"{copy.relative_to(ROOT)} is missing: run `make chart-generate`"
     assert copy.read_bytes() == source.read_bytes(), (
-        f"{copy.relative_to(ROOT)} differs from {source.relative_to(ROOT)}: run `make chart-generate` and commit both"
+        f"{copy.relative_to(ROOT)} differs from {source.relative_to(ROOT)}: "
+        "run `make chart-generate` and commit both"
     )
 
 
@@ -83,7 +84,9 @@ def test_the_rules_are_alerts_yaml_unchanged_by_default(helm: Any) -> None:
     assert empty_base["spec"]["groups"] == _groups()
 
 
-def test_the_rules_point_at_the_runbook_base(helm: Any, all_flags_values: Callable[..., dict[str, Any]]) -> None:
+def test_the_rules_point_at_the_runbook_base(
+    helm: Any, all_flags_values: Callable[..., dict[str, Any]]
+) -> None:
     values = all_flags_values()
     rule = _rule(helm.template(values).ok())
     base = values["prometheusRule"]["runbookBaseUrl"]
@@ -105,14 +108,18 @@ def test_the_rendered_rules_pass_promtool(
     rules = tmp_path / "rules.yaml"
     rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
     proc = subprocess.run(
-        [str(promtool_bin), "check", "rules", str(rules)], capture_output=True, text=True, timeout=60, check=False
+        [str(promtool_bin), "check", "rules", str(rules)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     count = sum(len(g["rules"]) for g in _groups())
     assert f"SUCCESS: {count} rules found" in proc.stdout
 
 
-@pytest.fixture()
+@pytest.fixture
 def chart_copy(tmp_path: Path) -> Path:
     chart = tmp_path / "claude-gateway"
     shutil.copytree(CHART, chart)
@@ -121,7 +128,9 @@ def chart_copy(tmp_path: Path) -> Path:
 
 def test_a_runbook_url_the_chart_cannot_rebase_fails_the_render(helm: Any, chart_copy: Path) -> None:
     copy = chart_copy / "files" / "prometheus" / "alerts.yaml"
-    copy.write_text(copy.read_text().replace("docs/operations.md#claudegatewaybatchstuck", "wiki/BatchStuck", 1))
+    copy.write_text(
+        copy.read_text().replace("docs/operations.md#claudegatewaybatchstuck", "wiki/BatchStuck", 1)
+    )
     proc = helm.run("template", "gw", str(chart_copy), "--set", "prometheusRule.enabled=true")
     assert proc.returncode != 0
     assert "alert ClaudeGatewayBatchStuck: runbook_url" in proc.stderr
@@ -130,9 +139,14 @@ def test_a_runbook_url_the_chart_cannot_rebase_fails_the_render(helm: Any, chart
 
 @pytest.mark.parametrize(
     ("missing", "flag"),
-    [("prometheus/alerts.yaml", "prometheusRule.enabled"), ("grafana/claude-gateway.json", "grafanaDashboard.enabled")],
+    [
+        ("prometheus/alerts.yaml", "prometheusRule.enabled"),
+        ("grafana/claude-gateway.json", "grafanaDashboard.enabled"),
+    ],
 )
-def test_a_missing_copy_fails_the_render_with_the_fix(helm: Any, chart_copy: Path, missing: str, flag: str) -> None:
+def test_a_missing_copy_fails_the_render_with_the_fix(
+    helm: Any, chart_copy: Path, missing: str, flag: str
+) -> None:
     (chart_copy / "files" / missing).unlink()
     proc = helm.run("template", "gw", str(chart_copy), "--set", f"{flag}=true")
     assert proc.returncode != 0
@@ -144,7 +158,9 @@ def test_a_missing_copy_fails_the_render_with_the_fix(helm: Any, chart_copy: Pat
 
 
 def _dashboard(rendered: Any) -> dict[str, Any]:
-    found = [d for d in rendered.docs if d["kind"] == "ConfigMap" and "claude-gateway.json" in d.get("data", {})]
+    found = [
+        d for d in rendered.docs if d["kind"] == "ConfigMap" and "claude-gateway.json" in d.get("data", {})
+    ]
     assert len(found) == 1, rendered.kinds()
     return found[0]
 

@@ -47,7 +47,9 @@ def generated_readme(helm_docs: Path, chart: Path) -> str:
 def test_helm_docs_is_the_pinned_version(helm_docs_bin: Path) -> None:
     pinned = re.search(r"^DEPLOY_HELM_DOCS_VERSION \?= v(\S+)$", MAKEFILE.read_text(), re.M)
     assert pinned
-    proc = subprocess.run([str(helm_docs_bin), "--version"], capture_output=True, text=True, timeout=30, check=False)
+    proc = subprocess.run(
+        [str(helm_docs_bin), "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
     assert proc.stdout.strip() == f"helm-docs version {pinned.group(1)}", (
         f"{proc.stdout.strip()}: run `make tools-helm-docs` to install the pinned helm-docs"
     )
@@ -100,16 +102,14 @@ def test_every_value_is_in_the_readme() -> None:
     rows = _value_rows(README.read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     missing = [
-        leaf
-        for leaf in _leaves(values)
-        if not any(leaf == key or leaf.startswith(key + ".") for key in rows)
+        leaf for leaf in _leaves(values) if not any(leaf == key or leaf.startswith(key + ".") for key in rows)
     ]
     assert not missing, f"values missing from README.md: {missing}"
 
 
 def test_the_row_check_catches_an_undocumented_value() -> None:
     text = "## Values\n\n| Key | Type | Default | Description |\n|-----|------|---------|-------------|\n"
-    rows = _value_rows(text + "| a.b | int | `1` |  |\n| c | string | `\"x\"` | A | B |\n")
+    rows = _value_rows(text + '| a.b | int | `1` |  |\n| c | string | `"x"` | A | B |\n')
     assert rows["a.b"][3] == ""
     assert len(rows["c"]) == 5
 
@@ -134,7 +134,8 @@ def _https(url: Any) -> bool:
 def test_chart_metadata_is_complete(chart_yaml: dict[str, Any]) -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", chart_yaml["version"])
     assert _https(chart_yaml["home"])
-    assert chart_yaml["sources"] and all(_https(s) for s in chart_yaml["sources"])
+    assert chart_yaml["sources"]
+    assert all(_https(s) for s in chart_yaml["sources"])
     assert chart_yaml["home"] in chart_yaml["sources"]
     assert chart_yaml["maintainers"]
     for maintainer in chart_yaml["maintainers"]:
@@ -149,13 +150,18 @@ def test_artifacthub_annotations_parse(chart_yaml: dict[str, Any]) -> None:
     assert all(isinstance(v, str) for v in annotations.values()), "annotations must be strings"
     assert annotations["artifacthub.io/license"] == "Apache-2.0"
     links = yaml.safe_load(annotations["artifacthub.io/links"])
-    assert links and all(link["name"] and _https(link["url"]) for link in links)
+    assert links
     for link in links:
+        assert link["name"]
         # a link into the repository names a file that exists in it
         path = link["url"].removeprefix(chart_yaml["home"] + "/blob/main/")
-        assert path != link["url"] and (ROOT / path).is_file(), link
+        assert path != link["url"], link
+        assert (ROOT / path).is_file(), link
     changes = yaml.safe_load(annotations["artifacthub.io/changes"])
-    assert changes and all(c["kind"] in ARTIFACTHUB_CHANGE_KINDS and c["description"] for c in changes)
+    assert changes
+    for change in changes:
+        assert change["kind"] in ARTIFACTHUB_CHANGE_KINDS, change
+        assert change["description"], change
     assert annotations["artifacthub.io/prerelease"] in {"true", "false"}
 
 
@@ -177,11 +183,17 @@ def unknown_values_named(text: str, values: dict[str, Any]) -> list[str]:
     (`securityIds.runAsUser`); config.yaml keys are snake_case (`kafka.eos_window`) and skipped."""
     paths = _value_paths(values)
     found = re.findall(r"`([a-z][A-Za-z0-9]*(?:\.[A-Za-z0-9_]+)*)(?:[:=][^`]*)?`", text)
-    return sorted({t for t in found if t.split(".")[0] in values and re.search(r"[A-Z]", t) and t not in paths})
+    return sorted(
+        {t for t in found if t.split(".")[0] in values and re.search(r"[A-Z]", t) and t not in paths}
+    )
 
 
 def test_operations_guide_names_only_existing_values() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert not unknown_values_named(OPERATIONS.read_text(), values)
-    assert unknown_values_named("set `securityIds.runAsUsr` and `extraEnvs`", values) == ["securityIds.runAsUsr"]
-    assert unknown_values_named("`prometheusRule.runBookBaseUrl: x`", values) == ["prometheusRule.runBookBaseUrl"]
+    assert unknown_values_named("set `securityIds.runAsUsr` and `extraEnvs`", values) == [
+        "securityIds.runAsUsr"
+    ]
+    assert unknown_values_named("`prometheusRule.runBookBaseUrl: x`", values) == [
+        "prometheusRule.runBookBaseUrl"
+    ]

@@ -17,7 +17,16 @@ from typing import Any
 import pytest
 
 # restricted-v2: the volume types it allows, and the one capability a pod may add.
-SCC_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+SCC_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 SCC_ADDABLE = {"NET_BIND_SERVICE"}
 IDS = ("runAsUser", "runAsGroup", "fsGroup")
 
@@ -137,9 +146,12 @@ def test_the_test_pod_runs_the_gateway_image_hardened(render: Callable[[str], An
     rendered = render("all-flags")
     pod = rendered.one("Pod")["spec"]
     (container,) = pod["containers"]
-    assert container["image"] == rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert (
+        container["image"] == rendered.one("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    )
     assert container["command"][:2] == ["python", "-c"]
-    assert "/healthz" in container["command"][2] and "/readyz" in container["command"][2]
+    assert "/healthz" in container["command"][2]
+    assert "/readyz" in container["command"][2]
     assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True
