@@ -2,8 +2,15 @@
 
 Files (kept after the run, for debugging) in the run dir: `events.log` (the timeline: every
 kill, restart, scale step and broker restart), `gateway-<i>.yaml` and `gateway-<i>.log`,
-`simulator.log`, `redis/`, `kafka/` (the broker's config and logs; its data is removed at the
-end of a passing run unless `keep_broker_data`), `keys/`, and `result.json`.
+`simulator.log` (and `simulator.yaml`, its batch faults, with batches on), `redis/`, `kafka/`
+(the broker's config and logs; its data is removed at the end of a passing run unless
+`keep_broker_data`), `keys/`, and `result.json`.
+
+With batch traffic (`batch_share` > 0) the gateways run the Message Batches path with short
+timings (`BATCH_SETTINGS`; the pending, state and realtime topics keep their default names,
+the worker creates them) and the simulator's batches take a few seconds, 12% of their
+entries errored or left to expire, so that batches are forming, in progress and publishing
+whenever a replica is killed; `batch_worker_kills` of the kills aim at the batch worker.
 """
 
 from __future__ import annotations
@@ -19,20 +26,66 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
+import orjson
+import yaml
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
-from bench.chaos.options import ChaosOptions
+from bench.chaos.options import BATCH_FAILPOINTS, ChaosOptions
 from bench.chaos.procs import HOST, ROOT, Broker, Redis, Simulator
-from bench.chaos.replicas import Fleet
+from bench.chaos.replicas import Fleet, WorkerWatch
 from bench.chaos.traffic import PARTNERS, Request, build_requests, produce_paced
-from bench.chaos.verify import OutcomeReader, summarise, unknown_retries
+from bench.chaos.verify import (
+    OutcomeReader,
+    batch_load,
+    batch_log_events,
+    summarise,
+    unknown_retries,
+)
 
 SIM_RPM = 60_000  # the org limit, in the simulator and in the gateways' limiter: far above the traffic
 GROUP = "chaos-gateway"
+BATCH_DETAILS = (
+    "batch_in_two_batches",
+    "batch_and_realtime",
+    "batch_served",
+    "batch_served_in_realtime",
+    "batch_dead_letters",
+    "realtime_in_a_batch",
+)
+"""Figures of the batch path reported after the headline ones (bench/chaos/verify.py)."""
+
+#: The gateways' `batches:` with batch traffic: batches form within a second (of at most 40
+#: requests) and their results are published 10 per transaction, so that a kill finds
+#: intents, creates, polls and publishing in flight; recovery of an intent without an id
+#: waits `create_timeout_s + create_grace_s` (6 s) after it. `auto` with a deadline two
+#: hours away is a batch (it needs the turnaround x 1.5 + 2 s).
+BATCH_SETTINGS: dict[str, Any] = {
+    "enabled": True,
+    "max_requests": 40,
+    "max_age_s": 1.0,
+    "expected_turnaround_s": 10,
+    "margin_s": 2,
+    "realtime_reserve_s": 5,
+    "poll_min_s": 0.5,
+    "poll_max_s": 2,
+    "create_timeout_s": 5,
+    "create_grace_s": 1,
+    "results_chunk": 10,
+}
 
 
 def request_topic(partner: str) -> str:
     return f"claude.requests.{partner}"
+
+
+def usage_topic() -> str:
+    """Where this checkout's gateway writes metering records (`kafka.usage_topic`), as
+    `claude-gateway topics ensure` would create it."""
+    from service.config.settings import KafkaSettings
+
+    field = KafkaSettings.model_fields.get("usage_topic")
+    return str(field.default) if field is not None else "claude.usage"
 
 
 def on_unknown_supported() -> bool:
@@ -57,6 +110,13 @@ class Run:
         self.reader: OutcomeReader | None = None
         self.broker_restarts = 0
         self.on_unknown = on_unknown_supported()
+        self.batch_share = options.effective_batch_share
+        self._aim = random.Random(f"{options.seed}-aim")  # apart: the timeline stays the seed's
+        self._failpoints = random.Random(f"{options.seed}-failpoints")
+        self.arming = options.mode == "chaos" and self.batch_share > 0 and options.batch_failpoints > 0
+        self.kills_with_batches_in_progress = 0
+        self.kills_of_batch_worker = 0
+        self.watch = WorkerWatch()
         self._events = (self.dir / "events.log").open("a")
 
     def event(self, message: str) -> None:
@@ -86,9 +146,22 @@ class Run:
         ]  # fmt: skip
         for name, rate in self.o.faults.items():
             args += [f"--{name.replace('_', '-')}", f"{rate:.4f}"]
+        if self.batch_share > 0:
+            low, high = self.o.batch_processing_s
+            sim_config = self.dir / "simulator.yaml"
+            sim_config.write_text(yaml.safe_dump({"batches": self.o.batch_faults}))
+            args += [
+                "--config", str(sim_config), "--batch-expiry-s", str(self.o.batch_expiry_s),
+                "--batch-processing-s", str(low), "--batch-processing-max-s", str(max(low, high)),
+            ]  # fmt: skip
         self.sim = Simulator(args, self.dir / "simulator.log")
-        self.event(f"simulator on {self.sim.start()} (faults {self.o.faults})")
-        self.fleet = Fleet(self.dir, self._gateway_config, self.rng, self.event, self.o.restart_delay_s)
+        batches = (
+            f", batches of {self.o.batch_processing_s} s, {self.o.batch_faults}" if self.batch_share else ""
+        )
+        self.event(f"simulator on {self.sim.start()} (faults {self.o.faults}{batches})")
+        self.fleet = Fleet(
+            self.dir, self._gateway_config, self.rng, self.event, self.o.restart_delay_s, self._arm
+        )
         for _ in range(self.o.replicas):
             self.fleet.add()
         ready = await self.fleet.wait_ready(90)
@@ -102,6 +175,7 @@ class Run:
         names = [
             f"claude.{kind}.{p.id}" for p in PARTNERS for kind in ("requests", "responses", "deadletter")
         ]
+        names.append(usage_topic())  # metering records, in each billed outcome's transaction
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         try:
@@ -156,6 +230,7 @@ class Run:
                 "log_level": "INFO",
             },
             "partners": partners,
+            "batches": BATCH_SETTINGS if self.batch_share > 0 else {"enabled": False},
         }
 
     # -- the chaos -------------------------------------------------------------------
@@ -167,7 +242,7 @@ class Run:
         events: list[tuple[float, str, Callable[[], Coroutine[Any, Any, None]]]] = []
 
         async def kill() -> None:
-            await fleet.kill_random()
+            await self._kill()
 
         t, kills = self.rng.uniform(*o.kill_every_s), 0
         while t < d and (o.max_kills is None or kills < o.max_kills):
@@ -179,6 +254,49 @@ class Run:
             events.append(((0.5 + 0.1 * k) * d, "broker restart", self._restart_broker))
         events.append((0.70 * d, f"scale to {o.scale_down_to}", lambda: fleet.scale_to(o.scale_down_to)))
         return sorted(events, key=lambda e: e[0])
+
+    def _arm(self) -> str | None:
+        """A batch-worker failpoint for a replica start, `batch_failpoints` of the time while the
+        chaos lasts."""
+        if not self.arming or self._failpoints.random() >= self.o.batch_failpoints:
+            return None
+        return f"{self._failpoints.choice(BATCH_FAILPOINTS)}:{self._failpoints.randint(1, 4)}"
+
+    async def _kill(self) -> None:
+        """kill -9 of a replica: with batches on, `batch_worker_kills` of the time the one
+        holding open batches (when one does); counts the kills that found batches in progress
+        upstream, and those of the batch worker."""
+        assert self.fleet is not None
+        assert self.sim is not None
+        worker, load = None, 0.0
+        if self.batch_share > 0:  # the batch worker: by its gauges, else by its log
+            running = self.fleet.running()
+            loads = await asyncio.gather(
+                *(asyncio.to_thread(batch_load, f"http://{HOST}:{r.http_port}/metrics") for r in running)
+            )
+            for replica, value in zip(running, loads, strict=True):
+                if value > load:
+                    worker, load = replica.index, value
+            if worker is None:
+                worker = await asyncio.to_thread(self.watch.worker, list(self.fleet.replicas))
+        aim = worker is not None and self._aim.random() < self.o.batch_worker_kills
+        in_progress = 0
+        if self.batch_share > 0:
+            with contextlib.suppress(OSError, ValueError):
+                stats = await asyncio.to_thread(self.sim.stats)
+                in_progress = int((stats.get("batches") or {}).get("in_progress") or 0)
+        killed = await self.fleet.kill_random(prefer=worker if aim else None)
+        if killed is None:
+            return
+        self.kills_with_batches_in_progress += in_progress > 0
+        if killed.index == worker:
+            self.kills_of_batch_worker += 1
+        if self.batch_share > 0:
+            who = "the batch worker" if killed.index == worker else "not the batch worker"
+            held = (
+                "none" if worker is None else f"gateway-{worker}, {load:g} open batches and forming requests"
+            )
+            self.event(f"  ({who}; batch worker: {held}; {in_progress} batches in progress upstream)")
 
     async def _restart_broker(self) -> None:
         self.event("broker restart: stop (SIGTERM), start with the data kept")
@@ -233,17 +351,21 @@ class Run:
         assert self.fleet is not None
         assert self.reader is not None
         assert self.sim is not None
-        requests = build_requests(self.o.requests, self.o.seed, f"s{self.o.seed}")
+        requests = build_requests(self.o.requests, self.o.seed, f"s{self.o.seed}", self.batch_share)
         supervisor = asyncio.create_task(self._supervise(), name="supervisor")
         try:
             began = time.monotonic()
             rate = self.o.rate_per_s if self.o.mode == "chaos" else None
-            self.event(f"producing {len(requests)} requests at {rate or 'once'}/s ({self.o.mode})")
+            batched = sum(r.batch for r in requests)
+            self.event(
+                f"producing {len(requests)} requests at {rate or 'once'}/s ({self.o.mode}), {batched} batch"
+            )
             production, _ = await asyncio.gather(
                 produce_paced(self.broker.bootstrap, request_topic, requests, rate, self.event),
                 self._play(began, len(requests)),
             )
             chaos_s = time.monotonic() - began
+            self.arming = False  # the starts from now on are not armed
             self.event("chaos over; waiting for every request to have an outcome")
             waited = await self._wait_for_outcomes(production.acked)
             await asyncio.sleep(self.o.settle_s)
@@ -254,9 +376,16 @@ class Run:
                 await supervisor
         await self.fleet.stop_all()
         drained = await self.reader.drain(60)
-        calls = (await asyncio.to_thread(self.sim.calls))["calls_by_request"]
+        try:
+            open_transactions: dict[str, int] | str = await self.reader.open_transactions()
+        except KafkaError as exc:
+            open_transactions = f"unknown ({type(exc).__name__})"
+        all_calls = await asyncio.to_thread(self.sim.calls)
+        (self.dir / "calls.json").write_bytes(orjson.dumps(all_calls))  # for an investigation
+        calls, batch_calls = all_calls["calls_by_request"], all_calls.get("batch_calls_by_custom_id") or {}
+        sim_batches = (await asyncio.to_thread(self.sim.stats)).get("batches") or {}
         retry_partners = {p.id for p in PARTNERS if p.on_unknown == "retry"} if self.on_unknown else set()
-        figures = summarise(production.acked, self.reader.tally, calls, retry_partners)
+        figures = summarise(production.acked, self.reader.tally, calls, retry_partners, batch_calls)
         result: dict[str, Any] = {
             "bench": "chaos",
             "requests": len(production.acked),
@@ -264,6 +393,13 @@ class Run:
             **{k: figures[k] for k in ("called_twice_unexplained", "outcome_unknown")},
             "kills": self.fleet.kills,
             "broker_restarts": self.broker_restarts,
+            "batch_share": self.batch_share,
+            **{k: figures[k] for k in ("batch_requests", "batch_lost", "batch_duplicated")},
+            **{k: figures[k] for k in ("batch_billed_twice", "batch_billed_twice_unexplained")},
+            "batches_created": int(sim_batches.get("created") or 0),
+            "kills_with_batches_in_progress": self.kills_with_batches_in_progress,
+            "kills_of_batch_worker": self.kills_of_batch_worker,
+            "failpoint_exits": self.fleet.failpoint_exits,
             "wall_s": round(time.monotonic() - self.began, 1),
             "mode": self.o.mode,
             "seed": self.o.seed,
@@ -280,9 +416,15 @@ class Run:
             "responses_without_a_billed_call": figures["responses_without_a_billed_call"],
             "on_unknown_supported": self.on_unknown,
             "unknown_retries_metric": retries,
+            **{k: figures[k] for k in BATCH_DETAILS},
+            "batch_entries": sim_batches.get("request_counts") or {},
+            "batch_log_events": batch_log_events(sorted(self.dir.glob("gateway-*.log"))),
             "final_read_complete": drained,
+            "open_transactions": open_transactions,
             "run_dir": str(self.dir),
         }
+        if figures["failures"]:
+            result["failures"] = figures["failures"]
         result["passed"] = passed(result)
         return result
 
@@ -313,10 +455,17 @@ class Run:
 
 def passed(result: dict[str, Any]) -> bool:
     """The verdict: nothing lost, nothing answered twice, no unexplained double billing;
-    in the rebalance mode (no crash) nothing called twice at all."""
+    in the rebalance mode (no crash) nothing called twice at all. With batch traffic: no
+    batch request billed twice unexplained (in the rebalance mode none at all), no
+    real-time request in a batch, and batches were indeed created."""
     bad = result["lost"] or result["duplicate_outcomes"] or result["called_twice_unexplained"]
     if result["mode"] == "rebalance":
         bad = bad or result["called_twice"]
+    if result.get("batch_share"):
+        bad = bad or result["batch_billed_twice_unexplained"] or result["realtime_in_a_batch"]
+        bad = bad or not result["batch_requests"] or not result["batches_created"]
+        if result["mode"] == "rebalance":
+            bad = bad or result["batch_billed_twice"]
     return not bad and result["requests"] > 0
 
 

@@ -13,6 +13,17 @@ Mode = Literal["chaos", "rebalance"]
 #: (nothing billed), or a connection dropped after the work (billed, no answer).
 FAULTS = {"api_error_rate": 0.07, "overloaded_rate": 0.07, "drop_rate": 0.06}
 
+#: The simulator's faults in Message Batch entries, 12% of them: `errored` with `api_error` or
+#: `overloaded_error` (the gateway puts them in a new batch, or in real time after the last
+#: submission), or left to expire (the batch then ends at its expiry; real time takes over).
+BATCH_FAULTS = {"api_error_rate": 0.04, "overloaded_rate": 0.03, "expire_rate": 0.05}
+
+#: The batch worker's failpoints (service/batches/): after an intent is recorded and before
+#: its batch is created; after a create and before its id is recorded; after a transaction
+#: of results (`results_chunk` of them) and before the next. A start is armed with one, to
+#: end at its 1st to 4th passage.
+BATCH_FAILPOINTS = ("batch.intent", "batch.created", "batch.published")
+
 
 @dataclass
 class ChaosOptions:
@@ -22,7 +33,13 @@ class ChaosOptions:
     `scale_up_to` (at 30%) and down to `scale_down_to` (at 70%). `mode="rebalance"`: every
     request produced at once (a backlog, as when an autoscaler scales out), no crash at all; a
     replica joins when 25% of the requests have an outcome, and once it is ready and 60% have
-    one, a replica leaves gracefully (then `called_twice` must be 0 too)."""
+    one, a replica leaves gracefully (then `called_twice` must be 0 too).
+
+    `batch_share` of the requests can wait (`service_class: batch`, or `auto` with a deadline
+    two hours away): the gateways run with `batches.enabled` and short timings, the
+    simulator's batches take `batch_processing_s` (a uniform draw), `batch_worker_kills` of
+    the kills aim at the replica that holds open batches (the batch worker), and
+    `batch_failpoints` of the replica starts end at a step of the batch worker."""
 
     mode: Mode = "chaos"
     requests: int = 10_000
@@ -51,6 +68,18 @@ class ChaosOptions:
     at the join and the leave)."""
     run_dir: Path | None = None
     keep_broker_data: bool = False
+    batch_share: float | None = None
+    """Share of the requests sent to the batch path; default 0.25 (chaos), 0 (rebalance);
+    0 turns `batches.enabled` off."""
+    batch_processing_s: tuple[float, float] = (2.0, 6.0)
+    """A simulated Message Batch takes between these (drawn uniformly per batch)."""
+    batch_expiry_s: float = 10.0
+    """Its expiry (Anthropic's 24 h): entries left to expire end `expired` then."""
+    batch_worker_kills: float = 0.5
+    """With batches on, this share of the kills aims at the batch worker when one has open batches."""
+    batch_failpoints: float = 0.5
+    """With batches on, this share of the replica starts during the chaos is armed with one of
+    `BATCH_FAILPOINTS` (a step of the batch worker where the process ends as if killed)."""
 
     @property
     def faults(self) -> dict[str, float]:
@@ -66,6 +95,17 @@ class ChaosOptions:
         if self.sim_latency_median_s is not None:
             return self.sim_latency_median_s
         return 0.2 if self.mode == "chaos" else 1.0
+
+    @property
+    def effective_batch_share(self) -> float:
+        """The share of batch traffic in effect (see `batch_share`)."""
+        if self.batch_share is not None:
+            return self.batch_share
+        return 0.25 if self.mode == "chaos" else 0.0
+
+    @property
+    def batch_faults(self) -> dict[str, float]:
+        return {name: rate * self.fault_scale for name, rate in BATCH_FAULTS.items()}
 
     @property
     def concurrency(self) -> int:
@@ -107,6 +147,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sim-latency-median", type=float, help="seconds (default 0.2 / 1.0)")
     parser.add_argument("--run-dir", type=Path, help="default: .run/chaos/<time>-<mode>-seed<seed>")
     parser.add_argument("--keep-broker-data", action="store_true", help="keep the broker's data at the end")
+    parser.add_argument(
+        "--batch-share",
+        type=float,
+        help="share of the requests that can wait (batch path); default 0.25 (chaos), 0 (rebalance); "
+        "0 turns batches off",
+    )
+    parser.add_argument(
+        "--batch-processing",
+        type=float,
+        nargs=2,
+        metavar=("MIN_S", "MAX_S"),
+        default=d.batch_processing_s,
+        help="a simulated batch's processing time, drawn uniformly",
+    )
+    parser.add_argument("--batch-expiry", type=float, default=d.batch_expiry_s, help="a batch's expiry, s")
+    parser.add_argument(
+        "--batch-worker-kills",
+        type=float,
+        default=d.batch_worker_kills,
+        help="share of the kills aimed at the batch worker (with batches on)",
+    )
+    parser.add_argument(
+        "--batch-failpoints",
+        type=float,
+        default=d.batch_failpoints,
+        help="share of the replica starts armed with a batch-worker failpoint (with batches on)",
+    )
 
 
 def from_args(args: argparse.Namespace) -> ChaosOptions:
@@ -132,4 +199,9 @@ def from_args(args: argparse.Namespace) -> ChaosOptions:
         sim_latency_median_s=args.sim_latency_median,
         run_dir=args.run_dir,
         keep_broker_data=args.keep_broker_data,
+        batch_share=args.batch_share,
+        batch_processing_s=(args.batch_processing[0], args.batch_processing[1]),
+        batch_expiry_s=args.batch_expiry,
+        batch_worker_kills=args.batch_worker_kills,
+        batch_failpoints=args.batch_failpoints,
     )

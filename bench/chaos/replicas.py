@@ -5,11 +5,19 @@ exit nobody asked for (as Kubernetes would with `restartPolicy: Always`).
 Each replica has its own config file (only `runtime.http_port` and `kafka.client_id` differ, so
 its /metrics can be scraped) and one log, `gateway-<i>.log`, appended across its restarts with
 a marker line before each start.
+
+A start may be armed with a failpoint (`GATEWAY_FAILPOINT=<name>:<n>`, service/ingest/failpoints.py):
+the process then ends itself with status 137, as kill -9 would, at the n-th passage through that
+step. Such an exit is counted in `failpoint_exits`, not as unexpected, and restarted the same way.
+
+Replicas run with `PYTHONFAULTHANDLER=1`: one still running `STOP_TIMEOUT_S` after its SIGTERM
+gets SIGABRT, and the stack of each of its threads goes to its log (its exit code is then -6).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
 import random
@@ -22,11 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from bench.chaos.procs import HOST, free_port, http_json, spawn, stop_process
 
 STOP_TIMEOUT_S = 40.0
+FAILPOINT_EXIT = 137
+"""The status of a process that reached its failpoint (`os._exit(137)`)."""
 
 
 class State(enum.Enum):
@@ -46,6 +57,8 @@ class Replica:
     state: State = State.STOPPED
     starts: int = 0
     restart_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    failpoint: str | None = None
+    """The failpoint this start of the replica is armed with, if any."""
 
     @property
     def name(self) -> str:
@@ -57,7 +70,8 @@ class Replica:
 
 
 class Fleet:
-    """The replicas of one run. `config(i, http_port)` gives replica i's settings as a dict."""
+    """The replicas of one run. `config(i, http_port)` gives replica i's settings as a dict;
+    `arm()`, asked at each start, a failpoint spec for it or None."""
 
     def __init__(
         self,
@@ -66,6 +80,7 @@ class Fleet:
         rng: random.Random,
         event: Callable[[str], None],
         restart_delay_s: float = 1.0,
+        arm: Callable[[], str | None] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self._config = config
@@ -76,6 +91,9 @@ class Fleet:
         self.kills = 0
         self.unexpected_exits = 0
         self.graceful_stops: list[int] = []  # exit codes
+        self._arm = arm
+        self.failpoint_exits: dict[str, int] = {}
+        """By failpoint name: starts that ended at their failpoint."""
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -94,13 +112,19 @@ class Fleet:
         replica.starts += 1
         with replica.log_path.open("a") as log:
             log.write(f"=== chaos harness: start #{replica.starts} of {replica.name} at {time.time():.3f}\n")
+        replica.failpoint = self._arm() if self._arm is not None else None
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+        env.pop("GATEWAY_FAILPOINT", None)
+        if replica.failpoint is not None:
+            env["GATEWAY_FAILPOINT"] = replica.failpoint
         replica.proc = spawn(
             [sys.executable, "-m", "service", "run", "--config", str(replica.config_path)],
             replica.log_path,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env,
         )
         replica.state = State.RUNNING
-        self._event(f"{replica.name} started (pid {replica.proc.pid}, start #{replica.starts})")
+        armed = f", failpoint {replica.failpoint}" if replica.failpoint else ""
+        self._event(f"{replica.name} started (pid {replica.proc.pid}, start #{replica.starts}{armed})")
 
     def live(self) -> list[Replica]:
         """Replicas that run or will run again (a killed one whose restart is pending)."""
@@ -121,15 +145,20 @@ class Fleet:
 
     # -- chaos -----------------------------------------------------------------------
 
-    async def kill_random(self) -> Replica | None:
+    async def kill_random(self, prefer: int | None = None) -> Replica | None:
         """kill -9 of a random running replica, preferring those that are ready (own partitions,
-        so the kill hits work in flight); its restart follows after `restart_delay_s`."""
+        so the kill hits work in flight), or replica `prefer` when it runs; its restart follows
+        after `restart_delay_s`."""
         running = self.running()
-        ready = [r for r in running if await asyncio.to_thread(_ready, r.http_port)]
-        candidates = ready or running
-        if not candidates:
-            return None
-        replica = self._rng.choice(candidates)
+        chosen = [r for r in running if r.index == prefer]
+        if chosen:
+            replica = chosen[0]
+        else:
+            ready = [r for r in running if await asyncio.to_thread(_ready, r.http_port)]
+            candidates = ready or running
+            if not candidates:
+                return None
+            replica = self._rng.choice(candidates)
         if replica.state is not State.RUNNING or not replica.alive:  # changed while we asked
             return None
         assert replica.proc is not None
@@ -158,10 +187,15 @@ class Fleet:
                 and replica.proc is not None
                 and replica.proc.poll() is not None
             ):
-                self.unexpected_exits += 1
-                self._event(
-                    f"{replica.name} exited by itself with code {replica.proc.returncode}; restarting"
-                )
+                if replica.failpoint is not None and replica.proc.returncode == FAILPOINT_EXIT:
+                    name = replica.failpoint.partition(":")[0]
+                    self.failpoint_exits[name] = self.failpoint_exits.get(name, 0) + 1
+                    self._event(f"{replica.name} ended at its failpoint {replica.failpoint}; restarting")
+                else:
+                    self.unexpected_exits += 1
+                    self._event(
+                        f"{replica.name} exited by itself with code {replica.proc.returncode}; restarting"
+                    )
                 self._restart_later(replica)
 
     async def stop(self, replicas: list[Replica], reason: str) -> list[int]:
@@ -177,7 +211,16 @@ class Fleet:
         return [c for c in codes if c is not None]
 
     def _stop_one(self, replica: Replica) -> int | None:
-        code = stop_process(replica.proc, STOP_TIMEOUT_S) if replica.alive and replica.proc else None
+        code = None
+        if replica.alive and replica.proc:
+            proc = replica.proc
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:  # where is it stuck? faulthandler writes every stack
+                self._event(f"{replica.name} still runs {STOP_TIMEOUT_S:g} s after SIGTERM: SIGABRT")
+                _abort(proc)
+                code = stop_process(proc, 0.0)  # SIGKILL if even that did not end it
         replica.state = State.STOPPED
         return code
 
@@ -209,8 +252,61 @@ class Fleet:
         return [f"http://{HOST}:{r.http_port}/metrics" for r in self.running()]
 
 
+def _abort(proc: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
+    """SIGABRT (the replica's faulthandler dumps its threads' stacks into its log), then wait."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGABRT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout_s)
+
+
 def _ready(port: int) -> bool:
     try:
         return bool(http_json(f"http://{HOST}:{port}/readyz", 1.0).get("ready"))
     except (OSError, ValueError):
         return False
+
+
+WORKER_STARTED = b'"event":"batch worker started"'
+START_MARKER = b"=== chaos harness: start #"
+
+
+class WorkerWatch:
+    """Which replica is the batch worker, from the replicas' logs: the one whose current
+    process wrote the most recent `batch worker started` of all (when that process is gone,
+    no replica has taken the pending partition since: none). Reads only what the logs gained
+    since the last look."""
+
+    def __init__(self) -> None:
+        self._read: dict[int, int] = {}
+        self._current: dict[int, str] = {}
+        """Replica index -> when its current process last started as the worker."""
+        self._latest = ""
+        """When any process last started as the worker (ISO timestamps compare as strings)."""
+
+    def worker(self, replicas: list[Replica]) -> int | None:
+        for replica in replicas:
+            self._scan(replica)
+        running = {r.index for r in replicas if r.state is State.RUNNING and r.alive}
+        for index, ts in self._current.items():
+            if ts == self._latest and index in running:
+                return index
+        return None
+
+    def _scan(self, replica: Replica) -> None:
+        try:
+            with replica.log_path.open("rb") as f:
+                f.seek(self._read.get(replica.index, 0))
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1  # a line being written waits for the next look
+        self._read[replica.index] = self._read.get(replica.index, 0) + end
+        for line in data[:end].splitlines():
+            if line.startswith(START_MARKER):
+                self._current.pop(replica.index, None)
+            elif WORKER_STARTED in line:
+                with contextlib.suppress(ValueError):
+                    ts = str(orjson.loads(line).get("ts") or "")
+                    self._current[replica.index] = ts
+                    self._latest = max(self._latest, ts)

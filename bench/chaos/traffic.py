@@ -5,6 +5,11 @@ the `x-gateway-request-id` header the gateway sets, so the simulator counts call
 whether or not the gateway sends that header. Requests are produced at a steady rate by an
 idempotent producer (a broker restart must not duplicate a request: that would make a
 duplicate outcome that is not the gateway's fault).
+
+A share of the requests (`batch_share`) can wait: they carry `service_class: batch` (half of
+them with a deadline two hours away) or `auto` with such a deadline, which routing sends to a
+Message Batch too. Which requests those are is drawn apart from the rest, so every request
+has the same partner, size, model and max_tokens whatever the share.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -37,6 +43,8 @@ PARTNERS = (
 MODELS = (("claude-haiku-4-5", 0.5), ("claude-sonnet-4-5", 0.35), ("claude-opus-4-1", 0.15))
 MAX_TOKENS = (16, 64, 256, 1024)
 PROMPT_CHARS = ((40, 0.4), (400, 0.3), (4_000, 0.2), (40_000, 0.1))
+BATCH_DEADLINE_S = 7_200.0
+"""`respond_by` of batch-path requests that carry one: far beyond any turnaround the run sees."""
 T = TypeVar("T")
 _WORDS = [
     "the",
@@ -57,6 +65,13 @@ class Request:
     partner: str
     request_id: str
     value: bytes
+    urgency: str = "realtime"
+    """What the request asked for: `realtime` (no field), `batch`, `batch+deadline` or
+    `auto+deadline` (the last three go to a Message Batch)."""
+
+    @property
+    def batch(self) -> bool:
+        return self.urgency != "realtime"
 
     @property
     def key(self) -> str:
@@ -68,9 +83,23 @@ def _pick(rng: random.Random, weighted: Sequence[tuple[T, float]]) -> T:
     return rng.choices([v for v, _ in weighted], [w for _, w in weighted])[0]
 
 
-def build_requests(n: int, seed: int, tag: str) -> list[Request]:
-    """`n` valid requests spread over `PARTNERS` by share; ids `<partner>-<tag>-<i>`."""
+def _urgency(urgency: str, respond_by: str) -> dict[str, Any]:
+    if urgency == "batch":
+        return {"service_class": "batch"}
+    if urgency == "batch+deadline":
+        return {"service_class": "batch", "respond_by": respond_by}
+    if urgency == "auto+deadline":
+        return {"service_class": "auto", "respond_by": respond_by}
+    return {}
+
+
+def build_requests(n: int, seed: int, tag: str, batch_share: float = 0.0) -> list[Request]:
+    """`n` valid requests spread over `PARTNERS` by share; ids `<partner>-<tag>-<i>`;
+    `batch_share` of them for the batch path (see the module docstring)."""
     rng = random.Random(seed)
+    urgent = random.Random(f"{seed}-urgency")  # apart: the requests are the same whatever the share
+    deadline = datetime.fromtimestamp(time.time() + BATCH_DEADLINE_S, tz=UTC)
+    respond_by = deadline.isoformat(timespec="seconds").replace("+00:00", "Z")
     partners = [p.id for p in PARTNERS]
     shares = [p.share for p in PARTNERS]
     out = []
@@ -79,8 +108,12 @@ def build_requests(n: int, seed: int, tag: str) -> list[Request]:
         request_id = f"{partner}-{tag}-{i:06d}"
         size = _pick(rng, PROMPT_CHARS)
         words = " ".join(rng.choice(_WORDS) for _ in range(max(1, size // 6)))
+        urgency = "realtime"
+        if urgent.random() < batch_share:
+            urgency = urgent.choice(("batch", "batch+deadline", "auto+deadline", "auto+deadline"))
         doc = {
             "request_id": request_id,
+            **_urgency(urgency, respond_by),
             "metadata": {"chaos": tag},
             "params": {
                 "model": _pick(rng, MODELS),
@@ -89,7 +122,7 @@ def build_requests(n: int, seed: int, tag: str) -> list[Request]:
                 "metadata": {"user_id": f"{partner}:{request_id}"},
             },
         }
-        out.append(Request(partner, request_id, orjson.dumps(doc)))
+        out.append(Request(partner, request_id, orjson.dumps(doc), urgency))
     return out
 
 

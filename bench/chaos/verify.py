@@ -15,13 +15,39 @@ What is counted (only requests whose produce was acknowledged):
 - `called_twice_unexplained`: `called_twice` not accounted for by the `on_unknown: retry`
   policy. Explained means, and only means: the request's partner is configured
   `on_unknown: retry` (and the gateway knows that setting), it was `ok` exactly twice
-  (the policy pays at most one extra call), and its response notes the retry
-  (`unknown_retry`, see schemas/response.v1.json). The gateways'
+  (the policy pays at most one extra call), and its outcome notes the retry: a response
+  with `unknown_retry` (see schemas/response.v1.json), or the `outcome_unknown` dead letter
+  of a request whose extra call's owner was lost too (its `claim.attempts` is 2: "its one
+  extra call was used"). The gateways'
   `gateway_unknown_retries_total` is reported beside it (`unknown_retries_metric`), but only
   as a lower bound: a replica killed with -9 takes its counters with it.
 - `outcome_unknown`: dead letters with reason `outcome_unknown`.
 - `billed_twice`: more than one `billed` call (a dropped connection then a retry counts);
   reported, not judged.
+
+Message Batch entries are counted by the simulator under their `custom_id`
+(`batch_calls_by_custom_id`); the gateway's is `service.batches.routing.custom_id(partner,
+request_id)`. A request's calls are its real-time calls plus its batch entries: `ok` and
+`billed` above are those sums (a batch entry is `ok` and `billed` when it succeeded). For
+the requests sent to the batch path (`batch_*` figures, a subset of the ones above):
+
+- `batch_lost`, `batch_duplicated`: as `lost` and `duplicate_outcomes`.
+- `batch_billed_twice`: billed more than once in all: in two batches
+  (`batch_in_two_batches`), in a batch and in real time (`batch_and_realtime`), or twice in
+  real time after the batch path sent it there.
+- `batch_billed_twice_unexplained`: `batch_billed_twice` except, and only, the real-time
+  rule above applied to `billed`: never billed in a batch, partner `on_unknown: retry`,
+  billed exactly twice in real time, and the response notes the retry. The batch path has
+  no `outcome_unknown`: any other double billing is unexplained.
+- `batch_served` / `batch_served_in_realtime`: responses marked `served_by.path: batch` /
+  answered in real time (expired or errored in their batch).
+- `realtime_in_a_batch`: requests that did not ask for the batch path yet have a batch
+  entry (routing must never do that).
+
+`failures` (only when there are any) shows up to `EXAMPLES` requests of each failing count
+with their outcomes and calls, to start the investigation from; `open_transactions` the
+outcome partitions whose last stable offset stays below their end once every gateway
+stopped (what lies past it is invisible to read_committed readers: "lost" until aborted).
 """
 
 from __future__ import annotations
@@ -31,6 +57,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -40,8 +67,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.chaos.procs import http_text
 from bench.chaos.traffic import Request
+from service.batches.routing import custom_id
 
 OUTCOME_UNKNOWN = "outcome_unknown"
+EXAMPLES = 5
 UNKNOWN_RETRIES_METRIC = "gateway_unknown_retries_total"
 
 
@@ -50,6 +79,9 @@ class Outcome:
     kind: str  # "response" or "deadletter"
     reason: str | None
     unknown_retry: bool
+    """The outcome notes an `on_unknown: retry` extra call (see the module docstring)."""
+    path: str = "realtime"
+    """A response's `served_by.path` (`batch` from a Message Batch; absent: real time)."""
 
 
 @dataclass
@@ -71,7 +103,14 @@ class Tally:
         if not isinstance(request_id, str):
             self.unreadable += 1
             return
-        outcome = Outcome(kind, doc.get("reason"), bool(doc.get("unknown_retry")))
+        served_by = doc.get("served_by")
+        path = served_by.get("path") if isinstance(served_by, dict) else None
+        claim = doc.get("claim")
+        extra_call_used = (
+            doc.get("reason") == OUTCOME_UNKNOWN and isinstance(claim, dict) and claim.get("attempts") == 2
+        )
+        retried = bool(doc.get("unknown_retry")) or extra_call_used
+        outcome = Outcome(kind, doc.get("reason"), retried, str(path or "realtime"))
         self.by_request.setdefault(request_id, []).append(outcome)
 
     def missing(self, requests: Iterable[Request]) -> int:
@@ -86,6 +125,7 @@ class OutcomeReader:
     ) -> None:
         """`topics`: topic -> kind ("response" or "deadletter")."""
         self.kinds = dict(topics)
+        self.bootstrap = bootstrap
         self.tps = [TopicPartition(t, p) for t in topics for p in range(partitions)]
         self.tally = Tally()
         self._note = note
@@ -136,6 +176,23 @@ class OutcomeReader:
                 await self._read_once(500)
         return False
 
+    async def open_transactions(self) -> dict[str, int]:
+        """Outcome partitions whose last stable offset is below their end, with how many
+        records lie past it: a transaction still open (none should be once every gateway
+        stopped) hides them from read_committed readers until it is aborted."""
+        stable: dict[TopicPartition, int] = await self._consumer.end_offsets(self.tps)
+        probe = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, isolation_level="read_uncommitted", client_id="chaos-verifier"
+        )
+        await probe.start()
+        try:
+            ends: dict[TopicPartition, int] = await probe.end_offsets(self.tps)
+        finally:
+            await probe.stop()
+        return {
+            f"{tp.topic}[{tp.partition}]": ends[tp] - stable[tp] for tp in self.tps if ends[tp] > stable[tp]
+        }
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -161,24 +218,105 @@ def unknown_retries(metrics_urls: Iterable[str]) -> dict[str, float]:
     return total
 
 
+BATCH_GAUGES = ("gateway_batches", "gateway_batch_requests")
+
+
+def batch_load(metrics_url: str) -> float:
+    """Open batches plus requests forming one on a replica (0 but on the batch worker), or
+    -1 when it does not answer."""
+    try:
+        text = http_text(metrics_url, 2.0)
+    except OSError:
+        return -1.0
+    return sum(
+        float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in BATCH_GAUGES
+    )
+
+
+#: Log events of the batch path counted in the replicas' logs (each kept across restarts):
+#: figure name -> (event, required field value or None).
+BATCH_LOG_EVENTS: dict[str, tuple[str, tuple[str, str] | None]] = {
+    "worker_starts_with_open_batches": ("batch worker started", None),
+    "intents_recovered_found": ("batch intent without an id recovered", ("outcome", "found")),
+    "intents_recovered_created_anew": ("batch intent without an id recovered", ("outcome", "created_anew")),
+    "results_for_no_member": ("a batch result for no member; ignored", None),
+    "members_gone_from_pending": ("a batch member is gone from the pending topic", None),
+    "batch_steps_failed": ("batch step failed; trying again", None),
+    "forming_failed": ("forming a batch failed; the worker restarts from its committed state", None),
+}
+
+
+def batch_log_events(logs: Iterable[Path]) -> dict[str, int]:
+    """How often each of `BATCH_LOG_EVENTS` was logged (JSON lines with `event`); a worker
+    start counts only when it found open batches to resume."""
+    wanted = {event for event, _ in BATCH_LOG_EVENTS.values()}
+    counts = dict.fromkeys(BATCH_LOG_EVENTS, 0)
+    for path in logs:
+        with contextlib.suppress(OSError), path.open("rb") as f:
+            for line in f:
+                if b"batch" not in line or not line.startswith(b"{"):
+                    continue
+                try:
+                    doc = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                event = doc.get("event") if isinstance(doc, dict) else None
+                if event not in wanted:
+                    continue
+                for name, (ev, field_value) in BATCH_LOG_EVENTS.items():
+                    if ev != event:
+                        continue
+                    if field_value is not None and doc.get(field_value[0]) != field_value[1]:
+                        continue
+                    if name == "worker_starts_with_open_batches" and not doc.get("open_batches"):
+                        continue
+                    counts[name] += 1
+    return counts
+
+
 def summarise(
     requests: list[Request],
     tally: Tally,
     calls: Mapping[str, Mapping[str, int]],
     retry_partners: set[str],
+    batch_calls: Mapping[str, Mapping[str, int]] | None = None,
 ) -> dict[str, Any]:
-    """The verdict figures (see the module docstring) for the acknowledged `requests`."""
+    """The verdict figures (see the module docstring) for the acknowledged `requests`;
+    `calls` by `partner:request_id`, `batch_calls` by custom_id."""
+    batch_calls = batch_calls or {}
     lost = duplicates = called_twice = unexplained = billed_twice = unknown = 0
     responses = dead_letters = response_without_call = 0
     reasons: dict[str, int] = {}
+    b: dict[str, int] = dict.fromkeys(BATCH_FIGURES, 0)
+    failures: dict[str, list[dict[str, Any]]] = {}
+
+    def failed(kind: str, req: Request, outcomes: list[Outcome], rt: Any, entries: Any) -> None:
+        examples = failures.setdefault(kind, [])
+        if len(examples) < EXAMPLES:
+            seen = [o.reason or o.path if o.kind == "deadletter" else o.path for o in outcomes]
+            noted = [o.unknown_retry for o in outcomes]
+            examples.append(
+                {"request_id": req.request_id, "urgency": req.urgency, "outcomes": seen,
+                 "unknown_retry": noted, "realtime_calls": dict(rt), "batch_entries": dict(entries)}
+            )  # fmt: skip
+
     for req in requests:
         outcomes = tally.by_request.get(req.request_id, [])
-        counts = calls.get(req.key, {})
-        ok, billed = counts.get("ok", 0), counts.get("billed", 0)
+        rt = calls.get(req.key, {})
+        entries = batch_calls.get(custom_id(req.partner, req.request_id), {})
+        rt_billed, in_batches = rt.get("billed", 0), entries.get("billed", 0)
+        ok = rt.get("ok", 0) + entries.get("ok", 0)
+        billed = rt_billed + in_batches
+        noted = any(o.unknown_retry for o in outcomes)
         if not outcomes:
             lost += 1
+            failed("lost", req, outcomes, rt, entries)
         elif len(outcomes) > 1:
             duplicates += 1
+            failed("duplicate_outcomes", req, outcomes, rt, entries)
         for o in outcomes:
             if o.kind == "response":
                 responses += 1
@@ -193,9 +331,28 @@ def summarise(
             billed_twice += 1
         if ok > 1:
             called_twice += 1
-            noted = any(o.unknown_retry for o in outcomes)
-            if not (req.partner in retry_partners and ok == 2 and noted):
+            if not (req.partner in retry_partners and ok == 2 and noted and in_batches == 0):
                 unexplained += 1
+                failed("called_twice_unexplained", req, outcomes, rt, entries)
+        if not req.batch:
+            if entries.get("all", 0) > 0:
+                b["realtime_in_a_batch"] += 1
+                failed("realtime_in_a_batch", req, outcomes, rt, entries)
+            continue
+        b["batch_requests"] += 1
+        b["batch_lost"] += not outcomes
+        b["batch_duplicated"] += len(outcomes) > 1
+        b["batch_served"] += sum(o.kind == "response" and o.path == "batch" for o in outcomes)
+        b["batch_served_in_realtime"] += sum(o.kind == "response" and o.path != "batch" for o in outcomes)
+        b["batch_dead_letters"] += sum(o.kind == "deadletter" for o in outcomes)
+        b["batch_in_two_batches"] += in_batches > 1
+        b["batch_and_realtime"] += in_batches > 0 and rt_billed > 0
+        if billed > 1:
+            b["batch_billed_twice"] += 1
+            retried = req.partner in retry_partners and in_batches == 0 and rt_billed == 2 and noted
+            if not retried:
+                b["batch_billed_twice_unexplained"] += 1
+                failed("batch_billed_twice_unexplained", req, outcomes, rt, entries)
     return {
         "lost": lost,
         "duplicate_outcomes": duplicates,
@@ -207,4 +364,22 @@ def summarise(
         "dead_letters": dead_letters,
         "dead_letter_reasons": dict(sorted(reasons.items())),
         "responses_without_a_billed_call": response_without_call,
+        **b,
+        "failures": failures,
     }
+
+
+BATCH_FIGURES = (
+    "batch_requests",
+    "batch_lost",
+    "batch_duplicated",
+    "batch_billed_twice",
+    "batch_billed_twice_unexplained",
+    "batch_in_two_batches",
+    "batch_and_realtime",
+    "batch_served",
+    "batch_served_in_realtime",
+    "batch_dead_letters",
+    "realtime_in_a_batch",
+)
+"""The batch path's figures `summarise` adds (see the module docstring)."""
