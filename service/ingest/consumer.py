@@ -90,7 +90,13 @@ class IngestLoop:
         self._fatal: BaseException | None = None
         self._next_observe = 0.0
         self._transactions = 0
+        self.joined = False
+        """The consumer has joined the group (its first assignment came, maybe empty): it is
+        a member and takes partitions at every rebalance. Stays true through later rebalances."""
         self.assigned = False
+        """This replica owns at least one partition now (a replica beyond the partition count
+        owns none and idles, joined)."""
+        self.partitions = 0
         self.draining = False
         self._started = False
         self.broker_seen_at: float | None = None
@@ -288,7 +294,9 @@ class IngestLoop:
             pid = registry.partner_id_for_topic(tp.topic)
             with contextlib.suppress(KeyError):  # no longer ours: its lag is another replica's to report
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition), pid)
+        self.joined = True
         self.assigned = bool(assigned)
+        self.partitions = len(assigned)
         self.broker_seen_at = time.monotonic()  # joining the group took the broker's answers
         log.info("partitions assigned", extra={"count": len(assigned)})
 

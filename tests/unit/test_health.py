@@ -163,8 +163,15 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
 
 def test_gateway_readiness_reasons(gateway: Gateway) -> None:
     ingest = gateway.ingest
-    assert gateway.readiness() == (False, "no partitions assigned yet: joining the consumer group")
-    ingest.assigned = True
+    assert gateway.readiness() == (False, "not in the consumer group yet: joining")
+    ingest.assigned = True  # owning a partition is not what counts: being a member is
+    assert gateway.readiness() == (False, "not in the consumer group yet: joining")
+    ingest.assigned = False
+    ingest.joined = True  # joined, but more replicas than partitions: nothing to own
+    ingest.broker_seen_at = time.monotonic()
+    assert gateway.readiness() == (True, "ok"), "a member without partitions is ready"
+    assert (gateway.status()["joined"], gateway.status()["partitions"]) == (True, 0)
+    ingest.broker_seen_at = None
     ok, reason = gateway.readiness()
     assert not ok
     assert "broker has answered never" in reason
