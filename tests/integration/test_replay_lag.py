@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from claude_gateway_client.signing import sign
 
 from service.app import Gateway
 from service.config.loader import parse_config
-from service.partner.signing import sign
 from service.simulator import SimulatorConfig, SimulatorServer
 from tests.support.gateway import World, collect, make_world, request
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+from claude_gateway_client.signing import sign
 
 from service.admission.admit import Admission, Admitted, Record, Rejected
 from service.admission.operator_replay import OperatorReplays
@@ -21,7 +22,6 @@ from service.config.loader import parse_config
 from service.config.settings import PartnerSettings
 from service.contracts import operator_replay
 from service.contracts.reasons import Reason
-from service.partner.signing import sign
 
 ENV = {"K": "sk", "S": "secret"}
 T0 = 1_764_000_000_000
