@@ -115,6 +115,11 @@ class Sighting:
         origin, _, expires = raw.rpartition("|")
         return cls(origin, int(expires)) if origin and expires.isdigit() else cls(raw, 0)
 
+    def answers(self, origin: str, at_ms: int) -> bool:
+        """This sighting decides for a record from `origin` at `at_ms`: the same delivery
+        again, or a replay while it holds (else it has expired: the record is new)."""
+        return origin == self.origin or at_ms <= self.expires_ms
+
     def refuses(self, origin: str, at_ms: int) -> str | None:
         """The first origin when a record from `origin` read at `at_ms` is a replay of this one."""
         return self.origin if origin != self.origin and at_ms <= self.expires_ms else None
@@ -194,7 +199,7 @@ class LocalReplayStore:
         """None if new (now recorded) or the same delivery again; else the first origin."""
         self.observe(partner_id, at_ms)
         first = self.lookup(partner_id, request_id)
-        if first is not None and (first.origin == origin or at_ms <= first.expires_ms):
+        if first is not None and first.answers(origin, at_ms):
             return first.refuses(origin, at_ms)
         self.record(partner_id, request_id, Sighting(origin, expires_ms), at_ms=at_ms, keep_ms=keep_ms)
         return None
@@ -304,7 +309,7 @@ class ReplayGuard:
         here = origin.encode()
         self.local.observe(ps.id, at)
         first = self.local.lookup(ps.id, request_id)
-        if first is not None and (first.origin == here or at <= first.expires_ms):
+        if first is not None and first.answers(here, at):
             return first.refuses(here, at)
         if self.shared is not None and not self.degraded:
             try:

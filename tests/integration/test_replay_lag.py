@@ -23,9 +23,9 @@ from aiokafka import AIOKafkaProducer
 from claude_gateway_client.signing import sign
 
 from service.app import Gateway
-from service.config.loader import parse_config
 from service.simulator import SimulatorConfig, SimulatorServer
 from tests.support.gateway import World, collect, make_world, request
+from tests.support.outcomes import start_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ async def world(kafka_bootstrap: str, tmp_path: Path) -> World:
     )
 
 
-def _settings(world: World, sim_url: str, redis_url: str | None = None) -> dict[str, Any]:
+def _overrides(world: World, sim_url: str, redis_url: str | None = None) -> dict[str, Any]:
     (world.key_dir / "acme.sign").write_text(SECRET)
     acme = world.settings_dict(sim_url)["partners"][0]
     acme["signing"] = {
@@ -59,7 +59,7 @@ def _settings(world: World, sim_url: str, redis_url: str | None = None) -> dict[
     extra: dict[str, Any] = {"partners": [acme]}
     if redis_url is not None:
         extra["redis"] = {"url": redis_url, "key_prefix": world.tag}
-    return world.settings_dict(sim_url, **extra)
+    return extra
 
 
 def _signed(world: World, rid: str) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
@@ -81,12 +81,6 @@ async def _produce(
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
-
-
-async def _start(cfg: dict[str, Any]) -> tuple[Gateway, asyncio.Event, asyncio.Task[None]]:
-    gateway = Gateway(parse_config(cfg), serve_http=False)
-    stop = asyncio.Event()
-    return gateway, stop, asyncio.create_task(gateway.run(stop))
 
 
 async def _owned(gateways: list[Gateway], tasks: list[asyncio.Task[None]], counts: list[int]) -> None:
@@ -126,7 +120,7 @@ def _sim(world: World) -> SimulatorConfig:
 
 async def test_a_lagging_gateway_refuses_a_copy_appended_in_time(world: World) -> None:
     async with SimulatorServer(_sim(world)) as sim:
-        gateway, stop, task = await _start(_settings(world, sim.url))
+        gateway, stop, task = await start_gateway(world, sim.url, **_overrides(world, sim.url))
         try:
             await _owned([gateway], [task], [2])
             orig = _signed(world, "orig")
@@ -143,8 +137,8 @@ async def test_a_late_copy_read_by_another_replica_is_refused_through_redis(
     world: World, redis_url: str
 ) -> None:
     async with SimulatorServer(_sim(world)) as sim:
-        cfg = _settings(world, sim.url, redis_url)
-        started = [await _start(cfg) for _ in range(2)]
+        overrides = _overrides(world, sim.url, redis_url)
+        started = [await start_gateway(world, sim.url, **overrides) for _ in range(2)]
         gateways, tasks = [g for g, _, _ in started], [t for _, _, t in started]
         try:
             await _owned(gateways, tasks, [1, 1])
