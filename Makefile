@@ -39,7 +39,7 @@ test-unit: setup
 
 lint: setup
 	.venv/bin/ruff check .
-	.venv/bin/ruff format --check service bench scripts
+	.venv/bin/ruff format --check service bench scripts claude-gateway-client
 	.venv/bin/mypy
 	$(PY) scripts/gen_request_schema.py --check
 

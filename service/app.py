@@ -157,11 +157,13 @@ class Gateway:
         return {part: self.redis_degraded for part, uses in parts.items() if uses}
 
     def readiness(self) -> tuple[bool, str]:
-        """Whether to send work here, and why not: joining, broker silent, draining."""
+        """Whether this replica is a working member of the consumer group, and why not:
+        joining, broker silent, draining. A member that owns no partition (more replicas
+        than partitions) is ready: it takes partitions at the next rebalance."""
         if self.ingest.draining:
             return False, "draining: the gateway is stopping"
-        if not self.ingest.assigned:
-            return False, "no partitions assigned yet: joining the consumer group"
+        if not self.ingest.joined:
+            return False, "not in the consumer group yet: joining"
         silent = self.ingest.broker_silent_s()
         if silent is None or silent > self.broker_silence_limit_s:
             never = "never" if silent is None else f"not for {silent:.0f}s"
@@ -173,7 +175,9 @@ class Gateway:
         silent = self.ingest.broker_silent_s()
         return {
             "draining": self.ingest.draining,
+            "joined": self.ingest.joined,
             "assigned": self.ingest.assigned,
+            "partitions": self.ingest.partitions,
             "broker_silent_s": None if silent is None else round(silent, 3),
             "redis_degraded": self.redis_degraded,
             "redis": None

@@ -146,16 +146,16 @@ class Fleet:
     # -- chaos -----------------------------------------------------------------------
 
     async def kill_random(self, prefer: int | None = None) -> Replica | None:
-        """kill -9 of a random running replica, preferring those that are ready (own partitions,
-        so the kill hits work in flight), or replica `prefer` when it runs; its restart follows
-        after `restart_delay_s`."""
+        """kill -9 of a random running replica, preferring those that own partitions (so the
+        kill hits work in flight; a ready standby owns none), or replica `prefer` when it
+        runs; its restart follows after `restart_delay_s`."""
         running = self.running()
         chosen = [r for r in running if r.index == prefer]
         if chosen:
             replica = chosen[0]
         else:
-            ready = [r for r in running if await asyncio.to_thread(_ready, r.http_port)]
-            candidates = ready or running
+            owning = [r for r in running if await asyncio.to_thread(_owns_partitions, r.http_port)]
+            candidates = owning or running
             if not candidates:
                 return None
             replica = self._rng.choice(candidates)
@@ -263,6 +263,13 @@ def _abort(proc: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
 def _ready(port: int) -> bool:
     try:
         return bool(http_json(f"http://{HOST}:{port}/readyz", 1.0).get("ready"))
+    except (OSError, ValueError):
+        return False
+
+
+def _owns_partitions(port: int) -> bool:
+    try:
+        return int(http_json(f"http://{HOST}:{port}/readyz", 1.0).get("partitions") or 0) > 0
     except (OSError, ValueError):
         return False
 

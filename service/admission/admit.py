@@ -91,6 +91,9 @@ class Admitted:
     """The budget this request holds until `Admission.settle` / `release` (set by `admit_and_reserve`)."""
     urgency: Urgency = REALTIME
     """Its service class and deadline (`service/batches/routing.py`)."""
+    valid_until_ms: int | None = None
+    """The last reference time (`signature.py`) at which a copy of this record still passes the
+    signature check: the replay check remembers the request id at least that long."""
 
     @property
     def model(self) -> str:
@@ -167,14 +170,19 @@ class Admission:
             return verdict
         ps = verdict.partner.settings
         first = await self.replay.first_seen(  # an operator replay: by request id and dead letter
-            ps, sighting_id(rec.headers, verdict.request_id), Origin(rec.topic, rec.partition, rec.offset)
+            ps,
+            sighting_id(rec.headers, verdict.request_id),
+            Origin(rec.topic, rec.partition, rec.offset),
+            appended_ms=_log_append_time(rec),  # the clock of the staleness check
+            valid_until_ms=verdict.valid_until_ms,
         )
         if first is not None:
             return Rejected(
                 ps.id,
                 Reason.REPLAY,
-                f"request id {verdict.request_id!r} was already seen at {first} within the replay "
-                f"window of partners[{ps.id}] ({replay_window_s(ps) or 0:g}s)",
+                f"request id {verdict.request_id!r} was already seen at {first}, and its sighting "
+                f"still holds (partners[{ps.id}].replay_window_s {replay_window_s(ps) or 0:g}s, "
+                "and at least while its signature is valid)",
                 verdict.request_id,
             )
         return verdict
@@ -239,10 +247,12 @@ class Admission:
             urgency = parse_urgency(doc, ps.service_class)
         except UrgencyError as exc:
             return Rejected(pid, Reason.SCHEMA_VIOLATION, f"request.v1 schema: {exc}", request_id)
+        valid_until: int | None = None
         if not verified:  # a request back from the batch path was verified when first read
-            unverified = self._verify(rec, partner, value, request_id)
-            if unverified is not None:
-                return unverified
+            checked = self._verify(rec, partner, value, request_id)
+            if isinstance(checked, Rejected):
+                return checked
+            valid_until = checked
         claimed = doc.get("partner")
         if claimed is not None and claimed != pid:
             return Rejected(
@@ -283,16 +293,21 @@ class Admission:
                 return rejected
         gs = registry.settings
         est = estimate_input_tokens(params, gs.estimates, gs.runtime.estimate_chars_per_token)
-        return Admitted(partner, request_id, params, doc.get("metadata"), est, urgency=urgency)
+        return Admitted(
+            partner, request_id, params, doc.get("metadata"), est, urgency=urgency, valid_until_ms=valid_until
+        )
 
-    def _verify(self, rec: RecordLike, partner: Partner, value: bytes, request_id: str) -> Rejected | None:
-        """An operator replay's signature, then the partner's signature."""
+    def _verify(
+        self, rec: RecordLike, partner: Partner, value: bytes, request_id: str
+    ) -> Rejected | int | None:
+        """An operator replay's signature, then the partner's signature. Not refused: the last
+        reference time at which a copy would pass too (None: unsigned, no limit)."""
         pid = partner.id
         replayed = self.operator_replays.verify(rec.topic, value, rec.headers, request_id)
         if isinstance(replayed, tuple):
             return Rejected(pid, *replayed, request_id)
         try:
-            self.signatures.verify(
+            signed_ms = self.signatures.verify(
                 topic=rec.topic,
                 key=rec.key,
                 value=value,
@@ -304,7 +319,9 @@ class Admission:
             )
         except SignatureError as exc:
             return Rejected(pid, exc.reason, exc.detail, request_id)
-        return None
+        if isinstance(replayed, Accepted):  # its freshness is the operator mark's
+            return replayed.valid_until_ms
+        return None if signed_ms is None else signed_ms + int(partner.settings.signing.max_skew_s * 1000)
 
 
 def _log_append_time(rec: RecordLike) -> int | None:

@@ -5,7 +5,8 @@ header parses, its key id is among `operator_replay.keys`, its HMAC matches
 the record, and it was signed within `operator_replay.max_age_s` of now.
 Then its partner signature is judged against the time the partner signed it
 (the bytes must still match; only its age is forgiven), and the replay check
-remembers it by request id and dead letter (`sighting_id`). Anything else with
+remembers it by request id and dead letter (`sighting_id`), at least until the
+mark is `max_age_s` old. Anything else with
 that header is refused (`bad_signature`): a partner cannot mark its own
 records as replays.
 """
@@ -31,6 +32,9 @@ class Accepted:
     mark: contract.ReplayMark
     signed_ms: int | None
     """When the partner signed the original (the reference time of its signature check)."""
+    valid_until_ms: int
+    """The last time a copy of this replay is accepted (`operator_replay.max_age_s` after the
+    mark): the replay check remembers it at least that long."""
 
 
 def _header(headers: Headers, name: str) -> list[bytes]:
@@ -87,4 +91,4 @@ class OperatorReplays:
             )
         ts = _header(headers, TIMESTAMP_HEADER)
         signed_ms = int(ts[0]) if len(ts) == 1 and ts[0].isdigit() and len(ts[0]) <= 16 else None
-        return Accepted(mark, signed_ms)
+        return Accepted(mark, signed_ms, mark.timestamp_ms + int(self._max_age_s * 1000))

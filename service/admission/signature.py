@@ -25,8 +25,10 @@ proves nothing: the producer chooses it).
 
 An unsigned request of a partner whose `signing.required` is false passes; a
 signed one is verified all the same, so a partner can start signing before
-the operator makes it required. Replays within the window are caught later,
-by `service.admission.replay` (it needs Redis, so it runs asynchronously).
+the operator makes it required. Replays are caught later, by
+`service.admission.replay` (it needs Redis, so it runs asynchronously), in the
+same clock: a copy is a replay while its reference time is within the signed
+timestamp + `max_skew_s` (`verify` returns the signed timestamp for that).
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ class SignatureVerifier:
         request_id: str,
         partner: Partner,
         appended_ms: int | None = None,
-    ) -> None:
-        """Return if the record is acceptable; raise `SignatureError` otherwise.
+    ) -> int | None:
+        """The signed timestamp (unix ms) of an acceptable signed record, None for an
+        acceptable unsigned one; raise `SignatureError` otherwise.
 
         `appended_ms`: the broker's LogAppendTime of the record, if known (see above)."""
         pid = partner.id
@@ -85,7 +88,7 @@ class SignatureVerifier:
             if name in SIGNATURE_HEADERS:
                 found.setdefault(name, []).append(raw)
         if not found and not signing.required:
-            return
+            return None
         missing = [h for h in SIGNATURE_HEADERS if h not in found]
         if missing:
             why = "required by partners[{pid}].signing.required" if signing.required else "partly signed"
@@ -129,6 +132,7 @@ class SignatureVerifier:
                 Reason.STALE_TIMESTAMP,
                 f"signed {when} {ref}; partners[{pid}].signing.max_skew_s is {signing.max_skew_s:g}",
             )
+        return int(ts_text)
 
 
 def _iter_headers(headers: Sequence[tuple[str, bytes | None]]) -> list[tuple[str, bytes]]:

@@ -225,7 +225,9 @@ class PartnerSettings(_Frozen):
     """Reject a request id seen again within `replay_window_s` even without signing
     (always on when `signing.required`)."""
     replay_window_s: float | None = Field(default=None, gt=0)
-    """How long a request id is remembered; default 2 x `signing.max_skew_s`."""
+    """How long a request id is remembered, from the record's reference time (its LogAppendTime,
+    else when the gateway reads it), and at least until its signature expires (its timestamp +
+    `signing.max_skew_s`); default 2 x `signing.max_skew_s` (service/admission/replay.py)."""
     budget: BudgetSettings = BudgetSettings()
     policy: ParamsPolicy = ParamsPolicy()
     """Which values of `service_tier`, `speed`, `inference_geo`, `workspace_id` and which server
@@ -248,7 +250,8 @@ class PartnerSettings(_Frozen):
         if self.signing.required and window is not None and window < 2 * self.signing.max_skew_s:
             raise ValueError(
                 f"replay_window_s ({window:g}) must be at least 2 x signing.max_skew_s "
-                f"({2 * self.signing.max_skew_s:g}), or a replayed request could pass both checks"
+                f"({2 * self.signing.max_skew_s:g}): a signature is valid max_skew_s either side of its "
+                "timestamp, and a request id signed again within that time must still be a replay"
             )
         return self
 

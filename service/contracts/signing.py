@@ -1,7 +1,10 @@
 """The request-signature contract (v1): header names, canonical string, encoding.
 
-Shared by the partner side (`service.partner.signing.sign`) and the gateway's
-verifier (`service.admission.signature`), so both compute the same bytes.
+The gateway's verifier (`service.admission.signature`) uses this module; the
+partner client (the `claude-gateway-client` distribution, which must not need the
+gateway) carries the same contract in `claude_gateway_client.signing`. The tests
+sign with the client and verify with the gateway (tests/unit/test_signing.py), and
+compare both canonical strings (tests/unit/test_partner_client.py).
 
 A signed request carries three Kafka headers:
 

@@ -90,7 +90,12 @@ class IngestLoop:
         self._fatal: BaseException | None = None
         self._next_observe = 0.0
         self._transactions = 0
-        self.assigned = False
+        self.joined = False
+        """The consumer has joined the group (its first assignment came, maybe empty): it is
+        a member and takes partitions at every rebalance. Stays true through later rebalances."""
+        self.partitions = 0
+        """Partitions this replica owns now (a replica beyond the partition count owns none and
+        idles, joined)."""
         self.draining = False
         self._started = False
         self.broker_seen_at: float | None = None
@@ -120,6 +125,11 @@ class IngestLoop:
         await self._consumer.start()
         pattern = "^" + re.escape(k.request_topic_prefix) + ".+"
         self._consumer.subscribe(pattern=pattern, listener=_Listener(self))
+
+    @property
+    def assigned(self) -> bool:
+        """This replica owns at least one partition now."""
+        return self.partitions > 0
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
@@ -288,7 +298,8 @@ class IngestLoop:
             pid = registry.partner_id_for_topic(tp.topic)
             with contextlib.suppress(KeyError):  # no longer ours: its lag is another replica's to report
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition), pid)
-        self.assigned = bool(assigned)
+        self.joined = True
+        self.partitions = len(assigned)
         self.broker_seen_at = time.monotonic()  # joining the group took the broker's answers
         log.info("partitions assigned", extra={"count": len(assigned)})
 

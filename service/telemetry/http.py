@@ -6,9 +6,10 @@
   task ticks every `heartbeat_interval_s`; the answer is 503 when its last tick
   is older than `stale_after_s` (the loop was blocked, or the task died), and
   reports the worst loop lag seen since the previous check.
-- `/readyz` (readiness): `ready()` says whether to send work here and why not:
-  503 with the reason while not ready (joining the group, broker silent,
-  draining). `status()` adds details to the body either way.
+- `/readyz` (readiness): `ready()` says whether the replica is a working member
+  and why not: 503 with the reason while not ready (not yet in the consumer
+  group, broker silent, draining). A member that owns no partition (more replicas
+  than partitions) is ready. `status()` adds details to the body either way.
 """
 
 from __future__ import annotations

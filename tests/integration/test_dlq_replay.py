@@ -28,11 +28,11 @@ import orjson
 import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from claude_gateway_client.signing import sign
 
 from service.app import Gateway
 from service.config.loader import parse_config
 from service.contracts.operator_replay import HEADER as REPLAY_HEADER
-from service.partner.signing import sign
 from service.simulator import SimulatorConfig, SimulatorServer
 from tests.support.gateway import World, collect, make_world, request
 

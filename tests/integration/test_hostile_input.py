@@ -25,12 +25,12 @@ from typing import Any
 
 import orjson
 import pytest
+from claude_gateway_client.signing import sign
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from service.app import Gateway
 from service.contracts.schemas import validate
-from service.partner.signing import sign
 from service.simulator import SimulatorConfig, SimulatorServer
 from service.telemetry.metrics import Metrics
 from tests.support.gateway import World, collect, committed_offsets, make_world

@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from claude_gateway_client import PartnerClient
 
 from service.cli import main as cli_main
-from service.partner.client import PartnerClient
 from tests.support.redis import free_port
 
 pytestmark = pytest.mark.integration

@@ -1,14 +1,30 @@
-"""The partner client against the running gateway: sign, produce, await the correlated outcome."""
+"""The partner client (claude-gateway-client) against the running gateway and the simulator.
+
+- sign, produce, await the correlated outcome: a response, a dead letter, a reused id
+  (`replay` of its only record), a wrong secret;
+- a request sent again while its first record is being answered: the copy's `replay`
+  dead letter comes first, and the client still returns the first record's response;
+- a send whose acknowledgement is lost (the record was written) and sent again by the
+  caller: the response of the first record, not the copy's `replay`;
+- the blocking API, from several threads at once, with the same cases.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaTimeoutError
+from claude_gateway_client import DeadLettered, PartnerClient, SyncPartnerClient
 
 from service.app import Gateway
-from service.partner.client import DeadLettered, PartnerClient
 from service.simulator import SimulatorConfig, SimulatorServer
 from tests.support.gateway import World, make_world
 
@@ -16,6 +32,7 @@ pytestmark = pytest.mark.integration
 
 SECRET = "sig-client-test-0123456789"
 PARAMS = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "Hi"}]}
+LATENCY_S = 1.0  # Claude's answer takes this long; a copy's `replay` dead letter does not
 
 
 @pytest.fixture
@@ -24,37 +41,165 @@ async def world(kafka_bootstrap: str, tmp_path: Path) -> World:
     return await make_world(kafka_bootstrap, tmp_path, ["acme"])
 
 
-async def test_signed_request_gets_its_response_and_a_bad_one_its_dead_letter(world: World) -> None:
+@pytest.fixture
+async def gateway(world: World) -> AsyncIterator[Gateway]:
     sim_cfg = SimulatorConfig.model_validate(
-        {"api_keys": world.keys, "latency": {"distribution": "fixed", "fixed_s": 0.01}}
+        {"api_keys": world.keys, "latency": {"distribution": "fixed", "fixed_s": LATENCY_S}}
     )
     async with SimulatorServer(sim_cfg) as sim:
         signing = {"required": True, "keys": {"k1": {"file": str(world.key_dir / "acme.k1")}}}
         cfg = world.settings_dict(sim.url)
         cfg["partners"][0]["signing"] = signing
-        gateway = Gateway(world.settings(sim.url, partners=cfg["partners"]), serve_http=False)
+        gw = Gateway(world.settings(sim.url, partners=cfg["partners"]), serve_http=False)
         stop = asyncio.Event()
-        task = asyncio.create_task(gateway.run(stop))
+        task = asyncio.create_task(gw.run(stop))
         try:
-            prefix = f"{world.tag}."
-            async with PartnerClient(
-                world.bootstrap, "acme", key_id="k1", secret=SECRET, topic_prefix=prefix
-            ) as c:
-                response = await c.request(PARAMS, request_id="client-1", timeout_s=60)
-                assert response["request_id"] == "client-1"
-                assert response["message"]["role"] == "assistant"
-                with pytest.raises(DeadLettered) as caught:
-                    await c.request({**PARAMS, "model": "gpt-5"}, request_id="client-2", timeout_s=60)
-                assert caught.value.reason == "unknown_model"
-                with pytest.raises(DeadLettered) as caught:  # the same request id again: a replay
-                    await c.request(PARAMS, request_id="client-1", timeout_s=60)
-                assert caught.value.reason == "replay"
-            async with PartnerClient(
-                world.bootstrap, "acme", key_id="k1", secret="wrong", topic_prefix=prefix
-            ) as c:
-                with pytest.raises(DeadLettered) as caught:
-                    await c.request(PARAMS, request_id="client-3", timeout_s=60)
-                assert caught.value.reason == "bad_signature"
+            for _ in range(600):
+                if task.done():
+                    task.result()
+                if len(gw.ingest.ownership.ready) == world.partitions:
+                    break
+                await asyncio.sleep(0.1)
+            yield gw
         finally:
             stop.set()
             await asyncio.wait_for(task, 60)
+
+
+def _client(world: World, **kw: Any) -> PartnerClient:
+    return PartnerClient(
+        world.bootstrap, "acme", key_id="k1", secret=SECRET, topic_prefix=f"{world.tag}.", **kw
+    )
+
+
+async def _outcome_records(
+    world: World, request_id: str, expected: int
+) -> list[tuple[str, int, dict[str, Any]]]:
+    """(topic kind, broker timestamp, document) of every outcome of `request_id`."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=world.bootstrap, isolation_level="read_committed")
+    await consumer.start()
+    try:
+        tps = [
+            TopicPartition(t, p)
+            for t in (world.response_topic("acme"), world.deadletter_topic("acme"))
+            for p in range(world.partitions)
+        ]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[tuple[str, int, dict[str, Any]]] = []
+        for _ in range(100):
+            for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+                for r in records:
+                    doc = orjson.loads(r.value)
+                    if doc.get("request_id") == request_id:
+                        out.append(
+                            ("deadletter" if ".deadletter." in tp.topic else "response", r.timestamp, doc)
+                        )
+            if len(out) >= expected:
+                break
+        return sorted(out, key=lambda o: o[1])
+    finally:
+        await consumer.stop()
+
+
+async def _assert_copy_refused_before_the_answer(world: World, request_id: str) -> None:
+    """The scenario is real: one response, one `replay` dead letter about a later record,
+    and the dead letter was published first (a client taking the first outcome by request
+    id alone would have raised it)."""
+    outcomes = await _outcome_records(world, request_id, 2)
+    assert [(kind, doc.get("reason")) for kind, _, doc in outcomes] == [
+        ("deadletter", "replay"),
+        ("response", None),
+    ], outcomes
+
+
+async def test_signed_request_gets_its_response_and_a_bad_one_its_dead_letter(
+    world: World, gateway: Gateway
+) -> None:
+    async with _client(world) as c:
+        response = await c.request(PARAMS, request_id="client-1", timeout_s=60)
+        assert response["request_id"] == "client-1"
+        assert response["message"]["role"] == "assistant"
+        with pytest.raises(DeadLettered) as caught:
+            await c.request({**PARAMS, "model": "gpt-5"}, request_id="client-2", timeout_s=60)
+        assert caught.value.reason == "unknown_model"
+        with pytest.raises(DeadLettered) as caught:  # the same request id again: a replay
+            await c.request(PARAMS, request_id="client-1", timeout_s=60)
+        assert caught.value.reason == "replay"
+        assert c.pending() == 0
+    async with PartnerClient(
+        world.bootstrap, "acme", key_id="k1", secret="wrong", topic_prefix=f"{world.tag}."
+    ) as c:
+        with pytest.raises(DeadLettered) as caught:
+            await c.request(PARAMS, request_id="client-3", timeout_s=60)
+        assert caught.value.reason == "bad_signature"
+
+
+async def test_a_request_sent_again_gets_the_first_records_response(world: World, gateway: Gateway) -> None:
+    async with _client(world) as c:
+        assert c._producer is not None
+        assert c._producer._txn_manager is not None, "an idempotent producer (its sequence numbers)"
+        waiting = asyncio.create_task(c.request(PARAMS, request_id="dup-1", timeout_s=60))
+        await asyncio.sleep(0.3)  # the first record is written and read; Claude is answering
+        assert not waiting.done()
+        assert await c.send(PARAMS, request_id="dup-1") == "dup-1"  # the caller sends it again
+        response = await waiting
+        assert response["request_id"] == "dup-1"
+        assert response["message"]["role"] == "assistant"
+    await _assert_copy_refused_before_the_answer(world, "dup-1")
+
+
+async def test_a_send_whose_acknowledgement_was_lost_is_sent_again(world: World, gateway: Gateway) -> None:
+    async with _client(world) as c:
+        producer = c._producer
+        assert producer is not None
+        real = producer.send_and_wait
+        lost: list[int] = []
+
+        async def ack_lost_once(*args: Any, **kw: Any) -> Any:
+            meta = await real(*args, **kw)  # written...
+            if not lost:
+                lost.append(meta.offset)
+                raise KafkaTimeoutError("acknowledgement lost")  # ...but the caller never hears of it
+            return meta
+
+        producer.send_and_wait = ack_lost_once  # type: ignore[method-assign]
+        with pytest.raises(KafkaTimeoutError):
+            await c.request(PARAMS, request_id="lost-1", timeout_s=60)
+        response = await c.request(PARAMS, request_id="lost-1", timeout_s=60)  # the caller retries
+        assert response["request_id"] == "lost-1"
+        assert lost
+    await _assert_copy_refused_before_the_answer(world, "lost-1")
+
+
+async def test_the_blocking_api_from_threads(world: World, gateway: Gateway) -> None:
+    prefix = f"{world.tag}."
+
+    def run() -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        with SyncPartnerClient(world.bootstrap, "acme", key_id="k1", secret=SECRET, topic_prefix=prefix) as c:
+            with ThreadPoolExecutor(4) as pool:
+                answers = pool.map(
+                    lambda i: c.request(PARAMS, request_id=f"sync-{i}", timeout_s=60), range(4)
+                )
+                results["answers"] = [a["request_id"] for a in answers]
+            try:
+                c.request({**PARAMS, "model": "gpt-5"}, request_id="sync-bad", timeout_s=60)
+            except DeadLettered as exc:
+                results["bad"] = exc.reason
+            with ThreadPoolExecutor(1) as pool:  # a copy sent while the first is answered
+                first = pool.submit(c.request, PARAMS, "sync-dup", None, 60)
+                time.sleep(0.3)
+                c.send(PARAMS, request_id="sync-dup")
+                results["dup"] = first.result()["request_id"]
+            results["pending"] = c.pending()
+        return results
+
+    results = await asyncio.to_thread(run)
+    assert results == {
+        "answers": ["sync-0", "sync-1", "sync-2", "sync-3"],
+        "bad": "unknown_model",
+        "dup": "sync-dup",
+        "pending": 0,
+    }
+    await _assert_copy_refused_before_the_answer(world, "sync-dup")

@@ -12,7 +12,14 @@ import redis.asyncio as aioredis
 
 from service.admission.budget import Amount, Budgets, LocalLedger, RedisLedger, periods
 from service.admission.registry import Registry
-from service.admission.replay import LocalReplayStore, Origin, RedisReplayStore, ReplayGuard
+from service.admission.replay import (
+    IDLE_EXPIRY_MS,
+    LocalReplayStore,
+    Origin,
+    RedisReplayStore,
+    ReplayGuard,
+    Sighting,
+)
 from service.config.loader import parse_config
 from service.config.settings import BudgetSettings, PartnerSettings
 
@@ -44,22 +51,69 @@ def _deduped(window_s: float = 30) -> PartnerSettings:
 # -- replay ------------------------------------------------------------------------------------------
 
 
-async def test_redis_store_new_redelivery_replay_and_key(client: aioredis.Redis, prefix: str) -> None:
-    store = RedisReplayStore(client, prefix)
-    assert await store.check_and_record("acme", "r1", "t/0/5", 30) is None
-    assert await store.check_and_record("acme", "r1", "t/0/5", 30) is None
-    assert await store.check_and_record("acme", "r1", "t/2/7", 30) == "t/0/5"
-    key = f"{{{prefix}}}:replay:acme:r1"
-    assert await client.get(key) == b"t/0/5"
-    ttl = await client.pttl(key)
-    assert 0 < ttl <= 30_000
+T0 = NOON * 1000
 
 
-async def test_redis_store_expires_after_the_window(client: aioredis.Redis, prefix: str) -> None:
+async def _check(store: RedisReplayStore, origin: str, at: int, keep: int = 30_000) -> str | None:
+    held = await store.check_and_record("acme", "r1", Sighting(origin, at + keep), at_ms=at, keep_ms=keep)
+    return None if held.origin == origin else held.origin
+
+
+async def test_redis_store_new_redelivery_replay_and_keys(client: aioredis.Redis, prefix: str) -> None:
     store = RedisReplayStore(client, prefix)
-    assert await store.check_and_record("acme", "r1", "t/0/5", 0.2) is None
-    await asyncio.sleep(0.35)
-    assert await store.check_and_record("acme", "r1", "t/0/6", 0.2) is None
+    assert await _check(store, "t/0/5", T0) is None
+    assert await _check(store, "t/0/5", T0 + 1) is None, "same offset again is a redelivery"
+    assert await _check(store, "t/2/7", T0 + 30_000) == "t/0/5", "at the expiry it still holds"
+    assert await _check(store, "t/2/8", T0 + 30_001) is None, "past the expiry: new, and recorded"
+    seen, drop, clock = store.keys("acme")
+    assert seen == f"{{{prefix}}}:sightings:acme"
+    assert await client.hget(seen, "r1") == f"t/2/8|{T0 + 60_001}".encode()
+    assert await client.zscore(drop, "r1") == T0 + 90_001
+    assert await client.get(clock) == str(T0 + 30_001).encode()
+    assert 0 < await client.pttl(seen) <= IDLE_EXPIRY_MS
+
+
+async def test_redis_store_forgets_by_the_reading_clock_not_the_wall_clock(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    """A lagging partner: its sighting outlives the wall-clock window until its own reading
+    clock passes the expiry plus the margin."""
+    store = RedisReplayStore(client, prefix)
+    assert await _check(store, "t/0/1", T0, keep=100) is None
+    await asyncio.sleep(0.4)  # four windows of wall clock: nothing is dropped by it
+    assert await _check(store, "t/0/2", T0 + 50, keep=100) == "t/0/1"
+    seen, _, _ = store.keys("acme")
+    other = Sighting("t/0/3", T0 + 300)
+    await store.check_and_record("acme", "r2", other, at_ms=T0 + 199, keep_ms=100)
+    assert await client.hexists(seen, "r1"), "the clock is at expiry + margin - 1"
+    await store.check_and_record("acme", "r3", other, at_ms=T0 + 200, keep_ms=100)
+    assert not await client.hexists(seen, "r1")
+    assert await client.hexists(seen, "r2")
+
+
+async def test_redis_store_is_refused_a_late_copy_another_replica_reads(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    """Replica A reads the original; replica B reads a copy appended just after, from a
+    partition that lagged far behind: B's local store knows nothing, Redis refuses it."""
+    ps = PartnerSettings.model_validate(
+        {
+            "id": "acme",
+            "api_key": {"env": "K"},
+            "signing": {"required": True, "keys": {"k": {"env": "S"}}, "max_skew_s": 1},
+        }
+    )
+    replica_a = ReplayGuard(LocalReplayStore(), RedisReplayStore(client, prefix), clock=lambda: NOON + 5.0)
+    replica_b = ReplayGuard(
+        LocalReplayStore(), RedisReplayStore(client, prefix), clock=lambda: NOON + 3_600.0
+    )
+    first = await replica_a.first_seen(ps, "r1", Origin("t", 0, 9), appended_ms=T0, valid_until_ms=T0 + 1_000)
+    assert first is None
+    for i in range(50):  # B reads the rest of the lagging partition, appended in the same second
+        await replica_b.first_seen(ps, f"o{i}", Origin("t", 1, i), appended_ms=T0 + 10 * i)
+    assert await replica_b.first_seen(ps, "r1", Origin("t", 1, 50), appended_ms=T0 + 600) == "t/0/9"
+    await replica_a.aclose()
+    await replica_b.aclose()
 
 
 async def test_replicas_share_sightings_and_a_restart_remembers(client: aioredis.Redis, prefix: str) -> None:

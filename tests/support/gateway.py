@@ -108,12 +108,14 @@ async def make_world(
     partners: list[str],
     partitions: int = 3,
     deadletter_configs: dict[str, str] | None = None,
+    request_configs: dict[str, str] | None = None,
 ) -> World:
     tag = f"t{uuid.uuid4().hex[:10]}"
     keys = {p: f"sk-ant-{p}-{uuid.uuid4().hex}" for p in partners}
     for p, k in keys.items():
         (tmp / f"{p}.key").write_text(k)
     world = World(bootstrap, tag, partners, keys, tmp, partitions)
+    configs = {".deadletter.": deadletter_configs, ".requests.": request_configs}
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -123,7 +125,7 @@ async def make_world(
                     t,
                     num_partitions=partitions,
                     replication_factor=1,
-                    topic_configs=deadletter_configs if ".deadletter." in t else None,
+                    topic_configs=next((c for part, c in configs.items() if part in t), None),
                 )
                 for t in world.all_topics()
             ]

@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from claude_gateway_client.signing import sign
 
-from service.partner.signing import sign
 from tests.support.gateway import MODEL
 
 Headers = list[tuple[str, bytes]]

@@ -87,7 +87,7 @@ async def test_healthz_reports_event_loop_lag(serve: Callable[..., Any]) -> None
 
 
 async def test_readyz_says_why_and_sets_the_ready_gauge(serve: Callable[..., Any]) -> None:
-    state = {"ok": False, "reason": "no partitions assigned yet"}
+    state = {"ok": False, "reason": "not in the consumer group yet: joining"}
     metrics = Metrics()
     server = await serve(
         metrics=metrics, ready=lambda: (state["ok"], state["reason"]), status=lambda: {"redis_degraded": True}
@@ -95,7 +95,11 @@ async def test_readyz_says_why_and_sets_the_ready_gauge(serve: Callable[..., Any
     assert server.port
     status, body = await _get(server.port, "/readyz")
     assert status == 503
-    assert body == {"ready": False, "reason": "no partitions assigned yet", "redis_degraded": True}
+    assert body == {
+        "ready": False,
+        "reason": "not in the consumer group yet: joining",
+        "redis_degraded": True,
+    }
     assert metrics.registry.get_sample_value("gateway_ready") == 0
     state.update(ok=True, reason="ok")
     status, body = await _get(server.port, "/readyz")
@@ -163,8 +167,15 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
 
 def test_gateway_readiness_reasons(gateway: Gateway) -> None:
     ingest = gateway.ingest
-    assert gateway.readiness() == (False, "no partitions assigned yet: joining the consumer group")
-    ingest.assigned = True
+    assert gateway.readiness() == (False, "not in the consumer group yet: joining")
+    ingest.partitions = 2  # owning partitions is not what counts: being a member is
+    assert gateway.readiness() == (False, "not in the consumer group yet: joining")
+    ingest.partitions = 0
+    ingest.joined = True  # joined, but more replicas than partitions: nothing to own
+    ingest.broker_seen_at = time.monotonic()
+    assert gateway.readiness() == (True, "ok"), "a member without partitions is ready"
+    assert (gateway.status()["joined"], gateway.status()["partitions"]) == (True, 0)
+    ingest.broker_seen_at = None
     ok, reason = gateway.readiness()
     assert not ok
     assert "broker has answered never" in reason

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from claude_gateway_client.signing import sign
 
 from service.admission.admit import Admitted, Record, Rejected
 from service.admission.registry import RegistryError
@@ -21,7 +22,6 @@ from service.config.loader import load_config
 from service.config.reload import ConfigWatcher
 from service.config.settings import GatewaySettings
 from service.contracts.reasons import Reason
-from service.partner.signing import sign
 from service.telemetry.logs import JsonFormatter
 
 TOPIC = "claude.requests.acme"

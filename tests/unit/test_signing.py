@@ -6,6 +6,7 @@ import hashlib
 
 import orjson
 import pytest
+from claude_gateway_client.signing import sign
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
@@ -16,7 +17,6 @@ from service.admission.signature import SignatureError, SignatureVerifier
 from service.config.loader import parse_config
 from service.contracts.reasons import Reason
 from service.contracts.signing import canonical_string
-from service.partner.signing import sign
 
 TOPIC = "claude.requests.acme"
 NOW_MS = 1_764_003_600_000

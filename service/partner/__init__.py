@@ -1,1 +1,0 @@
-"""The partner's side: sign requests, produce them, await the correlated response."""
