@@ -6,14 +6,17 @@ with where it came from and how it is routed. Only the gateway writes the
 internal topics; a partner's own `gateway-batch` header is dropped when copying.
 
 A batch's state (`batches.state_topic`, compacted, keyed by the batch's key) is one
-JSON document, rewritten at each step and deleted (a tombstone) when every result
-is published:
+JSON document, rewritten at each step:
 
     {"v": 1, "key": "...", "partner": "...", "phase": "intent" | "submitted",
      "intent_at": 1764612000.0, "batch_id": null | "msgbatch_...", "submitted_at": ...,
      "members": [[first, last], ...],   # pending-topic offsets, as ranges
      "published": 0,                    # results published so far, in results order
      "reserved": [[tokens, nano_usd], ...], "shared": true}  # budget held, per member
+
+and once every result is published, a small `done` document (its batch id and when), so
+that a worker recovering an intent knows every batch id it ever recorded: a batch found
+upstream that the state topic knows is never taken for a lost create.
 """
 
 from __future__ import annotations
@@ -193,6 +196,20 @@ class BatchState:
 
     def message(self, topic: str) -> OutMessage:
         return OutMessage(topic, self.key.encode(), self.encode())
+
+    def done(self, topic: str, at: float) -> OutMessage:
+        """The record that ends the batch: only its id stays known (no members)."""
+        doc = {
+            "v": STATE_VERSION,
+            "key": self.key,
+            "partner": self.partner,
+            "phase": "done",
+            "intent_at": self.intent_at,
+            "batch_id": self.batch_id,
+            "done_at": at,
+            "members": [],
+        }
+        return OutMessage(topic, self.key.encode(), orjson.dumps(doc))
 
     def reserved_of(self, offset: int) -> tuple[int, int]:
         if len(self._pos) != len(self.members):

@@ -96,18 +96,23 @@ async def _read_range(
         await consumer.stop()
 
 
-async def load_states(k: KafkaSettings, tp: TopicPartition) -> dict[str, BatchState]:
-    """The open batches recorded in the state topic partition (tombstones remove them)."""
+async def load_states(k: KafkaSettings, tp: TopicPartition) -> tuple[dict[str, BatchState], set[str]]:
+    """The open batches recorded in the state topic partition, in the order their intents
+    were recorded, and the ids of the batches that are done."""
     states: dict[str, BatchState] = {}
+    done: set[str] = set()
     for rec in await _read_range(k, tp, None, None):
         if rec.key is None:
             continue
         key = rec.key.decode()
-        if rec.value is None:
+        state = BatchState.decode(rec.value) if rec.value is not None else None
+        if state is None or state.phase == "done":
             states.pop(key, None)
+            if state is not None and state.batch_id:
+                done.add(state.batch_id)
         else:
-            states[key] = BatchState.decode(rec.value)
-    return states
+            states[key] = state
+    return states, done
 
 
 async def read_pending(
@@ -123,6 +128,9 @@ async def read_pending(
 
 PENDING_RETENTION_MS = 7 * 24 * 3600 * 1000
 """Pending requests are re-read until their batch ends (up to 24 h, then retries): a week."""
+STATE_RETENTION_MS = 30 * 24 * 3600 * 1000
+"""The state topic is compacted (one document per batch) and its done documents deleted after
+30 days (an open batch is rewritten at every step and ends within a day or two)."""
 
 
 def batch_topics(settings: GatewaySettings, replication: int, realtime_partitions: int) -> list[NewTopic]:
@@ -141,7 +149,11 @@ def batch_topics(settings: GatewaySettings, replication: int, realtime_partition
             b.state_topic,
             1,
             replication,
-            topic_configs={"cleanup.policy": "compact", "max.message.bytes": big},
+            topic_configs={
+                "cleanup.policy": "compact,delete",
+                "retention.ms": str(STATE_RETENTION_MS),
+                "max.message.bytes": big,
+            },
         ),
         NewTopic(
             settings.realtime_topic(),

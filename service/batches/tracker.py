@@ -9,16 +9,17 @@ Each step is durable before the next starts:
    without an id, in that order. The next worker resumes the intents in the same
    order; for that first one it waits until any create the dead worker had in flight
    must have ended (`create_timeout_s + create_grace_s` after the intent), then lists
-   the key's recent batches: one created after the intent, unknown to the state and
-   with as many requests as members is the one. If there is none, the create never
-   happened and is made now. (The key must not be used to create batches by anyone
+   the key's recent batches: one created after the intent (less a clock skew
+   allowance), unknown to the state (open or done: the state topic keeps every batch id
+   it recorded for 30 days) and with as many requests as members is the one. If there
+   is none, the create never happened and is made now. (The key must not be used to create batches by anyone
    else, or a foreign batch of the same size could be taken for it: docs/batches.md.)
 3. poll with backoff until `ended`;
 4. the results are read in the file's order (stable for a batch) and published in
    transactions of `results_chunk`, each also recording how many are published: a
    crash re-reads the file and skips that many. A member the results never mention
    is treated as expired;
-5. a tombstone forgets the batch.
+5. a `done` document ends the batch (its id stays known; its members are forgotten).
 
 Budgets are settled (billed results) or released (the rest) after the transaction
 that published the result.
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LIST_SKEW_S = 60.0
+LIST_SKEW_S = 30.0
 """A batch created this long before its intent is not a candidate (clock skew allowance)."""
 
 
@@ -183,7 +184,9 @@ class Tracker:
         wait = self.state.intent_at + s.create_timeout_s + s.create_grace_s - time.time()
         if wait > 0:
             await asyncio.sleep(wait)
-        known = {t.state.batch_id for t in self.owner.trackers.values() if t.state.batch_id}
+        known = self.owner.known_ids | {
+            t.state.batch_id for t in self.owner.trackers.values() if t.state.batch_id
+        }
         found: list[tuple[float, str]] = []
         async for b in self._batches().list(limit=100):
             created = b.created_at.timestamp()
@@ -295,9 +298,10 @@ class Tracker:
                 d = with_record(gs, d, rec)
             messages += d.messages
         self.state.published = published
-        key = self.state.key.encode()
         if final:
-            await self.owner.transact(messages, tombstones=[(gs.batches.state_topic, key)])
+            await self.owner.transact([*messages, self.state.done(gs.batches.state_topic, time.time())])
+            if self.state.batch_id is not None:
+                self.owner.known_ids.add(self.state.batch_id)
         else:
             await self.owner.transact([*messages, self.state.message(gs.batches.state_topic)])
         failpoints.hit("batch.published")

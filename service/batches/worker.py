@@ -103,6 +103,7 @@ class BatchWorker:
         self._owners: dict[TopicPartition, PendingOwner] = {}
         self.failure: Exception | None = None
         """Taking a partition over failed (in the rebalance listener)."""
+        self._stopping = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop`; an unexpected error restarts the worker (with backoff) from the
@@ -118,6 +119,7 @@ class BatchWorker:
                 delay = min(delay * 2, 60.0)
 
     async def _run(self, stop: asyncio.Event) -> None:
+        self._stopping = False
         await ensure_topics(self.ctx.settings())
         k = self.ctx.settings().kafka
         self._consumer = AIOKafkaConsumer(
@@ -156,15 +158,19 @@ class BatchWorker:
                     await owner.form_if_due()  # a failure restarts the worker from its committed state
                 self.refresh_metrics()
         finally:
+            self._stopping = True  # an assignment during consumer.stop() must start nothing
             await self.revoked(list(self._owners))
             await self._consumer.stop()
+            await self.revoked(list(self._owners))
 
     async def assigned(self, tps: list[TopicPartition]) -> None:
         assert self._consumer is not None
         for tp in tps:
+            if self._stopping:
+                return
             owner = PendingOwner(self.ctx, tp)
             committed = await owner.start(self._consumer)
-            if tp not in self._consumer.assignment():  # revoked meanwhile
+            if self._stopping or tp not in self._consumer.assignment():  # revoked or stopping meanwhile
                 await owner.stop()
                 continue
             self._consumer.seek(tp, committed)
@@ -201,13 +207,17 @@ class PendingOwner:
         self._producer: AIOKafkaProducer | None = None
         self._txn = asyncio.Lock()
         self._creating = asyncio.Lock()
+        self.known_ids: set[str] = set()
+        """Ids of the batches the state topic says are done (a lost create is never one of them)."""
 
     async def start(self, consumer: AIOKafkaConsumer) -> int:
         """Fence the previous worker, resume the open batches; returns the offset to read from."""
         gs = self.ctx.settings()
         self._producer = transactional_producer(gs.kafka, f"{self.ctx.group}.{self.tp.partition}")
         await self._producer.start()  # initialises the transactional id: the old worker is fenced
-        states = await load_states(gs.kafka, TopicPartition(gs.batches.state_topic, self.tp.partition))
+        states, self.known_ids = await load_states(
+            gs.kafka, TopicPartition(gs.batches.state_topic, self.tp.partition)
+        )
         for st in states.values():
             self._track(st, recovered=True)
         offset, _ = await fetch_committed_stable(consumer._coordinator, self.tp)

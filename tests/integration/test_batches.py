@@ -194,3 +194,50 @@ async def test_a_worker_killed_at_each_step_submits_nothing_twice(
         _exactly_once(out, ids, sim, world)
     assert out.dead_letters == [], out.reasons()
     assert all((r.get("served_by") or {}).get("path") == "batch" for r in out.responses)
+
+
+async def test_recovery_never_takes_an_earlier_batch_of_the_same_size_for_a_lost_create(
+    world: World, tmp_path: Path
+) -> None:
+    """A batch of 4 is answered and done; then 4 more, and the worker dies between their
+    create and its record. The done batch has the same size and was created a moment
+    before: recovery must take the new one, not it (the members would be billed in their
+    own batch and again in real time)."""
+    batches = _batches(world, create_timeout_s=2, create_grace_s=0.5, max_age_s=0.5)
+    first = {f"b-{i}" for i in range(4)}
+    second = {f"c-{i}" for i in range(4)}
+
+    def batch_of(ids: set[str]) -> list[tuple[str, bytes | None, bytes | None]]:
+        topic = world.request_topic("acme")
+        return [(topic, None, request(rid, service_class="batch")) for rid in sorted(ids)]
+
+    async with SimulatorServer(_sim(world, processing_s=0.5)) as sim:
+        await produce(world.bootstrap, batch_of(first))
+        gateway = start_process(world, sim.url, tmp_path, "first", batches=batches)
+        try:
+            answered = await collect(world, 4, timeout_s=60)
+        finally:
+            gateway.terminate()
+            await exit_code(gateway, 60)
+        assert answered.total == 4
+        await produce(world.bootstrap, batch_of(second))
+        crashing = start_process(
+            world,
+            sim.url,
+            tmp_path,
+            "crashing",
+            env={"GATEWAY_FAILPOINT": "batch.created:1"},
+            batches=batches,
+        )
+        assert await exit_code(crashing, 120) == 137, "the failpoint must have fired"
+        restarted = start_process(world, sim.url, tmp_path, "restarted", batches=batches)
+        try:
+            out = await collect(world, 8, timeout_s=90, settle_s=2.0)
+        finally:
+            restarted.terminate()
+            await exit_code(restarted, 60)
+        _exactly_once(out, first | second, sim, world)
+    assert all((r.get("served_by") or {}).get("path") == "batch" for r in out.responses), "none fell back"
+    assert len({r["served_by"]["batch_id"] for r in out.responses}) == 2
+    log = (tmp_path / "restarted.log").read_text()
+    assert '"outcome":"found"' in log, "the lost create was found, not made again"
