@@ -11,7 +11,7 @@ CHAOS_ARGS ?=
 
 chaos: setup kafka-fetch redis-server-install
 	@status=0; \
-	$(PY) -m pytest -q -m long tests/integration/test_exactly_once.py || status=1; \
+	$(PY) -m pytest -q -m long tests/integration/test_exactly_once.py tests/integration/test_batches.py || status=1; \
 	$(PY) -m bench.chaos --mode chaos $(CHAOS_ARGS) || status=1; \
 	$(PY) -m bench.chaos --mode rebalance $(CHAOS_ARGS) || status=1; \
 	exit $$status

@@ -161,7 +161,14 @@ async def test_expired_and_errored_entries_end_once_by_deadline(world: World) ->
     assert paths["batch"] > 0
 
 
-@pytest.mark.parametrize("failpoint", ["batch.intent:1", "batch.created:1", "batch.published:2"])
+@pytest.mark.parametrize(
+    "failpoint",
+    [
+        pytest.param("batch.intent:1", marks=pytest.mark.long),  # make chaos runs these two
+        "batch.created:1",
+        pytest.param("batch.published:2", marks=pytest.mark.long),
+    ],
+)
 async def test_a_worker_killed_at_each_step_submits_nothing_twice(
     world: World, tmp_path: Path, failpoint: str
 ) -> None:
