@@ -20,7 +20,6 @@ from aiokafka.structs import ConsumerRecord
 from service.batches.records import BatchState
 from service.config.kafka import client_kwargs
 from service.config.settings import GatewaySettings, KafkaSettings
-from service.ingest.partition import TXN_RETRY_BACKOFF_MS
 from service.ingest.sending import OutMessage
 
 
@@ -31,7 +30,6 @@ def transactional_producer(k: KafkaSettings, txn_id: str) -> AIOKafkaProducer:
         enable_idempotence=True,
         transactional_id=txn_id,
         transaction_timeout_ms=k.transaction_timeout_ms,
-        retry_backoff_ms=TXN_RETRY_BACKOFF_MS,
         linger_ms=0,
         compression_type=k.producer_compression,
         max_request_size=k.producer_max_request_bytes,

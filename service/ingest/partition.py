@@ -49,13 +49,6 @@ CommitOffsets = Callable[[TopicPartition, int, str], Awaitable[None]]
 """At-least-once mode: commit (offset, metadata) with the consumer."""
 
 
-TXN_RETRY_BACKOFF_MS = 10
-"""Right after a commit the coordinator answers CONCURRENT_TRANSACTIONS until its markers are
-written (KAFKA-5477); aiokafka then waits `retry_backoff_ms` before adding the group's offsets
-to the next transaction. At its default (100 ms) most ticks that follow a tick wait 100 ms:
-a cache hit's p99 was 114 ms, 90% of it that wait. The Java client retries this case after 20 ms."""
-
-
 class Fenced(Exception):
     """Another owner holds this partition: nothing may be published from here.
     The request is left to that owner (its claim, if any, resolved by policy there)."""
@@ -125,7 +118,6 @@ class PartitionWriter:
             enable_idempotence=True,
             transactional_id=txn_id,
             transaction_timeout_ms=k.transaction_timeout_ms,
-            retry_backoff_ms=TXN_RETRY_BACKOFF_MS,
             linger_ms=0,
             compression_type=k.producer_compression,
             max_request_size=k.producer_max_request_bytes,
