@@ -276,7 +276,7 @@ class Gateway:
             stack.push_async_callback(_finish, console)
             if self.settings.batches.enabled:  # the batch worker, where the group makes this replica it
                 batches = asyncio.create_task(self.batch_worker.run(stop), name="batch-worker")
-                stack.push_async_callback(_finish, batches)
+                stack.push_async_callback(_finish, batches, 15.0)  # leaves its group, closes its clients
             topics = asyncio.create_task(
                 watch_topics(
                     self.ingest.consumer.subscription,

@@ -91,7 +91,7 @@ async def _read_range(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {tp.topic}[{tp.partition}] took over {timeout_s:g}s")
     finally:
-        await consumer.stop()
+        await asyncio.shield(consumer.stop())  # closed even when the read is cancelled
 
 
 async def load_states(k: KafkaSettings, tp: TopicPartition) -> tuple[dict[str, BatchState], set[str]]:

@@ -160,7 +160,7 @@ class BatchWorker:
         finally:
             self._stopping = True  # an assignment during consumer.stop() must start nothing
             await self.revoked(list(self._owners))
-            await self._consumer.stop()
+            await asyncio.shield(self._consumer.stop())  # closed even when this task is cancelled
             await self.revoked(list(self._owners))
 
     async def assigned(self, tps: list[TopicPartition]) -> None:
@@ -228,7 +228,7 @@ class PendingOwner:
         for tracker in list(self.trackers.values()):
             await tracker.cancel()
         if self._producer is not None:
-            await self._producer.stop()
+            await asyncio.shield(self._producer.stop())
 
     async def transact(self, messages: list[OutMessage], **kw: Any) -> None:
         assert self._producer is not None

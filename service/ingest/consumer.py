@@ -207,7 +207,8 @@ class IngestLoop:
             if not ledger.accept(rec.offset):
                 continue
             if self._outstanding[pid] >= cap or ledger.window >= window or self.draining:
-                self.consumer.seek(tp, rec.offset)  # the rest stays in Kafka
+                if tp in self.consumer.assignment():  # revoked meanwhile: its next owner reads it
+                    self.consumer.seek(tp, rec.offset)  # the rest stays in Kafka
                 return
             if ledger.finished_before(rec.offset):
                 writer.skip(rec.offset)
@@ -270,7 +271,7 @@ class IngestLoop:
                 want.add(tp)
                 by_partner[pid] += 1
         paused = consumer.paused()
-        with contextlib.suppress(IllegalStateError):
+        with contextlib.suppress(IllegalStateError, AssertionError):
             if want - paused:
                 consumer.pause(*(want - paused))
             if paused - want:
@@ -316,13 +317,14 @@ class IngestLoop:
         self._transactions += sum(w.take_transactions() for w in writers.values())
         m.eos_transactions.set(self._transactions)
         m.eos_writers.set(len(writers) if self.settings.kafka.exactly_once else 0)
+        assigned = consumer.assignment()
         for tp, writer in writers.items():
             ledger = writer.ledger
             pid = registry.partner_id_for_topic(tp.topic)
             if ledger is not None:
                 windows[pid] = max(windows[pid], ledger.window)
                 claims[pid] += len(ledger.claims)
-            high = consumer.highwater(tp)
+            high = consumer.highwater(tp) if tp in assigned else None  # a writer handing off: revoked
             if high is not None and ledger is not None and ledger.low_watermark >= 0:
                 self.metrics.consumer_lag.labels(tp.topic, str(tp.partition), pid).set(
                     max(0, high - ledger.low_watermark)

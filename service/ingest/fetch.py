@@ -275,6 +275,6 @@ async def _isolate(
     now = _state(consumer, tp)
     if now is not state or now.paused or not now.has_valid_position or now.position != position:
         return [], []
-    if after > position:
+    if after > position and tp in consumer.assignment():
         consumer.seek(tp, after)
     return good, bad

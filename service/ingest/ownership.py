@@ -182,7 +182,8 @@ class Ownership:
             self.retire(writer)
             return
         consumer = self._consumer()
-        with contextlib.suppress(IllegalStateError):  # no longer assigned: the next rebalance decides
+        # no longer assigned (aiokafka asserts): the next rebalance decides
+        with contextlib.suppress(IllegalStateError, AssertionError):
             if snapshot.commit >= 0:
                 consumer.seek(tp, snapshot.commit)
             else:
