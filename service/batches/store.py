@@ -23,20 +23,6 @@ from service.config.settings import GatewaySettings, KafkaSettings
 from service.ingest.sending import OutMessage
 
 
-def transactional_producer(k: KafkaSettings, txn_id: str) -> AIOKafkaProducer:
-    return AIOKafkaProducer(
-        **client_kwargs(k),
-        acks="all",
-        enable_idempotence=True,
-        transactional_id=txn_id,
-        transaction_timeout_ms=k.transaction_timeout_ms,
-        linger_ms=0,
-        compression_type=k.producer_compression,
-        max_request_size=k.producer_max_request_bytes,
-        max_batch_size=k.producer_max_batch_bytes,
-    )
-
-
 async def commit(
     producer: AIOKafkaProducer,
     messages: Sequence[OutMessage],

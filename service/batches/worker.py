@@ -37,9 +37,9 @@ from service.admission.pricing import Amount
 from service.batches.records import BadHandoff, BatchState, Handoff, handoff_message, read_handoff
 from service.batches.results import dead_letter, origin_of
 from service.batches.routing import Router
-from service.batches.store import commit, ensure_topics, load_states, transactional_producer
+from service.batches.store import commit, ensure_topics, load_states
 from service.batches.tracker import Tracker
-from service.config.kafka import client_kwargs
+from service.config.kafka import client_kwargs, transactional_producer
 from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter
 from service.ingest import failpoints

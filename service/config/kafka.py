@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.helpers import create_ssl_context
 
@@ -46,3 +47,20 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
             kwargs["sasl_plain_username"] = settings.sasl_username
             kwargs["sasl_plain_password"] = settings.sasl_password.resolve().get_secret_value()
     return kwargs
+
+
+def transactional_producer(settings: KafkaSettings, txn_id: str) -> AIOKafkaProducer:
+    """A transactional producer (`txn_id`): every outcome writer and the batch worker use this
+    one configuration; starting it fences the previous holder of the id."""
+    k = settings
+    return AIOKafkaProducer(
+        **client_kwargs(k),
+        acks="all",
+        enable_idempotence=True,
+        transactional_id=txn_id,
+        transaction_timeout_ms=k.transaction_timeout_ms,
+        linger_ms=0,
+        compression_type=k.producer_compression,
+        max_request_size=k.producer_max_request_bytes,
+        max_batch_size=k.producer_max_batch_bytes,
+    )

@@ -34,7 +34,7 @@ from enum import Enum
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from service.config.kafka import client_kwargs
+from service.config.kafka import transactional_producer
 from service.config.settings import KafkaSettings
 from service.ingest import failpoints
 from service.ingest.ledger import Claim, MetadataTooLarge, PartitionLedger, Snapshot, encode
@@ -111,18 +111,7 @@ class PartitionWriter:
     # -- lifecycle ---------------------------------------------------------------------
 
     def _new_producer(self, txn_id: str) -> AIOKafkaProducer:
-        k = self.settings
-        return AIOKafkaProducer(
-            **client_kwargs(k),
-            acks="all",
-            enable_idempotence=True,
-            transactional_id=txn_id,
-            transaction_timeout_ms=k.transaction_timeout_ms,
-            linger_ms=0,
-            compression_type=k.producer_compression,
-            max_request_size=k.producer_max_request_bytes,
-            max_batch_size=k.producer_max_batch_bytes,
-        )
+        return transactional_producer(self.settings, txn_id)
 
     async def start(self) -> Snapshot:
         """Take the partition over: wait briefly for a live previous owner's calls, fence
