@@ -60,6 +60,11 @@ EDGE_SHARE = 0.2
 """The start (end) figure is the median of the first (last) fifth of the samples, at least 3:
 RSS swings by a few fetch buffers between samples, a median of several is steady."""
 EDGE_MIN = 3
+FLOWING = 50
+"""Outcomes before the warm-up starts: on a broker new to transactions the first ones took
+~40 s to commit (a NotLeaderForPartition, then NotEnoughReplicas, on the topics they
+created), and no RSS figure of that idle time means anything."""
+START_TIMEOUT_S = 180.0
 
 
 @dataclass
@@ -292,8 +297,9 @@ async def soak(
     traffic = _Traffic(bootstrap, tag, cfg, gateway)
     producing = asyncio.create_task(traffic.run(stop))
     began = time.monotonic()
+    answering: float | None = None  # the warm-up counts from when outcomes flow
     try:
-        end = began + cfg.warmup_s + cfg.duration_s
+        end = began + START_TIMEOUT_S
         while (now := time.monotonic()) < end:
             if proc.poll() is not None:
                 raise RuntimeError(f"the gateway exited ({proc.returncode}):\n{common.tail(log_path)}")
@@ -301,13 +307,18 @@ async def soak(
                 producing.result()  # raises what stopped it
             rss = rss_bytes(proc.pid)
             outcomes, paused = await gateway.scrape()
-            if now - began >= cfg.warmup_s:
+            if answering is None and outcomes >= FLOWING:
+                answering = now
+                end = now + cfg.warmup_s + cfg.duration_s
+            if answering is not None and now - answering >= cfg.warmup_s:
                 if not samples.rss:
                     samples.outcomes_at_start = outcomes
                 samples.rss.append((now - began, rss))
                 samples.paused += paused > 0
             log(f"soak: {now - began:5.0f}s rss {rss / 2**20:6.1f} MB, {traffic.sent} sent, {outcomes} done")
             await asyncio.sleep(max(0.0, min(cfg.sample_s, end - time.monotonic())))
+        if answering is None:
+            raise RuntimeError(f"no outcome in {START_TIMEOUT_S:.0f} s:\n{common.tail(log_path)}")
         outcomes, _ = await gateway.scrape()
     finally:
         stop.set()
