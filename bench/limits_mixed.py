@@ -36,6 +36,7 @@ from bench.common import BENCH_DIR, Simulator, create_topics, log, spawn, tag, t
 PARTITIONS = 3
 LATENCY_S = 0.05
 MAX_WARMUP_S = 120.0
+MIN_RUNNING_S = 5.0
 DIMS = {"requests": 0, "input_tokens": 1, "output_tokens": 2}
 
 
@@ -171,16 +172,23 @@ def _gateway_config(
 
 
 async def _drained(sim: Simulator, buckets: Sequence[tuple[str, str]]) -> None:
-    """Until every named bucket (set, dimension) has spent its initial burst, or stops falling."""
+    """Until the gateway has called for `MIN_RUNNING_S` and every named bucket (set, dimension)
+    has spent its initial burst, or stops falling once it started to."""
     began = time.monotonic()
+    first_call: float | None = None
     history: list[float] = []
     while time.monotonic() - began < MAX_WARMUP_S:
-        snap = sim.stats()["buckets"]
+        stats = sim.stats()
+        if first_call is None and stats["calls_total"] > 0:
+            first_call = time.monotonic()
+        snap = stats["buckets"]
         fractions = [float(snap[s][d]["level"]) / float(snap[s][d]["limit"]) for s, d in buckets]
         history.append(max(fractions))
-        if history[-1] < 0.02:
+        running = first_call is not None and time.monotonic() - first_call >= MIN_RUNNING_S
+        if running and history[-1] < 0.02:
             break
-        if len(history) > 20 and history[-21] - history[-1] < 0.01:
+        started = history[0] - history[-1] >= 0.02  # a gateway takes seconds to start
+        if running and started and len(history) > 20 and history[-21] - history[-1] < 0.01:
             log("limits:   a bucket stopped draining: not saturating")
             break
         await asyncio.sleep(0.5)
@@ -198,10 +206,12 @@ async def saturate(
     buckets: Sequence[tuple[str, str]],
     *,
     naive: bool = False,
+    empty: bool = False,
     **gateway: Any,
 ) -> Run:
     """Backlog every partner (`per_minute`: its expected requests a minute), run one gateway,
-    warm up, and measure one window."""
+    warm up, and measure one window. `empty`: the simulator's buckets start empty (a burst
+    would take minutes to spend: the measured window must not include it)."""
     world = tag(name)
     await create_topics(
         bootstrap, [f"{world}.{k}.{p.id}" for p in partners for k in ("requests", "responses", "deadletter")]
@@ -215,7 +225,7 @@ async def saturate(
             for p in partners
         ]
     )
-    _post(f"{sim.url}/_sim/reset")
+    _post(f"{sim.url}/_sim/reset" + ("?buckets=empty" if empty else ""))
     group = f"{world}-{'naive' if naive else 'gw'}"
     path = _gateway_config(world, bootstrap, sim, partners, group, **gateway)
     cmd = [sys.executable, "-m", "bench.run_gateway", "--config", path, *(["--naive"] if naive else [])]
@@ -334,6 +344,7 @@ async def per_model(bootstrap: str, window_s: float, result: dict[str, Any]) -> 
             window_s,
             {"haiku": 3_000, "opus": 600},
             [("haiku", "requests"), ("opus", "requests")],
+            empty=True,
             org_limits=default,
             org_class_limits=CLASS_LIMITS,
         )
