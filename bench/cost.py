@@ -197,8 +197,9 @@ def _cost(settings: Any, responses: list[dict[str, Any]]) -> float:
 async def _one(run: Run, make_docs: Any, timeout_s: float) -> dict[str, Any]:
     """Start the gateway, then build the workload (its deadlines count from now) and send it."""
     run.write_config()
-    await create_topics(
-        run.bootstrap, [*run.topics("requests"), *run.topics("responses"), *run.topics("deadletter")]
+    await create_topics(  # what `service topics ensure` creates, the usage topic included
+        run.bootstrap,
+        [*run.topics("requests"), *run.topics("responses"), *run.topics("deadletter"), f"{run.t}.usage"],
     )
     proc = run.start()
     try:
@@ -266,10 +267,12 @@ def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return out
 
 
-def _deadlines(docs: list[dict[str, Any]], outcomes: list[Any]) -> tuple[int, int]:
-    """(met, total) over requests with a deadline: met when a response completed by then."""
+def _deadlines(docs: list[dict[str, Any]], outcomes: list[Any]) -> tuple[int, int, list[dict[str, Any]]]:
+    """(met, total, the first misses) over requests with a deadline: met when a response
+    completed by then."""
     by_id = {d["request_id"]: d for d in docs}
     met = total = 0
+    missed: list[dict[str, Any]] = []
     for topic, doc in outcomes:
         want = by_id.get(doc.get("request_id"), {}).get("respond_by")
         if want is None:
@@ -278,7 +281,17 @@ def _deadlines(docs: list[dict[str, Any]], outcomes: list[Any]) -> tuple[int, in
         done = (doc.get("timings") or {}).get("completed_at")
         if ".responses." in topic and done is not None and _epoch(done) <= _epoch(want):
             met += 1
-    return met, total
+        elif len(missed) < 10:
+            missed.append(
+                {
+                    "request_id": doc.get("request_id"),
+                    "outcome": "response" if ".responses." in topic else str(doc.get("reason")),
+                    "path": (doc.get("served_by") or {}).get("path", "realtime"),
+                    "late_s": round(_epoch(done) - _epoch(want), 3) if done else None,
+                    "timings": doc.get("timings"),
+                }
+            )
+    return met, total, missed
 
 
 def _epoch(iso: str) -> float:
@@ -316,7 +329,7 @@ async def _mixed(bootstrap: str, args: argparse.Namespace, batches: bool) -> dic
     responses = [d for t, d in result["outcomes"] if ".responses." in t]
     cost = _cost(result["settings"], responses)
     docs = result["docs"]
-    met, total = _deadlines(docs, result["outcomes"])
+    met, total, missed = _deadlines(docs, result["outcomes"])
     served = Counter((d.get("served_by") or {}).get("path", "realtime") for d in responses)
     return {
         "requests": len(docs),
@@ -326,6 +339,7 @@ async def _mixed(bootstrap: str, args: argparse.Namespace, batches: bool) -> dic
         "cost_usd": round(cost, 6),
         "deadline_met": met,
         "deadline_total": total,
+        "deadline_missed": missed,
         "wall_s": round(result["wall_s"], 1),
         "batches_created": (stats.get("batches") or {}).get("created"),
         "agreement": _agreement(result, cost),

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from opentelemetry.trace import TracerProvider
 
 from service.admin.console import Console
@@ -39,6 +40,7 @@ from service.telemetry.http import HealthServer
 from service.telemetry.logs import register_secrets
 from service.telemetry.metrics import Metrics
 from service.telemetry.tracing import Tracing
+from service.topics import ensure_usage_topic
 from service.upstream.client import ClaudeClient
 
 log = logging.getLogger(__name__)
@@ -270,6 +272,7 @@ class Gateway:
             stack.push_async_callback(self.scheduler.aclose)
             if isinstance(self.limiter, RedisLimiter):
                 stack.push_async_callback(self.limiter.aclose)
+            await _ensure_usage_topic(self.settings)
             await self.ingest.start()
             stack.push_async_callback(self.ingest.stop)
             console = asyncio.create_task(self.console.run(stop), name="admin-console")
@@ -293,6 +296,20 @@ class Gateway:
             stack.callback(stopping.cancel)
             await self.ingest.run(stop)
             log.info("gateway drained; stopping")
+
+
+async def _ensure_usage_topic(settings: GatewaySettings) -> None:
+    """Billed outcomes wait for the usage topic: create it now rather than have the broker
+    auto-create it inside the first transactions (or not at all); `watch_topics` keeps
+    warning while it is missing."""
+    try:
+        if await asyncio.wait_for(ensure_usage_topic(settings), 30):
+            log.info("usage topic created", extra={"topic": settings.kafka.usage_topic})
+    except (KafkaError, OSError, TimeoutError) as exc:
+        log.warning(
+            "could not create the usage topic",
+            extra={"topic": settings.kafka.usage_topic, "error": type(exc).__name__},
+        )
 
 
 async def _finish(task: asyncio.Task[None], timeout_s: float = 2.0) -> None:

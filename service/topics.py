@@ -7,17 +7,24 @@ Once: the usage topic (`kafka.usage_topic`, metering records keyed by partner; k
 `--usage-retention-days`, 30 by default: chargeback reads it). Existing topics are
 left alone and reported (with their partition count, so a mismatch shows). One JSON
 line per topic, then a summary.
+
+The gateway itself creates the usage topic at start when it is missing
+(`ensure_usage_topic`): every billed outcome's transaction writes to it, and a broker that
+auto-creates it inside those first transactions held them ~40 s (NotEnoughReplicas, then
+NotLeaderForPartition at the request timeout).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from typing import Any
 
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 
 from service.batches.store import batch_topics
 from service.config.kafka import client_kwargs
@@ -62,9 +69,31 @@ def wanted(
         )
     if settings.batches.enabled:
         out += batch_topics(settings, replication, partitions)
-    usage_retention = {"retention.ms": str(int(usage_retention_days * DAY_MS))}
-    out.append(NewTopic(settings.kafka.usage_topic, partitions, replication, topic_configs=usage_retention))
+    out.append(usage_topic(settings, partitions, replication, usage_retention_days))
     return out
+
+
+def usage_topic(
+    settings: GatewaySettings, partitions: int, replication: int, retention_days: float = 30.0
+) -> NewTopic:
+    retention = {"retention.ms": str(int(retention_days * DAY_MS))}
+    return NewTopic(settings.kafka.usage_topic, partitions, replication, topic_configs=retention)
+
+
+async def ensure_usage_topic(settings: GatewaySettings, partitions: int = 3) -> bool:
+    """Create the usage topic when missing (3 partitions, 3 replicas or fewer brokers, 30 days);
+    True when it was created. Errors (no right to create topics, ...) are the caller's."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
+    await admin.start()
+    try:
+        if settings.kafka.usage_topic in set(await admin.list_topics()):
+            return False
+        brokers = (await admin.describe_cluster()).get("brokers") or []
+        with contextlib.suppress(TopicAlreadyExistsError):  # another replica was first
+            await admin.create_topics([usage_topic(settings, partitions, max(1, min(3, len(brokers))))])
+        return True
+    finally:
+        await admin.close()
 
 
 async def ensure(
