@@ -8,6 +8,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.helpers import create_ssl_context
 
+from service.config import txn_backoff
 from service.config.secrets import SecretRef
 from service.config.settings import KafkaSettings
 
@@ -51,9 +52,10 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
 
 def transactional_producer(settings: KafkaSettings, txn_id: str) -> AIOKafkaProducer:
     """A transactional producer (`txn_id`): every outcome writer and the batch worker use this
-    one configuration; starting it fences the previous holder of the id."""
+    one configuration; starting it fences the previous holder of the id. A new transaction's
+    first coordinator request is retried sooner while the previous one ends (`txn_backoff`)."""
     k = settings
-    return AIOKafkaProducer(
+    producer = AIOKafkaProducer(
         **client_kwargs(k),
         acks="all",
         enable_idempotence=True,
@@ -64,3 +66,4 @@ def transactional_producer(settings: KafkaSettings, txn_id: str) -> AIOKafkaProd
         max_request_size=k.producer_max_request_bytes,
         max_batch_size=k.producer_max_batch_bytes,
     )
+    return txn_backoff.install(producer)

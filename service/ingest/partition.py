@@ -102,6 +102,8 @@ class PartitionWriter:
         self._loop_task: asyncio.Task[None] | None = None
         self._tick_lock = asyncio.Lock()
         self._last_tick = 0.0
+        self._idle_arrival = False
+        """An item came while no tick was in flight and none waited: it skips the linger."""
         self.transactions = 0
         self._failures = 0
         self._last_owner = ""
@@ -241,6 +243,8 @@ class PartitionWriter:
     async def _submit(self, item: Item) -> None:
         if self.failure is not None or self.state is State.CLOSED:
             raise Fenced(f"{self.tp} is no longer written from here")
+        if not self._queue and not self._tick_lock.locked():
+            self._idle_arrival = True
         self._queue.append(item)
         self._wake.set()
         await item.done
@@ -254,11 +258,13 @@ class PartitionWriter:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=heartbeat_s)
-                # gather what finishes meanwhile into one transaction, but no tick waits
-                # longer than `eos_tick_ms` after the previous one ended
+                # an item that finds the writer idle goes at once; what comes while a tick is
+                # in flight is gathered into the next one, which waits at most `eos_tick_ms`
+                # after the previous one ended
                 linger = tick_s - (time.monotonic() - self._last_tick)
-                if linger > 0:
+                if linger > 0 and not self._idle_arrival:
                     await asyncio.sleep(linger)
+                self._idle_arrival = False
                 self._wake.clear()
                 beat = (
                     self._eos
@@ -342,17 +348,14 @@ class PartitionWriter:
         assert producer is not None
         try:
             await producer.begin_transaction()
-            # the offsets do not depend on the messages' acks: both in one round trip's time
-            offsets = asyncio.ensure_future(
-                producer.send_offsets_to_transaction(
-                    {self.tp: (snap.commit, metadata)}, self.settings.group_id
-                )
+            # the offsets only once the messages are acked: sent together, the broker's check
+            # that a message's partition is in the transaction (KIP-890) can meet the
+            # coordinator busy adding the offsets, and the refused send (NOT_ENOUGH_REPLICAS)
+            # is retried after aiokafka's 100 ms backoff
+            refused, resend = await send_all(producer, taken)
+            await producer.send_offsets_to_transaction(
+                {self.tp: (snap.commit, metadata)}, self.settings.group_id
             )
-            try:
-                refused, resend = await send_all(producer, taken)
-            finally:
-                await asyncio.wait([offsets])
-            offsets.result()  # its error, if any, fails the tick like a send's
             if refused or resend:
                 # the idempotent sequence is broken past a refused batch: abort, start afresh
                 with contextlib.suppress(KafkaError):
