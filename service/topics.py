@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 from typing import Any
 
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 
 from service.batches.store import batch_topics
-from service.config.kafka import client_kwargs
+from service.config.kafka import client_kwargs, create_topics
 from service.config.settings import GatewaySettings
 
 DAY_MS = 86_400_000
@@ -82,16 +80,15 @@ def usage_topic(
 
 async def ensure_usage_topic(settings: GatewaySettings, partitions: int = 3) -> bool:
     """Create the usage topic when missing (3 partitions, 3 replicas or fewer brokers, 30 days);
-    True when it was created. Errors (no right to create topics, ...) are the caller's."""
+    True when it was created. Errors (no right to create topics, ...) raise: the caller's."""
     admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
     await admin.start()
     try:
         if settings.kafka.usage_topic in set(await admin.list_topics()):
             return False
         brokers = (await admin.describe_cluster()).get("brokers") or []
-        with contextlib.suppress(TopicAlreadyExistsError):  # another replica was first
-            await admin.create_topics([usage_topic(settings, partitions, max(1, min(3, len(brokers))))])
-        return True
+        topic = usage_topic(settings, partitions, max(1, min(3, len(brokers))))
+        return bool(await create_topics(admin, [topic]))  # [] : another replica was first
     finally:
         await admin.close()
 
@@ -133,7 +130,7 @@ async def ensure(
                 }
             )
         if create and not dry_run:
-            await admin.create_topics(create)
+            await create_topics(admin, create)
         return rows
     finally:
         await admin.close()

@@ -8,17 +8,15 @@ worker, so a zombie can neither record a batch nor publish a result.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord
 
 from service.batches.records import BatchState
-from service.config.kafka import client_kwargs
+from service.config.kafka import client_kwargs, create_topics
 from service.config.settings import GatewaySettings, KafkaSettings
 from service.ingest.sending import OutMessage
 
@@ -157,8 +155,6 @@ async def ensure_topics(settings: GatewaySettings) -> None:
         existing = set(await admin.list_topics())
         brokers = len((await admin.describe_cluster()).get("brokers") or [1])
         wanted = [t for t in batch_topics(settings, min(3, brokers), 3) if t.name not in existing]
-        if wanted:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(wanted)
+        await create_topics(admin, wanted)
     finally:
         await admin.close()

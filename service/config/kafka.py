@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.abc import AbstractTokenProvider
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 from aiokafka.helpers import create_ssl_context
 
 from service.config import txn_backoff
@@ -67,3 +70,23 @@ def transactional_producer(settings: KafkaSettings, txn_id: str) -> AIOKafkaProd
         max_batch_size=k.producer_max_batch_bytes,
     )
     return txn_backoff.install(producer)
+
+
+async def create_topics(admin: AIOKafkaAdminClient, topics: Sequence[NewTopic]) -> list[str]:
+    """Create `topics`; the names created. A topic that exists already (another replica was
+    first) is no error; any other refusal raises (aiokafka's `create_topics` only returns
+    the broker's per-topic errors)."""
+    if not topics:
+        return []
+    response = await admin.create_topics(list(topics))
+    created = []
+    for entry in response.topic_errors:
+        name, code = entry[0], entry[1]
+        if code == 0:
+            created.append(name)
+            continue
+        error = for_code(code)
+        if error is not TopicAlreadyExistsError:
+            message = entry[2] if len(entry) > 2 and entry[2] else error.__name__
+            raise error(f"could not create the topic {name}: {message}")
+    return created
