@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 from service.batches.store import batch_topics
 from service.config.kafka import client_kwargs, create_topics
@@ -137,16 +138,22 @@ async def ensure(
 
 
 def run(args: argparse.Namespace, settings: GatewaySettings) -> int:
-    rows = asyncio.run(
-        ensure(
-            settings,
-            partitions=args.partitions,
-            replication_factor=args.replication_factor,
-            deadletter_retention_days=args.deadletter_retention_days,
-            usage_retention_days=args.usage_retention_days,
-            dry_run=args.dry_run,
+    """One JSON line per topic and a summary (exit 0), or one error line on stderr (exit 1)."""
+    try:
+        rows = asyncio.run(
+            ensure(
+                settings,
+                partitions=args.partitions,
+                replication_factor=args.replication_factor,
+                deadletter_retention_days=args.deadletter_retention_days,
+                usage_retention_days=args.usage_retention_days,
+                dry_run=args.dry_run,
+            )
         )
-    )
+    except KafkaError as exc:  # a refused topic (no right to create it, ...) or no broker
+        error = {"error": type(exc).__name__, "detail": str(exc)}
+        sys.stderr.write(orjson.dumps(error).decode() + "\n")
+        return 1
     for row in rows:
         sys.stdout.write(orjson.dumps(row).decode() + "\n")
     created = sum(r["action"] in ("created", "would_create") for r in rows)

@@ -3,8 +3,10 @@ per-topic errors instead of raising them; the helper raises every one but "alrea
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, TopicAuthorizationFailedError
@@ -47,3 +49,30 @@ async def test_nothing_to_create_asks_nothing() -> None:
     admin = _Admin({})
     assert await create_topics(admin, []) == []  # type: ignore[arg-type]
     assert admin.asked == []
+
+
+def test_topics_ensure_says_a_refusal_in_one_line_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service import topics
+    from service.config.loader import parse_config
+
+    async def refused(*_: Any, **__: Any) -> list[dict[str, Any]]:
+        raise TopicAuthorizationFailedError("could not create the topic acme.usage: denied")
+
+    monkeypatch.setattr(topics, "ensure", refused)
+    settings = parse_config({"partners": [{"id": "acme", "api_key": {"env": "K"}}]})
+    args = argparse.Namespace(
+        partitions=3,
+        replication_factor=None,
+        deadletter_retention_days=30.0,
+        usage_retention_days=30.0,
+        dry_run=False,
+    )
+    assert topics.run(args, settings) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert orjson.loads(err) == {
+        "error": "TopicAuthorizationFailedError",
+        "detail": "[Error 29] TopicAuthorizationFailedError: could not create the topic acme.usage: denied",
+    }
