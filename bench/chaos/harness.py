@@ -36,6 +36,8 @@ from bench.chaos.procs import HOST, ROOT, Broker, Redis, Simulator
 from bench.chaos.replicas import Fleet, WorkerWatch
 from bench.chaos.traffic import PARTNERS, Request, build_requests, produce_paced
 from bench.chaos.verify import (
+    BATCH_DETAILS,
+    BATCH_HEADLINE,
     OutcomeReader,
     batch_load,
     batch_log_events,
@@ -45,15 +47,6 @@ from bench.chaos.verify import (
 
 SIM_RPM = 60_000  # the org limit, in the simulator and in the gateways' limiter: far above the traffic
 GROUP = "chaos-gateway"
-BATCH_DETAILS = (
-    "batch_in_two_batches",
-    "batch_and_realtime",
-    "batch_served",
-    "batch_served_in_realtime",
-    "batch_dead_letters",
-    "realtime_in_a_batch",
-)
-"""Figures of the batch path reported after the headline ones (bench/chaos/verify.py)."""
 
 #: The gateways' `batches:` with batch traffic: batches form within a second (of at most 40
 #: requests) and their results are published 10 per transaction, so that a kill finds
@@ -394,8 +387,7 @@ class Run:
             "kills": self.fleet.kills,
             "broker_restarts": self.broker_restarts,
             "batch_share": self.batch_share,
-            **{k: figures[k] for k in ("batch_requests", "batch_lost", "batch_duplicated")},
-            **{k: figures[k] for k in ("batch_billed_twice", "batch_billed_twice_unexplained")},
+            **{k: figures[k] for k in BATCH_HEADLINE},
             "batches_created": int(sim_batches.get("created") or 0),
             "kills_with_batches_in_progress": self.kills_with_batches_in_progress,
             "kills_of_batch_worker": self.kills_of_batch_worker,

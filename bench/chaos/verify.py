@@ -369,12 +369,14 @@ def summarise(
     }
 
 
-BATCH_FIGURES = (
+BATCH_HEADLINE = (
     "batch_requests",
     "batch_lost",
     "batch_duplicated",
     "batch_billed_twice",
     "batch_billed_twice_unexplained",
+)
+BATCH_DETAILS = (
     "batch_in_two_batches",
     "batch_and_realtime",
     "batch_served",
@@ -382,4 +384,6 @@ BATCH_FIGURES = (
     "batch_dead_letters",
     "realtime_in_a_batch",
 )
-"""The batch path's figures `summarise` adds (see the module docstring)."""
+BATCH_FIGURES = BATCH_HEADLINE + BATCH_DETAILS
+"""The batch path's figures `summarise` adds (see the module docstring): the headline ones
+first in a run's result line, the details after."""
