@@ -52,12 +52,18 @@ Routes = Mapping[int, TopicPartition]
 
 
 async def route(producer: AIOKafkaProducer, items: Sequence[Item]) -> dict[int, TopicPartition]:
-    """The partition of every message of `items`, as the producer would choose it."""
-    return {
-        id(m): TopicPartition(m.topic, await partition_of(producer, m.topic, m.key))
-        for item in items
-        for m in item.messages
-    }
+    """The partition of every message of `items`, as the producer would choose it. A message
+    whose topic the producer cannot know (unauthorized, invalid) is left out: `send_all` meets
+    the same error from `send` and refuses its item."""
+    routes: dict[int, TopicPartition] = {}
+    for item in items:
+        for m in item.messages:
+            try:
+                routes[id(m)] = TopicPartition(m.topic, await partition_of(producer, m.topic, m.key))
+            except KafkaError as exc:
+                if not _refusal(exc):
+                    raise
+    return routes
 
 
 async def send_all(
