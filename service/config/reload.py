@@ -92,7 +92,12 @@ class ConfigWatcher:
         except ConfigError as exc:
             self._seen = snapshot
             return self._rejected(exc)
-        self._seen = self._snapshot(settings)  # watch the files the new config names, even if it fails
+        # watch the files the new config names, even if it fails; a file already watched keeps
+        # the fingerprint it had before the load, so a write that lands during the load is
+        # seen at the next turn
+        seen = self._snapshot(settings)
+        seen.update((p, fp) for p, fp in snapshot.items() if p in seen)
+        self._seen = seen
         try:
             self._apply(settings)  # raises ValueError (e.g. a RegistryError) when it refuses
         except ValueError as exc:

@@ -126,6 +126,24 @@ def test_config_change_is_applied(files: Files) -> None:
     assert not watcher.changed()
 
 
+def test_a_write_during_a_reload_is_seen_at_the_next_turn(files: Files) -> None:
+    """The file changes after the reload read it (a SIGHUP's reload racing an edit): the
+    watcher must not take the new file for the one it applied."""
+    applied = Applied()
+
+    def load_then_edit(path: Path) -> GatewaySettings:
+        settings = load_config(path)
+        files.acme["enabled"] = False
+        files.write()
+        _bump(files.config)
+        return settings
+
+    watcher = ConfigWatcher(files.config, applied, load_config(files.config), load=load_then_edit)
+    assert watcher.reload()
+    assert applied.calls[-1].partners[0].enabled is True  # what it read
+    assert watcher.changed()  # the edit is still to be applied
+
+
 def test_secret_file_change_is_seen(files: Files) -> None:
     watcher = ConfigWatcher(files.config, Applied(), load_config(files.config))
     files.secret("acme.key", "sk-ant-acme-NEW-LONGER")
