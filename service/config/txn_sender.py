@@ -169,13 +169,20 @@ async def ready(producer: AIOKafkaProducer, partitions: Iterable[TopicPartition]
     """Add what the open transaction still lacks of `partitions` and the group, and wait until
     the coordinator has added all of it. Raises the transaction's error if it fails first."""
     wanted = set(partitions)
-    prepare(producer, wanted, group_id)
     sender, txn = producer._sender, producer._txn_manager
+    _check_open(txn)
+    prepare(producer, wanted, group_id)
     while _missing(producer, wanted, group_id):
-        progress, ended = sender._waiter(), txn.wait_for_transaction_end()
-        await asyncio.wait({progress, ended}, return_when=asyncio.FIRST_COMPLETED)
-        if ended.done():
-            ended.result()  # the transaction's error
-            raise KafkaError("the transaction ended while it was being prepared")
-        if not txn.is_in_transaction():
-            raise KafkaError(f"the transaction is {txn.state.name} while it was being prepared")
+        progress = sender._waiter()
+        await asyncio.wait({progress, txn.wait_for_transaction_end()}, return_when=asyncio.FIRST_COMPLETED)
+        _check_open(txn)
+
+
+def _check_open(txn: Any) -> None:
+    """Raise the transaction's error (or say it is not open): what was prepared failed."""
+    if txn.is_in_transaction():
+        return
+    ended = txn.wait_for_transaction_end()
+    if ended is not None and ended.done() and ended.exception() is not None:
+        raise ended.exception()
+    raise KafkaError(f"the transaction is {txn.state.name}, not open")

@@ -10,7 +10,7 @@ Exactly-once (`kafka.exactly_once`, the default) works per input partition:
   finished since the last one and the offset commit (`send_offsets_to_transaction`)
   whose metadata records finished offsets above the commit point and the
   claims (`ledger.py`). The next transaction begins as soon as one commits
-  (`transactions.py`), so a tick mostly costs two round trips.
+  (`transactions.py`), so a tick mostly costs three round trips, not five.
 - A Claude call starts only after the tick that recorded its claim committed;
   no transaction is ever held open across a call.
 - A writer whose transaction fails in a way it cannot verify stops (`Fenced`);

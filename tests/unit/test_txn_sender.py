@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import ConcurrentTransactions, CoordinatorLoadInProgressError, NoError, ProducerFenced
+from aiokafka.errors import (
+    ConcurrentTransactions,
+    CoordinatorLoadInProgressError,
+    GroupAuthorizationFailedError,
+    NoError,
+    ProducerFenced,
+)
 from aiokafka.producer import sender as aiokafka_sender
 
 from service.config import txn_sender
@@ -197,3 +203,13 @@ async def test_the_group_added_ahead_is_forgotten_when_the_transaction_ends(
     await _pump(producer)
     assert sent == []  # an empty transaction ends without a request
     assert producer._sender._group_to_add is None
+
+
+async def test_ready_raises_the_error_of_a_transaction_that_failed_in_the_background(
+    producer: AIOKafkaProducer,
+) -> None:
+    """Say the group was refused while it was added ahead: the next tick gets that error (the
+    writer then starts afresh), not an assertion from aiokafka."""
+    producer._txn_manager.error_transaction(GroupAuthorizationFailedError("g"))
+    with pytest.raises(GroupAuthorizationFailedError):
+        await asyncio.wait_for(txn_sender.ready(producer, [TP], "g"), 1)
