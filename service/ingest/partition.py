@@ -352,7 +352,7 @@ class PartitionWriter:
 
     async def _begin_ahead(self) -> None:
         try:
-            await self._txns.begin_ahead()
+            await self._txns.begin_ahead(expected=self.claims_in_flight > 0)
         except ProducerFenced as exc:
             raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
 

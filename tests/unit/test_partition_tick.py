@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+from service.config import txn_sender
 from service.config.settings import KafkaSettings
 from service.ingest import transactions
 from service.ingest.partition import PartitionWriter
@@ -83,8 +84,8 @@ def _coordinator(monkeypatch: pytest.MonkeyPatch) -> None:
         producer.events.append("added")
 
     monkeypatch.setattr(transactions, "route", route)
-    monkeypatch.setattr(transactions.txn_sender, "prepare", prepare)
-    monkeypatch.setattr(transactions.txn_sender, "ready", ready)
+    monkeypatch.setattr(txn_sender, "prepare", prepare)
+    monkeypatch.setattr(txn_sender, "ready", ready)
 
 
 async def _writer(tick_ms: int, prepared_idle_ms: int = 1_000) -> tuple[PartitionWriter, _Producer]:
@@ -124,9 +125,11 @@ async def test_the_next_transaction_begins_as_soon_as_one_commits() -> None:
     writer, producer = await _writer(tick_ms=1)
     try:
         await _outcome(writer, 0)
+        assert producer.events[-1] == "commit"  # the first tick: nothing says another is coming
+        await _outcome(writer, 1)  # the ticks come often
         assert producer.events[-2:] == ["begin", "prepare [2]"]  # the partition it wrote, ahead
         producer.events.clear()
-        await _outcome(writer, 1)
+        await _outcome(writer, 2)
         assert producer.events[:2] == ["ready [2]", "added"]  # no begin: it was open
         assert "commit" in producer.events
     finally:
@@ -134,16 +137,41 @@ async def test_the_next_transaction_begins_as_soon_as_one_commits() -> None:
     assert producer.events[-1] == "commit"  # closing begins nothing ahead
 
 
+async def test_a_call_in_flight_begins_its_outcome_s_transaction_ahead() -> None:
+    writer, producer = await _writer(tick_ms=1)
+    try:
+        assert writer.ledger is not None
+        writer.ledger.start(0)
+        await writer.claim(0, attempts=1)  # a lone request: its call is about to start
+        assert producer.events[-2:] == ["begin", "prepare []"]  # the group, for the outcome
+    finally:
+        await writer.close()
+
+
+async def test_a_sparse_partition_begins_nothing_ahead() -> None:
+    writer, producer = await _writer(tick_ms=1, prepared_idle_ms=100)
+    try:
+        await _outcome(writer, 0)
+        await asyncio.sleep(0.15)  # longer apart than eos_prepared_idle_ms
+        await _outcome(writer, 1)
+        await asyncio.sleep(0.15)
+    finally:
+        await writer.close()
+    assert producer.events.count("begin") == 3  # two ticks and the closing one
+    assert not [e for e in producer.events if e.startswith("prepare")]
+
+
 async def test_a_transaction_begun_ahead_is_aborted_when_nothing_comes() -> None:
     writer, producer = await _writer(tick_ms=1, prepared_idle_ms=100)
     try:
         await _outcome(writer, 0)
+        await _outcome(writer, 1)
         await asyncio.sleep(0.05)
         assert "abort" not in producer.events
         await asyncio.sleep(0.3)
         assert producer.events[-3:] == ["begin", "prepare [2]", "abort"]
         producer.events.clear()
-        await _outcome(writer, 1)
+        await _outcome(writer, 2)
         assert producer.events[:2] == ["begin", "ready [2]"]  # a transaction of its own
     finally:
         await writer.close()
