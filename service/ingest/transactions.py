@@ -4,9 +4,9 @@ A tick's transaction carries records (outcomes, metering records) and the offset
 naively it costs five round trips in turn (AddPartitionsToTxn, Produce, AddOffsetsToTxn,
 TxnOffsetCommit, EndTxn), and its first request waits while the coordinator still writes the
 previous transaction's markers. So, once a transaction commits, the next one begins at once
-and adds, in the background (`txn_sender.prepare`), the consumer group and the partitions the
-writer wrote lately (`RECENT_TICKS`, at most `PREPARED_MAX`). A tick that finds them added
-sends its records, then its offsets, and ends: three round trips. What it writes elsewhere
+and adds, in the background (`txn_sender.prepare`), the consumer group and the partitions
+the writer wrote in at least a quarter of its last ticks (`PREPARED_SHARE`). A tick that
+finds them added sends its records, then its offsets, and ends: three round trips. What it writes elsewhere
 is added first (`txn_sender.ready`), before anything is sent.
 
 A transaction is begun ahead only when a tick is expected soon: calls are in flight (their
@@ -20,17 +20,22 @@ transaction is begun ahead.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import Counter, deque
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from service.config import txn_sender
 from service.ingest.sending import Item, route, send_all
 
-RECENT_TICKS = 64
-"""A partition written within this many ticks is added to the next transaction ahead."""
+RECENT_TICKS = 32
+"""The ticks whose partitions say which to add ahead."""
+PREPARED_SHARE = 4
+"""A partition is added ahead when at least 1 / PREPARED_SHARE of the recent ticks wrote it: the
+usage partition of the partner (keyed by partner) and, of a topic with a few partitions, each.
+Of a topic with many, none: the next tick would hardly write the same ones, and each partition
+added gets a marker when the transaction ends."""
 PREPARED_MAX = 8
-"""At most this many partitions added ahead (each gets a marker when the transaction ends)."""
+"""At most this many partitions added ahead."""
 
 
 class Transactions:
@@ -43,8 +48,9 @@ class Transactions:
         self._open = False
         self._prepared_at: float | None = None
         """When the open transaction was begun ahead (None: begun by a tick, or none open)."""
-        self._ticks = 0
-        self._recent: dict[TopicPartition, int] = {}
+        self._recent: deque[frozenset[TopicPartition]] = deque(maxlen=RECENT_TICKS)
+        self._written: Counter[TopicPartition] = Counter()
+        """How many of `_recent` wrote each partition."""
         self._sent_at = (-1e9, -1e9)
         """When the last two ticks began sending."""
 
@@ -72,10 +78,8 @@ class Transactions:
         routes = await route(producer, items)
         written = set(routes.values())
         await txn_sender.ready(producer, written, self.group_id)
-        self._ticks += 1
         self._sent_at = (self._sent_at[1], time.monotonic())
-        for tp in written:
-            self._recent[tp] = self._ticks
+        self._remember(written)
         # the offsets once the records are acked: the leader of a record's partition and the
         # group coordinator each ask the transaction coordinator whether the transaction holds
         # what they write (KIP-890), and of two such questions in flight for one transaction
@@ -105,11 +109,18 @@ class Transactions:
         self._prepared_at = time.monotonic()
         txn_sender.prepare(producer, self._likely(), self.group_id)
 
-    def _likely(self) -> Sequence[TopicPartition]:
-        horizon = self._ticks - RECENT_TICKS
-        for tp in [tp for tp, tick in self._recent.items() if tick <= horizon]:
-            del self._recent[tp]
-        return sorted(self._recent, key=self._recent.__getitem__, reverse=True)[:PREPARED_MAX]
+    def _remember(self, written: set[TopicPartition]) -> None:
+        if len(self._recent) == RECENT_TICKS:
+            self._written.subtract(self._recent[0])
+        self._recent.append(frozenset(written))
+        self._written.update(written)
+
+    def _likely(self) -> list[TopicPartition]:
+        least = len(self._recent) / PREPARED_SHARE
+        often = [(n, tp) for tp, n in self._written.items() if n > 0 and n >= least]
+        for tp in [tp for tp, n in self._written.items() if n <= 0]:
+            del self._written[tp]
+        return [tp for _, tp in sorted(often, key=lambda e: e[0], reverse=True)[:PREPARED_MAX]]
 
     def idle_for(self) -> float | None:
         """Seconds until the transaction begun ahead is to be aborted (None: there is none)."""

@@ -214,3 +214,15 @@ async def test_items_arriving_during_a_tick_are_gathered_into_the_next() -> None
         assert producer.commits == 2
     finally:
         await writer.close()
+
+
+def test_only_partitions_most_ticks_write_are_added_ahead() -> None:
+    """The partner's usage partition (every tick) and, of a topic with three partitions, each;
+    of one with a hundred, none."""
+    txns = transactions.Transactions("g", 1.0)
+    usage, small, large = "claude.usage", "claude.responses.small", "claude.responses.large"
+    for i in range(transactions.RECENT_TICKS * 2):
+        written = {TopicPartition(usage, 1), TopicPartition(small, i % 3), TopicPartition(large, i % 100)}
+        txns._remember(written)
+    likely = set(txns._likely())
+    assert likely == {TopicPartition(usage, 1), *(TopicPartition(small, p) for p in range(3))}
