@@ -10,8 +10,9 @@ finds them added sends its records, then its offsets, and ends: three round trip
 is added first (`txn_sender.ready`), before anything is sent.
 
 A transaction is begun ahead only when a tick is expected soon: calls are in flight (their
-outcomes will come), or the last two ticks were less than `kafka.eos_prepared_idle_ms` apart.
-A partition that sees a request every few seconds thus pays no extra requests. One begun ahead
+outcomes will come), or the last three ticks came within `kafka.eos_prepared_idle_ms`. A
+partition that sees a request every few seconds (a claim, then its outcome) thus begins no
+transaction that nothing uses. One begun ahead
 that gets nothing for `eos_prepared_idle_ms` is aborted (it holds nothing: no partition's
 readers wait for it), and the next tick begins its own. With `eos_prepared_idle_ms: 0` no
 transaction is begun ahead.
@@ -51,8 +52,8 @@ class Transactions:
         self._recent: deque[frozenset[TopicPartition]] = deque(maxlen=RECENT_TICKS)
         self._written: Counter[TopicPartition] = Counter()
         """How many of `_recent` wrote each partition."""
-        self._sent_at = (-1e9, -1e9)
-        """When the last two ticks began sending."""
+        self._sent_at: deque[float] = deque(maxlen=3)
+        """When the last three ticks began sending."""
 
     def reset(self, producer: AIOKafkaProducer) -> None:
         """A new producer (its transaction state is fresh)."""
@@ -78,7 +79,7 @@ class Transactions:
         routes = await route(producer, items)
         written = set(routes.values())
         await txn_sender.ready(producer, written, self.group_id)
-        self._sent_at = (self._sent_at[1], time.monotonic())
+        self._sent_at.append(time.monotonic())
         self._remember(written)
         # the offsets once the records are acked: the leader of a record's partition and the
         # group coordinator each ask the transaction coordinator whether the transaction holds
@@ -100,7 +101,8 @@ class Transactions:
     async def begin_ahead(self, expected: bool) -> None:
         """Begin the next transaction now and prepare it in the background, if a tick is
         `expected` (calls in flight) or the ticks come often."""
-        frequent = self._sent_at[1] - self._sent_at[0] < self.prepared_idle_s
+        sent = self._sent_at
+        frequent = len(sent) == sent.maxlen and sent[-1] - sent[0] < self.prepared_idle_s
         if self.prepared_idle_s <= 0 or self._open or not (expected or frequent):
             return
         producer = self._producer

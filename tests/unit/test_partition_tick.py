@@ -125,11 +125,12 @@ async def test_the_next_transaction_begins_as_soon_as_one_commits() -> None:
     writer, producer = await _writer(tick_ms=1)
     try:
         await _outcome(writer, 0)
-        assert producer.events[-1] == "commit"  # the first tick: nothing says another is coming
-        await _outcome(writer, 1)  # the ticks come often
+        await _outcome(writer, 1)
+        assert producer.events[-1] == "commit"  # two ticks: nothing says another is coming
+        await _outcome(writer, 2)  # the ticks come often
         assert producer.events[-2:] == ["begin", "prepare [2]"]  # the partition it wrote, ahead
         producer.events.clear()
-        await _outcome(writer, 2)
+        await _outcome(writer, 3)
         assert producer.events[:2] == ["ready [2]", "added"]  # no begin: it was open
         assert "commit" in producer.events
     finally:
@@ -148,30 +149,35 @@ async def test_a_call_in_flight_begins_its_outcome_s_transaction_ahead() -> None
         await writer.close()
 
 
-async def test_a_sparse_partition_begins_nothing_ahead() -> None:
+async def test_a_sparse_partition_begins_nothing_nobody_uses() -> None:
+    """A request every so often: its claim's transaction begins its outcome's ahead, and
+    nothing is begun after the outcome."""
     writer, producer = await _writer(tick_ms=1, prepared_idle_ms=100)
     try:
-        await _outcome(writer, 0)
-        await asyncio.sleep(0.15)  # longer apart than eos_prepared_idle_ms
-        await _outcome(writer, 1)
-        await asyncio.sleep(0.15)
+        assert writer.ledger is not None
+        for offset in range(3):
+            writer.ledger.start(offset)
+            await writer.claim(offset, attempts=1)
+            await writer.publish(offset, [OutMessage("claude.responses.p", b"k", b"v")])
+            await asyncio.sleep(0.15)  # longer apart than eos_prepared_idle_ms
+        assert "abort" not in producer.events
     finally:
         await writer.close()
-    assert producer.events.count("begin") == 3  # two ticks and the closing one
-    assert not [e for e in producer.events if e.startswith("prepare")]
+    # each claim's own, the one it begins ahead for its outcome, and the closing tick's
+    assert producer.events.count("begin") == 2 * 3 + 1
 
 
 async def test_a_transaction_begun_ahead_is_aborted_when_nothing_comes() -> None:
     writer, producer = await _writer(tick_ms=1, prepared_idle_ms=100)
     try:
-        await _outcome(writer, 0)
-        await _outcome(writer, 1)
+        for offset in range(3):
+            await _outcome(writer, offset)
         await asyncio.sleep(0.05)
         assert "abort" not in producer.events
         await asyncio.sleep(0.3)
         assert producer.events[-3:] == ["begin", "prepare [2]", "abort"]
         producer.events.clear()
-        await _outcome(writer, 2)
+        await _outcome(writer, 3)
         assert producer.events[:2] == ["begin", "ready [2]"]  # a transaction of its own
     finally:
         await writer.close()
