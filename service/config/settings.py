@@ -65,7 +65,7 @@ class KafkaSettings(_Frozen):
     """A partition with calls in flight commits at least this often, so a new owner can
     tell a live previous owner (wait for it) from a dead one (resolve its claims)."""
     eos_prepared_idle_ms: int = Field(default=1_000, ge=0)
-    """When another tick is expected soon (calls in flight, or ticks less than this apart), a
+    """When another tick is expected soon (calls in flight, or three ticks within this time), a
     partition's next transaction begins as soon as one commits, with its likely partitions and
     the group added ahead; aborted if nothing comes for it this long (0: never begun ahead)."""
     eos_handoff_max_s: float = Field(default=30.0, ge=0)
