@@ -11,7 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 from aiokafka.helpers import create_ssl_context
 
-from service.config import txn_backoff
+from service.config import txn_sender
 from service.config.secrets import SecretRef
 from service.config.settings import KafkaSettings
 
@@ -56,7 +56,7 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
 def transactional_producer(settings: KafkaSettings, txn_id: str) -> AIOKafkaProducer:
     """A transactional producer (`txn_id`): every outcome writer and the batch worker use this
     one configuration; starting it fences the previous holder of the id. A new transaction's
-    first coordinator request is retried sooner while the previous one ends (`txn_backoff`)."""
+    first coordinator request is retried sooner while the previous one ends (`txn_sender`)."""
     k = settings
     producer = AIOKafkaProducer(
         **client_kwargs(k),
@@ -69,7 +69,7 @@ def transactional_producer(settings: KafkaSettings, txn_id: str) -> AIOKafkaProd
         max_request_size=k.producer_max_request_bytes,
         max_batch_size=k.producer_max_batch_bytes,
     )
-    return txn_backoff.install(producer)
+    return txn_sender.install(producer)
 
 
 async def create_topics(admin: AIOKafkaAdminClient, topics: Sequence[NewTopic]) -> list[str]:

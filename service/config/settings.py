@@ -64,6 +64,10 @@ class KafkaSettings(_Frozen):
     eos_heartbeat_s: float = Field(default=1.0, gt=0)
     """A partition with calls in flight commits at least this often, so a new owner can
     tell a live previous owner (wait for it) from a dead one (resolve its claims)."""
+    eos_prepared_idle_ms: int = Field(default=1_000, ge=0)
+    """When another tick is expected soon (calls in flight, or three ticks within this time), a
+    partition's next transaction begins as soon as one commits, with its likely partitions and
+    the group added ahead; aborted if nothing comes for it this long (0: never begun ahead)."""
     eos_handoff_max_s: float = Field(default=30.0, ge=0)
     """How long a new owner waits for a live previous owner to finish its calls."""
     transaction_timeout_ms: int = Field(default=60_000, gt=0)
@@ -107,6 +111,11 @@ class KafkaSettings(_Frozen):
             )
         if self.sasl_mechanism == "OAUTHBEARER" and self.sasl_oauth_token is None:
             raise ValueError("kafka.sasl_oauth_token is required with OAUTHBEARER")
+        if self.eos_prepared_idle_ms * 2 > self.transaction_timeout_ms:
+            raise ValueError(
+                "kafka.eos_prepared_idle_ms must be at most half kafka.transaction_timeout_ms "
+                "(the coordinator aborts a transaction open longer and fences its producer)"
+            )
         return self
 
 

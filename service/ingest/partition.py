@@ -9,7 +9,8 @@ Exactly-once (`kafka.exactly_once`, the default) works per input partition:
 - A short "tick" transaction every `eos_tick_ms` carries the outcomes that
   finished since the last one and the offset commit (`send_offsets_to_transaction`)
   whose metadata records finished offsets above the commit point and the
-  claims (`ledger.py`).
+  claims (`ledger.py`). The next transaction begins as soon as one commits
+  (`transactions.py`), so a tick mostly costs three round trips, not five.
 - A Claude call starts only after the tick that recorded its claim committed;
   no transaction is ever held open across a call.
 - A writer whose transaction fails in a way it cannot verify stops (`Fenced`);
@@ -39,12 +40,11 @@ from service.config.settings import KafkaSettings
 from service.ingest import failpoints
 from service.ingest.ledger import Claim, MetadataTooLarge, PartitionLedger, Snapshot, encode
 from service.ingest.sending import Item, OutMessage, send_all
+from service.ingest.takeover import FetchCommitted, await_handoff, read_committed
+from service.ingest.transactions import Transactions
 
 log = logging.getLogger(__name__)
 
-FetchCommitted = Callable[[TopicPartition, bool], Awaitable[tuple[int | None, str]]]
-"""The group's committed (offset, metadata) of a partition (offset None: never committed);
-the flag asks for a stable answer (no transactional commit pending)."""
 CommitOffsets = Callable[[TopicPartition, int, str], Awaitable[None]]
 """At-least-once mode: commit (offset, metadata) with the consumer."""
 
@@ -94,6 +94,7 @@ class PartitionWriter:
         self._commit_offsets = commit_offsets
         self._factory = producer_factory or self._new_producer
         self._producer: AIOKafkaProducer | None = None
+        self._txns = Transactions(settings.group_id, settings.eos_prepared_idle_ms / 1000)
         self.ledger: PartitionLedger | None = None
         self.state = State.STARTING
         self._queue: list[Item] = []
@@ -109,6 +110,7 @@ class PartitionWriter:
         self._last_owner = ""
         """Who wrote the latest commit we know of (ours once we committed)."""
         self.failure: BaseException | None = None
+        self._closing = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -119,7 +121,7 @@ class PartitionWriter:
         """Take the partition over: wait briefly for a live previous owner's calls, fence
         it, and read what it committed. Returns the restored state (seek to its commit)."""
         if self._eos:
-            await self._await_handoff()
+            await await_handoff(self._fetch_committed, self.tp, self.settings, self.owner)
             await self._open_producer()
         snapshot = await self._read_committed()
         self.ledger = PartitionLedger(snapshot)
@@ -136,38 +138,11 @@ class PartitionWriter:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
         self._producer = self._factory(transactional_id(self.settings.group_id, self.tp))
+        self._txns.reset(self._producer)
         await self._producer.start()  # init_transactions: bumps the epoch, fences the previous owner
 
-    async def _read_committed(self, stable: bool = True) -> Snapshot:
-        from service.ingest.ledger import MetadataCorrupt, decode
-
-        offset, metadata = await self._fetch_committed(self.tp, stable)
-        if offset is None or offset < 0:
-            return Snapshot(-1)  # never committed: the consumer's reset policy decides
-        try:
-            return decode(offset, metadata)
-        except MetadataCorrupt as exc:
-            log.warning(
-                "commit metadata is not ours; nothing known above the commit point",
-                extra={"topic": self.tp.topic, "partition": self.tp.partition, "error": str(exc)},
-            )
-            return Snapshot(offset)
-
-    async def _await_handoff(self) -> None:
-        """While the committed state shows another replica's calls in flight and that
-        replica still commits (heartbeats), give it time to publish them."""
-        deadline = time.monotonic() + self.settings.eos_handoff_max_s
-        stale_ms = max(3_000, int(self.settings.eos_heartbeat_s * 3_000))
-        while time.monotonic() < deadline:
-            # advisory, before fencing: a transaction a killed owner left open would keep
-            # a stable read waiting until it times out
-            snap = await self._read_committed(stable=False)
-            foreign = [c for c in snap.claims if c.owner != self.owner]
-            if not foreign or snap.owner == self.owner:
-                return
-            if time.time() * 1000 - snap.written_at_ms > stale_ms:
-                return  # its owner stopped committing: gone
-            await asyncio.sleep(0.2)
+    async def _read_committed(self) -> Snapshot:
+        return await read_committed(self._fetch_committed, self.tp)
 
     def suspend(self) -> None:
         """Revoked: keep finishing and committing, but hold new claims until the rebalance says."""
@@ -200,6 +175,7 @@ class PartitionWriter:
         """Commit what is finished, then stop the producer."""
         if self.state is State.CLOSED:
             return
+        self._closing = True  # the last tick begins nothing ahead
         if self._loop_task is not None and self.failure is None:
             with contextlib.suppress(Exception):
                 await self._tick()
@@ -256,8 +232,10 @@ class PartitionWriter:
         heartbeat_s = self.settings.eos_heartbeat_s
         try:
             while True:
+                idle = self._txns.idle_for()
+                wait_s = heartbeat_s if idle is None else min(heartbeat_s, max(idle, 0.0))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=heartbeat_s)
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
                 # an item that finds the writer idle goes at once; what comes while a tick is
                 # in flight is gathered into the next one, which waits at most `eos_tick_ms`
                 # after the previous one ended
@@ -273,6 +251,8 @@ class PartitionWriter:
                 )
                 if self._queue or beat:
                     await self._tick()
+                else:
+                    await self._abort_idle()
         except asyncio.CancelledError:
             raise
         except Fenced as exc:
@@ -344,26 +324,16 @@ class PartitionWriter:
 
     async def _tick_transactional(self, ledger: PartitionLedger, items: list[Item]) -> None:
         taken, snap, metadata = self._prepare(ledger, items)
-        producer = self._producer
-        assert producer is not None
         try:
-            await producer.begin_transaction()
-            # the offsets only once the messages are acked: sent together, the broker's check
-            # that a message's partition is in the transaction (KIP-890) can meet the
-            # coordinator busy adding the offsets, and the refused send (NOT_ENOUGH_REPLICAS)
-            # is retried after aiokafka's 100 ms backoff
-            refused, resend = await send_all(producer, taken)
-            await producer.send_offsets_to_transaction(
-                {self.tp: (snap.commit, metadata)}, self.settings.group_id
-            )
+            refused, resend = await self._txns.send(taken, {self.tp: (snap.commit, metadata)})
             if refused or resend:
                 # the idempotent sequence is broken past a refused batch: abort, start afresh
                 with contextlib.suppress(KafkaError):
-                    await producer.abort_transaction()
+                    await self._txns.abort()
                 await self._reopen_verified(ledger, taken, snap)
                 return
             failpoints.hit("tick.sent")
-            await producer.commit_transaction()
+            await self._txns.commit()
             failpoints.hit("tick.committed")
         except ProducerFenced as exc:
             raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
@@ -377,6 +347,24 @@ class PartitionWriter:
         self.transactions += 1
         self._failures = 0
         self._settle(ledger, taken, snap)
+        if not self._closing and self.state in (State.OWNED, State.SUSPENDED):
+            await self._begin_ahead()
+
+    async def _begin_ahead(self) -> None:
+        try:
+            await self._txns.begin_ahead(expected=self.claims_in_flight > 0)
+        except ProducerFenced as exc:
+            raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
+
+    async def _abort_idle(self) -> None:
+        """Abort the transaction begun ahead if nothing came for it (the writer stays idle)."""
+        async with self._tick_lock:
+            if self._queue:
+                return
+            try:
+                await self._txns.abort_idle()
+            except ProducerFenced as exc:
+                raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
 
     async def _reopen_verified(self, ledger: PartitionLedger, taken: list[Item], snap: Snapshot) -> None:
         """After a failed or aborted tick: re-initialise the producer (which completes or

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
+from service.config.txn_sender import partition_of
 from service.ingest.ledger import Claim
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,30 @@ class Item:
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-async def send_all(producer: AIOKafkaProducer, items: list[Item]) -> tuple[list[Item], list[Item]]:
-    """Send every message: (the items refused for good, those to send again alone).
-    Any other error fails the whole tick.
+Routes = Mapping[int, TopicPartition]
+"""Where each message goes, by `id` of the message (`route`)."""
+
+
+async def route(producer: AIOKafkaProducer, items: Sequence[Item]) -> dict[int, TopicPartition]:
+    """The partition of every message of `items`, as the producer would choose it. A message
+    whose topic the producer cannot know (unauthorized, invalid) is left out: `send_all` meets
+    the same error from `send` and refuses its item."""
+    routes: dict[int, TopicPartition] = {}
+    for item in items:
+        for m in item.messages:
+            try:
+                routes[id(m)] = TopicPartition(m.topic, await partition_of(producer, m.topic, m.key))
+            except KafkaError as exc:
+                if not _refusal(exc):
+                    raise
+    return routes
+
+
+async def send_all(
+    producer: AIOKafkaProducer, items: list[Item], routes: Routes | None = None
+) -> tuple[list[Item], list[Item]]:
+    """Send every message (to its partition in `routes`, if given): (the items refused for
+    good, those to send again alone). Any other error fails the whole tick.
 
     The broker applies `max.message.bytes` to a whole batch and aiokafka does not split a
     refused batch, so a message refused among other items' messages is marked `alone` and
@@ -59,7 +81,7 @@ async def send_all(producer: AIOKafkaProducer, items: list[Item]) -> tuple[list[
         if item.alone:
             for m in item.messages:
                 try:
-                    await (await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers)))
+                    await (await _send(producer, m, routes))
                 except KafkaError as exc:
                     if not _refusal(exc):
                         raise
@@ -72,7 +94,7 @@ async def send_all(producer: AIOKafkaProducer, items: list[Item]) -> tuple[list[
             continue
         for m in item.messages:
             try:
-                fut = await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers))
+                fut = await _send(producer, m, routes)
             except KafkaError as exc:  # refused before sending: this message alone is too big
                 if not _refusal(exc):
                     raise
@@ -100,6 +122,15 @@ async def send_all(producer: AIOKafkaProducer, items: list[Item]) -> tuple[list[
         if failure is not None:
             raise failure
     return list(refused.values()), resend
+
+
+async def _send(producer: AIOKafkaProducer, m: OutMessage, routes: Routes | None) -> asyncio.Future[object]:
+    tp = None if routes is None else routes.get(id(m))
+    partition = None if tp is None else tp.partition
+    fut: asyncio.Future[object] = await producer.send(
+        m.topic, m.value, key=m.key, partition=partition, headers=list(m.headers)
+    )
+    return fut
 
 
 _REFUSALS = frozenset(

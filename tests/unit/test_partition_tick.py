@@ -1,20 +1,27 @@
-"""The partition writer's tick (service/ingest/partition.py) against a recording producer:
-the offsets join the transaction only after its messages are acked, and an item that finds
-the writer idle does not wait for `kafka.eos_tick_ms`."""
+"""The partition writer's tick (service/ingest/partition.py, transactions.py) against a
+recording producer: nothing is sent before the transaction holds its partitions and group, the
+offsets only after the messages are acked; the next transaction begins as soon as one commits
+and is aborted when nothing comes for it; an item that finds the writer idle does not wait for
+`kafka.eos_tick_ms`."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 
+from service.config import txn_sender
 from service.config.settings import KafkaSettings
+from service.ingest import transactions
 from service.ingest.partition import PartitionWriter
-from service.ingest.sending import OutMessage
+from service.ingest.sending import Item, OutMessage
 
 TP = TopicPartition("claude.requests.p", 0)
+OUT = TopicPartition("claude.responses.p", 2)
 ACK_S = 0.02
 
 
@@ -60,9 +67,32 @@ async def _fetch_committed(tp: TopicPartition, stable: bool) -> tuple[int | None
     return None, ""
 
 
-async def _writer(tick_ms: int) -> tuple[PartitionWriter, _Producer]:
+@pytest.fixture(autouse=True)
+def _coordinator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator's side (txn_sender): every message goes to `OUT`; adding partitions and
+    the group is recorded as an event of the producer (`ready` waits ADD_S for it)."""
+
+    async def route(producer: _Producer, items: Sequence[Item]) -> dict[int, TopicPartition]:
+        return {id(m): OUT for item in items for m in item.messages}
+
+    def prepare(producer: _Producer, partitions: Iterable[TopicPartition], group_id: str) -> None:
+        producer.events.append(f"prepare {sorted(p.partition for p in partitions)}")
+
+    async def ready(producer: _Producer, partitions: Iterable[TopicPartition], group_id: str) -> None:
+        producer.events.append(f"ready {sorted(p.partition for p in partitions)}")
+        await asyncio.sleep(ACK_S)
+        producer.events.append("added")
+
+    monkeypatch.setattr(transactions, "route", route)
+    monkeypatch.setattr(txn_sender, "prepare", prepare)
+    monkeypatch.setattr(txn_sender, "ready", ready)
+
+
+async def _writer(tick_ms: int, prepared_idle_ms: int = 1_000) -> tuple[PartitionWriter, _Producer]:
     producer = _Producer()
-    settings = KafkaSettings.model_validate({"eos_tick_ms": tick_ms, "eos_handoff_max_s": 0})
+    settings = KafkaSettings.model_validate(
+        {"eos_tick_ms": tick_ms, "eos_handoff_max_s": 0, "eos_prepared_idle_ms": prepared_idle_ms}
+    )
     writer = PartitionWriter(
         TP,
         settings,
@@ -80,15 +110,88 @@ def _outcome(writer: PartitionWriter, offset: int) -> Any:
     return writer.publish(offset, [OutMessage("claude.responses.p", b"k", b"v")])
 
 
-async def test_the_offsets_follow_the_acked_messages() -> None:
+async def test_nothing_is_sent_before_the_transaction_holds_it_and_the_offsets_follow_the_acks() -> None:
     writer, producer = await _writer(tick_ms=1)
     try:
         await _outcome(writer, 0)
     finally:
         await writer.close()
-    # sent together, the broker's partition check (KIP-890) can meet the coordinator busy
-    # with the offsets and refuse the send (retried after 100 ms)
-    assert producer.events[:5] == ["begin", "send", "acked", "offsets", "commit"]
+    # sent while the coordinator adds a partition or the group, or the messages and the
+    # offsets together, the brokers' checks (KIP-890) refuse one (retried after 100 ms)
+    assert producer.events[:7] == ["begin", "ready [2]", "added", "send", "acked", "offsets", "commit"]
+
+
+async def test_the_next_transaction_begins_as_soon_as_one_commits() -> None:
+    writer, producer = await _writer(tick_ms=1)
+    try:
+        await _outcome(writer, 0)
+        await _outcome(writer, 1)
+        assert producer.events[-1] == "commit"  # two ticks: nothing says another is coming
+        await _outcome(writer, 2)  # the ticks come often
+        assert producer.events[-2:] == ["begin", "prepare [2]"]  # the partition it wrote, ahead
+        producer.events.clear()
+        await _outcome(writer, 3)
+        assert producer.events[:2] == ["ready [2]", "added"]  # no begin: it was open
+        assert "commit" in producer.events
+    finally:
+        await writer.close()
+    assert producer.events[-1] == "commit"  # closing begins nothing ahead
+
+
+async def test_a_call_in_flight_begins_its_outcome_s_transaction_ahead() -> None:
+    writer, producer = await _writer(tick_ms=1)
+    try:
+        assert writer.ledger is not None
+        writer.ledger.start(0)
+        await writer.claim(0, attempts=1)  # a lone request: its call is about to start
+        assert producer.events[-2:] == ["begin", "prepare []"]  # the group, for the outcome
+    finally:
+        await writer.close()
+
+
+async def test_a_sparse_partition_begins_nothing_nobody_uses() -> None:
+    """A request every so often: its claim's transaction begins its outcome's ahead, and
+    nothing is begun after the outcome."""
+    writer, producer = await _writer(tick_ms=1, prepared_idle_ms=100)
+    try:
+        assert writer.ledger is not None
+        for offset in range(3):
+            writer.ledger.start(offset)
+            await writer.claim(offset, attempts=1)
+            await writer.publish(offset, [OutMessage("claude.responses.p", b"k", b"v")])
+            await asyncio.sleep(0.15)  # longer apart than eos_prepared_idle_ms
+        assert "abort" not in producer.events
+    finally:
+        await writer.close()
+    # each claim's own, the one it begins ahead for its outcome, and the closing tick's
+    assert producer.events.count("begin") == 2 * 3 + 1
+
+
+async def test_a_transaction_begun_ahead_is_aborted_when_nothing_comes() -> None:
+    writer, producer = await _writer(tick_ms=1, prepared_idle_ms=100)
+    try:
+        for offset in range(3):
+            await _outcome(writer, offset)
+        await asyncio.sleep(0.05)
+        assert "abort" not in producer.events
+        await asyncio.sleep(0.3)
+        assert producer.events[-3:] == ["begin", "prepare [2]", "abort"]
+        producer.events.clear()
+        await _outcome(writer, 3)
+        assert producer.events[:2] == ["begin", "ready [2]"]  # a transaction of its own
+    finally:
+        await writer.close()
+
+
+async def test_no_transaction_begins_ahead_when_it_is_turned_off() -> None:
+    writer, producer = await _writer(tick_ms=1, prepared_idle_ms=0)
+    try:
+        await _outcome(writer, 0)
+        await _outcome(writer, 1)
+    finally:
+        await writer.close()
+    assert producer.events.count("begin") == 3  # two ticks and the closing one
+    assert not [e for e in producer.events if e.startswith("prepare")]
 
 
 async def test_an_item_finding_the_writer_idle_skips_the_linger() -> None:
@@ -117,3 +220,15 @@ async def test_items_arriving_during_a_tick_are_gathered_into_the_next() -> None
         assert producer.commits == 2
     finally:
         await writer.close()
+
+
+def test_only_partitions_most_ticks_write_are_added_ahead() -> None:
+    """The partner's usage partition (every tick) and, of a topic with three partitions, each;
+    of one with a hundred, none."""
+    txns = transactions.Transactions("g", 1.0)
+    usage, small, large = "claude.usage", "claude.responses.small", "claude.responses.large"
+    for i in range(transactions.RECENT_TICKS * 2):
+        written = {TopicPartition(usage, 1), TopicPartition(small, i % 3), TopicPartition(large, i % 100)}
+        txns._remember(written)
+    likely = set(txns._likely())
+    assert likely == {TopicPartition(usage, 1), *(TopicPartition(small, p) for p in range(3))}

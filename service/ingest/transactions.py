@@ -1,0 +1,139 @@
+"""One partition writer's transactions: begun ahead, prepared, sent, committed.
+
+A tick's transaction carries records (outcomes, metering records) and the offset commit. Run
+naively it costs five round trips in turn (AddPartitionsToTxn, Produce, AddOffsetsToTxn,
+TxnOffsetCommit, EndTxn), and its first request waits while the coordinator still writes the
+previous transaction's markers. So, once a transaction commits, the next one begins at once
+and adds, in the background (`txn_sender.prepare`), the consumer group and the partitions
+the writer wrote in at least a quarter of its last ticks (`PREPARED_SHARE`). A tick that
+finds them added sends its records, then its offsets, and ends: three round trips. What it writes elsewhere
+is added first (`txn_sender.ready`), before anything is sent.
+
+A transaction is begun ahead only when a tick is expected soon: calls are in flight (their
+outcomes will come), or the last three ticks came within `kafka.eos_prepared_idle_ms`. A
+partition that sees a request every few seconds (a claim, then its outcome) thus begins no
+transaction that nothing uses. One begun ahead
+that gets nothing for `eos_prepared_idle_ms` is aborted (it holds nothing: no partition's
+readers wait for it), and the next tick begins its own. With `eos_prepared_idle_ms: 0` no
+transaction is begun ahead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from service.config import txn_sender
+from service.ingest.sending import Item, route, send_all
+
+RECENT_TICKS = 32
+"""The ticks whose partitions say which to add ahead."""
+PREPARED_SHARE = 4
+"""A partition is added ahead when at least 1 / PREPARED_SHARE of the recent ticks wrote it: the
+usage partition of the partner (keyed by partner) and, of a topic with a few partitions, each.
+Of a topic with many, none: the next tick would hardly write the same ones, and each partition
+added gets a marker when the transaction ends."""
+PREPARED_MAX = 8
+"""At most this many partitions added ahead."""
+
+
+class Transactions:
+    """The transactions of one producer (replaced with it: `reset`)."""
+
+    def __init__(self, group_id: str, prepared_idle_s: float) -> None:
+        self.group_id = group_id
+        self.prepared_idle_s = prepared_idle_s
+        self.producer: AIOKafkaProducer | None = None
+        self._open = False
+        self._prepared_at: float | None = None
+        """When the open transaction was begun ahead (None: begun by a tick, or none open)."""
+        self._recent: deque[frozenset[TopicPartition]] = deque(maxlen=RECENT_TICKS)
+        self._written: Counter[TopicPartition] = Counter()
+        """How many of `_recent` wrote each partition."""
+        self._sent_at: deque[float] = deque(maxlen=3)
+        """When the last three ticks began sending."""
+
+    def reset(self, producer: AIOKafkaProducer) -> None:
+        """A new producer (its transaction state is fresh)."""
+        self.producer = producer
+        self._open = False
+        self._prepared_at = None
+
+    @property
+    def _producer(self) -> AIOKafkaProducer:
+        assert self.producer is not None
+        return self.producer
+
+    async def send(
+        self, items: list[Item], offsets: dict[TopicPartition, tuple[int, str]]
+    ) -> tuple[list[Item], list[Item]]:
+        """Send `items` and `offsets` in the open transaction (begun if none is):
+        (the items refused for good, those to send again alone), as `send_all`."""
+        producer = self._producer
+        if not self._open:
+            await producer.begin_transaction()
+            self._open = True
+        self._prepared_at = None
+        routes = await route(producer, items)
+        written = set(routes.values())
+        await txn_sender.ready(producer, written, self.group_id)
+        self._sent_at.append(time.monotonic())
+        self._remember(written)
+        # the offsets once the records are acked: the leader of a record's partition and the
+        # group coordinator each ask the transaction coordinator whether the transaction holds
+        # what they write (KIP-890), and of two such questions in flight for one transaction
+        # the broker fails the first (the records NOT_ENOUGH_REPLICAS, the offsets
+        # COORDINATOR_NOT_AVAILABLE: both retried after 100 ms)
+        sent = await send_all(producer, items, routes)
+        await producer.send_offsets_to_transaction(offsets, self.group_id)
+        return sent
+
+    async def commit(self) -> None:
+        await self._producer.commit_transaction()
+        self._open = False
+
+    async def abort(self) -> None:
+        self._open = False
+        await self._producer.abort_transaction()
+
+    async def begin_ahead(self, expected: bool) -> None:
+        """Begin the next transaction now and prepare it in the background, if a tick is
+        `expected` (calls in flight) or the ticks come often."""
+        sent = self._sent_at
+        frequent = len(sent) == sent.maxlen and sent[-1] - sent[0] < self.prepared_idle_s
+        if self.prepared_idle_s <= 0 or self._open or not (expected or frequent):
+            return
+        producer = self._producer
+        await producer.begin_transaction()
+        self._open = True
+        self._prepared_at = time.monotonic()
+        txn_sender.prepare(producer, self._likely(), self.group_id)
+
+    def _remember(self, written: set[TopicPartition]) -> None:
+        if len(self._recent) == RECENT_TICKS:
+            self._written.subtract(self._recent[0])
+        self._recent.append(frozenset(written))
+        self._written.update(written)
+
+    def _likely(self) -> list[TopicPartition]:
+        least = len(self._recent) / PREPARED_SHARE
+        often = [(n, tp) for tp, n in self._written.items() if n > 0 and n >= least]
+        for tp in [tp for tp, n in self._written.items() if n <= 0]:
+            del self._written[tp]
+        return [tp for _, tp in sorted(often, key=lambda e: e[0], reverse=True)[:PREPARED_MAX]]
+
+    def idle_for(self) -> float | None:
+        """Seconds until the transaction begun ahead is to be aborted (None: there is none)."""
+        if self._prepared_at is None:
+            return None
+        return self._prepared_at + self.prepared_idle_s - time.monotonic()
+
+    async def abort_idle(self) -> None:
+        """Abort the transaction begun ahead if it waited `prepared_idle_s` for nothing."""
+        left = self.idle_for()
+        if left is None or left > 0:
+            return
+        self._prepared_at = None
+        await self.abort()
