@@ -3,18 +3,18 @@
 A tick's transaction carries records (outcomes, metering records) and the offset commit. Run
 naively it costs five round trips in turn (AddPartitionsToTxn, Produce, AddOffsetsToTxn,
 TxnOffsetCommit, EndTxn), and its first request waits while the coordinator still writes the
-previous transaction's markers. So, once a transaction commits, the next one begins at once
-and adds, in the background (`txn_sender.prepare`), the consumer group and the partitions
-the writer wrote in at least a quarter of its last ticks (`PREPARED_SHARE`). A tick that
-finds them added sends its records, then its offsets, and ends: three round trips. What it writes elsewhere
-is added first (`txn_sender.ready`), before anything is sent.
+previous transaction's markers. So, once a transaction commits and another tick is expected
+soon, the next one begins at once and adds, in the background (`txn_sender.prepare`), the
+consumer group and the partitions the writer wrote in at least a quarter of its last ticks
+(`PREPARED_SHARE`). A tick that finds them added sends its records, then its offsets, and
+ends: three round trips. What it writes elsewhere is added first (`txn_sender.ready`),
+before anything is sent.
 
-A transaction is begun ahead only when a tick is expected soon: calls are in flight (their
-outcomes will come), or the last three ticks came within `kafka.eos_prepared_idle_ms`. A
-partition that sees a request every few seconds (a claim, then its outcome) thus begins no
-transaction that nothing uses. One begun ahead
-that gets nothing for `eos_prepared_idle_ms` is aborted (it holds nothing: no partition's
-readers wait for it), and the next tick begins its own. With `eos_prepared_idle_ms: 0` no
+"Expected soon": calls are in flight (their outcomes will come), or the last three ticks came
+within `kafka.eos_prepared_idle_ms`. A partition that sees a request every few seconds (a
+claim, then its outcome) thus begins no transaction that nothing uses. One begun ahead that
+gets nothing for `eos_prepared_idle_ms` is aborted (it holds nothing: no partition's readers
+wait for it), and the next tick begins its own. With `eos_prepared_idle_ms: 0` no
 transaction is begun ahead.
 """
 
