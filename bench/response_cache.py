@@ -10,9 +10,10 @@ One partner with `cache.enabled`:
 2. warm-up: hits at the highest rate for `--response-cache-warmup-s` (30 s), not measured. The
    broker is a JVM started moments before: until its JIT has compiled the transaction paths,
    each transaction costs it several times the CPU, and on two cores that is the gateway's
-   latency (measured on one machine: the warm-up's own hit p99 at 200/s was 44-52 ms, the
-   200/s phase right after it 13-14 ms). A production broker has served for days. The
-   warm-up's figures are reported (`warmup`), not counted;
+   latency (measured on the 2-core development machine in a calm period: the warm-up's own
+   hit p99 at 200/s was 44-52 ms, the 200/s phase right after it 11-14 ms; when the machine's
+   host is busy both are higher, 25-46 ms after the warm-up). A production broker has served
+   for days. The warm-up's figures are reported (`warmup`), not counted;
 3. hits: the same params again (new request ids), paced at each of `--response-cache-rates`
    per second for `--response-cache-seconds`, over the partitions: every one a hit.
 
