@@ -43,8 +43,9 @@ from service.config.kafka import client_kwargs, transactional_producer
 from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter
 from service.ingest import failpoints
+from service.ingest.hanging import HANGING_AFTER_S, heal, written_topics
 from service.ingest.sending import OutMessage
-from service.ingest.stable_offsets import fetch_committed_stable
+from service.ingest.stable_offsets import UnstableOffset, fetch_committed_stable
 from service.telemetry.metrics import Metrics
 from service.upstream.client import ClaudeClient
 
@@ -220,7 +221,13 @@ class PendingOwner:
         )
         for st in states.values():
             self._track(st, recovered=True)
-        offset, _ = await fetch_committed_stable(consumer._coordinator, self.tp)
+        try:
+            offset, _ = await fetch_committed_stable(
+                consumer._coordinator, self.tp, unstable_max_s=HANGING_AFTER_S
+            )
+        except UnstableOffset:  # our id's last transaction left hanging: end it (hanging.py)
+            await heal(self._producer, self.ctx.group, written_topics(gs))
+            offset, _ = await fetch_committed_stable(consumer._coordinator, self.tp)
         log.info("batch worker started", extra={"open_batches": len(states), "offset": offset})
         return offset or 0
 

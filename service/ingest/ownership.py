@@ -28,6 +28,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from service.config.settings import GatewaySettings
 from service.egress.publisher import Publisher
+from service.ingest.hanging import HANGING_AFTER_S, written_topics
 from service.ingest.ledger import Claim
 from service.ingest.partition import PartitionWriter, State
 from service.ingest.sending import OutMessage
@@ -139,7 +140,11 @@ class Ownership:
     async def _fetch_committed(self, tp: TopicPartition, stable: bool = True) -> tuple[int | None, str]:
         # the committed offset *with* its metadata, and stable (no transactional commit
         # pending): aiokafka's public `committed()` drops the metadata and may answer stale
-        return await fetch_committed_stable(self._consumer()._coordinator, tp, stable=stable)
+        # a commit pending this long after the writer initialised its producer is hanging:
+        # `UnstableOffset`, and the writer ends it (hanging.py)
+        return await fetch_committed_stable(
+            self._consumer()._coordinator, tp, stable=stable, unstable_max_s=HANGING_AFTER_S
+        )
 
     async def _commit_offsets(self, tp: TopicPartition, offset: int, metadata: str) -> None:
         if offset >= 0:
@@ -155,6 +160,7 @@ class Ownership:
             self._fetch_committed,
             shared_producer=self._publisher.producer if plain and self._publisher is not None else None,
             commit_offsets=self._commit_offsets if plain else None,
+            written_topics=lambda: written_topics(self._settings()),
         )
         self.ready.discard(tp)
         self._starting[tp] = asyncio.get_running_loop().create_task(

@@ -38,8 +38,10 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from service.config.kafka import transactional_producer
 from service.config.settings import KafkaSettings
 from service.ingest import failpoints
+from service.ingest.hanging import heal
 from service.ingest.ledger import Claim, MetadataTooLarge, PartitionLedger, Snapshot, encode
 from service.ingest.sending import Item, OutMessage, send_all
+from service.ingest.stable_offsets import UnstableOffset
 from service.ingest.takeover import FetchCommitted, await_handoff, read_committed
 from service.ingest.transactions import Transactions
 
@@ -84,6 +86,7 @@ class PartitionWriter:
         shared_producer: AIOKafkaProducer | None = None,
         commit_offsets: CommitOffsets | None = None,
         producer_factory: Callable[[str], AIOKafkaProducer] | None = None,
+        written_topics: Callable[[], list[str]] | None = None,
     ) -> None:
         self.tp = tp
         self.settings = settings
@@ -93,6 +96,8 @@ class PartitionWriter:
         self._shared = shared_producer
         self._commit_offsets = commit_offsets
         self._factory = producer_factory or self._new_producer
+        self._written_topics = written_topics
+        """The topics this writer's transactions may have written (to end one left hanging)."""
         self._producer: AIOKafkaProducer | None = None
         self._txns = Transactions(settings.group_id, settings.eos_prepared_idle_ms / 1000)
         self.ledger: PartitionLedger | None = None
@@ -142,6 +147,14 @@ class PartitionWriter:
         await self._producer.start()  # init_transactions: bumps the epoch, fences the previous owner
 
     async def _read_committed(self) -> Snapshot:
+        """The committed state, stable. A commit still pending once our producer is initialised
+        is a transaction left hanging (`hanging.py`): end it, then read."""
+        try:
+            return await read_committed(self._fetch_committed, self.tp)
+        except UnstableOffset:
+            if self._producer is None or self._written_topics is None:
+                raise
+        await heal(self._producer, self.settings.group_id, self._written_topics())
         return await read_committed(self._fetch_committed, self.tp)
 
     def suspend(self) -> None:

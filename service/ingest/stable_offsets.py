@@ -36,6 +36,12 @@ RETRY_S = 0.05
 MAX_WAIT_S = 60.0
 
 
+class UnstableOffset(KafkaError):  # type: ignore[misc]
+    """The broker kept answering UNSTABLE_OFFSET_COMMIT: a transactional commit stayed pending
+    (a transaction left hanging, if the committing producer id has since been initialised:
+    `service/ingest/hanging.py`)."""
+
+
 class OffsetFetchResponse_v7(Response):  # type: ignore[misc]
     API_KEY = 9
     API_VERSION = 7
@@ -102,15 +108,17 @@ class StableOffsetFetchRequest(Request[OffsetFetchRequest_v7]):  # type: ignore[
 
 
 async def fetch_committed_stable(
-    coordinator: Any, tp: TopicPartition, *, stable: bool = True
+    coordinator: Any, tp: TopicPartition, *, stable: bool = True, unstable_max_s: float = MAX_WAIT_S
 ) -> tuple[int | None, str]:
     """The group's committed (offset, metadata) for `tp`, waiting out pending transactional
     commits (`stable=False`: the last completed commit at once, even while a transaction
     is open, e.g. one a killed owner left until its producer is fenced). `coordinator` is
     the consumer's group coordinator (aiokafka internals: it finds the coordinator node
-    and sends to it)."""
+    and sends to it). Raises `UnstableOffset` once the commit has been answered unstable for
+    `unstable_max_s`, a `KafkaError` once nothing better came for `MAX_WAIT_S`."""
     delay = RETRY_S
     waited = 0.0
+    pending = 0.0
     while True:
         await coordinator.ensure_coordinator_known()
         try:
@@ -121,7 +129,7 @@ async def fetch_committed_stable(
                 raise
             await asyncio.sleep(delay)
             continue
-        unstable = False
+        unstable = pending_commit = False
         if response.error_code:
             _raise_or_retry(response.error_code, coordinator)
             unstable = True
@@ -130,7 +138,7 @@ async def fetch_committed_stable(
                 if partition != tp.partition:
                     continue
                 if error_code == UNSTABLE_OFFSET_COMMIT:
-                    unstable = True
+                    unstable = pending_commit = True
                 elif error_code:
                     _raise_or_retry(error_code, coordinator)
                     unstable = True
@@ -138,10 +146,13 @@ async def fetch_committed_stable(
                     return (None if offset == NO_OFFSET else offset), metadata or ""
         if not unstable:
             return None, ""
+        if pending >= unstable_max_s:
+            raise UnstableOffset(f"the committed offset of {tp} stayed unstable for {pending:.0f}s")
         if waited > MAX_WAIT_S:
             raise KafkaError(f"the committed offset of {tp} stayed unstable for {waited:.0f}s")
         await asyncio.sleep(delay)
         waited += delay
+        pending = pending + delay if pending_commit else 0.0
         delay = min(delay * 2, 1.0)
 
 

@@ -1,0 +1,185 @@
+"""A transaction left hanging (service/ingest/hanging.py) on the real broker: the coordinator
+ended it but its markers never reached a partition and the group's offsets. Readers stop at
+it and a stable offset read never answers; a new owner of the transactional id ends it.
+
+The hang is made the way the broker makes it when it skips markers: records and an offset
+commit that the coordinator does not know belong to the transaction. With KIP-890's
+verification on (the default) the broker refuses such records, so the test turns it off on
+the broker for its own duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from service.config.kafka import transactional_producer
+from service.config.settings import KafkaSettings
+from service.ingest.hanging import heal
+from service.ingest.partition import PartitionWriter
+from service.ingest.stable_offsets import UnstableOffset, fetch_committed_stable
+
+pytestmark = pytest.mark.integration
+
+VERIFICATION = "transaction.partition.verification.enable"
+
+
+@pytest.fixture
+async def unverified(kafka_admin: AIOKafkaAdminClient) -> AsyncIterator[None]:
+    """The broker without KIP-890 verification while the test runs."""
+    brokers = (await kafka_admin.describe_cluster())["brokers"]
+    ids = [str(b["node_id"]) for b in brokers]
+
+    async def alter(value: str) -> None:
+        resources = [ConfigResource(ConfigResourceType.BROKER, i, configs={VERIFICATION: value}) for i in ids]
+        for response in await kafka_admin.alter_configs(resources):
+            for resource in response.resources:
+                assert resource[0] == 0, resource
+
+    await alter("false")
+    await asyncio.sleep(0.5)
+    try:
+        yield
+    finally:
+        await alter("true")
+
+
+@pytest.fixture
+async def topics(kafka_admin: AIOKafkaAdminClient) -> tuple[str, str]:
+    """(a request topic, an output topic)."""
+    suffix = uuid.uuid4().hex[:8]
+    names = (f"hang-in-{suffix}", f"hang-out-{suffix}")
+    await kafka_admin.create_topics([NewTopic(n, 2, 1) for n in names])
+    return names
+
+
+@pytest.fixture
+async def settings(kafka_bootstrap: str) -> KafkaSettings:
+    return KafkaSettings.model_validate({"bootstrap_servers": kafka_bootstrap})
+
+
+@pytest.fixture
+async def producers() -> AsyncIterator[list[AIOKafkaProducer]]:
+    made: list[AIOKafkaProducer] = []
+    yield made
+    for p in made:
+        await p.stop()
+
+
+@pytest.fixture
+async def coordinator(kafka_bootstrap: str, topics: tuple[str, str]) -> AsyncIterator[object]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"{topics[0]}-group")
+    await consumer.start()
+    yield consumer._coordinator
+    await consumer.stop()
+
+
+async def _started(settings: KafkaSettings, made: list[AIOKafkaProducer], txn_id: str) -> AIOKafkaProducer:
+    p = transactional_producer(settings, txn_id)
+    made.append(p)
+    await p.start()
+    return p
+
+
+async def _hang(
+    producer: AIOKafkaProducer, out: TopicPartition, group: str, offsets: dict[TopicPartition, int]
+) -> None:
+    """Commit a transaction whose record in `out` and offset commit the coordinator never
+    learns of: they stay open, as when the broker skipped their markers."""
+    other = TopicPartition(out.topic, 1 - out.partition)
+    txn = producer._txn_manager
+    await producer.begin_transaction()
+    await (await producer.send(other.topic, b"marked", partition=other.partition))  # added: gets its marker
+    txn._pending_txn_partitions.add(out)
+    txn.partition_added(out)  # taken for added: no AddPartitionsToTxn
+    txn.consumer_group_added(group)  # likewise, no AddOffsetsToTxn
+    await (await producer.send(out.topic, b"hanging", partition=out.partition))
+    await producer.send_offsets_to_transaction(offsets, group)
+    await producer.commit_transaction()
+
+
+async def _read(bootstrap: str, tp: TopicPartition, want: int, timeout_s: float) -> list[bytes]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
+    await consumer.start()
+    got: list[bytes] = []
+    try:
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        deadline = time.monotonic() + timeout_s
+        while len(got) < want and time.monotonic() < deadline:
+            for records in (await consumer.getmany(tp, timeout_ms=100)).values():
+                got += [r.value or b"" for r in records]
+    finally:
+        await consumer.stop()
+    return got
+
+
+async def _committed_after(
+    bootstrap: str, settings: KafkaSettings, producers: list[AIOKafkaProducer], out: TopicPartition
+) -> None:
+    """Another producer commits a record after the hanging one."""
+    later = await _started(settings, producers, f"{out.topic}.later")
+    async with later.transaction():
+        await later.send(out.topic, b"later", partition=out.partition)
+
+
+async def test_heal_ends_a_hanging_transaction_in_a_partition_and_the_group_offsets(
+    kafka_bootstrap: str,
+    unverified: None,
+    topics: tuple[str, str],
+    settings: KafkaSettings,
+    producers: list[AIOKafkaProducer],
+    coordinator: object,
+) -> None:
+    request, output = topics
+    group, tp_in, out = f"{request}-group", TopicPartition(request, 0), TopicPartition(output, 0)
+    txn_id = f"{request}.0"
+    await _hang(await _started(settings, producers, txn_id), out, group, {tp_in: 5})
+    await _committed_after(kafka_bootstrap, settings, producers, out)
+
+    # hanging: the reader stops before it, the offset stays unstable
+    assert await _read(kafka_bootstrap, out, 1, timeout_s=3) == []
+    assert await _read(kafka_bootstrap, TopicPartition(output, 1), 1, timeout_s=10) == [b"marked"]
+    with pytest.raises(UnstableOffset):
+        await fetch_committed_stable(coordinator, tp_in, unstable_max_s=1.0)
+
+    owner = await _started(settings, producers, txn_id)  # a new owner of the id
+    marked = await asyncio.wait_for(heal(owner, group, [output, "no-such-topic"]), 30)
+    assert marked == 2
+    assert await _read(kafka_bootstrap, out, 2, timeout_s=10) == [b"hanging", b"later"]
+    assert await fetch_committed_stable(coordinator, tp_in, unstable_max_s=5.0) == (5, "")
+
+
+async def test_a_writer_taking_over_ends_its_ids_hanging_transaction(
+    kafka_bootstrap: str,
+    unverified: None,
+    topics: tuple[str, str],
+    settings: KafkaSettings,
+    producers: list[AIOKafkaProducer],
+    coordinator: object,
+) -> None:
+    request, output = topics
+    writer_settings = settings.model_copy(update={"group_id": f"{request}-group"})
+    tp_in, out = TopicPartition(request, 1), TopicPartition(output, 0)
+    txn_id = f"{request}-group.{request}.1"  # the writer's own id (partition.transactional_id)
+    await _hang(await _started(settings, producers, txn_id), out, f"{request}-group", {tp_in: 7})
+
+    async def fetch(tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
+        return await fetch_committed_stable(coordinator, tp, stable=stable, unstable_max_s=1.0)
+
+    writer = PartitionWriter(tp_in, writer_settings, "replica-b", fetch, written_topics=lambda: [output])
+    try:
+        snapshot = await asyncio.wait_for(writer.start(), 60)
+    finally:
+        await writer.close()
+    assert snapshot.commit == 7  # the hanging commit, ended as committed
+    assert await _read(kafka_bootstrap, out, 1, timeout_s=10) == [b"hanging"]
