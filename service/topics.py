@@ -26,7 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from service.batches.store import batch_topics
-from service.config.kafka import client_kwargs, create_topics
+from service.config.kafka import client_kwargs, create_missing, create_topics, default_replication
 from service.config.settings import GatewaySettings
 
 DAY_MS = 86_400_000
@@ -82,16 +82,7 @@ def usage_topic(
 async def ensure_usage_topic(settings: GatewaySettings, partitions: int = 3) -> bool:
     """Create the usage topic when missing (3 partitions, 3 replicas or fewer brokers, 30 days);
     True when it was created. Errors (no right to create topics, ...) raise: the caller's."""
-    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
-    await admin.start()
-    try:
-        if settings.kafka.usage_topic in set(await admin.list_topics()):
-            return False
-        brokers = (await admin.describe_cluster()).get("brokers") or []
-        topic = usage_topic(settings, partitions, max(1, min(3, len(brokers))))
-        return bool(await create_topics(admin, [topic]))  # [] : another replica was first
-    finally:
-        await admin.close()
+    return bool(await create_missing(settings.kafka, lambda r: [usage_topic(settings, partitions, r)]))
 
 
 async def ensure(
@@ -115,7 +106,7 @@ async def ensure(
         create: list[NewTopic] = []
         if replication_factor is None:
             brokers = (await admin.describe_cluster()).get("brokers") or []
-            replication_factor = max(1, min(3, len(brokers)))
+            replication_factor = default_replication(len(brokers))
         for t in wanted(
             settings, partitions, replication_factor, deadletter_retention_days, usage_retention_days
         ):

@@ -12,11 +12,11 @@ import time
 from collections.abc import Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.structs import ConsumerRecord
 
 from service.batches.records import BatchState
-from service.config.kafka import client_kwargs, create_topics
+from service.config.kafka import client_kwargs, create_missing
 from service.config.settings import GatewaySettings, KafkaSettings
 from service.ingest.sending import OutMessage
 
@@ -149,12 +149,4 @@ def batch_topics(settings: GatewaySettings, replication: int, realtime_partition
 async def ensure_topics(settings: GatewaySettings) -> None:
     """Create the batch path's topics when missing (a broker with fewer than 3 nodes gets
     fewer replicas)."""
-    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        brokers = len((await admin.describe_cluster()).get("brokers") or [1])
-        wanted = [t for t in batch_topics(settings, min(3, brokers), 3) if t.name not in existing]
-        await create_topics(admin, wanted)
-    finally:
-        await admin.close()
+    await create_missing(settings.kafka, lambda r: batch_topics(settings, r, 3))

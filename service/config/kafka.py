@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -90,3 +90,23 @@ async def create_topics(admin: AIOKafkaAdminClient, topics: Sequence[NewTopic]) 
             message = entry[2] if len(entry) > 2 and entry[2] else error.__name__
             raise error(f"could not create the topic {name}: {message}")
     return created
+
+
+def default_replication(brokers: int) -> int:
+    """The replicas of a topic the gateway creates: 3, or as many as there are brokers if fewer."""
+    return max(1, min(3, brokers))
+
+
+async def create_missing(settings: KafkaSettings, build: Callable[[int], Sequence[NewTopic]]) -> list[str]:
+    """Create those of `build(replication)` (at `default_replication`) that do not exist yet;
+    the names created (none: all existed, or another replica was first)."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        brokers = len((await admin.describe_cluster()).get("brokers") or [])
+        return await create_topics(
+            admin, [t for t in build(default_replication(brokers)) if t.name not in existing]
+        )
+    finally:
+        await admin.close()
