@@ -67,7 +67,7 @@ class KafkaSettings(_Frozen):
     eos_prepared_idle_ms: int = Field(default=1_000, ge=0)
     """When another tick is expected soon (calls in flight, or three ticks within this time), a
     partition's next transaction begins as soon as one commits, with its likely partitions and
-    the group added ahead; aborted if nothing comes for it this long (0: never begun ahead)."""
+    the group added ahead; ended if nothing comes for it this long (0: never begun ahead)."""
     eos_handoff_max_s: float = Field(default=30.0, ge=0)
     """How long a new owner waits for a live previous owner to finish its calls."""
     transaction_timeout_ms: int = Field(default=60_000, gt=0)

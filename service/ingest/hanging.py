@@ -25,7 +25,9 @@ COMMIT, because the coordinator had decided before it skipped the markers, and w
 far more transactions with a commit than with an abort. A writer that aborted re-reads the
 commit afterwards and takes what it finds (`PartitionWriter._reopen_verified`), so an
 aborted tick closed this way counts as committed there too: its outcomes and its offset
-commit are published together, once.
+commit are published together, once. For the same reason a transaction begun ahead that got
+nothing is committed empty, not aborted (`transactions.py`): a live writer's next
+transactions end what it left hanging in the partitions they hold.
 """
 
 from __future__ import annotations

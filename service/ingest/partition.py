@@ -265,7 +265,7 @@ class PartitionWriter:
                 if self._queue or beat:
                     await self._tick()
                 else:
-                    await self._abort_idle()
+                    await self._end_idle()
         except asyncio.CancelledError:
             raise
         except Fenced as exc:
@@ -369,13 +369,13 @@ class PartitionWriter:
         except ProducerFenced as exc:
             raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
 
-    async def _abort_idle(self) -> None:
-        """Abort the transaction begun ahead if nothing came for it (the writer stays idle)."""
+    async def _end_idle(self) -> None:
+        """End the transaction begun ahead if nothing came for it (the writer stays idle)."""
         async with self._tick_lock:
             if self._queue:
                 return
             try:
-                await self._txns.abort_idle()
+                await self._txns.end_idle()
             except ProducerFenced as exc:
                 raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
 

@@ -13,9 +13,11 @@ before anything is sent.
 "Expected soon": calls are in flight (their outcomes will come), or the last three ticks came
 within `kafka.eos_prepared_idle_ms`. A partition that sees a request every few seconds (a
 claim, then its outcome) thus begins no transaction that nothing uses. One begun ahead that
-gets nothing for `eos_prepared_idle_ms` is aborted (it holds nothing: no partition's readers
-wait for it), and the next tick begins its own. With `eos_prepared_idle_ms: 0` no
-transaction is begun ahead.
+gets nothing for `eos_prepared_idle_ms` is ended (it holds nothing: no partition's readers
+wait for it), and the next tick begins its own. It is committed, not aborted: its markers
+also end any transaction this producer id left hanging in a partition it added (`hanging.py`),
+and a COMMIT ends it as its coordinator had decided, where an ABORT would drop its records.
+With `eos_prepared_idle_ms: 0` no transaction is begun ahead.
 """
 
 from __future__ import annotations
@@ -125,15 +127,15 @@ class Transactions:
         return [tp for _, tp in sorted(often, key=lambda e: e[0], reverse=True)[:PREPARED_MAX]]
 
     def idle_for(self) -> float | None:
-        """Seconds until the transaction begun ahead is to be aborted (None: there is none)."""
+        """Seconds until the transaction begun ahead is to be ended (None: there is none)."""
         if self._prepared_at is None:
             return None
         return self._prepared_at + self.prepared_idle_s - time.monotonic()
 
-    async def abort_idle(self) -> None:
-        """Abort the transaction begun ahead if it waited `prepared_idle_s` for nothing."""
+    async def end_idle(self) -> None:
+        """Commit the transaction begun ahead, empty, if it waited `prepared_idle_s` for nothing."""
         left = self.idle_for()
         if left is None or left > 0:
             return
         self._prepared_at = None
-        await self.abort()
+        await self.commit()
