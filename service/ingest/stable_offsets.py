@@ -15,7 +15,12 @@ import logging
 from typing import Any
 
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError, for_code
+from aiokafka.errors import (
+    GroupCoordinatorNotAvailableError,
+    KafkaError,
+    NotCoordinatorForGroupError,
+    for_code,
+)
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import (
     Boolean,
@@ -160,7 +165,7 @@ def _raise_or_retry(code: int, coordinator: Any) -> None:
     if code == UNSTABLE_OFFSET_COMMIT:
         return
     error = for_code(code)
-    if error.__name__ in ("NotCoordinatorForGroupError", "CoordinatorNotAvailableError"):
+    if error in (NotCoordinatorForGroupError, GroupCoordinatorNotAvailableError):
         coordinator.coordinator_dead()
         return
     if getattr(error, "retriable", False) or error.__name__ == "GroupLoadInProgressError":
