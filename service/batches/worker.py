@@ -43,9 +43,9 @@ from service.config.kafka import client_kwargs, transactional_producer
 from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter
 from service.ingest import failpoints
-from service.ingest.hanging import HANGING_AFTER_S, heal, written_topics
+from service.ingest.hanging import heal, written_topics
 from service.ingest.sending import OutMessage
-from service.ingest.stable_offsets import UnstableOffset, fetch_committed_stable
+from service.ingest.stable_offsets import fetch_committed_stable
 from service.telemetry.metrics import Metrics
 from service.upstream.client import ClaudeClient
 
@@ -216,18 +216,17 @@ class PendingOwner:
         gs = self.ctx.settings()
         self._producer = transactional_producer(gs.kafka, f"{self.ctx.group}.{self.tp.partition}")
         await self._producer.start()  # initialises the transactional id: the old worker is fenced
+        # always, before reading what the old worker wrote: a transaction of its left hanging
+        # would hide its records and all after them from `load_states` (which reads up to the
+        # last stable offset) and keep the pending offset unstable (hanging.py). One start per
+        # assignment of the pending partition: an empty transaction is cheap here
+        await heal(self._producer, self.ctx.group, written_topics(gs))
         states, self.known_ids = await load_states(
             gs.kafka, TopicPartition(gs.batches.state_topic, self.tp.partition)
         )
         for st in states.values():
             self._track(st, recovered=True)
-        try:
-            offset, _ = await fetch_committed_stable(
-                consumer._coordinator, self.tp, unstable_max_s=HANGING_AFTER_S
-            )
-        except UnstableOffset:  # our id's last transaction left hanging: end it (hanging.py)
-            await heal(self._producer, self.ctx.group, written_topics(gs))
-            offset, _ = await fetch_committed_stable(consumer._coordinator, self.tp)
+        offset, _ = await fetch_committed_stable(consumer._coordinator, self.tp)
         log.info("batch worker started", extra={"open_batches": len(states), "offset": offset})
         return offset or 0
 

@@ -19,7 +19,9 @@ result. So a new owner whose producer is initialised (every transaction of its i
 coordinator knows of is then complete) and still finds its offset unstable after
 `HANGING_AFTER_S` commits an empty transaction holding the consumer group and every
 partition of the topics the gateway writes in transactions (`heal`): the coordinator writes a
-COMMIT marker to each. Where this producer id has nothing open a marker changes nothing.
+COMMIT marker to each. Where this producer id has nothing open a marker changes nothing. The
+batch worker does so at every start, before it reads the state topic (up to its last stable
+offset, which a hanging transaction would hold back): it starts once per assignment.
 
 COMMIT, because the coordinator had decided before it skipped the markers, and writers end
 far more transactions with a commit than with an abort. A writer that aborted re-reads the
@@ -79,8 +81,9 @@ async def heal(producer: AIOKafkaProducer, group_id: str, topics: Iterable[str])
         with contextlib.suppress(Exception):
             await producer.abort_transaction()
         raise
-    log.warning(
-        "ended a hanging transaction: committed markers to the group's offsets and every partition written",
+    log.info(
+        "committed markers to the group's offsets and every partition written: nothing of this"
+        " transactional id is left hanging",
         extra={"transactional_id": producer._txn_manager.transactional_id, "partitions": len(partitions)},
     )
     return len(partitions)

@@ -154,6 +154,10 @@ class PartitionWriter:
         except UnstableOffset:
             if self._producer is None or self._written_topics is None:
                 raise
+            log.warning(
+                "the committed offset stayed unstable: ending a transaction left hanging",
+                extra={"topic": self.tp.topic, "partition": self.tp.partition},
+            )
         await heal(self._producer, self.settings.group_id, self._written_topics())
         return await read_committed(self._fetch_committed, self.tp)
 
