@@ -151,7 +151,7 @@ async def fetch_committed_stable(
                     return (None if offset == NO_OFFSET else offset), metadata or ""
         if not unstable:
             return None, ""
-        if pending >= unstable_max_s:
+        if pending_commit and pending >= unstable_max_s:
             raise UnstableOffset(f"the committed offset of {tp} stayed unstable for {pending:.0f}s")
         if waited > MAX_WAIT_S:
             raise KafkaError(f"the committed offset of {tp} stayed unstable for {waited:.0f}s")

@@ -65,3 +65,17 @@ async def test_a_stable_answer_comes_back_at_once() -> None:
     coordinator = _Coordinator([(7, "")])
     assert await fetch_committed_stable(coordinator, TP, unstable_max_s=0.0) == (7, "")
     assert coordinator.asked == 1
+
+
+async def test_only_an_unstable_answer_is_taken_for_a_hang() -> None:
+    # 0.35 s unstable, then a coordinator error: the count restarts, the commit comes stable
+    coordinator = _Coordinator(
+        [
+            UNSTABLE_OFFSET_COMMIT,
+            UNSTABLE_OFFSET_COMMIT,
+            UNSTABLE_OFFSET_COMMIT,
+            COORDINATOR_NOT_AVAILABLE,
+            (9, ""),
+        ]
+    )
+    assert await fetch_committed_stable(coordinator, TP, unstable_max_s=0.3) == (9, "")
