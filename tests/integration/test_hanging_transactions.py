@@ -11,7 +11,6 @@ the broker for its own duration.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -20,11 +19,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from service.config.kafka import transactional_producer
 from service.config.settings import KafkaSettings
 from service.ingest.hanging import heal
 from service.ingest.partition import PartitionWriter
 from service.ingest.stable_offsets import UnstableOffset, fetch_committed_stable
+from tests.support.kafka import read_committed_values, started_transactional
 
 pytestmark = pytest.mark.integration
 
@@ -81,13 +80,6 @@ async def coordinator(kafka_bootstrap: str, topics: tuple[str, str]) -> AsyncIte
     await consumer.stop()
 
 
-async def _started(settings: KafkaSettings, made: list[AIOKafkaProducer], txn_id: str) -> AIOKafkaProducer:
-    p = transactional_producer(settings, txn_id)
-    made.append(p)
-    await p.start()
-    return p
-
-
 async def _hang(
     producer: AIOKafkaProducer, out: TopicPartition, group: str, offsets: dict[TopicPartition, int]
 ) -> None:
@@ -105,29 +97,11 @@ async def _hang(
     await producer.commit_transaction()
 
 
-async def _read(bootstrap: str, tp: TopicPartition, want: int, timeout_s: float) -> list[bytes]:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
-    )
-    await consumer.start()
-    got: list[bytes] = []
-    try:
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        deadline = time.monotonic() + timeout_s
-        while len(got) < want and time.monotonic() < deadline:
-            for records in (await consumer.getmany(tp, timeout_ms=100)).values():
-                got += [r.value or b"" for r in records]
-    finally:
-        await consumer.stop()
-    return got
-
-
 async def _committed_after(
-    bootstrap: str, settings: KafkaSettings, producers: list[AIOKafkaProducer], out: TopicPartition
+    settings: KafkaSettings, producers: list[AIOKafkaProducer], out: TopicPartition
 ) -> None:
     """Another producer commits a record after the hanging one."""
-    later = await _started(settings, producers, f"{out.topic}.later")
+    later = await started_transactional(settings, producers, f"{out.topic}.later")
     async with later.transaction():
         await later.send(out.topic, b"later", partition=out.partition)
 
@@ -143,19 +117,21 @@ async def test_heal_ends_a_hanging_transaction_in_a_partition_and_the_group_offs
     request, output = topics
     group, tp_in, out = f"{request}-group", TopicPartition(request, 0), TopicPartition(output, 0)
     txn_id = f"{request}.0"
-    await _hang(await _started(settings, producers, txn_id), out, group, {tp_in: 5})
-    await _committed_after(kafka_bootstrap, settings, producers, out)
+    await _hang(await started_transactional(settings, producers, txn_id), out, group, {tp_in: 5})
+    await _committed_after(settings, producers, out)
 
     # hanging: the reader stops before it, the offset stays unstable
-    assert await _read(kafka_bootstrap, out, 1, timeout_s=3) == []
-    assert await _read(kafka_bootstrap, TopicPartition(output, 1), 1, timeout_s=10) == [b"marked"]
+    assert await read_committed_values(kafka_bootstrap, out, 1, timeout_s=3) == []
+    assert await read_committed_values(kafka_bootstrap, TopicPartition(output, 1), 1, timeout_s=10) == [
+        b"marked"
+    ]
     with pytest.raises(UnstableOffset):
         await fetch_committed_stable(coordinator, tp_in, unstable_max_s=1.0)
 
-    owner = await _started(settings, producers, txn_id)  # a new owner of the id
+    owner = await started_transactional(settings, producers, txn_id)  # a new owner of the id
     marked = await asyncio.wait_for(heal(owner, group, [output, "no-such-topic"]), 30)
     assert marked == 2
-    assert await _read(kafka_bootstrap, out, 2, timeout_s=10) == [b"hanging", b"later"]
+    assert await read_committed_values(kafka_bootstrap, out, 2, timeout_s=10) == [b"hanging", b"later"]
     assert await fetch_committed_stable(coordinator, tp_in, unstable_max_s=5.0) == (5, "")
 
 
@@ -171,7 +147,7 @@ async def test_a_writer_taking_over_ends_its_ids_hanging_transaction(
     writer_settings = settings.model_copy(update={"group_id": f"{request}-group"})
     tp_in, out = TopicPartition(request, 1), TopicPartition(output, 0)
     txn_id = f"{request}-group.{request}.1"  # the writer's own id (partition.transactional_id)
-    await _hang(await _started(settings, producers, txn_id), out, f"{request}-group", {tp_in: 7})
+    await _hang(await started_transactional(settings, producers, txn_id), out, f"{request}-group", {tp_in: 7})
 
     async def fetch(tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
         return await fetch_committed_stable(coordinator, tp, stable=stable, unstable_max_s=1.0)
@@ -182,4 +158,4 @@ async def test_a_writer_taking_over_ends_its_ids_hanging_transaction(
     finally:
         await writer.close()
     assert snapshot.commit == 7  # the hanging commit, ended as committed
-    assert await _read(kafka_bootstrap, out, 1, timeout_s=10) == [b"hanging"]
+    assert await read_committed_values(kafka_bootstrap, out, 1, timeout_s=10) == [b"hanging"]

@@ -10,13 +10,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import ProducerFenced
 
 from service.config import txn_sender
-from service.config.kafka import transactional_producer
 from service.config.settings import KafkaSettings
+from tests.support.kafka import read_committed_values, started_transactional
 
 pytestmark = pytest.mark.integration
 
@@ -41,45 +41,19 @@ async def producers(settings: KafkaSettings) -> AsyncIterator[list[AIOKafkaProdu
         await p.stop()
 
 
-async def _started(settings: KafkaSettings, made: list[AIOKafkaProducer], txn_id: str) -> AIOKafkaProducer:
-    p = transactional_producer(settings, txn_id)
-    made.append(p)
-    await p.start()
-    return p
-
-
-async def _read(bootstrap: str, tp: TopicPartition, want: int, timeout_s: float) -> list[bytes]:
-    """`read_committed` from the start of `tp` until `want` records or the timeout."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
-    )
-    await consumer.start()
-    got: list[bytes] = []
-    try:
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        deadline = time.monotonic() + timeout_s
-        while len(got) < want and time.monotonic() < deadline:
-            for records in (await consumer.getmany(tp, timeout_ms=100)).values():
-                got += [r.value or b"" for r in records]
-    finally:
-        await consumer.stop()
-    return got
-
-
 async def test_a_partition_added_ahead_holds_no_reader_back(
     kafka_bootstrap: str, topic: str, settings: KafkaSettings, producers: list[AIOKafkaProducer]
 ) -> None:
     tp = TopicPartition(topic, 1)
-    ahead = await _started(settings, producers, f"{topic}.ahead")
+    ahead = await started_transactional(settings, producers, f"{topic}.ahead")
     await ahead.begin_transaction()
     await asyncio.wait_for(txn_sender.ready(ahead, [tp], f"{topic}-group"), 30)
-    other = await _started(settings, producers, f"{topic}.other")
+    other = await started_transactional(settings, producers, f"{topic}.other")
     async with other.transaction():
         await other.send(topic, b"committed by another", partition=tp.partition)
     # while `ahead` stays open with the partition added, the other's commit is readable
     began = time.monotonic()
-    assert await _read(kafka_bootstrap, tp, 1, timeout_s=5) == [b"committed by another"]
+    assert await read_committed_values(kafka_bootstrap, tp, 1, timeout_s=5) == [b"committed by another"]
     assert time.monotonic() - began < 5
     await ahead.abort_transaction()
 
@@ -92,7 +66,7 @@ async def test_a_prepared_transaction_carries_records_and_offsets(
     producers: list[AIOKafkaProducer],
 ) -> None:
     group = f"{topic}-group"
-    producer = await _started(settings, producers, f"{topic}.writer")
+    producer = await started_transactional(settings, producers, f"{topic}.writer")
     key = b"request-7"
     partition = await txn_sender.partition_of(producer, topic, key)
     tp = TopicPartition(topic, partition)
@@ -107,7 +81,7 @@ async def test_a_prepared_transaction_carries_records_and_offsets(
     await producer.begin_transaction()  # begun ahead, then nothing came
     txn_sender.prepare(producer, [tp], group)
     await producer.abort_transaction()
-    assert await _read(kafka_bootstrap, tp, 3, timeout_s=10) == [b"r0", b"r1", b"r2"]
+    assert await read_committed_values(kafka_bootstrap, tp, 3, timeout_s=10) == [b"r0", b"r1", b"r2"]
     offsets = await kafka_admin.list_consumer_group_offsets(group)
     assert offsets[TopicPartition(topic, 0)].offset == 3
     # the partition the records name is the one the producer itself chooses for the key
@@ -129,10 +103,10 @@ async def test_a_takeover_fences_a_transaction_open_ahead(
 ) -> None:
     tp = TopicPartition(topic, 0)
     txn_id = f"{topic}.fenced"
-    old = await _started(settings, producers, txn_id)
+    old = await started_transactional(settings, producers, txn_id)
     await old.begin_transaction()
     await asyncio.wait_for(txn_sender.ready(old, [tp], f"{topic}-group"), 30)
-    new = await _started(settings, producers, txn_id)  # aborts the open one, bumps the epoch
+    new = await started_transactional(settings, producers, txn_id)  # aborts the open one, bumps the epoch
     async with new.transaction():
         await new.send(topic, b"new owner", partition=0)
     with pytest.raises(ProducerFenced):

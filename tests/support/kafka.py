@@ -37,8 +37,12 @@ from types import ModuleType
 
 import pytest
 import pytest_asyncio
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import for_code
+
+from service.config.kafka import transactional_producer
+from service.config.settings import KafkaSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPIC_ALREADY_EXISTS = 36
@@ -147,6 +151,41 @@ def kafka_broker(workdir: Path) -> Iterator[str]:
         yield bootstrap
     finally:
         kl.stop(workdir)
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+async def started_transactional(
+    settings: KafkaSettings, made: list[AIOKafkaProducer], txn_id: str
+) -> AIOKafkaProducer:
+    """The gateway's transactional producer for `txn_id`, started (and added to `made`, for the
+    caller to stop)."""
+    p = transactional_producer(settings, txn_id)
+    made.append(p)
+    await p.start()
+    return p
+
+
+async def read_committed_values(
+    bootstrap: str, tp: TopicPartition, want: int, timeout_s: float
+) -> list[bytes]:
+    """`read_committed` from the start of `tp` until `want` records or the timeout."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
+    await consumer.start()
+    got: list[bytes] = []
+    try:
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        deadline = time.monotonic() + timeout_s
+        while len(got) < want and time.monotonic() < deadline:
+            for records in (await consumer.getmany(tp, timeout_ms=100)).values():
+                got += [r.value or b"" for r in records]
+    finally:
+        await consumer.stop()
+    return got
 
 
 # --------------------------------------------------------------------------- topics
