@@ -14,8 +14,12 @@ One partner with `cache.enabled`:
    hit p99 at 200/s was 44-52 ms, the 200/s phase right after it 11-14 ms; when the machine's
    host is busy both are higher, 25-46 ms after the warm-up). A production broker has served
    for days. The warm-up's figures are reported (`warmup`), not counted;
-3. hits: the same params again (new request ids), paced at each of `--response-cache-rates`
-   per second for `--response-cache-seconds`, over the partitions: every one a hit.
+3. hits: the same params again (new request ids), at each of `--response-cache-rates` per
+   second for `--response-cache-seconds`: every one a hit. They come as partners send them
+   (`--response-cache-arrivals poisson`, the default): at random, exponential gaps, each to a
+   partition drawn at random, so some meet a transaction in flight and some come in bursts.
+   `paced` spaces them evenly over the partitions in turn (a partition sees one every
+   `partitions / rate` s, which hides the wait behind a transaction in flight).
 
 A hit's latency (`hit_publish_ms`) is what `gateway_response_cache_hit_seconds` observes: from
 the pipeline taking the record (`timings.received_at`, just after the fetch) to the response's
@@ -80,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--response-cache-eos-tick-ms", type=int, default=None, help="kafka.eos_tick_ms (default: 20)"
     )
     g.add_argument("--response-cache-seed", type=int, default=1, help="seed of the request mix")
+    g.add_argument(
+        "--response-cache-arrivals",
+        choices=("poisson", "paced"),
+        default="poisson",
+        help="hits at random (exponential gaps, partitions drawn at random) or evenly spaced",
+    )
     g.add_argument(
         "--response-cache-at-least-once",
         action="store_true",
@@ -191,6 +201,7 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
     hits = _Hits(gateway)
     rng = random.Random(args.response_cache_seed)
     params = [traffic.draw(rng)[1] for _ in range(args.response_cache_keys)]
+    poisson = args.response_cache_arrivals == "poisson"
     topic = settings.request_topic(settings.partners[0])
     stop = asyncio.Event()
     task = asyncio.create_task(gateway.run(stop))
@@ -221,13 +232,16 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
             log(f"response_cache: {n} hits at {rate:g}/s" + ("" if measured else " (warm-up)"))
             since = hits.mark()
             t0 = time.perf_counter()
+            due = 0.0
             for i in range(n):
-                delay = t0 + i / rate - time.perf_counter()
+                due = due + rng.expovariate(rate) if poisson else i / rate
+                delay = t0 + due - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 rid = f"h{sent}"
                 value = traffic.request_value(rid, params[sent % len(params)])
-                await producer.send(topic, value, key=rid.encode(), partition=sent % partitions)
+                part = rng.randrange(partitions) if poisson else sent % partitions
+                await producer.send(topic, value, key=rid.encode(), partition=part)
                 sent += 1
             await producer.flush()
             await _until(lambda: len(hits.total) >= since[0] + n, 120, "hits")  # noqa: B023
@@ -245,6 +259,7 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
         "partitions": partitions,
         "exactly_once": settings.kafka.exactly_once,
         "eos_tick_ms": settings.kafka.eos_tick_ms,
+        "arrivals": args.response_cache_arrivals,
         "phases": phases,
         "warmup": warmup,
         "misses": _count(gateway, "miss"),
