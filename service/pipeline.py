@@ -194,7 +194,8 @@ class Pipeline:
     async def _to_batch(self, adm: Admitted, rec: RecordLike, sink: Sink, now: float) -> None:
         """Hand the request to the batch path: the pending record and this offset's finish
         are one transaction, so the input partition never waits for the batch."""
-        await sink.publish([pending_message(self.settings.batches.pending_topic, adm, rec, now)])
+        pending = pending_message(self.settings.batches.pending_topic, adm, rec, now)
+        await sink.publish([pending], linger=True)  # nobody waits on it: it shares a transaction
         self.metrics.batch.routed.labels(adm.partner.id, "batch").inc()
         self.tracing.outcome("batch")
 

@@ -61,8 +61,10 @@ class RecordSink:
         self.claimed = True
         self.attempts = attempts
 
-    async def publish(self, messages: list[OutMessage]) -> None:
-        await self._writer.publish(self.offset, messages)
+    async def publish(self, messages: list[OutMessage], *, linger: bool = False) -> None:
+        """The outcome of a record that made no call (a cache hit, a rejection) does not wait
+        for the tick's linger unless asked to (`linger`): its publish is all its latency."""
+        await self._writer.publish(self.offset, messages, linger=linger or self.claiming)
 
 
 class Ownership:

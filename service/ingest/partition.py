@@ -11,6 +11,9 @@ Exactly-once (`kafka.exactly_once`, the default) works per input partition:
   whose metadata records finished offsets above the commit point and the
   claims (`ledger.py`). The next transaction begins as soon as one commits
   (`transactions.py`), so a tick mostly costs three round trips, not five.
+- The tick lingers only for claims and for outcomes of calls, whose latency is the
+  call's: an outcome that made no call (a cache hit, a rejection) goes in the next
+  transaction at once, as its publish is all the latency its partner sees.
 - A Claude call starts only after the tick that recorded its claim committed;
   no transaction is ever held open across a call.
 - A writer whose transaction fails in a way it cannot verify stops (`Fenced`);
@@ -108,8 +111,9 @@ class PartitionWriter:
         self._loop_task: asyncio.Task[None] | None = None
         self._tick_lock = asyncio.Lock()
         self._last_tick = 0.0
-        self._idle_arrival = False
-        """An item came while no tick was in flight and none waited: it skips the linger."""
+        self._hurry = asyncio.Event()
+        """The next tick goes without its linger: an item found the writer idle (no tick in
+        flight, none waiting), or an outcome that may not wait came (`publish(linger=False)`)."""
         self.transactions = 0
         self._failures = 0
         self._last_owner = ""
@@ -221,11 +225,12 @@ class PartitionWriter:
             return
         await self._submit(item)
 
-    async def publish(self, offset: int, messages: Sequence[OutMessage]) -> None:
+    async def publish(self, offset: int, messages: Sequence[OutMessage], *, linger: bool = True) -> None:
         """Publish the request's outcome and mark it finished, atomically; returns once committed.
-        Raises the broker's error for a message it refused (the caller makes a smaller
-        outcome), or `Fenced`."""
-        await self._submit(Item(offset, messages=messages, finish=True))
+        With `linger` False it goes in the next transaction without waiting to share it (the
+        transaction in flight, if any, ends first). Raises the broker's error for a message it
+        refused (the caller makes a smaller outcome), or `Fenced`."""
+        await self._submit(Item(offset, messages=messages, finish=True), hurry=not linger)
 
     def skip(self, offset: int) -> None:
         """A record the previous owner finished: counted done without any call or outcome."""
@@ -233,11 +238,11 @@ class PartitionWriter:
         self.ledger.start(offset)
         self.ledger.apply([offset], [], self.ledger.seq)
 
-    async def _submit(self, item: Item) -> None:
+    async def _submit(self, item: Item, hurry: bool = False) -> None:
         if self.failure is not None or self.state is State.CLOSED:
             raise Fenced(f"{self.tp} is no longer written from here")
-        if not self._queue and not self._tick_lock.locked():
-            self._idle_arrival = True
+        if hurry or (not self._queue and not self._tick_lock.locked()):
+            self._hurry.set()
         self._queue.append(item)
         self._wake.set()
         await item.done
@@ -255,11 +260,12 @@ class PartitionWriter:
                     await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
                 # an item that finds the writer idle goes at once; what comes while a tick is
                 # in flight is gathered into the next one, which waits at most `eos_tick_ms`
-                # after the previous one ended
+                # after the previous one ended, unless an item that may not wait comes
                 linger = tick_s - (time.monotonic() - self._last_tick)
-                if linger > 0 and not self._idle_arrival:
-                    await asyncio.sleep(linger)
-                self._idle_arrival = False
+                if linger > 0 and not self._hurry.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._hurry.wait(), timeout=linger)
+                self._hurry.clear()
                 self._wake.clear()
                 beat = (
                     self._eos

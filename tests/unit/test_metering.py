@@ -66,7 +66,7 @@ class Sink:
     async def claim(self, attempts: int) -> None:
         self.claimed, self.attempts = True, attempts
 
-    async def publish(self, messages: list[OutMessage]) -> None:
+    async def publish(self, messages: list[OutMessage], *, linger: bool = False) -> None:
         self.tried.append(list(messages))
         error = self.refuse(messages) if self.refuse is not None else None
         if error is not None:

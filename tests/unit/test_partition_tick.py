@@ -2,14 +2,14 @@
 recording producer: nothing is sent before the transaction holds its partitions and group, the
 offsets only after the messages are acked; the next transaction begins as soon as one commits
 and is committed empty when nothing comes for it; an item that finds the writer idle does not wait for
-`kafka.eos_tick_ms`."""
+`kafka.eos_tick_ms`, nor does an outcome that made no call (`linger=False`)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiokafka import TopicPartition
@@ -17,6 +17,7 @@ from aiokafka import TopicPartition
 from service.config import txn_sender
 from service.config.settings import KafkaSettings
 from service.ingest import transactions
+from service.ingest.ownership import RecordSink
 from service.ingest.partition import PartitionWriter
 from service.ingest.sending import Item, OutMessage
 
@@ -104,10 +105,10 @@ async def _writer(tick_ms: int, prepared_idle_ms: int = 1_000) -> tuple[Partitio
     return writer, producer
 
 
-def _outcome(writer: PartitionWriter, offset: int) -> Any:
+def _outcome(writer: PartitionWriter, offset: int, linger: bool = True) -> Any:
     assert writer.ledger is not None
     writer.ledger.start(offset)
-    return writer.publish(offset, [OutMessage("claude.responses.p", b"k", b"v")])
+    return writer.publish(offset, [OutMessage("claude.responses.p", b"k", b"v")], linger=linger)
 
 
 async def test_nothing_is_sent_before_the_transaction_holds_it_and_the_offsets_follow_the_acks() -> None:
@@ -224,6 +225,53 @@ async def test_items_arriving_during_a_tick_are_gathered_into_the_next() -> None
         assert producer.commits == 2
     finally:
         await writer.close()
+
+
+@pytest.mark.parametrize("during", ["the tick in flight", "the linger"])
+async def test_an_outcome_that_may_not_wait_ends_the_linger(during: str) -> None:
+    """A cache hit's outcome arriving while a tick is in flight, or while the next one lingers,
+    goes as soon as the tick in flight ends, with what was gathered for the linger."""
+    writer, producer = await _writer(tick_ms=2_000)
+    try:
+        first = asyncio.ensure_future(_outcome(writer, 0))
+        await asyncio.sleep(ACK_S / 2)  # its tick is in flight
+        gathered = asyncio.ensure_future(_outcome(writer, 1))  # lingers for the 2 s tick
+        if during == "the linger":
+            await first
+            await asyncio.sleep(0.05)
+            assert not gathered.done()
+        began = time.monotonic()
+        await asyncio.wait_for(_outcome(writer, 2, linger=False), 1.0)  # without it: the 2 s tick
+        await asyncio.wait_for(gathered, 0.1)  # it went in the same transaction
+        assert time.monotonic() - began < 1.0
+        assert producer.commits == 2
+    finally:
+        await writer.close()
+
+
+async def test_only_outcomes_of_calls_and_batch_handoffs_linger() -> None:
+    """A record's sink: its outcome lingers once a call was claimed (the call's latency dwarfs the
+    tick), or when asked to (a hand-off to the batch path); a cache hit's or rejection's not."""
+    asked: list[bool] = []
+
+    class _Writer:
+        owner = "me"
+
+        async def claim(self, offset: int, attempts: int) -> None:
+            pass
+
+        async def publish(self, offset: int, messages: Sequence[OutMessage], *, linger: bool) -> None:
+            asked.append(linger)
+
+    def sink() -> RecordSink:
+        return RecordSink(cast(PartitionWriter, _Writer()), 7, None)
+
+    await sink().publish([])  # a hit or a rejection
+    await sink().publish([], linger=True)  # a hand-off to the batch path
+    called = sink()
+    await called.claim(1)
+    await called.publish([])
+    assert asked == [False, True, True]
 
 
 def test_only_partitions_most_ticks_write_are_added_ahead() -> None:

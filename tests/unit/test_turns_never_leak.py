@@ -50,7 +50,7 @@ class Sink:
     async def claim(self, attempts: int) -> None:
         self.claimed, self.attempts = True, attempts
 
-    async def publish(self, messages: list[OutMessage]) -> None:
+    async def publish(self, messages: list[OutMessage], *, linger: bool = False) -> None:
         self.published.extend(messages)
 
 
