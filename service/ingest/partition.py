@@ -334,21 +334,41 @@ class PartitionWriter:
             claims += item.claim is not None
             taken.append(item)
         while True:
-            finished = [i.offset for i in taken if i.finish]
-            new_claims = [i.claim for i in taken if i.claim is not None]
-            snap = ledger.snapshot(self.owner, int(time.time() * 1000), finished, new_claims)
             try:
-                return taken, snap, encode(snap)
+                return taken, *self._snapshot(ledger, taken)
             except MetadataTooLarge:
-                if not new_claims:
+                if not any(i.claim is not None for i in taken):
                     raise
                 last = max(i for i, it in enumerate(taken) if it.claim is not None)
                 self._queue.append(taken.pop(last))
 
+    def _snapshot(self, ledger: PartitionLedger, taken: list[Item]) -> tuple[Snapshot, str]:
+        finished = [i.offset for i in taken if i.finish]
+        new_claims = [i.claim for i in taken if i.claim is not None]
+        snap = ledger.snapshot(self.owner, int(time.time() * 1000), finished, new_claims)
+        return snap, encode(snap)
+
     async def _tick_transactional(self, ledger: PartitionLedger, items: list[Item]) -> None:
         taken, snap, metadata = self._prepare(ledger, items)
+
+        def join() -> list[Item]:
+            """Outcomes queued while the transaction's partitions were being added: they ride in
+            it (their finish in its metadata). Claims wait for the next tick (their limit)."""
+            nonlocal snap, metadata
+            late = [i for i in self._queue if i.claim is None]
+            if not late:
+                return []
+            try:
+                snap, metadata = self._snapshot(ledger, taken + late)
+            except MetadataTooLarge:
+                return []
+            self._queue = [i for i in self._queue if i.claim is not None]
+            taken.extend(late)
+            items.extend(late)  # `_tick` fails them too if the tick dies
+            return late
+
         try:
-            refused, resend = await self._txns.send(taken, {self.tp: (snap.commit, metadata)})
+            refused, resend = await self._txns.send(taken, join, lambda: {self.tp: (snap.commit, metadata)})
             if refused or resend:
                 # the idempotent sequence is broken past a refused batch: abort, start afresh
                 with contextlib.suppress(KafkaError):

@@ -8,7 +8,8 @@ soon, the next one begins at once and adds, in the background (`txn_sender.prepa
 consumer group and the partitions the writer wrote in at least a quarter of its last ticks
 (`PREPARED_SHARE`). A tick that finds them added sends its records, then its offsets, and
 ends: three round trips. What it writes elsewhere is added first (`txn_sender.ready`),
-before anything is sent.
+before anything is sent; outcomes that come while it waits for that (or for the previous
+transaction's markers, which hold up any addition) join it (`send`'s `join`).
 
 "Expected soon": calls are in flight (their outcomes will come), or the last three ticks came
 within `kafka.eos_prepared_idle_ms`. A partition that sees a request every few seconds (a
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
@@ -39,6 +41,8 @@ Of a topic with many, none: the next tick would hardly write the same ones, and 
 added gets a marker when the transaction ends."""
 PREPARED_MAX = 8
 """At most this many partitions added ahead."""
+JOIN_ROUNDS = 4
+"""How many times a transaction waiting for its partitions takes in what came meanwhile."""
 
 
 class Transactions:
@@ -69,18 +73,30 @@ class Transactions:
         return self.producer
 
     async def send(
-        self, items: list[Item], offsets: dict[TopicPartition, tuple[int, str]]
+        self,
+        items: list[Item],
+        join: Callable[[], list[Item]],
+        offsets: Callable[[], dict[TopicPartition, tuple[int, str]]],
     ) -> tuple[list[Item], list[Item]]:
-        """Send `items` and `offsets` in the open transaction (begun if none is):
-        (the items refused for good, those to send again alone), as `send_all`."""
+        """Send `items` and then `offsets()` in the open transaction (begun if none is):
+        (the items refused for good, those to send again alone), as `send_all`. While the
+        coordinator adds the transaction's partitions, items that come meanwhile may `join`
+        it (at most `JOIN_ROUNDS` times): nothing has been sent yet."""
         producer = self._producer
         if not self._open:
             await producer.begin_transaction()
             self._open = True
         self._prepared_at = None
-        routes = await route(producer, items)
+        items, late = list(items), items
+        routes: dict[int, TopicPartition] = {}
+        for round_ in range(JOIN_ROUNDS + 1):
+            routes.update(await route(producer, late))
+            await txn_sender.ready(producer, set(routes.values()), self.group_id)
+            late = join() if round_ < JOIN_ROUNDS else []
+            if not late:
+                break
+            items += late
         written = set(routes.values())
-        await txn_sender.ready(producer, written, self.group_id)
         self._sent_at.append(time.monotonic())
         self._remember(written)
         # the offsets once the records are acked: the leader of a record's partition and the
@@ -89,7 +105,7 @@ class Transactions:
         # the broker fails the first (the records NOT_ENOUGH_REPLICAS, the offsets
         # COORDINATOR_NOT_AVAILABLE: both retried after 100 ms)
         sent = await send_all(producer, items, routes)
-        await producer.send_offsets_to_transaction(offsets, self.group_id)
+        await producer.send_offsets_to_transaction(offsets(), self.group_id)
         return sent
 
     async def commit(self) -> None:

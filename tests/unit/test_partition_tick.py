@@ -216,7 +216,7 @@ async def test_items_arriving_during_a_tick_are_gathered_into_the_next() -> None
     writer, producer = await _writer(tick_ms=150)
     try:
         first = asyncio.ensure_future(_outcome(writer, 0))
-        await asyncio.sleep(ACK_S / 2)  # its tick is in flight
+        await asyncio.sleep(ACK_S * 1.5)  # its records are in flight (added: too late to join)
         rest = [asyncio.ensure_future(_outcome(writer, o)) for o in (1, 2, 3)]
         await first
         began = time.monotonic()
@@ -234,7 +234,7 @@ async def test_an_outcome_that_may_not_wait_ends_the_linger(during: str) -> None
     writer, producer = await _writer(tick_ms=2_000)
     try:
         first = asyncio.ensure_future(_outcome(writer, 0))
-        await asyncio.sleep(ACK_S / 2)  # its tick is in flight
+        await asyncio.sleep(ACK_S * 1.5)  # its records are in flight (added: too late to join)
         gathered = asyncio.ensure_future(_outcome(writer, 1))  # lingers for the 2 s tick
         if during == "the linger":
             await first
@@ -247,6 +247,27 @@ async def test_an_outcome_that_may_not_wait_ends_the_linger(during: str) -> None
         assert producer.commits == 2
     finally:
         await writer.close()
+
+
+async def test_outcomes_coming_while_the_partitions_are_added_ride_in_the_transaction() -> None:
+    """Nothing is sent while the coordinator adds the transaction's partitions (`ready`): an
+    outcome that comes meanwhile joins it, lingering or not; a claim waits for the next tick."""
+    writer, producer = await _writer(tick_ms=2_000, prepared_idle_ms=0)
+    try:
+        first = asyncio.ensure_future(_outcome(writer, 0))
+        await asyncio.sleep(ACK_S / 2)  # the coordinator adds its partition (`ready`: ACK_S)
+        assert producer.events[-1].startswith("ready")
+        joined = asyncio.ensure_future(_outcome(writer, 1))  # would linger for the 2 s tick
+        claim = asyncio.ensure_future(writer.claim(2, 1))
+        await asyncio.wait_for(asyncio.gather(first, joined), 1.0)
+        assert producer.commits == 1
+        assert producer.events.count("send") == 2
+        assert not claim.done()
+        assert writer.ledger is not None
+        assert writer.ledger.low_watermark == 2  # both finished
+    finally:
+        await writer.close()
+    await asyncio.wait_for(claim, 0.1)  # the closing tick
 
 
 async def test_only_outcomes_of_calls_and_batch_handoffs_linger() -> None:
