@@ -42,10 +42,11 @@ from service.config.kafka import transactional_producer
 from service.config.settings import KafkaSettings
 from service.ingest import failpoints
 from service.ingest.hanging import heal
-from service.ingest.ledger import Claim, MetadataTooLarge, PartitionLedger, Snapshot, encode
+from service.ingest.ledger import Claim, PartitionLedger, Snapshot
 from service.ingest.sending import Item, OutMessage, send_all
 from service.ingest.stable_offsets import UnstableOffset
 from service.ingest.takeover import FetchCommitted, await_handoff, read_committed
+from service.ingest.tick import TickContents
 from service.ingest.transactions import Transactions
 
 log = logging.getLogger(__name__)
@@ -322,58 +323,27 @@ class PartitionWriter:
                 raise
             self._last_tick = time.monotonic()
 
-    def _prepare(self, ledger: PartitionLedger, items: list[Item]) -> tuple[list[Item], Snapshot, str]:
-        """The metadata for `items`; claims that would not fit wait for a later tick."""
-        limit = self.settings.eos_max_claims
-        taken: list[Item] = []
-        claims = len(ledger.claims)
-        for item in items:
-            if item.claim is not None and claims >= limit:
-                self._queue.append(item)
-                continue
-            claims += item.claim is not None
-            taken.append(item)
-        while True:
-            try:
-                return taken, *self._snapshot(ledger, taken)
-            except MetadataTooLarge:
-                if not any(i.claim is not None for i in taken):
-                    raise
-                last = max(i for i, it in enumerate(taken) if it.claim is not None)
-                self._queue.append(taken.pop(last))
-
-    def _snapshot(self, ledger: PartitionLedger, taken: list[Item]) -> tuple[Snapshot, str]:
-        finished = [i.offset for i in taken if i.finish]
-        new_claims = [i.claim for i in taken if i.claim is not None]
-        snap = ledger.snapshot(self.owner, int(time.time() * 1000), finished, new_claims)
-        return snap, encode(snap)
+    def _contents(self, ledger: PartitionLedger, items: list[Item]) -> TickContents:
+        tick = TickContents(ledger, self.owner, self.settings.eos_max_claims, items)
+        self._queue.extend(tick.left)
+        return tick
 
     async def _tick_transactional(self, ledger: PartitionLedger, items: list[Item]) -> None:
-        taken, snap, metadata = self._prepare(ledger, items)
+        tick = self._contents(ledger, items)
+        taken = tick.items
 
-        def join() -> list[Item]:
-            """Outcomes queued while the transaction's partitions were being added: they ride in
-            it (their finish in its metadata). Claims wait for the next tick (their limit)."""
-            nonlocal snap, metadata
-            late = [i for i in self._queue if i.claim is None]
-            if not late:
-                return []
-            try:
-                snap, metadata = self._snapshot(ledger, taken + late)
-            except MetadataTooLarge:
-                return []
-            self._queue = [i for i in self._queue if i.claim is not None]
-            taken.extend(late)
+        def join() -> list[Item]:  # while the transaction's partitions are being added
+            late = tick.join(self._queue)
             items.extend(late)  # `_tick` fails them too if the tick dies
             return late
 
         try:
-            refused, resend = await self._txns.send(taken, join, lambda: {self.tp: (snap.commit, metadata)})
+            refused, resend = await self._txns.send(taken, join, lambda: tick.offsets(self.tp))
             if refused or resend:
                 # the idempotent sequence is broken past a refused batch: abort, start afresh
                 with contextlib.suppress(KafkaError):
                     await self._txns.abort()
-                await self._reopen_verified(ledger, taken, snap)
+                await self._reopen_verified(ledger, taken, tick.snap)
                 return
             failpoints.hit("tick.sent")
             await self._txns.commit()
@@ -385,11 +355,11 @@ class PartitionWriter:
                 "transaction failed; verifying what was committed",
                 extra={"topic": self.tp.topic, "partition": self.tp.partition, "error": type(exc).__name__},
             )
-            await self._reopen_verified(ledger, taken, snap)
+            await self._reopen_verified(ledger, taken, tick.snap)
             return
         self.transactions += 1
         self._failures = 0
-        self._settle(ledger, taken, snap)
+        self._settle(ledger, taken, tick.snap)
         if not self._closing and self.state in (State.OWNED, State.SUSPENDED):
             await self._begin_ahead()
 
@@ -452,9 +422,9 @@ class PartitionWriter:
         refused, resend = await send_all(producer, items)
         self._queue[:0] = resend  # at-least-once: sent again alone on the next tick
         ok = [i for i in items if i not in refused and i not in resend]
-        taken, snap, metadata = self._prepare(ledger, ok)
-        self._settle(ledger, taken, snap)
+        tick = self._contents(ledger, ok)
+        self._settle(ledger, tick.items, tick.snap)
         try:
-            await self._commit_offsets(self.tp, snap.commit, metadata)
+            await self._commit_offsets(self.tp, tick.snap.commit, tick.metadata)
         except KafkaError as exc:  # at-least-once: a later commit covers it
             log.warning("offset commit failed", extra={"topic": self.tp.topic, "error": type(exc).__name__})

@@ -1,0 +1,67 @@
+"""What one tick's transaction carries: its items, and the offset commit's snapshot and metadata
+for exactly those items (service/ingest/partition.py).
+
+- Claims beyond `kafka.eos_max_claims`, or that would not fit the metadata, wait for a later
+  tick (`left`).
+- Outcomes that come while the transaction waits for its partitions to be added join it
+  (`join`): nothing has been sent yet, and their finish goes in the same metadata. Claims do
+  not join: their limit is counted when the tick is filled.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiokafka import TopicPartition
+
+from service.ingest.ledger import MetadataTooLarge, PartitionLedger, Snapshot, encode
+from service.ingest.sending import Item
+
+
+class TickContents:
+    def __init__(self, ledger: PartitionLedger, owner: str, max_claims: int, items: list[Item]) -> None:
+        self._ledger = ledger
+        self._owner = owner
+        self.items: list[Item] = []
+        self.left: list[Item] = []
+        """Claims that wait for a later tick, in their order."""
+        claims = len(ledger.claims)
+        for item in items:
+            if item.claim is not None and claims >= max_claims:
+                self.left.append(item)
+                continue
+            claims += item.claim is not None
+            self.items.append(item)
+        while True:
+            try:
+                self.snap, self.metadata = self._snapshot(self.items)
+                return
+            except MetadataTooLarge:
+                if not any(i.claim is not None for i in self.items):
+                    raise
+                last = max(i for i, it in enumerate(self.items) if it.claim is not None)
+                self.left.append(self.items.pop(last))
+
+    def _snapshot(self, items: list[Item]) -> tuple[Snapshot, str]:
+        finished = [i.offset for i in items if i.finish]
+        new_claims = [i.claim for i in items if i.claim is not None]
+        snap = self._ledger.snapshot(self._owner, int(time.time() * 1000), finished, new_claims)
+        return snap, encode(snap)
+
+    def join(self, queue: list[Item]) -> list[Item]:
+        """Take the outcomes waiting in `queue` (removed from it) into this tick, if the metadata
+        still fits; returns them."""
+        late = [i for i in queue if i.claim is None]
+        if not late:
+            return []
+        try:
+            self.snap, self.metadata = self._snapshot(self.items + late)
+        except MetadataTooLarge:
+            return []
+        queue[:] = [i for i in queue if i.claim is not None]
+        self.items.extend(late)
+        return late
+
+    def offsets(self, tp: TopicPartition) -> dict[TopicPartition, tuple[int, str]]:
+        """The offset commit of `tp` (the writer's partition)."""
+        return {tp: (self.snap.commit, self.metadata)}
