@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiokafka.errors import KafkaError
@@ -28,6 +28,8 @@ from service.config.redis_health import RedisHealth
 from service.config.settings import GatewaySettings
 from service.egress.publisher import Publisher
 from service.ingest.consumer import IngestLoop
+from service.ingest.hanging import WATCH_EVERY_S, Mark, written_topics
+from service.ingest.hanging import watch as watch_hanging
 from service.lifecycle import until_kafka_answers, watch_topics
 from service.pipeline import Pipeline
 from service.response_cache.cache import ResponseCache
@@ -291,11 +293,31 @@ class Gateway:
                 name="topics",
             )
             stack.push_async_callback(_finish, topics)
+            if self.settings.kafka.exactly_once:
+                hanging = asyncio.create_task(self._watch_hanging(stop), name="hanging-transactions")
+                stack.push_async_callback(_finish, hanging)
             log.info("gateway started", extra={"partners": len(self.settings.partners)})
             stopping = asyncio.create_task(_on_stop(stop, self.budgets.close))
             stack.callback(stopping.cancel)
             await self.ingest.run(stop)
             log.info("gateway drained; stopping")
+
+    def _watch_hanging(self, stop: asyncio.Event) -> Coroutine[Any, Any, None]:
+        """Transactions left hanging in what the gateway writes: ended by the writers here."""
+
+        def markers() -> list[Mark]:
+            writers: list[Mark] = [w.mark for w in self.ingest.ownership.writers.values()]
+            return writers + self.batch_worker.markers()
+
+        k = self.settings.kafka
+        return watch_hanging(
+            self.ingest.consumer._client,
+            lambda: written_topics(self.settings),
+            markers,
+            stop,
+            stuck_after_s=k.transaction_timeout_ms / 1000 + 2 * WATCH_EVERY_S,
+            found=self.metrics.eos_hanging.inc,
+        )
 
 
 async def _ensure_usage_topic(settings: GatewaySettings) -> None:

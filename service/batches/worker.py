@@ -43,7 +43,7 @@ from service.config.kafka import client_kwargs, transactional_producer
 from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter
 from service.ingest import failpoints
-from service.ingest.hanging import heal, written_topics
+from service.ingest.hanging import Mark, heal, mark_partitions, written_topics
 from service.ingest.sending import OutMessage
 from service.ingest.stable_offsets import fetch_committed_stable
 from service.telemetry.metrics import Metrics
@@ -164,6 +164,10 @@ class BatchWorker:
             await asyncio.shield(self._consumer.stop())  # closed even when this task is cancelled
             await self.revoked(list(self._owners))
 
+    def markers(self) -> list[Mark]:
+        """The `mark` of each pending partition's worker here (`hanging.watch`)."""
+        return [owner.mark for owner in self._owners.values()]
+
     async def assigned(self, tps: list[TopicPartition]) -> None:
         assert self._consumer is not None
         for tp in tps:
@@ -240,6 +244,13 @@ class PendingOwner:
         assert self._producer is not None
         async with self._txn:
             await commit(self._producer, messages, **kw)
+
+    async def mark(self, partitions: list[TopicPartition]) -> None:
+        """A transaction holding `partitions`: ends what this id left hanging there (`hanging.py`)."""
+        if self._producer is None:
+            return
+        async with self._txn:
+            await mark_partitions(self._producer, self.ctx.group, partitions)
 
     def creating_lock(self) -> asyncio.Lock:
         """One create (or recovery listing) at a time, first come first served (asyncio's

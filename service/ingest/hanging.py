@@ -23,6 +23,18 @@ COMMIT marker to each. Where this producer id has nothing open a marker changes 
 batch worker does so at every start, before it reads the state topic (up to its last stable
 offset, which a hanging transaction would hold back): it starts once per assignment.
 
+A writer that lives through such a restart ends what it left in the partitions its next
+transactions hold (its group's offsets and usage partition at every tick), but not in a
+response or dead-letter partition it does not write again, and a partition taken over may
+never be written by that id again. So every replica also watches the partitions of those
+topics (`watch`): one whose last stable offset stays below its high watermark, unmoved, for
+longer than any transaction may stay open (`kafka.transaction_timeout_ms`, after which the
+coordinator aborts it, plus two reads) holds a transaction left hanging, and every writer of
+the replica (the partition writers and the batch path's) commits a transaction holding that
+partition (`PartitionWriter.mark`). Only the id that left it can end it, and whichever
+replica owns that id marks it too. A partition still stuck at the same offset afterwards
+is not marked again (no live id of the gateway left it): the error log says so.
+
 COMMIT, because the coordinator had decided before it skipped the markers, and writers end
 far more transactions with a commit than with an abort. A writer that aborted re-reads the
 commit afterwards and takes what it finds (`PartitionWriter._reopen_verified`), so an
@@ -34,11 +46,17 @@ transactions end what it left hanging in the partitions they hold.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaClient, AIOKafkaProducer, TopicPartition
+from aiokafka.cluster import ClusterMetadata
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.offset import OffsetRequest
 
 from service.config import txn_sender
 from service.config.settings import GatewaySettings
@@ -49,6 +67,11 @@ HANGING_AFTER_S = 10.0
 """How long an initialised producer's offset may stay unstable before it is taken for hanging:
 the coordinator writes a transaction's markers in milliseconds, and initialising the producer
 waited for its id's last transaction to end."""
+
+
+WATCH_EVERY_S = 30.0
+"""How often each replica reads the last stable offsets of the partitions written in transactions."""
+LATEST, READ_UNCOMMITTED, READ_COMMITTED = -1, 0, 1
 
 
 def written_topics(settings: GatewaySettings) -> list[str]:
@@ -63,16 +86,34 @@ def written_topics(settings: GatewaySettings) -> list[str]:
     return sorted(topics)
 
 
-async def heal(producer: AIOKafkaProducer, group_id: str, topics: Iterable[str]) -> int:
-    """End whatever transaction `producer`'s id left open in `group_id`'s offsets or in any
-    partition of `topics` (those that exist): commit an empty transaction holding them all.
-    Returns how many partitions got a marker."""
-    metadata = await producer.client.fetch_all_metadata()
-    partitions = [
+def partitions_of(metadata: ClusterMetadata, topics: Iterable[str]) -> list[TopicPartition]:
+    """Every partition of `topics` (those that exist)."""
+    return [
         TopicPartition(topic, p)
         for topic in sorted(set(topics))
         for p in sorted(metadata.partitions_for_topic(topic) or ())
     ]
+
+
+async def heal(producer: AIOKafkaProducer, group_id: str, topics: Iterable[str]) -> int:
+    """End whatever transaction `producer`'s id left open in `group_id`'s offsets or in any
+    partition of `topics` (those that exist): commit an empty transaction holding them all.
+    Returns how many partitions got a marker."""
+    partitions = partitions_of(await producer.client.fetch_all_metadata(), topics)
+    await mark_partitions(producer, group_id, partitions)
+    log.info(
+        "committed markers to the group's offsets and every partition written: nothing of this"
+        " transactional id is left hanging",
+        extra={"transactional_id": producer._txn_manager.transactional_id, "partitions": len(partitions)},
+    )
+    return len(partitions)
+
+
+async def mark_partitions(
+    producer: AIOKafkaProducer, group_id: str, partitions: Iterable[TopicPartition]
+) -> None:
+    """Commit an empty transaction holding `partitions` and `group_id`'s offsets: a COMMIT marker
+    of this producer id in each. `producer` must have no transaction open."""
     await producer.begin_transaction()
     try:
         await txn_sender.ready(producer, partitions, group_id)
@@ -81,9 +122,131 @@ async def heal(producer: AIOKafkaProducer, group_id: str, topics: Iterable[str])
         with contextlib.suppress(Exception):
             await producer.abort_transaction()
         raise
-    log.info(
-        "committed markers to the group's offsets and every partition written: nothing of this"
-        " transactional id is left hanging",
-        extra={"transactional_id": producer._txn_manager.transactional_id, "partitions": len(partitions)},
-    )
-    return len(partitions)
+
+
+class StuckPartitions:
+    """Which partitions hold a transaction left hanging, from successive reads of their last
+    stable and high offsets: one whose last stable offset stays below its high watermark, at
+    the same offset, for `after_s`. Each is reported once per stuck offset."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._since: dict[TopicPartition, tuple[int, float]] = {}
+        """Each partition read stuck: at which last stable offset, since when."""
+        self._reported: dict[TopicPartition, int] = {}
+        self._told: set[TopicPartition] = set()
+
+    def update(self, offsets: Mapping[TopicPartition, tuple[int, int]], now: float) -> list[TopicPartition]:
+        """Take a read ({partition: (last stable offset, high watermark)}); returns the partitions
+        newly found stuck."""
+        found: list[TopicPartition] = []
+        for tp in [tp for tp in self._since if tp not in offsets]:
+            del self._since[tp]  # not read this time (no leader, deleted): starts again
+            self._reported.pop(tp, None)
+            self._told.discard(tp)
+        for tp, (stable, high) in offsets.items():
+            seen = self._since.get(tp)
+            if stable >= high or (seen is not None and seen[0] != stable):
+                self._since.pop(tp, None)
+                self._reported.pop(tp, None)
+                self._told.discard(tp)
+                seen = None
+            if stable >= high:
+                continue
+            if seen is None:
+                self._since[tp] = (stable, now)
+            elif now - seen[1] >= self.after_s and self._reported.get(tp) != stable:
+                self._reported[tp] = stable
+                found.append(tp)
+        return found
+
+    def unended(self) -> list[TopicPartition]:
+        """Partitions reported and still stuck at the same offset, each returned once."""
+        out = [
+            tp
+            for tp, (stable, _) in self._since.items()
+            if self._reported.get(tp) == stable and tp not in self._told
+        ]
+        self._told.update(out)
+        return out
+
+
+async def stable_and_high(
+    client: AIOKafkaClient, metadata: ClusterMetadata, partitions: Iterable[TopicPartition]
+) -> dict[TopicPartition, tuple[int, int]]:
+    """The last stable offset and the high watermark of each partition (ListOffsets v2 or v3,
+    latest, to its leader: read_committed, then read_uncommitted). Partitions without a leader or
+    answered with an error are left out."""
+    by_leader: dict[int, dict[str, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
+    for tp in partitions:
+        leader = metadata.leader_for_partition(tp)
+        if leader is not None and leader >= 0:
+            by_leader[leader][tp.topic].append((tp.partition, LATEST))
+    out: dict[TopicPartition, tuple[int, int]] = {}
+    for node, topics in by_leader.items():
+        ends: list[dict[TopicPartition, int]] = []
+        for isolation in (READ_COMMITTED, READ_UNCOMMITTED):
+            response = await client.send(node, OffsetRequest(-1, isolation, list(topics.items())))
+            ends.append(
+                {
+                    TopicPartition(topic, p): offset
+                    for topic, parts in response.topics
+                    for p, error, _, offset in parts
+                    if error == 0
+                }
+            )
+        stable, high = ends
+        out.update({tp: (offset, high[tp]) for tp, offset in stable.items() if tp in high})
+    return out
+
+
+Mark = Callable[[list[TopicPartition]], Awaitable[None]]
+"""A live writer's `mark`: commit a transaction of its producer id holding these partitions."""
+
+
+async def watch(
+    client: AIOKafkaClient,
+    topics: Callable[[], list[str]],
+    markers: Callable[[], list[Mark]],
+    stop: asyncio.Event,
+    stuck_after_s: float,
+    every_s: float = WATCH_EVERY_S,
+    found: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Until `stop`: every `every_s`, read the partitions of `topics`; those stuck for
+    `stuck_after_s` (`StuckPartitions`) get a marker from every one of `markers`."""
+    stuck = StuckPartitions(stuck_after_s)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+        if stop.is_set():
+            return
+        try:
+            metadata = await client.fetch_all_metadata()
+            offsets = await stable_and_high(client, metadata, partitions_of(metadata, topics()))
+        except (KafkaError, OSError) as exc:
+            log.debug("reading the last stable offsets failed", extra={"error": type(exc).__name__})
+            continue
+        except Exception:  # a fault of the watch must not stop the gateway
+            log.exception("reading the last stable offsets failed")
+            continue
+        hanging = stuck.update(offsets, time.monotonic())
+        for tp in stuck.unended():
+            log.error(
+                "a transaction left hanging was not ended by any writer of this replica",
+                extra={"topic": tp.topic, "partition": tp.partition, "stable_offset": offsets[tp][0]},
+            )
+        if not hanging:
+            continue
+        found(len(hanging))
+        log.warning(
+            "transactions left hanging: marking their partitions from every writer",
+            extra={"partitions": ",".join(f"{tp.topic}-{tp.partition}" for tp in hanging)},
+        )
+        for marker in markers():
+            try:
+                await marker(hanging)
+            except KafkaError as exc:  # the writer's next tick finds its transaction's state
+                log.warning("a writer could not mark", extra={"error": type(exc).__name__})
+            except Exception:  # a fault of the watch must not stop the gateway
+                log.exception("a writer could not mark")

@@ -379,6 +379,15 @@ class PartitionWriter:
             except ProducerFenced as exc:
                 raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
 
+    async def mark(self, partitions: list[TopicPartition]) -> None:
+        """Commit a transaction holding `partitions` (the one begun ahead, if open): its markers
+        end whatever this producer id left hanging there (`hanging.watch`)."""
+        if not self._eos:
+            return
+        async with self._tick_lock:
+            if self.failure is None and self.state is not State.CLOSED and self._producer is not None:
+                await self._txns.mark(partitions)
+
     async def _reopen_verified(self, ledger: PartitionLedger, taken: list[Item], snap: Snapshot) -> None:
         """After a failed or aborted tick: re-initialise the producer (which completes or
         aborts the open transaction), read the commit, and go on only if it is still ours.

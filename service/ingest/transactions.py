@@ -129,6 +129,17 @@ class Transactions:
         self._prepared_at = time.monotonic()
         txn_sender.prepare(producer, self._likely(), self.group_id)
 
+    async def mark(self, partitions: list[TopicPartition]) -> None:
+        """Commit the open transaction (begun if none is), holding `partitions` too: a marker of
+        this producer id in each ends what it left hanging there (`hanging.py`)."""
+        producer = self._producer
+        if not self._open:
+            await producer.begin_transaction()
+            self._open = True
+        self._prepared_at = None
+        await txn_sender.ready(producer, partitions, self.group_id)
+        await self.commit()
+
     def _remember(self, written: set[TopicPartition]) -> None:
         if len(self._recent) == RECENT_TICKS:
             self._written.subtract(self._recent[0])

@@ -212,6 +212,12 @@ class Metrics:
         self.eos_claims = Gauge(
             "gateway_eos_claims", "Calls claimed and not yet finished, per partner.", ["partner"], registry=r
         )
+        self.eos_hanging = Counter(
+            "gateway_eos_hanging_partitions",
+            "Partitions found holding a transaction left hanging (their last stable offset stuck"
+            " past the transaction timeout), each then marked by every writer of this process.",
+            registry=r,
+        )
         self.response_cache = Counter(
             "gateway_response_cache",
             "Response cache lookups (hit, miss, unavailable: Redis down or failing) and stores "

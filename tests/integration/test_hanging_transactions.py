@@ -1,6 +1,7 @@
 """A transaction left hanging (service/ingest/hanging.py) on the real broker: the coordinator
 ended it but its markers never reached a partition and the group's offsets. Readers stop at
-it and a stable offset read never answers; a new owner of the transactional id ends it.
+it and a stable offset read never answers; a new owner of the transactional id ends it, and
+so does a live writer of the id once the watch finds the partition stuck.
 
 The hang is made the way the broker makes it when it skips markers: records and an offset
 commit that the coordinator does not know belong to the transaction. With KIP-890's
@@ -15,13 +16,14 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from service.config.settings import KafkaSettings
-from service.ingest.hanging import heal
+from service.ingest.hanging import heal, watch
 from service.ingest.partition import PartitionWriter
+from service.ingest.sending import OutMessage
 from service.ingest.stable_offsets import UnstableOffset, fetch_committed_stable
 from tests.support.kafka import read_committed_values, started_transactional
 
@@ -93,7 +95,8 @@ async def _hang(
     txn.partition_added(out)  # taken for added: no AddPartitionsToTxn
     txn.consumer_group_added(group)  # likewise, no AddOffsetsToTxn
     await (await producer.send(out.topic, b"hanging", partition=out.partition))
-    await producer.send_offsets_to_transaction(offsets, group)
+    if offsets:
+        await producer.send_offsets_to_transaction(offsets, group)
     await producer.commit_transaction()
 
 
@@ -159,3 +162,50 @@ async def test_a_writer_taking_over_ends_its_ids_hanging_transaction(
         await writer.close()
     assert snapshot.commit == 7  # the hanging commit, ended as committed
     assert await read_committed_values(kafka_bootstrap, out, 1, timeout_s=10) == [b"hanging"]
+
+
+async def test_the_watch_has_a_live_writer_end_what_it_left_hanging(
+    kafka_bootstrap: str,
+    unverified: None,
+    topics: tuple[str, str],
+    settings: KafkaSettings,
+    producers: list[AIOKafkaProducer],
+    coordinator: object,
+) -> None:
+    """The writer lived through the hang and does not write that partition again: the watch
+    finds its last stable offset stuck and the writer's `mark` ends it; the writer goes on."""
+    request, output = topics
+    writer_settings = settings.model_copy(update={"group_id": f"{request}-group"})
+    tp_in, out = TopicPartition(request, 0), TopicPartition(output, 0)
+
+    async def fetch(tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
+        return await fetch_committed_stable(coordinator, tp, stable=stable, unstable_max_s=1.0)
+
+    writer = PartitionWriter(tp_in, writer_settings, "replica-a", fetch, written_topics=lambda: [output])
+    client = AIOKafkaClient(bootstrap_servers=kafka_bootstrap)
+    stop, found = asyncio.Event(), []
+    try:
+        await asyncio.wait_for(writer.start(), 60)
+        assert writer._producer is not None
+        await _hang(writer._producer, out, f"{request}-group", {})  # its own id, while it lives
+        await _committed_after(settings, producers, out)
+        assert await read_committed_values(kafka_bootstrap, out, 1, timeout_s=3) == []
+
+        await client.bootstrap()
+        watching = asyncio.create_task(
+            watch(client, lambda: [output], lambda: [writer.mark], stop, 1.0, 0.3, found.append)
+        )
+        values = await read_committed_values(kafka_bootstrap, out, 2, timeout_s=20)
+        stop.set()
+        await asyncio.wait_for(watching, 5)
+        assert values == [b"hanging", b"later"]
+        assert found == [1]  # the stuck partition only: partition 1 holds a committed record
+
+        assert writer.ledger is not None
+        writer.ledger.start(0)  # the writer goes on after its mark
+        await asyncio.wait_for(writer.publish(0, [OutMessage(output, b"k", b"after")]), 30)
+        assert writer.failure is None
+    finally:
+        stop.set()
+        await writer.close()
+        await client.close()

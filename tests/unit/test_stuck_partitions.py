@@ -1,0 +1,44 @@
+"""Finding transactions left hanging from successive reads of last stable offsets and high
+watermarks (service/ingest/hanging.py, `StuckPartitions`)."""
+
+from __future__ import annotations
+
+from aiokafka import TopicPartition
+
+from service.ingest.hanging import StuckPartitions
+
+A, B = TopicPartition("claude.responses.a", 0), TopicPartition("claude.deadletter.a", 1)
+
+
+def test_stuck_below_the_high_watermark_for_long_enough() -> None:
+    stuck = StuckPartitions(after_s=100)
+    assert stuck.update({A: (5, 9), B: (7, 7)}, now=0) == []
+    assert stuck.update({A: (5, 12), B: (7, 7)}, now=99) == []  # not long enough yet
+    assert stuck.update({A: (5, 12), B: (7, 7)}, now=100) == [A]  # B is read to its end
+
+
+def test_a_moving_stable_offset_is_not_stuck() -> None:
+    stuck = StuckPartitions(after_s=100)
+    for t, stable in enumerate(range(5, 50, 5)):
+        assert stuck.update({A: (stable, stable + 3)}, now=t * 60) == []
+
+
+def test_reported_once_per_stuck_offset_and_told_once_when_not_ended() -> None:
+    stuck = StuckPartitions(after_s=10)
+    stuck.update({A: (5, 9)}, now=0)
+    assert stuck.update({A: (5, 9)}, now=10) == [A]
+    assert stuck.unended() == [A]  # marked, still at 5 at the next read
+    assert stuck.update({A: (5, 9)}, now=100) == []  # not marked again
+    assert stuck.unended() == []  # and said once
+    # it moves, then sticks again further on: a new report
+    assert stuck.update({A: (9, 14)}, now=110) == []
+    assert stuck.unended() == []
+    assert stuck.update({A: (9, 14)}, now=120) == [A]
+
+
+def test_a_partition_not_read_starts_again() -> None:
+    stuck = StuckPartitions(after_s=10)
+    stuck.update({A: (5, 9)}, now=0)
+    assert stuck.update({}, now=5) == []  # no leader at this read
+    assert stuck.update({A: (5, 9)}, now=11) == []  # counted from here
+    assert stuck.update({A: (5, 9)}, now=21) == [A]
