@@ -30,6 +30,7 @@ from service.config.secrets import SecretRef, SecretResolutionError
 from service.config.settings import GatewaySettings
 from service.deadletters.command import add_commands as add_dlq_commands
 from service.deadletters.command import run as run_dlq
+from service.lifecycle import report_slow_stop
 from service.telemetry.logs import configure_logging
 from service.telemetry.tracing import TracingConfigError, provider_from_env, shutdown_provider
 from service.topics import add_commands as add_topics_commands
@@ -217,9 +218,12 @@ async def _serve(path: str, tracer_provider: TracerProvider | None = None) -> No
     # start-up objects frozen, young collections rare, a full collection on a clock
     gc_policy.apply()
     collecting = asyncio.create_task(gc_policy.collect_periodically(stop))
+    # past the drain: say what the stop waits on, before the orchestrator kills the process
+    slow = asyncio.create_task(report_slow_stop(stop, gateway.settings.runtime.drain_timeout_s + 5))
     try:
         await gateway.run(stop)
     finally:
         stop.set()
         await watching
         await collecting
+        slow.cancel()

@@ -10,6 +10,9 @@
   minute, with one line when topics appear; likewise while the brokers do not know the usage
   topic (`kafka.usage_topic`): billed calls' outcomes go out with their metering records, so
   without it they wait (unless the brokers create topics on first use).
+- `report_slow_stop`: a stop still under way `after_s` after it was asked for logs what each
+  task of the process is waiting on (its chain of awaits), so a shutdown that hangs until the
+  orchestrator kills it says where.
 """
 
 from __future__ import annotations
@@ -126,3 +129,33 @@ async def watch_topics(
                     "hint": "create the partners' request topics, or check kafka.request_topic_prefix",
                 },
             )
+
+
+async def report_slow_stop(stop: asyncio.Event, after_s: float) -> None:
+    """Once `stop` is set and `after_s` have passed (cancel this when the stop ends): a warning
+    naming every other task and the chain of awaits it is suspended in."""
+    await stop.wait()
+    await asyncio.sleep(after_s)
+    me = asyncio.current_task()
+    tasks = sorted((t for t in asyncio.all_tasks() if t is not me), key=lambda t: t.get_name())
+    log.warning(
+        "still stopping",
+        extra={
+            "after_s": after_s,
+            "tasks": len(tasks),
+            "waiting": [f"{t.get_name()}: {awaits(t)}" for t in tasks],
+        },
+    )
+
+
+def awaits(task: asyncio.Task[object]) -> str:
+    """Where `task` is suspended: each coroutine or generator of its chain of awaits, outermost
+    first, as `function (file:line)`."""
+    out: list[str] = []
+    link: object = task.get_coro()
+    while link is not None:
+        frame = getattr(link, "cr_frame", None) or getattr(link, "gi_frame", None)
+        if frame is not None:
+            out.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})")
+        link = getattr(link, "cr_await", None) or getattr(link, "gi_yieldfrom", None)
+    return " > ".join(out) or repr(task)

@@ -1,4 +1,4 @@
-"""`watch_topics`: what it says while the usage topic is missing, and when it is back."""
+"""`watch_topics`: what it says while the usage topic is missing, and when it is back; `report_slow_stop`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from service.config.settings import KafkaSettings
-from service.lifecycle import watch_topics
+from service.lifecycle import report_slow_stop, watch_topics
 
 USAGE = "acme.usage"
 
@@ -53,3 +53,27 @@ async def test_a_missing_usage_topic_is_warned_about_until_it_exists(
     finally:
         stop.set()
         await asyncio.wait_for(task, 2)
+
+
+async def test_a_slow_stop_says_what_each_task_waits_on(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="service.lifecycle")
+    gate = asyncio.Event()
+
+    async def innermost_wait() -> None:
+        await gate.wait()
+
+    async def drain_that_hangs() -> None:
+        await innermost_wait()
+
+    stuck = asyncio.create_task(drain_that_hangs(), name="the-stuck-one")
+    stop = asyncio.Event()
+    report = asyncio.create_task(report_slow_stop(stop, 0.05))
+    await asyncio.sleep(0.1)
+    assert not caplog.records  # nothing before the stop is asked for
+    stop.set()
+    await asyncio.wait_for(report, 1)
+    (record,) = [r for r in caplog.records if r.getMessage() == "still stopping"]
+    (line,) = [w for w in record.waiting if w.startswith("the-stuck-one: ")]  # type: ignore[attr-defined]
+    assert line.index("drain_that_hangs") < line.index("innermost_wait") < line.index(" wait (")
+    gate.set()
+    await stuck
