@@ -25,6 +25,7 @@ from service.ingest.hanging import heal, watch
 from service.ingest.partition import PartitionWriter
 from service.ingest.sending import OutMessage
 from service.ingest.stable_offsets import UnstableOffset, fetch_committed_stable
+from service.ingest.takeover import FetchCommitted
 from tests.support.kafka import read_committed_values, started_transactional
 
 pytestmark = pytest.mark.integration
@@ -100,6 +101,15 @@ async def _hang(
     await producer.commit_transaction()
 
 
+def _fetcher(coordinator: object) -> FetchCommitted:
+    """A writer's stable offset read that takes an offset unstable for 1 s for hanging."""
+
+    async def fetch(tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
+        return await fetch_committed_stable(coordinator, tp, stable=stable, unstable_max_s=1.0)
+
+    return fetch
+
+
 async def _committed_after(
     settings: KafkaSettings, producers: list[AIOKafkaProducer], out: TopicPartition
 ) -> None:
@@ -152,10 +162,9 @@ async def test_a_writer_taking_over_ends_its_ids_hanging_transaction(
     txn_id = f"{request}-group.{request}.1"  # the writer's own id (partition.transactional_id)
     await _hang(await started_transactional(settings, producers, txn_id), out, f"{request}-group", {tp_in: 7})
 
-    async def fetch(tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
-        return await fetch_committed_stable(coordinator, tp, stable=stable, unstable_max_s=1.0)
-
-    writer = PartitionWriter(tp_in, writer_settings, "replica-b", fetch, written_topics=lambda: [output])
+    writer = PartitionWriter(
+        tp_in, writer_settings, "replica-b", _fetcher(coordinator), written_topics=lambda: [output]
+    )
     try:
         snapshot = await asyncio.wait_for(writer.start(), 60)
     finally:
@@ -178,10 +187,9 @@ async def test_the_watch_has_a_live_writer_end_what_it_left_hanging(
     writer_settings = settings.model_copy(update={"group_id": f"{request}-group"})
     tp_in, out = TopicPartition(request, 0), TopicPartition(output, 0)
 
-    async def fetch(tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
-        return await fetch_committed_stable(coordinator, tp, stable=stable, unstable_max_s=1.0)
-
-    writer = PartitionWriter(tp_in, writer_settings, "replica-a", fetch, written_topics=lambda: [output])
+    writer = PartitionWriter(
+        tp_in, writer_settings, "replica-a", _fetcher(coordinator), written_topics=lambda: [output]
+    )
     client = AIOKafkaClient(bootstrap_servers=kafka_bootstrap)
     stop, found = asyncio.Event(), []
     try:
