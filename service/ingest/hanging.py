@@ -135,11 +135,15 @@ class StuckPartitions:
         """Each partition read stuck: at which last stable offset, since when."""
         self._reported: dict[TopicPartition, int] = {}
         self._told: set[TopicPartition] = set()
+        self.unended: list[TopicPartition] = []
+        """After `update`: partitions reported at an earlier read and stuck at the same offset
+        since (their marks did not end them), each listed once."""
 
     def update(self, offsets: Mapping[TopicPartition, tuple[int, int]], now: float) -> list[TopicPartition]:
         """Take a read ({partition: (last stable offset, high watermark)}); returns the partitions
         newly found stuck."""
         found: list[TopicPartition] = []
+        earlier = dict(self._reported)
         for tp in [tp for tp in self._since if tp not in offsets]:
             del self._since[tp]  # not read this time (no leader, deleted): starts again
             self._reported.pop(tp, None)
@@ -158,17 +162,11 @@ class StuckPartitions:
             elif now - seen[1] >= self.after_s and self._reported.get(tp) != stable:
                 self._reported[tp] = stable
                 found.append(tp)
-        return found
-
-    def unended(self) -> list[TopicPartition]:
-        """Partitions reported and still stuck at the same offset, each returned once."""
-        out = [
-            tp
-            for tp, (stable, _) in self._since.items()
-            if self._reported.get(tp) == stable and tp not in self._told
+        self.unended = [
+            tp for tp, stable in earlier.items() if self._reported.get(tp) == stable and tp not in self._told
         ]
-        self._told.update(out)
-        return out
+        self._told.update(self.unended)
+        return found
 
 
 async def stable_and_high(
@@ -231,7 +229,7 @@ async def watch(
             log.exception("reading the last stable offsets failed")
             continue
         hanging = stuck.update(offsets, time.monotonic())
-        for tp in stuck.unended():
+        for tp in stuck.unended:
             log.error(
                 "a transaction left hanging was not ended by any writer of this replica",
                 extra={"topic": tp.topic, "partition": tp.partition, "stable_offset": offsets[tp][0]},

@@ -384,8 +384,9 @@ class PartitionWriter:
         end whatever this producer id left hanging there (`hanging.watch`)."""
         if not self._eos:
             return
-        async with self._tick_lock:
-            if self.failure is None and self.state is not State.CLOSED and self._producer is not None:
+        async with self._tick_lock:  # not while it starts (its producer is initialised then)
+            live = self.state in (State.OWNED, State.SUSPENDED, State.HANDOFF)
+            if live and self.failure is None and self._producer is not None:
                 await self._txns.mark(partitions)
 
     async def _reopen_verified(self, ledger: PartitionLedger, taken: list[Item], snap: Snapshot) -> None:

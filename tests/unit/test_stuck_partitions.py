@@ -25,15 +25,17 @@ def test_a_moving_stable_offset_is_not_stuck() -> None:
 
 def test_reported_once_per_stuck_offset_and_told_once_when_not_ended() -> None:
     stuck = StuckPartitions(after_s=10)
-    stuck.update({A: (5, 9)}, now=0)
-    assert stuck.update({A: (5, 9)}, now=10) == [A]
-    assert stuck.unended() == [A]  # marked, still at 5 at the next read
-    assert stuck.update({A: (5, 9)}, now=100) == []  # not marked again
-    assert stuck.unended() == []  # and said once
+    stuck.update({A: (5, 9), B: (2, 4)}, now=0)
+    assert stuck.update({A: (5, 9), B: (2, 4)}, now=10) == [A, B]
+    assert stuck.unended == []  # just reported: the marks come now
+    assert stuck.update({A: (5, 9), B: (4, 4)}, now=40) == []  # not reported again
+    assert stuck.unended == [A]  # still at 5 after its marks; B was ended
+    assert stuck.update({A: (5, 9), B: (4, 4)}, now=70) == []
+    assert stuck.unended == []  # said once
     # it moves, then sticks again further on: a new report
-    assert stuck.update({A: (9, 14)}, now=110) == []
-    assert stuck.unended() == []
-    assert stuck.update({A: (9, 14)}, now=120) == [A]
+    assert stuck.update({A: (9, 14)}, now=80) == []
+    assert stuck.update({A: (9, 14)}, now=90) == [A]
+    assert stuck.unended == []
 
 
 def test_a_partition_not_read_starts_again() -> None:
