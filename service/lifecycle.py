@@ -143,7 +143,7 @@ async def report_slow_stop(stop: asyncio.Event, after_s: float) -> None:
         extra={
             "after_s": after_s,
             "tasks": len(tasks),
-            "waiting": [f"{t.get_name()}: {awaits(t)}" for t in tasks],
+            "waiting": "\n".join(f"{t.get_name()}: {awaits(t)}" for t in tasks),  # one line each
         },
     )
 

@@ -73,7 +73,8 @@ async def test_a_slow_stop_says_what_each_task_waits_on(caplog: pytest.LogCaptur
     stop.set()
     await asyncio.wait_for(report, 1)
     (record,) = [r for r in caplog.records if r.getMessage() == "still stopping"]
-    (line,) = [w for w in record.waiting if w.startswith("the-stuck-one: ")]  # type: ignore[attr-defined]
+    waiting: str = record.waiting  # type: ignore[attr-defined]
+    (line,) = [w for w in waiting.splitlines() if w.startswith("the-stuck-one: ")]
     assert line.index("drain_that_hangs") < line.index("innermost_wait") < line.index(" wait (")
     gate.set()
     await stuck
