@@ -43,6 +43,7 @@ from service.config.kafka import client_kwargs, transactional_producer
 from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter
 from service.ingest import failpoints
+from service.ingest.fetch import until_stopped
 from service.ingest.hanging import Mark, heal, mark_partitions, written_topics
 from service.ingest.sending import OutMessage
 from service.ingest.stable_offsets import fetch_committed_stable
@@ -143,7 +144,9 @@ class BatchWorker:
         self._consumer.subscribe([pending], listener=_Listener(self))
         try:
             while not stop.is_set():
-                fetched = await self._consumer.getmany(timeout_ms=200, max_records=1000)
+                fetched = await until_stopped(
+                    self._consumer, stop, self._consumer.getmany(timeout_ms=200, max_records=1000), {}
+                )
                 if self.failure is not None:
                     failure, self.failure = self.failure, None
                     raise failure

@@ -36,7 +36,7 @@ from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter
 from service.contracts.reasons import Reason
 from service.egress.publisher import Publisher
-from service.ingest.fetch import Fetched, Undecodable, fetch
+from service.ingest.fetch import Fetched, Undecodable, fetch, until_stopped
 from service.ingest.ownership import Ownership, RecordSink
 from service.ingest.partition import Fenced, Revoked
 from service.pipeline import Pipeline
@@ -144,7 +144,7 @@ class IngestLoop:
             while not stop.is_set():
                 if self._fatal is not None:
                     raise FatalPipelineError("a record could not be given any outcome") from self._fatal
-                fetched = await fetch_until_stop(consumer, stop, timeout_ms=100)
+                fetched = await until_stopped(consumer, stop, fetch(consumer, timeout_ms=100), Fetched())
                 if fetched:
                     self.broker_seen_at = time.monotonic()
                 for tp, entries in _by_partition(fetched).items():
@@ -341,23 +341,6 @@ class IngestLoop:
             with contextlib.suppress(IllegalStateError):
                 consumer.pause(*consumer.assignment())
         await self.ownership.drain(self.settings.runtime.drain_timeout_s)
-
-
-async def fetch_until_stop(consumer: AIOKafkaConsumer, stop: asyncio.Event, timeout_ms: int) -> Fetched:
-    """`fetch`, given up (nothing fetched) once `stop` is set. While a rebalance is in progress
-    aiokafka's `getmany` waits for the next assignment whatever its timeout
-    (`Fetcher.fetched_records`); in a group that kept rebalancing (replicas killed and started)
-    a replica asked to stop waited in it for over 40 s, then was killed."""
-    if not consumer._subscription.reassignment_in_progress:
-        return await fetch(consumer, timeout_ms=timeout_ms)
-    fetching = asyncio.ensure_future(fetch(consumer, timeout_ms=timeout_ms))
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({fetching, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        return fetching.result() if fetching.done() else Fetched()
-    finally:
-        stopping.cancel()
-        fetching.cancel()  # what it would fetch stays for the next owner, from the commit point
 
 
 def _by_partition(fetched: Fetched) -> dict[TopicPartition, list[ConsumerRecord | Undecodable]]:

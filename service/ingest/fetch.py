@@ -34,11 +34,12 @@ next call meets the record again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiokafka.errors as Errors
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -46,11 +47,12 @@ from aiokafka.protocol.fetch import FetchRequest
 
 from service.ingest.rawrecords import LenientPartition, RawHeaders, Undecodable
 
-__all__ = ["Fetched", "RawHeaders", "Undecodable", "fetch"]
+__all__ = ["Fetched", "RawHeaders", "Undecodable", "fetch", "until_stopped"]
 
 log = logging.getLogger(__name__)
 
 _GUARDED: Final = "_gateway_guarded"
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -154,6 +156,25 @@ class _GuardedBuffer(OrderedDict[Any, Any]):
     def __setitem__(self, tp: Any, result: Any) -> None:
         _guard(tp, result, self.faults)
         super().__setitem__(tp, result)
+
+
+async def until_stopped(
+    consumer: AIOKafkaConsumer, stop: asyncio.Event, fetching: Awaitable[T], empty: T
+) -> T:
+    """`fetching` (a fetch from `consumer`), given up for `empty` once `stop` is set. While a
+    rebalance is in progress aiokafka's `getmany` waits for the next assignment whatever its
+    timeout (`Fetcher.fetched_records`); in a group that kept rebalancing (replicas killed and
+    started) a replica asked to stop waited there for over 40 s, then was killed."""
+    if not consumer._subscription.reassignment_in_progress:
+        return await fetching
+    task = asyncio.ensure_future(fetching)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        return task.result() if task.done() else empty
+    finally:
+        stopping.cancel()
+        task.cancel()  # what it would fetch stays for the next owner, from the commit point
 
 
 def _faults(consumer: AIOKafkaConsumer) -> dict[TopicPartition, Exception] | None:
