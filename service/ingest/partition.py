@@ -41,6 +41,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from service.config.kafka import transactional_producer
 from service.config.settings import KafkaSettings
 from service.ingest import failpoints
+from service.ingest.claims_seen import ClaimsSeen
 from service.ingest.hanging import heal
 from service.ingest.ledger import Claim, PartitionLedger, Snapshot
 from service.ingest.sending import Item, OutMessage, send_all
@@ -104,6 +105,8 @@ class PartitionWriter:
         """The topics this writer's transactions may have written (to end one left hanging)."""
         self._producer: AIOKafkaProducer | None = None
         self._txns = Transactions(settings.group_id, settings.eos_prepared_idle_ms / 1000)
+        self._claims = ClaimsSeen(tp, owner, fetch_committed, lambda: self.mark([]), Fenced)
+        """Committed claims whose calls wait until the commit is seen (`claims_seen.py`)."""
         self.ledger: PartitionLedger | None = None
         self.state = State.STARTING
         self._queue: list[Item] = []
@@ -203,6 +206,7 @@ class PartitionWriter:
                 await self._tick()
         self.state = State.CLOSED
         self._fail_all(Fenced(f"{self.tp} writer closed"))
+        await self._claims.close(Fenced(f"{self.tp} writer closed"))
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -294,6 +298,7 @@ class PartitionWriter:
         )
 
     def _fail_all(self, exc: BaseException) -> None:
+        self._claims.fail(exc)
         items, self._queue = self._queue, []
         for item in items:
             if not item.done.done():
@@ -407,7 +412,7 @@ class PartitionWriter:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         if committed.owner == self.owner and committed.seq == snap.seq and committed.commit == snap.commit:
-            self._settle(ledger, taken, snap)  # it did commit
+            self._settle(ledger, taken, snap, seen=True)  # it did commit (read stable: seen)
             return
         if committed.seq != ledger.seq or committed.owner != self._last_owner:
             raise Fenced(f"{self.tp}: the committed state was written by another owner")
@@ -416,14 +421,20 @@ class PartitionWriter:
             await asyncio.sleep(delay)
         self._wake.set()
 
-    def _settle(self, ledger: PartitionLedger, taken: list[Item], snap: Snapshot) -> None:
+    def _settle(self, ledger: PartitionLedger, taken: list[Item], snap: Snapshot, seen: bool = False) -> None:
+        """Committed: outcomes are done; claims are done once the commit is seen (`claims_seen`)."""
         self._last_owner = snap.owner
         ledger.apply(
             [i.offset for i in taken if i.finish], [i.claim for i in taken if i.claim is not None], snap.seq
         )
+        wait = self._eos and not seen
+        unseen = [i for i in taken if wait and i.claim is not None and not i.done.done()]
+        later = {id(i) for i in unseen}
         for item in taken:
-            if not item.done.done():
+            if not item.done.done() and id(item) not in later:
                 item.done.set_result(None)
+        if unseen:
+            self._claims.add(snap.seq, unseen)
 
     async def _tick_plain(self, ledger: PartitionLedger, items: list[Item]) -> None:
         producer = self._shared

@@ -18,7 +18,7 @@ from service.config import txn_sender
 from service.config.settings import KafkaSettings
 from service.ingest import transactions
 from service.ingest.ownership import RecordSink
-from service.ingest.partition import PartitionWriter
+from service.ingest.partition import Fenced, PartitionWriter
 from service.ingest.sending import Item, OutMessage
 
 TP = TopicPartition("claude.requests.p", 0)
@@ -32,6 +32,9 @@ class _Producer:
     def __init__(self) -> None:
         self.events: list[str] = []
         self.commits = 0
+        self._offsets: dict[TopicPartition, tuple[int, str]] = {}
+        self.committed: tuple[int | None, str] = (None, "")
+        """What the group's offsets show (its commits, once committed)."""
 
     async def start(self) -> None:
         pass
@@ -55,17 +58,19 @@ class _Producer:
 
     async def send_offsets_to_transaction(self, offsets: Any, group_id: str) -> None:
         self.events.append("offsets")
+        self._offsets = dict(offsets)
 
     async def commit_transaction(self) -> None:
         self.events.append("commit")
         self.commits += 1
+        if TP in self._offsets:
+            self.committed = self._offsets.pop(TP)
+
+    async def fetch_committed(self, tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
+        return self.committed
 
     async def abort_transaction(self) -> None:
         self.events.append("abort")
-
-
-async def _fetch_committed(tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
-    return None, ""
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +103,7 @@ async def _writer(tick_ms: int, prepared_idle_ms: int = 1_000) -> tuple[Partitio
         TP,
         settings,
         "me",
-        _fetch_committed,
+        producer.fetch_committed,
         producer_factory=lambda _id: producer,
     )
     await writer.start()
@@ -267,7 +272,8 @@ async def test_outcomes_coming_while_the_partitions_are_added_ride_in_the_transa
         assert writer.ledger.low_watermark == 2  # both finished
     finally:
         await writer.close()
-    await asyncio.wait_for(claim, 0.1)  # the closing tick
+    with pytest.raises(Fenced):  # committed by the closing tick: no call starts after the close
+        await asyncio.wait_for(claim, 0.1)
 
 
 async def test_only_outcomes_of_calls_and_batch_handoffs_linger() -> None:
