@@ -96,8 +96,9 @@ class ClaimsSeen:
         delay = FIRST_READ_S
         while True:
             if not self._waiting:
-                self._wake.clear()
                 await self._wake.wait()
+            if self._wake.is_set():  # claims came (a commit): its markers come in milliseconds
+                self._wake.clear()
                 delay = FIRST_READ_S
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_READ_S)
