@@ -107,6 +107,9 @@ class ClaimsSeen:
             except KafkaError as exc:
                 log.warning("reading the committed claims failed", extra={"error": type(exc).__name__})
                 continue
+            except Exception:  # never silent, never the end of the reads: the claims would wait
+                log.exception("reading the committed claims failed")
+                continue
             if seen.owner == self._owner:
                 self._done(seen.seq)
             elif self._waiting and seen.seq >= self._waiting[0][0]:
@@ -121,6 +124,8 @@ class ClaimsSeen:
                     await self._mark()
                 except KafkaError as exc:
                     log.warning("ending a hanging commit failed", extra={"error": type(exc).__name__})
+                except Exception:
+                    log.exception("ending a hanging commit failed")
 
     def _done(self, seq: int) -> None:
         resolved = False

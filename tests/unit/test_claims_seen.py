@@ -83,3 +83,21 @@ async def test_another_owner_s_commit_past_theirs_stops_the_calls() -> None:
     with pytest.raises(Fenced):
         await asyncio.wait_for(claim.done, 1)
     await seen.close(Fenced("closed"))
+
+
+async def test_a_failed_read_is_read_again() -> None:
+    offsets = _Offsets()
+    failures = [RuntimeError("a bug in a read"), None]
+
+    async def fetch(tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
+        failure = failures.pop(0) if failures else None
+        if failure is not None:
+            raise failure
+        return await offsets.fetch(tp, stable)
+
+    seen = ClaimsSeen(TP, "me", fetch, offsets.mark, Fenced)
+    claim = _claim(1)
+    seen.add(5, [claim])
+    offsets.show("me", 5)
+    await asyncio.wait_for(claim.done, 1)
+    await seen.close(Fenced("closed"))
