@@ -33,7 +33,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from service.ingest.hanging import HANGING_AFTER_S
-from service.ingest.sending import Item
+from service.ingest.sending import Item, fail
 from service.ingest.takeover import FetchCommitted, read_committed
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,7 @@ class ClaimsSeen:
     def fail(self, exc: BaseException) -> None:
         """No waiting claim's call may start (the writer stops)."""
         waiting, self._waiting = self._waiting, []
-        for _, items in waiting:
-            for item in items:
-                if not item.done.done():
-                    item.done.set_exception(exc)
-                    item.done.exception()  # retrieved: a waiter cancelled meanwhile must not warn
+        fail((item for _, items in waiting for item in items), exc)
 
     async def close(self, exc: BaseException) -> None:
         self.fail(exc)

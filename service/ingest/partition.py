@@ -44,7 +44,7 @@ from service.ingest import failpoints
 from service.ingest.claims_seen import ClaimsSeen
 from service.ingest.hanging import heal
 from service.ingest.ledger import Claim, PartitionLedger, Snapshot
-from service.ingest.sending import Item, OutMessage, send_all
+from service.ingest.sending import Item, OutMessage, fail, send_all
 from service.ingest.stable_offsets import UnstableOffset
 from service.ingest.takeover import FetchCommitted, await_handoff, read_committed
 from service.ingest.tick import TickContents
@@ -300,10 +300,7 @@ class PartitionWriter:
     def _fail_all(self, exc: BaseException) -> None:
         self._claims.fail(exc)
         items, self._queue = self._queue, []
-        for item in items:
-            if not item.done.done():
-                item.done.set_exception(exc)
-                item.done.exception()  # retrieved: a waiter cancelled meanwhile must not warn
+        fail(items, exc)
 
     async def _tick(self) -> None:
         ledger = self.ledger
@@ -321,10 +318,7 @@ class PartitionWriter:
                     if isinstance(exc, Fenced)
                     else Fenced(f"{self.tp}: tick failed: {type(exc).__name__}")
                 )
-                for item in items:
-                    if not item.done.done():
-                        item.done.set_exception(lost)
-                        item.done.exception()
+                fail(items, lost)
                 raise
             self._last_tick = time.monotonic()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -150,6 +150,15 @@ _REFUSALS = frozenset(
 def _refusal(exc: BaseException) -> bool:
     """The broker will never take this message: the caller must make another outcome."""
     return type(exc).__name__ in _REFUSALS
+
+
+def fail(items: Iterable[Item], exc: BaseException) -> None:
+    """Every item not yet done fails with `exc`, retrieved at once: a waiter cancelled
+    meanwhile must not warn that it was never retrieved."""
+    for item in items:
+        if not item.done.done():
+            item.done.set_exception(exc)
+            item.done.exception()
 
 
 def _set_error(item: Item, exc: BaseException) -> None:
