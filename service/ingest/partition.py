@@ -421,11 +421,13 @@ class PartitionWriter:
         ledger.apply(
             [i.offset for i in taken if i.finish], [i.claim for i in taken if i.claim is not None], snap.seq
         )
-        wait = self._eos and not seen
-        unseen = [i for i in taken if wait and i.claim is not None and not i.done.done()]
-        later = {id(i) for i in unseen}
+        unseen: list[Item] = []
         for item in taken:
-            if not item.done.done() and id(item) not in later:
+            if item.done.done():
+                continue
+            if item.claim is not None and self._eos and not seen:
+                unseen.append(item)
+            else:
                 item.done.set_result(None)
         if unseen:
             self._claims.add(snap.seq, unseen)
