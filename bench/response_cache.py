@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--response-cache-eos-tick-ms", type=int, default=None, help="kafka.eos_tick_ms (default: 20)"
     )
+    g.add_argument(
+        "--response-cache-eos-producers",
+        type=int,
+        default=None,
+        help="kafka.eos_producers (default: 2; 1: each tick waits for the last one's markers)",
+    )
     g.add_argument("--response-cache-seed", type=int, default=1, help="seed of the request mix")
     g.add_argument(
         "--response-cache-arrivals",
@@ -113,6 +119,8 @@ def _config(
     }
     if args.response_cache_eos_tick_ms is not None:
         kafka["eos_tick_ms"] = args.response_cache_eos_tick_ms
+    if args.response_cache_eos_producers is not None:
+        kafka["eos_producers"] = args.response_cache_eos_producers
     if args.response_cache_at_least_once:
         kafka["exactly_once"] = False
     return {
@@ -266,6 +274,7 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
         "partitions": partitions,
         "exactly_once": settings.kafka.exactly_once,
         "eos_tick_ms": settings.kafka.eos_tick_ms,
+        "eos_producers": settings.kafka.eos_producers,
         "arrivals": args.response_cache_arrivals,
         "phases": phases,
         "warmup": warmup,

@@ -68,6 +68,9 @@ class KafkaSettings(_Frozen):
     """When another tick is expected soon (calls in flight, or three ticks within this time), a
     partition's next transaction begins as soon as one commits, with its likely partitions and
     the group added ahead; ended if nothing comes for it this long (0: never begun ahead)."""
+    eos_producers: int = Field(default=2, ge=1, le=4)
+    """Transactional producers per owned partition, taking turns: the next tick is sent while the
+    last one commits (`service/ingest/turns.py`). 1: each tick waits for the last one's markers."""
     eos_handoff_max_s: float = Field(default=30.0, ge=0)
     """How long a new owner waits for a live previous owner to finish its calls."""
     transaction_timeout_ms: int = Field(default=60_000, gt=0)

@@ -2,10 +2,11 @@
 
 Exactly-once (`kafka.exactly_once`, the default) works per input partition:
 
-- A transactional producer whose `transactional_id` is derived from the group,
-  topic and partition. Initialising it on assignment fences the previous
+- Transactional producers whose `transactional_id`s are derived from the group,
+  topic and partition. Initialising them on assignment fences the previous
   owner: a zombie can no longer commit for this partition (the first
-  exactly-once design of Kafka Streams; aiokafka has no KIP-447).
+  exactly-once design of Kafka Streams; aiokafka has no KIP-447). They take
+  turns (`turns.py`): the next tick is sent while the last one commits.
 - A short "tick" transaction every `eos_tick_ms` carries the outcomes that
   finished since the last one and the offset commit (`send_offsets_to_transaction`)
   whose metadata records finished offsets above the commit point and the
@@ -32,33 +33,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from enum import Enum
+from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
 
 from service.config.kafka import transactional_producer
 from service.config.settings import KafkaSettings
-from service.ingest import failpoints
 from service.ingest.claims_seen import ClaimsSeen
-from service.ingest.hanging import heal
 from service.ingest.ledger import Claim, PartitionLedger, Snapshot
-from service.ingest.sending import Item, OutMessage, fail, send_all
+from service.ingest.sending import Item, OutMessage, fail
 from service.ingest.stable_offsets import UnstableOffset
 from service.ingest.takeover import FetchCommitted, await_handoff, read_committed
-from service.ingest.tick import TickContents
-from service.ingest.transactions import Transactions
+from service.ingest.turns import Turns
+from service.ingest.writer_tick import CommitOffsets, Fenced, State, TickWriter
+
+__all__ = ["CommitOffsets", "Fenced", "PartitionWriter", "Revoked", "State", "transactional_id"]
 
 log = logging.getLogger(__name__)
-
-CommitOffsets = Callable[[TopicPartition, int, str], Awaitable[None]]
-"""At-least-once mode: commit (offset, metadata) with the consumer."""
-
-
-class Fenced(Exception):
-    """Another owner holds this partition: nothing may be published from here.
-    The request is left to that owner (its claim, if any, resolved by policy there)."""
 
 
 class Revoked(Exception):
@@ -66,19 +57,11 @@ class Revoked(Exception):
     the new owner processes it (nothing was billed)."""
 
 
-class State(Enum):
-    STARTING = "starting"
-    OWNED = "owned"
-    SUSPENDED = "suspended"  # revoked, the rebalance not finished: new claims wait
-    HANDOFF = "handoff"  # another replica owns it: finish claimed calls, refuse new ones
-    CLOSED = "closed"
-
-
 def transactional_id(group_id: str, tp: TopicPartition) -> str:
     return f"{group_id}.{tp.topic}.{tp.partition}"
 
 
-class PartitionWriter:
+class PartitionWriter(TickWriter):
     """Claims and outcomes of one partition, committed with its offset and metadata."""
 
     def __init__(
@@ -103,8 +86,13 @@ class PartitionWriter:
         self._factory = producer_factory or self._new_producer
         self._written_topics = written_topics
         """The topics this writer's transactions may have written (to end one left hanging)."""
-        self._producer: AIOKafkaProducer | None = None
-        self._txns = Transactions(settings.group_id, settings.eos_prepared_idle_ms / 1000)
+        self._turns = Turns(
+            settings.group_id,
+            transactional_id(settings.group_id, tp),
+            settings.eos_producers,
+            settings.eos_prepared_idle_ms / 1000,
+            self._factory,
+        )
         self._claims = ClaimsSeen(tp, owner, fetch_committed, lambda: self.mark([]), Fenced)
         """Committed claims whose calls wait until the commit is seen (`claims_seen.py`)."""
         self.ledger: PartitionLedger | None = None
@@ -147,12 +135,7 @@ class PartitionWriter:
         return snapshot
 
     async def _open_producer(self) -> None:
-        if self._producer is not None:
-            with contextlib.suppress(Exception):
-                await self._producer.stop()
-        self._producer = self._factory(transactional_id(self.settings.group_id, self.tp))
-        self._txns.reset(self._producer)
-        await self._producer.start()  # init_transactions: bumps the epoch, fences the previous owner
+        await self._turns.open()  # init_transactions: bumps the epochs, fences the previous owner
 
     async def _read_committed(self) -> Snapshot:
         """The committed state, stable. A commit still pending once our producer is initialised
@@ -160,13 +143,13 @@ class PartitionWriter:
         try:
             return await read_committed(self._fetch_committed, self.tp)
         except UnstableOffset:
-            if self._producer is None or self._written_topics is None:
+            if not self._turns.started or self._written_topics is None:
                 raise
             log.warning(
                 "the committed offset stayed unstable: ending a transaction left hanging",
                 extra={"topic": self.tp.topic, "partition": self.tp.partition},
             )
-        await heal(self._producer, self.settings.group_id, self._written_topics())
+        await self._turns.heal(self._written_topics())
         return await read_committed(self._fetch_committed, self.tp)
 
     def suspend(self) -> None:
@@ -192,10 +175,6 @@ class PartitionWriter:
         n, self.transactions = self.transactions, 0
         return n
 
-    @property
-    def claims_in_flight(self) -> int:
-        return 0 if self.ledger is None else len(self.ledger.claims)
-
     async def close(self) -> None:
         """Commit what is finished, then stop the producer."""
         if self.state is State.CLOSED:
@@ -204,6 +183,8 @@ class PartitionWriter:
         if self._loop_task is not None and self.failure is None:
             with contextlib.suppress(Exception):
                 await self._tick()
+            with contextlib.suppress(Exception):
+                await self._resolve_in_turn(wait=True)
         self.state = State.CLOSED
         self._fail_all(Fenced(f"{self.tp} writer closed"))
         await self._claims.close(Fenced(f"{self.tp} writer closed"))
@@ -211,10 +192,7 @@ class PartitionWriter:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
-        if self._producer is not None:
-            producer, self._producer = self._producer, None
-            with contextlib.suppress(Exception):
-                await producer.stop()
+        await self._turns.stop()
 
     # -- what the pipeline calls ---------------------------------------------------------
 
@@ -246,7 +224,9 @@ class PartitionWriter:
     async def _submit(self, item: Item, hurry: bool = False) -> None:
         if self.failure is not None or self.state is State.CLOSED:
             raise Fenced(f"{self.tp} is no longer written from here")
-        if hurry or (not self._queue and not self._tick_lock.locked()):
+        committing = self._turns.committing
+        ended = committing is None or committing.task.done()
+        if hurry or (not self._queue and not self._tick_lock.locked() and ended):
             self._hurry.set()
         self._queue.append(item)
         self._wake.set()
@@ -259,7 +239,7 @@ class PartitionWriter:
         heartbeat_s = self.settings.eos_heartbeat_s
         try:
             while True:
-                idle = self._txns.idle_for()
+                idle = self._turns.idle_for()
                 wait_s = heartbeat_s if idle is None else min(heartbeat_s, max(idle, 0.0))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
@@ -272,6 +252,7 @@ class PartitionWriter:
                         await asyncio.wait_for(self._hurry.wait(), timeout=linger)
                 self._hurry.clear()
                 self._wake.clear()
+                await self._resolve_in_turn()  # if it failed: verified, its items again
                 beat = (
                     self._eos
                     and self.claims_in_flight > 0
@@ -301,147 +282,6 @@ class PartitionWriter:
         self._claims.fail(exc)
         items, self._queue = self._queue, []
         fail(items, exc)
-
-    async def _tick(self) -> None:
-        ledger = self.ledger
-        assert ledger is not None
-        async with self._tick_lock:  # one transaction at a time (the loop, and `close`)
-            items, self._queue = self._queue, []
-            try:
-                if self._eos:
-                    await self._tick_transactional(ledger, items)
-                else:
-                    await self._tick_plain(ledger, items)
-            except BaseException as exc:  # no waiter may hang on a tick that died
-                lost = (
-                    exc
-                    if isinstance(exc, Fenced)
-                    else Fenced(f"{self.tp}: tick failed: {type(exc).__name__}")
-                )
-                fail(items, lost)
-                raise
-            self._last_tick = time.monotonic()
-
-    def _contents(self, ledger: PartitionLedger, items: list[Item]) -> TickContents:
-        tick = TickContents(ledger, self.owner, self.settings.eos_max_claims, items)
-        self._queue.extend(tick.left)
-        return tick
-
-    async def _tick_transactional(self, ledger: PartitionLedger, items: list[Item]) -> None:
-        tick = self._contents(ledger, items)
-        taken = tick.items
-
-        def join() -> list[Item]:  # while the transaction's partitions are being added
-            late = tick.join(self._queue)
-            items.extend(late)  # `_tick` fails them too if the tick dies
-            return late
-
-        try:
-            refused, resend = await self._txns.send(taken, join, lambda: tick.offsets(self.tp))
-            if refused or resend:
-                # the idempotent sequence is broken past a refused batch: abort, start afresh
-                with contextlib.suppress(KafkaError):
-                    await self._txns.abort()
-                await self._reopen_verified(ledger, taken, tick.snap)
-                return
-            failpoints.hit("tick.sent")
-            await self._txns.commit()
-            failpoints.hit("tick.committed")
-        except ProducerFenced as exc:
-            raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
-        except KafkaError as exc:
-            log.warning(
-                "transaction failed; verifying what was committed",
-                extra={"topic": self.tp.topic, "partition": self.tp.partition, "error": type(exc).__name__},
-            )
-            await self._reopen_verified(ledger, taken, tick.snap)
-            return
-        self.transactions += 1
-        self._failures = 0
-        self._settle(ledger, taken, tick.snap)
-        if not self._closing and self.state in (State.OWNED, State.SUSPENDED):
-            await self._begin_ahead()
-
-    async def _begin_ahead(self) -> None:
-        try:
-            await self._txns.begin_ahead(expected=self.claims_in_flight > 0)
-        except ProducerFenced as exc:
-            raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
-
-    async def _end_idle(self) -> None:
-        """End the transaction begun ahead if nothing came for it (the writer stays idle)."""
-        async with self._tick_lock:
-            if self._queue:
-                return
-            try:
-                await self._txns.end_idle()
-            except ProducerFenced as exc:
-                raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
-
-    async def mark(self, partitions: list[TopicPartition]) -> None:
-        """Commit a transaction holding `partitions` (the one begun ahead, if open): its markers
-        end whatever this producer id left hanging there (`hanging.watch`)."""
-        if not self._eos:
-            return
-        async with self._tick_lock:  # not while it starts (its producer is initialised then)
-            live = self.state in (State.OWNED, State.SUSPENDED, State.HANDOFF)
-            if live and self.failure is None and self._producer is not None:
-                await self._txns.mark(partitions)
-
-    async def _reopen_verified(self, ledger: PartitionLedger, taken: list[Item], snap: Snapshot) -> None:
-        """After a failed or aborted tick: re-initialise the producer (which completes or
-        aborts the open transaction), read the commit, and go on only if it is still ours.
-        Then the tick's items either committed (settled now) or go back in the queue."""
-        if self.state is not State.OWNED and self.state is not State.SUSPENDED:
-            raise Fenced(f"{self.tp}: transaction failed during handoff")
-        self._failures += 1
-        delay = min(5.0, 0.05 * 2**self._failures)
-        while True:
-            try:
-                await self._open_producer()
-                committed = await self._read_committed()
-                break
-            except KafkaError as exc:
-                log.warning("writer recovery failed, retrying", extra={"error": type(exc).__name__})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        if committed.owner == self.owner and committed.seq == snap.seq and committed.commit == snap.commit:
-            self._settle(ledger, taken, snap, seen=True)  # it did commit (read stable: seen)
-            return
-        if committed.seq != ledger.seq or committed.owner != self._last_owner:
-            raise Fenced(f"{self.tp}: the committed state was written by another owner")
-        self._queue[:0] = [i for i in taken if not i.done.done()]  # it did not commit: again
-        if self._failures > 1:
-            await asyncio.sleep(delay)
-        self._wake.set()
-
-    def _settle(self, ledger: PartitionLedger, taken: list[Item], snap: Snapshot, seen: bool = False) -> None:
-        """Committed: outcomes are done; claims are done once the commit is seen (`claims_seen`)."""
-        self._last_owner = snap.owner
-        ledger.apply(
-            [i.offset for i in taken if i.finish], [i.claim for i in taken if i.claim is not None], snap.seq
-        )
-        unseen: list[Item] = []
-        for item in taken:
-            if item.done.done():
-                continue
-            if item.claim is not None and self._eos and not seen:
-                unseen.append(item)
-            else:
-                item.done.set_result(None)
-        if unseen:
-            self._claims.add(snap.seq, unseen)
-
-    async def _tick_plain(self, ledger: PartitionLedger, items: list[Item]) -> None:
-        producer = self._shared
-        assert producer is not None
-        assert self._commit_offsets is not None
-        refused, resend = await send_all(producer, items)
-        self._queue[:0] = resend  # at-least-once: sent again alone on the next tick
-        ok = [i for i in items if i not in refused and i not in resend]
-        tick = self._contents(ledger, ok)
-        self._settle(ledger, tick.items, tick.snap)
-        try:
-            await self._commit_offsets(self.tp, tick.snap.commit, tick.metadata)
-        except KafkaError as exc:  # at-least-once: a later commit covers it
-            log.warning("offset commit failed", extra={"topic": self.tp.topic, "error": type(exc).__name__})
+        committing, self._turns.committing = self._turns.committing, None
+        if committing is not None:
+            fail(committing.taken, exc)

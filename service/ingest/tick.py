@@ -6,11 +6,14 @@ for exactly those items (service/ingest/partition.py).
 - Outcomes that come while the transaction waits for its partitions to be added join it
   (`join`): nothing has been sent yet, and their finish goes in the same metadata. Claims do
   not join: their limit is counted when the tick is filled.
+- A tick sent while the one before it commits (`turns.py`) is built on it (`base`): its
+  metadata describes the state once both committed, and its seq follows the base's.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from aiokafka import TopicPartition
 
@@ -19,13 +22,22 @@ from service.ingest.sending import Item
 
 
 class TickContents:
-    def __init__(self, ledger: PartitionLedger, owner: str, max_claims: int, items: list[Item]) -> None:
+    def __init__(
+        self,
+        ledger: PartitionLedger,
+        owner: str,
+        max_claims: int,
+        items: list[Item],
+        base: TickContents | None = None,
+    ) -> None:
         self._ledger = ledger
         self._owner = owner
+        self._base = base
+        """The tick committing while this one is sent (applied to the ledger once it has)."""
         self.items: list[Item] = []
         self.left: list[Item] = []
         """Claims that wait for a later tick, in their order."""
-        claims = len(ledger.claims)
+        claims = len(ledger.claims) + (0 if base is None else sum(i.claim is not None for i in base.items))
         for item in items:
             if item.claim is not None and claims >= max_claims:
                 self.left.append(item)
@@ -43,9 +55,16 @@ class TickContents:
                 self.left.append(self.items.pop(last))
 
     def _snapshot(self, items: list[Item]) -> tuple[Snapshot, str]:
+        base = self._base
+        if base is not None and self._ledger.seq >= base.snap.seq:
+            base = None  # committed and applied meanwhile
+        if base is not None:
+            items = base.items + items
         finished = [i.offset for i in items if i.finish]
         new_claims = [i.claim for i in items if i.claim is not None]
         snap = self._ledger.snapshot(self._owner, int(time.time() * 1000), finished, new_claims)
+        if base is not None:
+            snap = replace(snap, seq=base.snap.seq + 1)
         return snap, encode(snap)
 
     def join(self, queue: list[Item]) -> list[Item]:

@@ -194,8 +194,10 @@ async def test_the_watch_has_a_live_writer_end_what_it_left_hanging(
     stop, found = asyncio.Event(), []
     try:
         await asyncio.wait_for(writer.start(), 60)
-        assert writer._producer is not None
-        await _hang(writer._producer, out, f"{request}-group", {})  # its own id, while it lives
+        producers_of_writer = writer._turns.producers
+        assert len(producers_of_writer) == 2  # they take turns (service/ingest/turns.py)
+        # the id of the one that does not go first, while it lives: each producer marks
+        await _hang(producers_of_writer[-1], out, f"{request}-group", {})
         await _committed_after(settings, producers, out)
         assert await read_committed_values(kafka_bootstrap, out, 1, timeout_s=3) == []
 

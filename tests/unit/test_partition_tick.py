@@ -97,7 +97,12 @@ def _coordinator(monkeypatch: pytest.MonkeyPatch) -> None:
 async def _writer(tick_ms: int, prepared_idle_ms: int = 1_000) -> tuple[PartitionWriter, _Producer]:
     producer = _Producer()
     settings = KafkaSettings.model_validate(
-        {"eos_tick_ms": tick_ms, "eos_handoff_max_s": 0, "eos_prepared_idle_ms": prepared_idle_ms}
+        {
+            "eos_tick_ms": tick_ms,
+            "eos_handoff_max_s": 0,
+            "eos_prepared_idle_ms": prepared_idle_ms,
+            "eos_producers": 1,
+        }
     )
     writer = PartitionWriter(
         TP,
