@@ -217,6 +217,8 @@ class PendingOwner:
         self._creating = asyncio.Lock()
         self.known_ids: set[str] = set()
         """Ids of the batches the state topic says are done (a lost create is never one of them)."""
+        self.stopped = False
+        """Revoked or stopping: no batch is formed or tracked here any more."""
 
     async def start(self, consumer: AIOKafkaConsumer) -> int:
         """Fence the previous worker, resume the open batches; returns the offset to read from."""
@@ -238,6 +240,9 @@ class PendingOwner:
         return offset or 0
 
     async def stop(self) -> None:
+        # first: a `form` whose intent transaction is in flight must start no tracker after
+        # this (it would create the batch while the next owner recovers the same intent)
+        self.stopped = True
         for tracker in list(self.trackers.values()):
             await tracker.cancel()
         if self._producer is not None:
@@ -265,6 +270,8 @@ class PendingOwner:
         self.trackers.pop(key, None)
 
     def _track(self, st: BatchState, *, recovered: bool, members: dict[str, Any] | None = None) -> None:
+        if self.stopped:  # the intent is recorded: the partition's next owner recovers it
+            return
         tracker = Tracker(self.ctx, self, self.tp, st, recovered=recovered, members=members)
         self.trackers[st.key] = tracker
         tracker.start()
@@ -284,7 +291,7 @@ class PendingOwner:
         return sum(len(t.state.members) for t in self.trackers.values())
 
     async def form_if_due(self) -> None:
-        if not self.buffer:
+        if self.stopped or not self.buffer:
             return
         s = self.ctx.settings().batches
         oldest = self.buffer[0].timestamp / 1000 if self.buffer[0].timestamp else time.time()
