@@ -134,7 +134,8 @@ class TickWriter:
                     raise
                 self._warn_failed(exc)
                 failed = True
-            failpoints.hit("tick.sent")
+            if not failed:
+                failpoints.hit("tick.sent")
             if prior is not None and not await self._resolve_committing(wait=True):
                 # the tick before failed: the producers were initialised again, which aborted
                 # this one's transaction; its items go again after that tick's
