@@ -93,12 +93,15 @@ class Turns:
 
     async def open(self) -> None:
         """(Re)create and initialise every producer: each InitProducerId bumps its epoch, which
-        fences the previous owner's and ends (aborts) its open transaction."""
+        fences the previous owner's and ends (aborts) its open transaction. Together: a
+        takeover waits for one round of InitProducerId, not one per producer."""
         await self.stop()
         for txn_id, txns in zip(self._ids, self.txns, strict=True):
-            producer = self._factory(txn_id)
-            txns.reset(producer)
-            await producer.start()
+            txns.reset(self._factory(txn_id))
+        started = await asyncio.gather(*(p.start() for p in self.producers), return_exceptions=True)
+        for result in started:  # every start ended: `stop` may follow at once
+            if isinstance(result, BaseException):
+                raise result
         self._turn = 0
 
     async def stop(self) -> None:

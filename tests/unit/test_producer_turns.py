@@ -7,7 +7,7 @@ the later record whatever order the commits end in:
 - when the committing transaction fails, the tick sent meanwhile is not committed: every
   producer is initialised again, the committed state read, and both ticks' outcomes go again
   (published once each, the offsets never moving back);
-- the ids: the writer's id of one producer, then `.1`."""
+- the ids: the writer's id of one producer, then `.1`; a takeover initialises them together."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from service.config.settings import KafkaSettings
 from service.ingest import transactions
 from service.ingest.partition import PartitionWriter
 from service.ingest.sending import Item, OutMessage
-from service.ingest.turns import producer_ids
+from service.ingest.turns import Turns, producer_ids
 
 TP = TopicPartition("claude.requests.p", 0)
 OUT = TopicPartition("claude.responses.p", 2)
@@ -133,6 +133,30 @@ def _hit(writer: PartitionWriter, offset: int) -> Any:
 def test_the_ids_keep_the_writer_s_id_of_one_producer_first() -> None:
     assert producer_ids("g.t.3", 1) == ["g.t.3"]
     assert producer_ids("g.t.3", 2) == ["g.t.3", "g.t.3.1"]
+
+
+async def test_a_takeover_initialises_the_producers_together() -> None:
+    """One round of InitProducerId, not one per producer: each start here returns only once
+    both have begun (one after the other, the first would wait for good)."""
+    begun: list[str] = []
+    both = asyncio.Event()
+
+    class _Starting:
+        def __init__(self, txn_id: str) -> None:
+            self.txn_id = txn_id
+
+        async def start(self) -> None:
+            begun.append(self.txn_id)
+            if len(begun) == 2:
+                both.set()
+            await both.wait()
+
+        async def stop(self) -> None:
+            pass
+
+    turns = Turns("g", "g.t.0", 2, 1.0, _Starting)  # type: ignore[arg-type]
+    await asyncio.wait_for(turns.open(), 2)
+    assert sorted(begun) == ["g.t.0", "g.t.0.1"]
 
 
 async def test_the_next_tick_is_sent_while_one_commits_and_commits_after_it() -> None:
