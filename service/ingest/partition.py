@@ -238,7 +238,9 @@ class PartitionWriter(TickWriter):
         tick_s = self.settings.eos_tick_ms / 1000
         heartbeat_s = self.settings.eos_heartbeat_s
         try:
-            while True:
+            # not `while True`: on Python 3.11 a cancel that meets the wake being set is lost
+            # inside `wait_for` (it returns instead), and `close` would wait for this for good
+            while self.state is not State.CLOSED:
                 idle = self._turns.idle_for()
                 wait_s = heartbeat_s if idle is None else min(heartbeat_s, max(idle, 0.0))
                 with contextlib.suppress(TimeoutError):

@@ -42,6 +42,8 @@ class Committing:
     txns: Transactions
     tick: TickContents
     task: asyncio.Task[None] = field(init=False)
+    settled: bool = False
+    """Committed and settled (whatever the task does after that)."""
 
     @property
     def taken(self) -> list[Item]:

@@ -162,8 +162,9 @@ class TickWriter:
         self.transactions += 1
         self._failures = 0
         self._settle(ledger, committing.taken, committing.tick.snap)
-        if self._turns.next() is committing.txns:  # one producer: the next begins after this
-            await self._begin_ahead()
+        committing.settled = True
+        if self._turns.next() is committing.txns and not self._closing:  # one producer
+            await self._begin_ahead()  # the next begins after this commit
             self._wake.set()  # the loop's wait is now until it is to be ended, if nothing comes
 
     def _committed(self, task: asyncio.Task[None]) -> None:
@@ -186,6 +187,9 @@ class TickWriter:
             fail(committing.taken, Fenced(f"{self.tp}: a newer owner initialised its producer"))
             raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
         except KafkaError as exc:
+            if committing.settled:  # what failed came after its commit (beginning the next)
+                log.warning("beginning a transaction ahead failed", extra={"error": type(exc).__name__})
+                return True
             self._warn_failed(exc)
         assert self.ledger is not None
         await self._reopen_verified(self.ledger, committing.taken, committing.tick.snap)

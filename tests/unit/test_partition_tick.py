@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
 from service.config import txn_sender
 from service.config.settings import KafkaSettings
@@ -316,3 +317,36 @@ def test_only_partitions_most_ticks_write_are_added_ahead() -> None:
         txns._remember(written)
     likely = set(txns._likely())
     assert likely == {TopicPartition(usage, 1), *(TopicPartition(small, p) for p in range(3))}
+
+
+async def test_a_failure_beginning_the_next_transaction_does_not_undo_the_commit_before_it() -> None:
+    """One producer: the next transaction begins right after a commit, in the commit's task.
+    If that fails, the commit stands: its items were settled once, the producer is not
+    initialised again (which would read the commit and settle them a second time)."""
+    writer, producer = await _writer(tick_ms=1)
+    starts, begins = [], []
+
+    async def start() -> None:
+        starts.append(1)
+
+    async def begin_transaction() -> None:
+        begins.append(1)
+        if len(begins) == 2:  # the one begun ahead after the claim's commit
+            raise KafkaConnectionError("the coordinator went away")
+        producer.events.append("begin")
+
+    producer.start = start  # type: ignore[method-assign]
+    producer.begin_transaction = begin_transaction  # type: ignore[method-assign]
+    try:
+        assert writer.ledger is not None
+        writer.ledger.start(0)
+        await asyncio.wait_for(writer.claim(0, attempts=1), 2)  # a call in flight: begins ahead
+        await asyncio.sleep(0.05)
+        assert len(begins) == 2
+        await asyncio.wait_for(writer.publish(0, [OutMessage("claude.responses.p", b"k", b"v")]), 2)
+        assert writer.failure is None
+        assert starts == []  # never initialised again
+        assert writer.ledger.claims == {}  # the claim applied once, then resolved by its outcome
+        assert writer.ledger.in_flight == 0
+    finally:
+        await writer.close()
