@@ -20,10 +20,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.kafka import kafka_admin, kafka_bootstrap, new_topic, unique_group
+from tests.support.kafka import kafka_admin, kafka_bootstrap, new_topic, producers, unique_group
 from tests.support.redis import redis_url
 
-__all__ = ["kafka_admin", "kafka_bootstrap", "new_topic", "redis_url", "unique_group"]
+__all__ = ["kafka_admin", "kafka_bootstrap", "new_topic", "producers", "redis_url", "unique_group"]
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -68,14 +68,6 @@ async def settings(kafka_bootstrap: str) -> KafkaSettings:
 
 
 @pytest.fixture
-async def producers() -> AsyncIterator[list[AIOKafkaProducer]]:
-    made: list[AIOKafkaProducer] = []
-    yield made
-    for p in made:
-        await p.stop()
-
-
-@pytest.fixture
 async def coordinator(kafka_bootstrap: str, topics: tuple[str, str]) -> AsyncIterator[object]:
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"{topics[0]}-group")
     await consumer.start()

@@ -7,7 +7,6 @@ overtaken by it, even if the markers of the earlier one come last."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -18,14 +17,6 @@ from service.ingest.stable_offsets import fetch_committed_stable
 from tests.support.kafka import started_transactional
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def producers() -> AsyncIterator[list[AIOKafkaProducer]]:
-    made: list[AIOKafkaProducer] = []
-    yield made
-    for p in made:
-        await p.stop()
 
 
 @pytest.mark.parametrize("first_to_end", ["earlier", "later"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -31,14 +30,6 @@ async def topic(kafka_admin: AIOKafkaAdminClient) -> str:
 @pytest.fixture
 async def settings(kafka_bootstrap: str) -> KafkaSettings:
     return KafkaSettings.model_validate({"bootstrap_servers": kafka_bootstrap})
-
-
-@pytest.fixture
-async def producers(settings: KafkaSettings) -> AsyncIterator[list[AIOKafkaProducer]]:
-    made: list[AIOKafkaProducer] = []
-    yield made
-    for p in made:
-        await p.stop()
 
 
 async def test_a_partition_added_ahead_holds_no_reader_back(

@@ -156,11 +156,20 @@ def kafka_broker(workdir: Path) -> Iterator[str]:
 # --------------------------------------------------------------------------- transactions
 
 
+@pytest.fixture
+async def producers() -> AsyncIterator[list[AIOKafkaProducer]]:
+    """The producers a test made (`started_transactional`), stopped after it."""
+    made: list[AIOKafkaProducer] = []
+    yield made
+    for p in made:
+        await p.stop()
+
+
 async def started_transactional(
     settings: KafkaSettings, made: list[AIOKafkaProducer], txn_id: str
 ) -> AIOKafkaProducer:
     """The gateway's transactional producer for `txn_id`, started (and added to `made`, for the
-    caller to stop)."""
+    caller to stop: the `producers` fixture)."""
     p = transactional_producer(settings, txn_id)
     made.append(p)
     await p.start()
