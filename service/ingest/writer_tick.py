@@ -147,7 +147,7 @@ class TickWriter:
                 await self._reopen_verified(ledger, taken, tick.snap)
                 return
         except ProducerFenced as exc:
-            raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
+            raise self._fenced() from exc
         committing = turns.committing = Committing(txns, tick)
         committing.task = asyncio.get_running_loop().create_task(self._commit(ledger, committing))
         committing.task.add_done_callback(self._committed)
@@ -184,8 +184,9 @@ class TickWriter:
             await asyncio.shield(committing.task)
             return True
         except ProducerFenced as exc:
-            fail(committing.taken, Fenced(f"{self.tp}: a newer owner initialised its producer"))
-            raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
+            fenced = self._fenced()
+            fail(committing.taken, fenced)
+            raise fenced from exc
         except KafkaError as exc:
             if committing.settled:  # what failed came after its commit (beginning the next)
                 log.warning("beginning a transaction ahead failed", extra={"error": type(exc).__name__})
@@ -194,6 +195,9 @@ class TickWriter:
         assert self.ledger is not None
         await self._reopen_verified(self.ledger, committing.taken, committing.tick.snap)
         return False
+
+    def _fenced(self) -> Fenced:
+        return Fenced(f"{self.tp}: a newer owner initialised its producer")
 
     def _warn_failed(self, exc: BaseException) -> None:
         log.warning(
@@ -215,7 +219,7 @@ class TickWriter:
         try:
             await self._turns.next().begin_ahead(expected=self.claims_in_flight > 0)
         except ProducerFenced as exc:
-            raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
+            raise self._fenced() from exc
 
     async def _end_idle(self) -> None:
         """End a transaction begun ahead if nothing came for it (the writer stays idle)."""
@@ -225,7 +229,7 @@ class TickWriter:
             try:
                 await self._turns.end_idle()
             except ProducerFenced as exc:
-                raise Fenced(f"{self.tp}: a newer owner initialised its producer") from exc
+                raise self._fenced() from exc
 
     async def mark(self, partitions: list[TopicPartition]) -> None:
         """Commit a transaction holding `partitions` on each producer (the one begun ahead, if
