@@ -64,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eos-scale-burst", type=int, default=3000, help="requests of the burst, over every partition"
     )
     g.add_argument("--eos-scale-timeout-s", type=float, default=180.0, help="at most this for the takeover")
+    g.add_argument(
+        "--eos-scale-eos-producers",
+        type=int,
+        default=None,
+        help="kafka.eos_producers of the exactly-once run (default: the service's, 2)",
+    )
 
 
 def _free_port() -> int:
@@ -92,7 +98,9 @@ class Samples:
 class Gateway:
     """The gateway process under test, and what can be seen of it from outside."""
 
-    def __init__(self, mode: str, tag: str, bootstrap: str, sim_url: str, partners: list[str]) -> None:
+    def __init__(
+        self, mode: str, tag: str, bootstrap: str, sim_url: str, partners: list[str], producers: int | None
+    ) -> None:
         self.port = _free_port()
         self.broker_port = int(bootstrap.rsplit(":", 1)[1])
         self.log_path = FILES / f"{tag}.log"
@@ -106,6 +114,8 @@ class Gateway:
             http_port=self.port,
         )
         cfg["runtime"]["log_level"] = "INFO"  # the "partitions assigned" line
+        if producers is not None and mode == "eos":
+            cfg["kafka"]["eos_producers"] = producers
         config = FILES / f"{tag}.yaml"
         config.write_text(yaml.safe_dump(cfg))
         self.cmd = [sys.executable, "-m", "service", "run", "--config", str(config)]
@@ -309,7 +319,7 @@ async def _mode(mode: str, bootstrap: str, sim: Simulator, args: argparse.Namesp
     for topic in t.requests:  # the first wave: one request per partition
         await traffic.produce(bootstrap, topic, parts, f"{tag}-{topic}-first", seed=3, partitions=parts)
     first = len(t.requests) * parts
-    gw = Gateway(mode, tag, bootstrap, sim.url, partners)
+    gw = Gateway(mode, tag, bootstrap, sim.url, partners, args.eos_scale_eos_producers)
     result: dict[str, Any] = {"partitions": first}
     try:
         async with CommittedCounter(bootstrap, t.outputs, OUT_PARTITIONS) as counter:
@@ -364,6 +374,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "eos_scale",
         "partitions": n,
         "partners": args.eos_scale_partners,
+        "eos_producers": args.eos_scale_eos_producers,
         "eos_writers": eos["under_load"]["eos_writers"].get("max"),
         "eos_broker_connections": eos["under_load"]["broker_connections"].get("max"),
         "off_broker_connections": off["under_load"]["broker_connections"].get("max"),

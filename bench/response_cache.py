@@ -149,6 +149,12 @@ def _count(gateway: Gateway, result: str) -> float:
     return value or 0.0
 
 
+def _transactions(gateway: Gateway) -> float:
+    """Transactions the partition writers committed so far."""
+    gateway.ingest.observe()
+    return gateway.metrics.registry.get_sample_value("gateway_eos_transactions") or 0.0
+
+
 class _Hits:
     """Every hit's exact latency (ms): the whole (what the histogram observes), the lookup, and
     the publish (from the response handed to the partition writer to its transaction committed)."""
@@ -245,6 +251,7 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
             n = max(1, int(rate * seconds))
             log(f"response_cache: {n} hits at {rate:g}/s" + ("" if measured else " (warm-up)"))
             since = hits.mark()
+            txns0 = _transactions(gateway)
             t0 = time.perf_counter()
             due = 0.0
             for i in range(n):
@@ -259,10 +266,12 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
                 sent += 1
             await producer.flush()
             await _until(lambda: len(hits.total) >= since[0] + n, 120, "hits")  # noqa: B023
+            summary = {"rate_per_s": rate, **hits.summary(since)}
+            summary["hits_per_transaction"] = round(n / max(1.0, _transactions(gateway) - txns0), 2)
             if measured:
-                phases.append({"rate_per_s": rate, **hits.summary(since)})
+                phases.append(summary)
             else:
-                warmup = {"rate_per_s": rate, "seconds": seconds, **hits.summary(since)}
+                warmup = {"seconds": seconds, **summary}
     finally:
         await producer.stop()
         stop.set()

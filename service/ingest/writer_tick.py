@@ -153,7 +153,9 @@ class TickWriter:
         committing.task.add_done_callback(self._committed)
         turns.advance()
         if turns.next() is not txns:
-            await self._begin_ahead()
+            # only if a tick is to come: a call whose claim stays in flight once this commits,
+            # or items waiting (the last outcome of a quiet partition begins none, to be ended idle)
+            await self._begin_ahead(expected=bool(tick.snap.claims or self._queue))
 
     async def _commit(self, ledger: PartitionLedger, committing: Committing) -> None:
         """Commit a sent tick (the next one may be sent meanwhile) and settle it."""
@@ -213,11 +215,16 @@ class TickWriter:
         self._queue[:0] = [i for i in taken if not i.done.done()]
         self._wake.set()
 
-    async def _begin_ahead(self) -> None:
+    async def _begin_ahead(self, expected: bool | None = None) -> None:
+        """Begin the next producer's transaction ahead if a tick is `expected` (default: claims
+        are in flight, as the ledger has them once the last commit was applied) or ticks come
+        often (`Transactions.begin_ahead`)."""
         if self._closing or self.state not in (State.OWNED, State.SUSPENDED):
             return
+        if expected is None:
+            expected = self.claims_in_flight > 0
         try:
-            await self._turns.next().begin_ahead(expected=self.claims_in_flight > 0)
+            await self._turns.next().begin_ahead(expected=expected)
         except ProducerFenced as exc:
             raise self._fenced() from exc
 

@@ -7,6 +7,8 @@ the later record whatever order the commits end in:
 - when the committing transaction fails, the tick sent meanwhile is not committed: every
   producer is initialised again, the committed state read, and both ticks' outcomes go again
   (published once each, the offsets never moving back);
+- a transaction is begun ahead on the other producer only when a tick is to come: after a
+  claim (its outcome will follow), not after the last outcome of a quiet partition;
 - the ids: the writer's id of one producer, then `.1`; a takeover initialises them together."""
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class _Group:
         self.published: list[bytes] = []
         self.fail_next_commit_of: str | None = None
         self.commit_s = STEP_S
+        self.begun: list[str] = []
+        """The producers that began a transaction, in order."""
 
     async def fetch_committed(self, tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
         return self.committed
@@ -64,6 +68,7 @@ class _Producer:
         pass
 
     async def begin_transaction(self) -> None:
+        self.group.begun.append(self.name)
         self._offsets, self._sent = None, []
 
     async def send(self, topic: str, value: bytes, **_: Any) -> asyncio.Future[None]:
@@ -203,3 +208,23 @@ async def test_a_failed_commit_sends_the_tick_sent_meanwhile_again_and_nothing_t
     assert group.log[failed + 1 : failed + 3] == ["a init", "b init"]
     assert sorted(group.published) == [b"r0", b"r1", b"r2"]  # each once
     assert group.committed[0] == 3
+
+
+async def test_only_a_tick_to_come_begins_a_transaction_ahead_on_the_other_producer() -> None:
+    """A quiet partition: one call. Its claim's tick begins the other producer's transaction
+    ahead (the outcome will come); the outcome's tick, which leaves no claim in flight, begins
+    none (it would wait `eos_prepared_idle_ms` for nothing and then be committed empty)."""
+    group = _Group()
+    writer = await _writer(group)
+    assert writer.ledger is not None
+    try:
+        writer.ledger.start(0)
+        await asyncio.wait_for(writer.claim(0, 1), 2)
+        await asyncio.sleep(STEP_S)
+        assert group.begun == ["a", "b"]  # the claim's own transaction, then b's ahead
+        await asyncio.wait_for(writer.publish(0, [OutMessage(OUT.topic, b"k", b"r0")], linger=False), 2)
+        await asyncio.sleep(5 * STEP_S)  # the outcome's commit and anything after it
+        assert group.begun == ["a", "b"]  # the outcome went in b's; nothing begun on a
+        assert group.published == [b"r0"]
+    finally:
+        await writer.close()
