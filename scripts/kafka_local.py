@@ -19,7 +19,8 @@ consumes with consumer groups, commits offsets, runs idempotent producers and tr
 it (tests/test_kafka_local.py); Kafka 4's removal of old protocol versions (KIP-896) does not bite
 it. `--version` (or GATEWAY_KAFKA_VERSION) picks another release (3.9.1 was checked to work too).
 
-What `start` runs: one JVM (`kafka.Kafka`, -Xmx512m) acting as broker and KRaft controller
+What `start` runs: one JVM (`kafka.Kafka`, G1, -Xmx512m unless `heap` says otherwise) acting as
+broker and KRaft controller
 (node.id=1), listening on 127.0.0.1 only, with a fresh random cluster id and a fresh data directory
 under DIR (by default the broker is disposable: a start wipes DIR's data). With `--keep-data`
 (`start(..., keep_data=True)`), or with `restart`, a DIR that holds a formatted broker is started
@@ -28,12 +29,12 @@ same client and controller ports (read back from `server.properties`), so client
 the bootstrap they had; a DIR without one is started fresh. Replication factors are 1, the first
 consumer-group rebalance has no delay, topics are auto-created with 3 partitions. It waits until
 the broker answers a real Kafka ApiVersions + Metadata round trip listing itself. Files in DIR:
-`server.properties`, `data/` (log.dirs), `logs/server.log` (log4j), `broker.out` (JVM stdout/err),
+`server.properties`, `heap`, `data/` (log.dirs), `logs/server.log` (log4j), `broker.out` (JVM stdout/err),
 `broker.pid`, `bootstrap`.
 
 Importable (stdlib only, it runs before the venv exists): `fetch(version) -> Path` (libs dir),
 `start(directory, port=0, controller_port=0, version=..., timeout_s=60, die_with_parent=False,
-keep_data=False) -> str` (the bootstrap address), `stop(directory, timeout_s=30)`,
+keep_data=False, heap="512m") -> str` (the bootstrap address), `stop(directory, timeout_s=30)`,
 `restart(directory, ...) -> str` (the same bootstrap), `status(directory) -> str | None`;
 failures raise `KafkaLocalError` (`.exit_code` 2 for a missing java/mvn).
 """
@@ -394,6 +395,7 @@ def start(
     timeout_s: float = START_TIMEOUT_S,
     die_with_parent: bool = False,
     keep_data: bool = False,
+    heap: str | None = None,
 ) -> str:
     """Start a single-node KRaft broker with its files in `directory`; return `127.0.0.1:PORT`.
 
@@ -404,6 +406,7 @@ def start(
     start fresh.
     `die_with_parent` (Linux): the broker gets SIGTERM when the calling process dies, even by
     SIGKILL, so a killed test run leaves no broker behind.
+    `heap`: the JVM's -Xms/-Xmx (e.g. "2g"); by default the kept broker's (`restart`), else 512m.
     Raises KafkaLocalError (with the log tail) when it does not serve within `timeout_s`.
     """
     d = Path(directory).resolve()
@@ -413,6 +416,9 @@ def start(
     stop(d)  # a broker that runs but does not serve, or stale files
     libs = fetch(version)
     java = _require("java")
+    if heap is None:
+        kept = d / "heap"
+        heap = kept.read_text().strip() if keep_data and kept.is_file() else HEAP
     if keep_data and _formatted(d):
         client, control = _ports(d)
         if port not in (0, client) or controller_port not in (0, control):
@@ -420,7 +426,7 @@ def start(
                 f"{d} holds a broker on ports {client}/{control}; its data cannot move to "
                 f"{port or client}/{controller_port or control}"
             )
-        return _launch(d, java, libs, client, control, timeout_s, die_with_parent, keep_data=True)
+        return _launch(d, java, libs, client, control, timeout_s, die_with_parent, heap, keep_data=True)
     attempts = 3 if port == 0 or controller_port == 0 else 1
     for attempt in range(1, attempts + 1):
         client = port or _free_port()
@@ -428,7 +434,7 @@ def start(
         while control == client:
             control = _free_port()
         try:
-            return _launch(d, java, libs, client, control, timeout_s, die_with_parent)
+            return _launch(d, java, libs, client, control, timeout_s, die_with_parent, heap)
         except KafkaLocalError as exc:
             if attempt == attempts or "Address already in use" not in str(exc):
                 raise
@@ -466,6 +472,7 @@ def _launch(
     controller_port: int,
     timeout_s: float,
     die_with_parent: bool,
+    heap: str,
     keep_data: bool = False,
 ) -> str:
     data, logs = d / "data", d / "logs"
@@ -477,6 +484,7 @@ def _launch(
         (d / name).unlink(missing_ok=True)
     props = d / "server.properties"
     props.write_text(_server_properties(data, port, controller_port))
+    (d / "heap").write_text(f"{heap}\n")
     log4j = d / "log4j2.properties"
     log4j.write_text(_LOG4J2)
 
@@ -492,7 +500,7 @@ def _launch(
 
     with (d / "broker.out").open("ab") as out:
         proc = subprocess.Popen(  # noqa: S603
-            [java, f"-Xms{HEAP}", f"-Xmx{HEAP}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            [java, f"-Xms{heap}", f"-Xmx{heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
              "-XX:+ExplicitGCInvokesConcurrent", *jvm_common, "kafka.Kafka", str(props)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, cwd=d,
@@ -574,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument(
         "--keep-data", action="store_true", help="start DIR's broker again with its data and ports, if any"
     )
+    p_start.add_argument("--heap", help=f"the JVM's -Xms/-Xmx (default: the kept broker's, else {HEAP})")
     p_restart = sub.add_parser("restart", help="stop, then start again with the data and ports kept")
     p_restart.add_argument("--dir", required=True, type=Path)
     p_restart.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="seconds to wait for it")
@@ -599,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.version,
                 args.timeout,
                 keep_data=args.keep_data,
+                heap=args.heap,
             )
             print(f"kafka serving in {time.monotonic() - began:.1f}s (files in {args.dir})", file=sys.stderr)
             print(bootstrap)

@@ -226,8 +226,9 @@ async def test_kafka_local_restart_keeps_the_data(tmp_path: Path) -> None:
     script = [sys.executable, str(ROOT / "scripts" / "kafka_local.py")]
     topic, group = unique_name("kept"), unique_name("group")
     tp = TopicPartition(topic, 0)
-    bootstrap: str = await asyncio.to_thread(kl.start, tmp_path, die_with_parent=True)
+    bootstrap: str = await asyncio.to_thread(kl.start, tmp_path, die_with_parent=True, heap="384m")
     try:
+        assert "-Xmx384m" in _broker_command(tmp_path)
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         try:
@@ -271,6 +272,7 @@ async def test_kafka_local_restart_keeps_the_data(tmp_path: Path) -> None:
         )
         assert restarted.returncode == 0, restarted.stderr
         assert restarted.stdout.strip().splitlines()[-1] == bootstrap
+        assert "-Xmx384m" in _broker_command(tmp_path)  # the heap it was started with
         await still_there()
 
         await asyncio.to_thread(kl.stop, tmp_path)
@@ -278,6 +280,11 @@ async def test_kafka_local_restart_keeps_the_data(tmp_path: Path) -> None:
         await still_there()
     finally:
         await asyncio.to_thread(kl.stop, tmp_path)
+
+
+def _broker_command(d: Path) -> list[str]:
+    pid = (d / "broker.pid").read_text().strip()
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
 def test_kafka_local_restart_needs_a_broker_to_restart(tmp_path: Path) -> None:
