@@ -48,7 +48,7 @@ JOIN_ROUNDS = 4
 class Transactions:
     """The transactions of one producer (replaced with it: `reset`)."""
 
-    def __init__(self, group_id: str, prepared_idle_s: float) -> None:
+    def __init__(self, group_id: str, prepared_idle_s: float, sent_at: deque[float] | None = None) -> None:
         self.group_id = group_id
         self.prepared_idle_s = prepared_idle_s
         self.producer: AIOKafkaProducer | None = None
@@ -58,8 +58,9 @@ class Transactions:
         self._recent: deque[frozenset[TopicPartition]] = deque(maxlen=RECENT_TICKS)
         self._written: Counter[TopicPartition] = Counter()
         """How many of `_recent` wrote each partition."""
-        self._sent_at: deque[float] = deque(maxlen=3)
-        """When the last three ticks began sending."""
+        self._sent_at: deque[float] = deque(maxlen=3) if sent_at is None else sent_at
+        """When the writer's last three ticks began sending: shared by the producers taking
+        turns (`turns.py`), so "ticks come often" is the partition's rate, not half of it."""
 
     def reset(self, producer: AIOKafkaProducer) -> None:
         """A new producer (its transaction state is fresh)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,7 +70,8 @@ class Turns:
         self.group_id = group_id
         self._ids = producer_ids(base_id, count)
         self._factory = factory
-        self.txns = [Transactions(group_id, prepared_idle_s) for _ in self._ids]
+        sent_at: deque[float] = deque(maxlen=3)  # the writer's ticks, whichever producer sent them
+        self.txns = [Transactions(group_id, prepared_idle_s, sent_at) for _ in self._ids]
         self._turn = 0
         self.committing: Committing | None = None
 

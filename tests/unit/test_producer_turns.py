@@ -8,7 +8,8 @@ the later record whatever order the commits end in:
   producer is initialised again, the committed state read, and both ticks' outcomes go again
   (published once each, the offsets never moving back);
 - a transaction is begun ahead on the other producer only when a tick is to come: after a
-  claim (its outcome will follow), not after the last outcome of a quiet partition;
+  claim (its outcome will follow), or when the partition's ticks come often (whichever
+  producer sent them), not after the last outcome of a quiet partition;
 - the ids: the writer's id of one producer, then `.1`; a takeover initialises them together."""
 
 from __future__ import annotations
@@ -118,8 +119,10 @@ def _coordinator(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(txn_sender, "ready", ready)
 
 
-async def _writer(group: _Group) -> PartitionWriter:
-    settings = KafkaSettings.model_validate({"eos_tick_ms": 1, "eos_handoff_max_s": 0, "eos_producers": 2})
+async def _writer(group: _Group, **kafka: Any) -> PartitionWriter:
+    settings = KafkaSettings.model_validate(
+        {"eos_tick_ms": 1, "eos_handoff_max_s": 0, "eos_producers": 2, **kafka}
+    )
     names = iter(["a", "b"] * 10)
     writer = PartitionWriter(
         TP, settings, "me", group.fetch_committed, producer_factory=lambda _id: _Producer(group, next(names))
@@ -226,5 +229,19 @@ async def test_only_a_tick_to_come_begins_a_transaction_ahead_on_the_other_produ
         await asyncio.sleep(5 * STEP_S)  # the outcome's commit and anything after it
         assert group.begun == ["a", "b"]  # the outcome went in b's; nothing begun on a
         assert group.published == [b"r0"]
+    finally:
+        await writer.close()
+
+
+async def test_ticks_that_come_often_begin_the_next_transaction_ahead_whichever_producer_sent_them() -> None:
+    """Three ticks within `eos_prepared_idle_ms`, on a, b, a: the partition's ticks come often,
+    so b's next transaction is begun ahead, though b itself sent only one of them."""
+    group = _Group()
+    writer = await _writer(group, eos_prepared_idle_ms=400)
+    try:
+        for offset in range(3):
+            await asyncio.wait_for(_hit(writer, offset), 2)
+            await asyncio.sleep(2 * STEP_S)
+        assert group.begun == ["a", "b", "a", "b"]  # each tick its own, then b's ahead
     finally:
         await writer.close()
