@@ -210,6 +210,27 @@ class Simulator:
             return data
 
 
+# --------------------------------------------------------------------------- the host
+
+
+HOST_LOOP = """import time
+t = time.perf_counter()
+s = 0
+for i in range(10_000_000):
+    s += i
+print(time.perf_counter() - t)
+"""
+
+
+def host_loop_s() -> float:
+    """Seconds a plain Python loop of ten million additions takes (in a fresh interpreter): how
+    fast the host is right now. A latency figure measured while it is slow is not comparable
+    with one measured while it is calm (the 2-core development machine: 0.40 s calm, 0.7-1.2 s
+    when its host is shared)."""
+    out = subprocess.run([sys.executable, "-c", HOST_LOOP], check=True, capture_output=True, text=True)
+    return round(float(out.stdout), 2)
+
+
 # --------------------------------------------------------------------------- Kafka data
 
 
