@@ -65,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--eos-scale-timeout-s", type=float, default=180.0, help="at most this for the takeover")
     g.add_argument(
+        "--eos-scale-latency-s",
+        type=float,
+        default=0.0,
+        help="the simulator's call latency (0: none; real calls take seconds)",
+    )
+    g.add_argument(
         "--eos-scale-eos-producers",
         type=int,
         default=None,
@@ -365,7 +371,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     FILES.mkdir(parents=True)
     load_before = os.getloadavg()[0]
     modes: dict[str, dict[str, Any]] = {}
-    with common.kafka() as bootstrap, Simulator(SIM_ARGS, name="eos_scale/simulator") as sim:
+    sim_args = [*SIM_ARGS]
+    sim_args[sim_args.index("--latency-s") + 1] = str(args.eos_scale_latency_s)
+    with common.kafka() as bootstrap, Simulator(sim_args, name="eos_scale/simulator") as sim:
         for mode in MODES:
             modes[mode] = await _mode(mode, bootstrap, sim, args)
     eos, off = modes["eos"], modes["off"]
@@ -375,6 +383,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "partitions": n,
         "partners": args.eos_scale_partners,
         "eos_producers": args.eos_scale_eos_producers,
+        "latency_s": args.eos_scale_latency_s,
         "eos_writers": eos["under_load"]["eos_writers"].get("max"),
         "eos_broker_connections": eos["under_load"]["broker_connections"].get("max"),
         "off_broker_connections": off["under_load"]["broker_connections"].get("max"),
