@@ -161,9 +161,8 @@ class TickWriter:
         committing.task.add_done_callback(self._committed)
         turns.advance()
         if turns.next() is not txns:
-            # only if a tick is to come: calls whose claims stay in flight once this commits and
-            # whose outcomes are likely soon, or items waiting (the last outcome of a quiet
-            # partition begins none: it would be ended idle)
+            # only if a tick is to come: a call whose claim stays in flight once this commits,
+            # or items waiting (the last outcome of a quiet partition begins none, to be ended idle)
             await self._begin_ahead(expected=self._outcomes_soon(bool(tick.snap.claims)) or bool(self._queue))
 
     async def _commit(self, ledger: PartitionLedger, committing: Committing) -> None:
