@@ -112,7 +112,6 @@ class PartitionWriter(TickWriter):
         """Who wrote the latest commit we know of (ours once we committed)."""
         self.failure: BaseException | None = None
         self._closing = False
-        self._call_s = None
 
     # -- lifecycle ---------------------------------------------------------------------
 

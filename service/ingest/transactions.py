@@ -11,15 +11,14 @@ ends: three round trips. What it writes elsewhere is added first (`txn_sender.re
 before anything is sent; outcomes that come while it waits for that (or for the previous
 transaction's markers, which hold up any addition) join it (`send`'s `join`).
 
-"Expected soon": items wait; or calls are in flight (their outcomes will come) and the writer's
-calls have lately ended within `kafka.eos_prepared_idle_ms` (`TickWriter._call_s`); or the
-partition's last three ticks came within it. A partition that sees a request every few seconds
-(a claim, then its outcome seconds later) thus begins no transaction that nothing uses. One
-begun ahead that gets nothing for `eos_prepared_idle_ms` is ended (it holds nothing: no
-partition's readers wait for it), and the next tick begins its own. It is committed, not
-aborted: its markers also end any transaction this producer id left hanging in a partition it
-added (`hanging.py`), and a COMMIT ends it as its coordinator had decided, where an ABORT would
-drop its records. With `eos_prepared_idle_ms: 0` no transaction is begun ahead.
+"Expected soon": calls are in flight (their outcomes will come), or the last three ticks came
+within `kafka.eos_prepared_idle_ms`. A partition that sees a request every few seconds (a
+claim, then its outcome) thus begins no transaction that nothing uses. One begun ahead that
+gets nothing for `eos_prepared_idle_ms` is ended (it holds nothing: no partition's readers
+wait for it), and the next tick begins its own. It is committed, not aborted: its markers
+also end any transaction this producer id left hanging in a partition it added (`hanging.py`),
+and a COMMIT ends it as its coordinator had decided, where an ABORT would drop its records.
+With `eos_prepared_idle_ms: 0` no transaction is begun ahead.
 """
 
 from __future__ import annotations

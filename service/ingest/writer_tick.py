@@ -28,9 +28,6 @@ from service.ingest.turns import Committing, Turns
 
 log = logging.getLogger("service.ingest.partition")
 
-CALL_WEIGHT = 0.2
-"""The weight of the latest call in `TickWriter._call_s`."""
-
 CommitOffsets = Callable[[TopicPartition, int, str], Awaitable[None]]
 """At-least-once mode: commit (offset, metadata) with the consumer."""
 
@@ -72,11 +69,6 @@ class TickWriter:
     _last_owner: str
     """Who wrote the latest commit we know of (ours once we committed)."""
     _closing: bool
-    _call_s: float | None
-    """How long this writer's calls took, claim to outcome, weighted to the latest (None: none
-    yet). A claim makes a tick "expected" only while calls end before a transaction begun
-    ahead for their outcome would be ended idle (`eos_prepared_idle_ms`): against calls of
-    seconds, that transaction would wait, be committed empty, and the outcome begin its own."""
 
     async def _open_producer(self) -> None:
         raise NotImplementedError
@@ -163,7 +155,7 @@ class TickWriter:
         if turns.next() is not txns:
             # only if a tick is to come: a call whose claim stays in flight once this commits,
             # or items waiting (the last outcome of a quiet partition begins none, to be ended idle)
-            await self._begin_ahead(expected=self._outcomes_soon(bool(tick.snap.claims)) or bool(self._queue))
+            await self._begin_ahead(expected=bool(tick.snap.claims or self._queue))
 
     async def _commit(self, ledger: PartitionLedger, committing: Committing) -> None:
         """Commit a sent tick (the next one may be sent meanwhile) and settle it."""
@@ -230,27 +222,11 @@ class TickWriter:
         if self._closing or self.state not in (State.OWNED, State.SUSPENDED):
             return
         if expected is None:
-            expected = self._outcomes_soon(self.claims_in_flight > 0)
+            expected = self.claims_in_flight > 0
         try:
             await self._turns.next().begin_ahead(expected=expected)
         except ProducerFenced as exc:
             raise self._fenced() from exc
-
-    def _outcomes_soon(self, claims: bool) -> bool:
-        """Claims are in flight and their outcomes are likely within `eos_prepared_idle_ms`."""
-        calls = self._call_s
-        return claims and (calls is None or calls < self.settings.eos_prepared_idle_ms / 1000)
-
-    def _time_calls(self, ledger: PartitionLedger, taken: list[Item]) -> None:
-        """Learn how long this writer's calls take from the outcomes of its own claims."""
-        now_ms = time.time() * 1000
-        for item in taken:
-            claim = ledger.claims.get(item.offset) if item.finish else None
-            if claim is None or claim.owner != self.owner:  # inherited: its time is the takeover's
-                continue
-            took = max(0.0, (now_ms - claim.claimed_at_ms) / 1000)
-            last = self._call_s
-            self._call_s = took if last is None else last + CALL_WEIGHT * (took - last)
 
     async def _end_idle(self) -> None:
         """End a transaction begun ahead if nothing came for it (the writer stays idle)."""
@@ -302,7 +278,6 @@ class TickWriter:
     def _settle(self, ledger: PartitionLedger, taken: list[Item], snap: Snapshot, seen: bool = False) -> None:
         """Committed: outcomes are done; claims are done once the commit is seen (`claims_seen`)."""
         self._last_owner = snap.owner
-        self._time_calls(ledger, taken)
         ledger.apply(
             [i.offset for i in taken if i.finish], [i.claim for i in taken if i.claim is not None], snap.seq
         )

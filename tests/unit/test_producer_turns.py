@@ -245,24 +245,3 @@ async def test_ticks_that_come_often_begin_the_next_transaction_ahead_whichever_
         assert group.begun == ["a", "b", "a", "b"]  # each tick its own, then b's ahead
     finally:
         await writer.close()
-
-
-async def test_claims_whose_calls_outlast_the_idle_wait_begin_nothing_ahead() -> None:
-    """Calls that take longer than `eos_prepared_idle_ms`: a transaction begun ahead for the
-    outcome would be ended empty before it came. The first claim (nothing learnt yet) begins
-    one; once a call was seen to take longer, the next claim begins none."""
-    group = _Group()
-    writer = await _writer(group, eos_prepared_idle_ms=100)
-    assert writer.ledger is not None
-    try:
-        writer.ledger.start(0)
-        writer.ledger.start(1)
-        await asyncio.wait_for(writer.claim(0, 1), 2)
-        await asyncio.sleep(0.25)  # the call: b's transaction, begun ahead, is ended idle meanwhile
-        await asyncio.wait_for(writer.publish(0, [OutMessage(OUT.topic, b"k", b"r0")], linger=False), 2)
-        assert group.begun == ["a", "b", "b"]  # b's ahead, then b's own for the late outcome
-        await asyncio.wait_for(writer.claim(1, 1), 2)
-        await asyncio.sleep(5 * STEP_S)
-        assert group.begun == ["a", "b", "b", "a"]  # calls take 0.25 s > 0.1 s: none ahead
-    finally:
-        await writer.close()
