@@ -20,21 +20,20 @@ it (tests/test_kafka_local.py); Kafka 4's removal of old protocol versions (KIP-
 it. `--version` (or GATEWAY_KAFKA_VERSION) picks another release (3.9.1 was checked to work too).
 
 What `start` runs: one JVM (`kafka.Kafka`, G1, -Xmx512m unless `heap` says otherwise) acting as
-broker and KRaft controller
-(node.id=1), listening on 127.0.0.1 only, with a fresh random cluster id and a fresh data directory
-under DIR (by default the broker is disposable: a start wipes DIR's data). With `--keep-data`
-(`start(..., keep_data=True)`), or with `restart`, a DIR that holds a formatted broker is started
-again as it was: same cluster id, topics, records, committed offsets and transactions, and the
-same client and controller ports (read back from `server.properties`), so clients reconnect to
-the bootstrap they had; a DIR without one is started fresh. Replication factors are 1, the first
-consumer-group rebalance has no delay, topics are auto-created with 3 partitions. It waits until
-the broker answers a real Kafka ApiVersions + Metadata round trip listing itself. Files in DIR:
-`server.properties`, `heap`, `data/` (log.dirs), `logs/server.log` (log4j), `broker.out` (JVM stdout/err),
-`broker.pid`, `bootstrap`.
+broker and KRaft controller (node.id=1), listening on 127.0.0.1 only, with a fresh random cluster
+id and a fresh data directory under DIR (by default the broker is disposable: a start wipes DIR's
+data). With `--keep-data` (`start(..., keep_data=True)`), or with `restart`, a DIR that holds a
+formatted broker is started again as it was: same cluster id, topics, records, committed offsets
+and transactions, and the same client and controller ports (read back from `server.properties`), so
+clients reconnect to the bootstrap they had; a DIR without one is started fresh. Replication
+factors are 1, the first consumer-group rebalance has no delay, topics are auto-created with 3
+partitions. It waits until the broker answers a real Kafka ApiVersions + Metadata round trip
+listing itself. Files in DIR: `server.properties`, `heap`, `data/` (log.dirs), `logs/server.log`
+(log4j), `broker.out` (JVM stdout/err), `broker.pid`, `bootstrap`.
 
 Importable (stdlib only, it runs before the venv exists): `fetch(version) -> Path` (libs dir),
 `start(directory, port=0, controller_port=0, version=..., timeout_s=60, die_with_parent=False,
-keep_data=False, heap="512m") -> str` (the bootstrap address), `stop(directory, timeout_s=30)`,
+keep_data=False, heap=None) -> str` (the bootstrap address), `stop(directory, timeout_s=30)`,
 `restart(directory, ...) -> str` (the same bootstrap), `status(directory) -> str | None`;
 failures raise `KafkaLocalError` (`.exit_code` 2 for a missing java/mvn).
 """
