@@ -22,6 +22,7 @@ second, so partners sending large requests took most of the budget (80% for 8192
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,11 @@ LATENCY_S = 0.05
 BACKLOG = 256
 """Requests each busy partner keeps asked for: never capped by its own concurrency, even when
 a large request of another held the pool and the tokens saved meanwhile go out at once."""
-WARMUP_S = 10.0
+WARMUP_S = 90.0
+"""Not measured: the start. The first partner's requests may be queued before the others' and
+take a full bucket (a minute's worth of requests) at once; the others then catch up at the
+refill rate, for up to a minute. With 10 s, a catch-up still running at rpm 331 counted 94
+more turns for one of two equal partners (5.5%): the run's totals were even, the window not."""
 WINDOW_S = 600.0
 """Long enough that one request of 8192 tokens is under 1% of what is measured."""
 
@@ -150,6 +155,11 @@ orgs = st.builds(
 
 @settings(max_examples=25, deadline=None)
 @given(mix=st.lists(shapes, min_size=2, max_size=4), org=orgs, order=st.randoms(use_true_random=False))
+@example(  # found in CI with a 10 s warm-up: the start's catch-up ran into the window
+    mix=[Shape(10, 16, 1.0, 0.5943562788855101), Shape(10, 317, 0.6, 0.2053198266131293)],
+    org=Org(rpm=331, itpm=100_000, otpm=34_816),
+    order=random.Random(0),  # keeps the config order: p0 first
+)
 def test_equal_weights_give_equal_shares_whatever_the_sizes_and_the_order(
     mix: list[Shape], org: Org, order: object
 ) -> None:
