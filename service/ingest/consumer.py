@@ -180,6 +180,7 @@ class IngestLoop:
             await asyncio.sleep(self.broker_probe_interval_s)
 
     async def stop(self) -> None:
+        await self.ownership.close()  # nothing reads commits through the consumer after this
         if self._consumer is not None and self._started:
             consumer, self._consumer = self._consumer, None
             await consumer.stop()

@@ -12,6 +12,10 @@
   writer closes.
 - A writer that stopped (an unverifiable transaction failure) is replaced if
   the partition is still ours: the new one reads the committed state again.
+- Once draining, nothing opens: a partition assigned to a replica on its way
+  out (a rebalance between the drain and the consumer leaving the group) waits
+  for the next owner. Opening it would fence nobody useful, and its producer
+  would outlive the consumer it reads commits through.
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ class Ownership:
         self._retiring_by_tp: dict[TopicPartition, asyncio.Task[None]] = {}
         """The last retired writer of each partition, while it finishes its calls."""
         self.sinks: dict[TopicPartition, dict[int, tuple[RecordSink, asyncio.Task[None]]]] = defaultdict(dict)
+        self.closed = False
+        """Draining or stopped: no writer opens any more."""
 
     def writer(self, tp: TopicPartition) -> PartitionWriter | None:
         """The partition's writer if records may be dispatched to it now."""
@@ -104,6 +110,8 @@ class Ownership:
 
     def on_assigned(self, assigned: list[TopicPartition]) -> list[TopicPartition]:
         """Keep, open or retire writers; returns the partitions no longer ours."""
+        if self.closed:
+            return []
         keep = set(assigned)
         gone = [tp for tp in self.writers if tp not in keep]
         for tp in gone:
@@ -124,6 +132,8 @@ class Ownership:
         return gone
 
     def replace_failed(self) -> None:
+        if self.closed:
+            return
         for tp, writer in list(self.writers.items()):
             if writer.failure is not None and tp not in self._starting:
                 log.warning(
@@ -242,8 +252,24 @@ class Ownership:
         if sinks is not None and sinks.get(sink.offset, (None,))[0] is sink:
             del sinks[sink.offset]
 
+    async def close(self) -> None:
+        """Before the consumer stops (after `drain`, or instead of it when the loop never ran):
+        writers still starting are cancelled and awaited, and any writer left is closed."""
+        self.closed = True
+        starting = list(self._starting.values())
+        self._starting.clear()
+        for task in starting:
+            task.cancel()
+        await asyncio.gather(*starting, return_exceptions=True)
+        writers = list(self.writers.values())
+        self.writers.clear()
+        self.ready.clear()
+        for writer in writers:
+            await writer.close()
+
     async def drain(self, timeout_s: float) -> None:
         """Stop: no new claims, claimed calls finish within `timeout_s`, finished work commits."""
+        self.closed = True
         for task in self._starting.values():
             task.cancel()
         writers = list(self.writers.values())

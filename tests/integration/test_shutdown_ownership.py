@@ -1,0 +1,97 @@
+"""A replica on its way out takes no partition over, and leaves no writer behind.
+
+Between the drain and the consumer leaving the group the replica is still a
+member: a rebalance then (another replica joining or leaving) assigns it
+partitions. Found by CI: such a rebalance opened writers whose takeover read
+commits through a consumer already stopped (`Task exception was never
+retrieved`), and their transactional producers were never closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from service.app import Gateway
+from service.ingest.partition import State
+from service.simulator import SimulatorConfig, SimulatorServer
+from tests.support.gateway import World, make_world
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def world(kafka_bootstrap: str, tmp_path: Path) -> World:
+    return await make_world(kafka_bootstrap, tmp_path, ["acme", "globex"], partitions=2)
+
+
+@pytest.fixture
+async def sim(world: World) -> AsyncIterator[SimulatorServer]:
+    async with SimulatorServer(SimulatorConfig.model_validate({"api_keys": world.keys, "seed": 3})) as s:
+        yield s
+
+
+async def _until(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_rebalance_after_the_drain_opens_no_writer(world: World, sim: SimulatorServer) -> None:
+    gateway = Gateway(world.settings(sim.url), serve_http=False)
+    ingest = gateway.ingest
+    ownership = ingest.ownership
+    real_stop = ingest.stop
+    seen: dict[str, object] = {}
+
+    async def rebalanced_then_stop() -> None:
+        # drained; the consumer is still in the group and a rebalance assigns it everything
+        ingest.on_assigned(assigned)
+        seen["starting"] = dict(ownership._starting)
+        seen["writers"] = dict(ownership.writers)
+        await asyncio.sleep(1.0)  # what an opened writer's takeover would do meanwhile
+        await real_stop()
+
+    ingest.stop = rebalanced_then_stop  # type: ignore[method-assign]  # bound when `run` starts it
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    await _until(lambda: len(ownership.ready) == 4)
+    assigned = list(ownership.writers)
+    stop.set()
+    await asyncio.wait_for(task, 60)
+    assert seen == {"starting": {}, "writers": {}}, "a draining replica took partitions over"
+
+
+async def test_stopping_without_a_drain_closes_the_writers_still_starting(
+    world: World, sim: SimulatorServer
+) -> None:
+    """`stop` before `run` ever drained (a start-up step failed): the takeovers under way are
+    cancelled and awaited, and their writers closed, before the consumer goes."""
+    gateway = Gateway(world.settings(sim.url), serve_http=False)
+    ingest = gateway.ingest
+    ownership = ingest.ownership
+
+    async def hanging(*_: object, **__: object) -> tuple[int | None, str]:
+        await asyncio.Event().wait()
+        return None, ""
+
+    ownership._fetch_committed = hanging  # type: ignore[method-assign]  # each takeover hangs
+    await ingest.start()  # the group's assignment comes; `run` never does
+    try:
+        await _until(lambda: len(ownership._starting) == 4)
+        starting = list(ownership._starting.values())
+        writers = list(ownership.writers.values())
+        await asyncio.sleep(0.5)
+        assert not any(t.done() for t in starting)
+    finally:
+        await ingest.stop()
+    assert all(t.done() for t in starting)
+    assert [t.exception() for t in starting if not t.cancelled()] == []
+    assert {w.state for w in writers} == {State.CLOSED}
+    assert ownership.writers == {}
+    assert ownership._starting == {}
