@@ -189,10 +189,13 @@ class Ownership:
             try:
                 snapshot = await writer.start()
                 break
-            except KafkaError as exc:
+            except Exception as exc:  # a takeover given up would leave the partition unread
+                if self.closed:
+                    return  # drain or close closes the writer
                 log.warning(
                     "could not take a partition over yet",
-                    extra={"topic": tp.topic, "error": type(exc).__name__},
+                    extra={"topic": tp.topic, "partition": tp.partition, "error": type(exc).__name__},
+                    exc_info=not isinstance(exc, KafkaError),  # not the broker's answer: a bug
                 )
                 await asyncio.sleep(WRITER_RETRY_S)
         self._starting.pop(tp, None)

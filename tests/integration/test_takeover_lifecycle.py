@@ -1,4 +1,5 @@
-"""A replica on its way out takes no partition over, and leaves no writer behind.
+"""Takeovers: one that fails for a reason not the broker's is tried again, and a replica on
+its way out takes no partition over and leaves no writer behind.
 
 Between the drain and the consumer leaving the group the replica is still a
 member: a rebalance then (another replica joining or leaving) assigns it
@@ -19,7 +20,7 @@ import pytest
 from service.app import Gateway
 from service.ingest.partition import State
 from service.simulator import SimulatorConfig, SimulatorServer
-from tests.support.gateway import World, make_world
+from tests.support.gateway import World, collect, make_world, produce, spread
 
 pytestmark = pytest.mark.integration
 
@@ -95,3 +96,30 @@ async def test_stopping_without_a_drain_closes_the_writers_still_starting(
     assert {w.state for w in writers} == {State.CLOSED}
     assert ownership.writers == {}
     assert ownership._starting == {}
+
+
+async def test_a_takeover_that_fails_unexpectedly_is_tried_again(world: World, sim: SimulatorServer) -> None:
+    """Not only the broker's errors: a takeover given up would leave its partition unread
+    until the next rebalance, its requests without an outcome."""
+    gateway = Gateway(world.settings(sim.url), serve_http=False)
+    ownership = gateway.ingest.ownership
+    real = ownership._fetch_committed
+    failed: list[object] = []
+
+    async def fails_once_per_partition(tp: object, stable: bool = True) -> tuple[int | None, str]:
+        if tp not in failed:
+            failed.append(tp)
+            raise RuntimeError("unexpected")
+        return await real(tp, stable)  # type: ignore[arg-type]
+
+    ownership._fetch_committed = fails_once_per_partition  # type: ignore[method-assign]
+    await produce(world.bootstrap, spread(world, 40, "t"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    try:
+        out = await collect(world, 40, timeout_s=90)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+    assert len(failed) == 4
+    assert sorted(out.request_ids()) == sorted(f"t-{i}" for i in range(40))
