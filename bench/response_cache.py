@@ -20,7 +20,9 @@ One partner with `cache.enabled`:
    (`--response-cache-arrivals poisson`, the default): at random, exponential gaps, each to a
    partition drawn at random, so some meet a transaction in flight and some come in bursts.
    `paced` spaces them evenly over the partitions in turn (a partition sees one every
-   `partitions / rate` s, which hides the wait behind a transaction in flight).
+   `partitions / rate` s, which hides the wait behind a transaction in flight). They are
+   sent from a process of their own (`bench.hit_sender`), as partners produce from their own
+   machines; `--response-cache-sender inline` sends them from the gateway's event loop.
 
 A hit's latency (`hit_publish_ms`) is what `gateway_response_cache_hit_seconds` observes: from
 the pipeline taking the record (`timings.received_at`, just after the fetch) to the response's
@@ -99,6 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("poisson", "paced"),
         default="poisson",
         help="hits at random (exponential gaps, partitions drawn at random) or evenly spaced",
+    )
+    g.add_argument(
+        "--response-cache-sender",
+        choices=("process", "inline"),
+        default="process",
+        help="hits sent by a process of their own (bench.hit_sender, as partners' producers are), "
+        "or by a producer in the gateway's own event loop",
     )
     g.add_argument(
         "--response-cache-at-least-once",
@@ -204,6 +213,76 @@ class _Hits:
         return out
 
 
+class _Sender:
+    """Sends each phase's hits: `bench.hit_sender` in a process of its own, or `inline`, a
+    producer in this process's event loop (which the gateway's work then shares)."""
+
+    def __init__(
+        self,
+        how: str,
+        producer: AIOKafkaProducer,
+        topic: str,
+        partitions: int,
+        params: list[dict[str, Any]],
+        rng: random.Random,
+        poisson: bool,
+    ) -> None:
+        self._how, self._producer, self._topic, self._partitions = how, producer, topic, partitions
+        self._params, self._rng, self._poisson = params, rng, poisson
+        self._sent = 0
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, bootstrap: str, phases: list[tuple[float, int]]) -> None:
+        if self._how != "process":
+            return
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.hit_sender",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        plan = {
+            "bootstrap": bootstrap, "topic": self._topic, "partitions": self._partitions,
+            "params": self._params, "first": 0, "seed": self._rng.randrange(1 << 30),
+            "phases": [[rate, n, self._poisson] for rate, n in phases],
+        }  # fmt: skip
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps(plan).encode() + b"\n")
+        await self._proc.stdin.drain()
+
+    async def phase(self, rate: float, n: int) -> None:
+        """Send the phase's `n` hits at `rate`; returns once they are all acknowledged."""
+        proc = self._proc
+        if proc is not None:
+            assert proc.stdin is not None
+            assert proc.stdout is not None
+            proc.stdin.write(b"\n")  # go
+            await proc.stdin.drain()
+            line = await proc.stdout.readline()
+            if not line.startswith(b"sent "):
+                raise RuntimeError(f"bench.hit_sender stopped (exit {await proc.wait()})")
+            self._sent += n
+            return
+        rng, t0, due = self._rng, time.perf_counter(), 0.0
+        for i in range(n):
+            due = due + rng.expovariate(rate) if self._poisson else i / rate
+            delay = t0 + due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            rid = f"h{self._sent}"
+            value = traffic.request_value(rid, self._params[self._sent % len(self._params)])
+            part = rng.randrange(self._partitions) if self._poisson else self._sent % self._partitions
+            await self._producer.send(self._topic, value, key=rid.encode(), partition=part)
+            self._sent += 1
+        await self._producer.flush()
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
 async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis_url: str) -> dict[str, Any]:
     tag = f"rc{uuid.uuid4().hex[:8]}"
     partitions = args.response_cache_partitions
@@ -234,6 +313,7 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
     )
     await producer.start()
     phases: list[dict[str, Any]] = []
+    sender = _Sender(args.response_cache_sender, producer, topic, partitions, params, rng, poisson)
     try:
         for i, p in enumerate(params):
             rid = f"w{i}"
@@ -246,29 +326,17 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
         await _until(
             lambda: _count(gateway, "store") + _count(gateway, "skip_stop_reason") >= done, 120, "stores"
         )
-        sent = 0
         rates = [float(r) for r in str(args.response_cache_rates).split(",")]
         plan = [(max(rates), args.response_cache_warmup_s, False)] if args.response_cache_warmup_s > 0 else []
         plan += [(rate, args.response_cache_seconds, True) for rate in rates]
+        counts = [max(1, int(rate * seconds)) for rate, seconds, _ in plan]
+        await sender.start(bootstrap, [(rate, n) for (rate, _, _), n in zip(plan, counts, strict=True)])
         warmup: dict[str, Any] | None = None
-        for rate, seconds, measured in plan:
-            n = max(1, int(rate * seconds))
+        for (rate, seconds, measured), n in zip(plan, counts, strict=True):
             log(f"response_cache: {n} hits at {rate:g}/s" + ("" if measured else " (warm-up)"))
             since = hits.mark()
             txns0 = _transactions(gateway)
-            t0 = time.perf_counter()
-            due = 0.0
-            for i in range(n):
-                due = due + rng.expovariate(rate) if poisson else i / rate
-                delay = t0 + due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                rid = f"h{sent}"
-                value = traffic.request_value(rid, params[sent % len(params)])
-                part = rng.randrange(partitions) if poisson else sent % partitions
-                await producer.send(topic, value, key=rid.encode(), partition=part)
-                sent += 1
-            await producer.flush()
+            await sender.phase(rate, n)
             await _until(lambda: len(hits.total) >= since[0] + n, 120, "hits")  # noqa: B023
             summary = {"rate_per_s": rate, **hits.summary(since)}
             summary["hits_per_transaction"] = round(n / max(1.0, _transactions(gateway) - txns0), 2)
@@ -277,6 +345,7 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
             else:
                 warmup = {"seconds": seconds, **summary}
     finally:
+        await sender.stop()
         await producer.stop()
         stop.set()
         await asyncio.wait_for(task, 60)
@@ -290,6 +359,7 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
         "eos_tick_ms": settings.kafka.eos_tick_ms,
         "eos_producers": settings.kafka.eos_producers,
         "arrivals": args.response_cache_arrivals,
+        "sender": args.response_cache_sender,
         "phases": phases,
         "warmup": warmup,
         "misses": _count(gateway, "miss"),

@@ -1,0 +1,66 @@
+"""Partners' producer for `bench.response_cache`, in a process of its own: partners produce
+from their own machines, so the measured gateway's event loop does not also run their sends.
+
+Reads one JSON plan on stdin: `bootstrap`, `topic`, `partitions`, `params` (the request params,
+reused in turn), `first` (the first request id's number), `seed`, and `phases`, each
+`[rate_per_s, count, poisson]`. For each phase it sends `count` requests `h{n}` at `rate_per_s`
+(exponential gaps and a random partition if `poisson`, else evenly spaced over the partitions
+in turn) once a line comes on stdin (the caller is ready to measure it), flushes, and prints
+`sent <count>`.
+
+    python -m bench.hit_sender < plan.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from bench import traffic
+
+
+async def _send(plan: dict[str, Any]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=plan["bootstrap"], acks="all", linger_ms=0, max_request_size=2 << 20
+    )
+    await producer.start()
+    rng = random.Random(plan["seed"])
+    params: list[dict[str, Any]] = plan["params"]
+    topic, partitions = plan["topic"], int(plan["partitions"])
+    sent = int(plan["first"])
+    loop = asyncio.get_running_loop()
+    try:
+        for rate, count, poisson in plan["phases"]:
+            await loop.run_in_executor(None, sys.stdin.readline)  # the caller measures from now
+            t0 = time.perf_counter()
+            due = 0.0
+            for i in range(count):
+                due = due + rng.expovariate(rate) if poisson else i / rate
+                delay = t0 + due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                rid = f"h{sent}"
+                part = rng.randrange(partitions) if poisson else sent % partitions
+                value = traffic.request_value(rid, params[sent % len(params)])
+                await producer.send(topic, value, key=rid.encode(), partition=part)
+                sent += 1
+            await producer.flush()
+            print(f"sent {count}", flush=True)
+    finally:
+        await producer.stop()
+
+
+def main() -> int:
+    plan = orjson.loads(sys.stdin.readline())
+    asyncio.run(_send(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
