@@ -25,32 +25,46 @@ from aiokafka import AIOKafkaProducer
 from bench import traffic
 
 
+async def send_phase(
+    producer: AIOKafkaProducer,
+    topic: str,
+    partitions: int,
+    params: list[dict[str, Any]],
+    rng: random.Random,
+    rate: float,
+    count: int,
+    poisson: bool,
+    first: int,
+) -> int:
+    """Send `count` hits `h{first}`... at `rate` and flush; returns the next hit's number."""
+    t0 = time.perf_counter()
+    due = 0.0
+    for i in range(count):
+        due = due + rng.expovariate(rate) if poisson else i / rate
+        delay = t0 + due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        n = first + i
+        part = rng.randrange(partitions) if poisson else n % partitions
+        value = traffic.request_value(f"h{n}", params[n % len(params)])
+        await producer.send(topic, value, key=f"h{n}".encode(), partition=part)
+    await producer.flush()
+    return first + count
+
+
 async def _send(plan: dict[str, Any]) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=plan["bootstrap"], acks="all", linger_ms=0, max_request_size=2 << 20
     )
     await producer.start()
     rng = random.Random(plan["seed"])
-    params: list[dict[str, Any]] = plan["params"]
-    topic, partitions = plan["topic"], int(plan["partitions"])
+    topic, partitions, params = plan["topic"], int(plan["partitions"]), plan["params"]
     sent = int(plan["first"])
     loop = asyncio.get_running_loop()
     try:
         for rate, count, poisson in plan["phases"]:
             await loop.run_in_executor(None, sys.stdin.readline)  # the caller measures from now
-            t0 = time.perf_counter()
-            due = 0.0
-            for i in range(count):
-                due = due + rng.expovariate(rate) if poisson else i / rate
-                delay = t0 + due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                rid = f"h{sent}"
-                part = rng.randrange(partitions) if poisson else sent % partitions
-                value = traffic.request_value(rid, params[sent % len(params)])
-                await producer.send(topic, value, key=rid.encode(), partition=part)
-                sent += 1
-            await producer.flush()
+            sent = await send_phase(producer, topic, partitions, params, rng, rate, count, poisson, sent)
             print(f"sent {count}", flush=True)
     finally:
         await producer.stop()

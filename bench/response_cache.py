@@ -54,7 +54,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bench import common, traffic
+from bench import common, hit_sender, traffic
 from bench.common import BENCH_DIR, Simulator, log
 from bench.latency import percentile
 from bench.limits_scale import redis_server
@@ -261,18 +261,10 @@ class _Sender:
                 raise RuntimeError(f"bench.hit_sender stopped (exit {await proc.wait()})")
             self._sent += n
             return
-        rng, t0, due = self._rng, time.perf_counter(), 0.0
-        for i in range(n):
-            due = due + rng.expovariate(rate) if self._poisson else i / rate
-            delay = t0 + due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            rid = f"h{self._sent}"
-            value = traffic.request_value(rid, self._params[self._sent % len(self._params)])
-            part = rng.randrange(self._partitions) if self._poisson else self._sent % self._partitions
-            await self._producer.send(self._topic, value, key=rid.encode(), partition=part)
-            self._sent += 1
-        await self._producer.flush()
+        self._sent = await hit_sender.send_phase(
+            self._producer, self._topic, self._partitions, self._params, self._rng,
+            rate, n, self._poisson, self._sent,
+        )  # fmt: skip
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -96,16 +96,11 @@ async def api(gateway: Gateway, method: str, path: str, token: str | None = TOKE
         return r.status, orjson.loads(await r.read())
 
 
-async def _until_committed(gateway: Gateway, partner: str, offsets: int, timeout_s: float = 15.0) -> None:
-    """Until the partner's partition writers have committed `offsets` records in all."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        _, state = await api(gateway, "GET", "/admin/api/state")
-        rows = next(p for p in state["partners"] if p["id"] == partner)["exactly_once"]
-        if sum(r["commit"] for r in rows) >= offsets:
-            return
-        assert time.monotonic() < deadline, rows
-        await asyncio.sleep(0.1)
+async def _committed(gateway: Gateway, partner: str, offsets: int) -> bool:
+    """The partner's partition writers have committed `offsets` records in all."""
+    _, state = await api(gateway, "GET", "/admin/api/state")
+    rows = next(p for p in state["partners"] if p["id"] == partner)["exactly_once"]
+    return sum(r["commit"] for r in rows) >= offsets
 
 
 async def login(b: Browser, gateway: Gateway, token: str = TOKEN) -> None:
@@ -181,7 +176,7 @@ async def test_the_page_shows_what_the_api_says(world: World, browser: Browser) 
         assert out.total == 11
         # readers see a transaction's outcomes once its markers are written, which can be a
         # moment before the writer has read its commit's answer and moved its commit point
-        await _until_committed(gateway, "acme", 6)
+        await _until(lambda: _committed(gateway, "acme", 6), "acme's writers committed all 6", timeout_s=15)
         await gateway.console.tallies.sample()  # the console's sampler runs every 5 s; now, here
 
         await login(browser, gateway)

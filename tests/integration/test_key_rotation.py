@@ -15,10 +15,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -28,6 +26,7 @@ from service.config.loader import load_config
 from service.config.reload import ConfigWatcher
 from service.simulator import SimulatorConfig, SimulatorServer
 from tests.support.gateway import World, collect, committed_offsets, make_world, produce, request
+from tests.support.polling import until
 from tests.support.trust import produce_messages, signed
 
 pytestmark = pytest.mark.integration
@@ -59,13 +58,6 @@ class Partner:
             )
             self.sent.append((rid, self.key_id))
             await asyncio.sleep(0.03)
-
-
-async def _until(predicate: Any, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 async def test_signing_and_anthropic_keys_rotate_without_restart_or_loss(
@@ -102,7 +94,7 @@ async def test_signing_and_anthropic_keys_rotate_without_restart_or_loss(
             # 1. a second signing key: both accepted; the partner switches to it
             cfg["partners"][0]["signing"]["keys"]["k2"] = {"file": str(tmp_path / "acme.k2")}
             config.write_text(yaml.safe_dump(cfg))
-            await _until(lambda: watcher.reloads == 1)
+            await until(lambda: watcher.reloads == 1, 15)
             partner.key_id = "k2"
             await asyncio.sleep(1.0)
 
@@ -110,7 +102,7 @@ async def test_signing_and_anthropic_keys_rotate_without_restart_or_loss(
             # (the simulator's api_keys is replaced as a whole, not merged)
             sim.update_config({"api_keys": {**world.keys, "acme-new": new_anthropic_key}})
             (world.key_dir / "acme.key").write_text(new_anthropic_key)
-            await _until(lambda: watcher.reloads == 2)
+            await until(lambda: watcher.reloads == 2, 15)
             await asyncio.sleep(1.0)  # calls started with the old key finish
             others = {name: key for name, key in world.keys.items() if name != "acme"}
             sim.update_config(
@@ -127,7 +119,7 @@ async def test_signing_and_anthropic_keys_rotate_without_restart_or_loss(
             # 3. the old signing key is removed: it stops working for the next message
             del cfg["partners"][0]["signing"]["keys"]["k1"]
             config.write_text(yaml.safe_dump(cfg))
-            await _until(lambda: watcher.reloads == 3)
+            await until(lambda: watcher.reloads == 3, 15)
             topic = world.request_topic("acme")
             late = [signed(topic, f"late-{i}", kid, SECRETS[kid]) for i, kid in enumerate(["k1", "k2"] * 5)]
             await produce_messages(world.bootstrap, late)
@@ -189,11 +181,11 @@ async def test_running_process_reloads_on_sighup_and_on_file_change(world: World
             assert out.reasons() == {"partner_disabled": 1}
 
             proc.send_signal(signal.SIGHUP)  # nothing changed: reloads all the same
-            await _until(lambda: '"trigger":"signal"' in log_path.read_text(), 10)
+            await until(lambda: '"trigger":"signal"' in log_path.read_text(), 10)
 
             cfg["partners"][0]["enabled"] = True
             config.write_text(yaml.safe_dump(cfg))  # no signal: the watcher notices the file
-            await _until(lambda: '"audit_event":"partner_enabled"' in log_path.read_text(), 10)
+            await until(lambda: '"audit_event":"partner_enabled"' in log_path.read_text(), 10)
             await produce(world.bootstrap, [(topic, b"e", request("while-enabled"))])
             out = await collect(world, 2, timeout_s=60)
             assert [d["request_id"] for d in out.responses] == ["while-enabled"]

@@ -9,8 +9,6 @@ that takes it away and gives it back with its data (issue 10):
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlparse
@@ -27,6 +25,7 @@ from service.config.redis_health import RedisHealth
 from service.config.settings import LimitSettings, RedisSettings
 from service.scheduling.limiter import Cost
 from service.scheduling.redis_limiter import RedisLimiter
+from tests.support.polling import until
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -76,13 +75,6 @@ async def _spend(budgets: Budgets, registry: Registry, n: int) -> int:
     return n * 300
 
 
-async def _until(condition: object, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-
-
 async def test_spend_during_an_outage_reaches_the_shared_ledger(proxy: TcpProxy, redis_url: str) -> None:
     rs = _settings(proxy.url)
     client = redis_client(rs)
@@ -103,8 +95,8 @@ async def test_spend_during_an_outage_reaches_the_shared_ledger(proxy: TcpProxy,
         assert int(await direct.hget(key, "tokens") or 0) == 5 * 300, "Redis did not see the outage spend"
 
         await proxy.start()  # recovery: the probe finds Redis, the outage spend is added
-        await _until(lambda: not health.down)
-        await _until(lambda: not budgets.outage)
+        await until(lambda: not health.down)
+        await until(lambda: not budgets.outage)
         assert int(await direct.hget(key, "tokens") or 0) == billed
         billed += await _spend(budgets, registry, 2)  # and Redis keeps counting from there
         assert int(await direct.hget(key, "tokens") or 0) == billed
@@ -139,7 +131,7 @@ async def test_a_slow_call_is_not_an_outage(proxy: TcpProxy) -> None:
         assert health.state == "down"
         assert limiter.degraded
         proxy.delay_s = 0.0
-        await _until(lambda: not health.down)
+        await until(lambda: not health.down)
     finally:
         await limiter.aclose()
         await health.aclose()
@@ -154,7 +146,7 @@ async def test_levels_report_the_shared_buckets(redis_url: str) -> None:
         for _ in range(100):
             assert (await a.acquire("p", Cost(1, 1))).ok
         b.levels()  # the first call reads Redis in the background
-        await _until(lambda: ("org", "rpm") in b.levels())
+        await until(lambda: ("org", "rpm") in b.levels())
         assert b.levels()[("org", "rpm")] < 510  # what replica a took shows on replica b
     finally:
         await a.aclose()

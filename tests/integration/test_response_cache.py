@@ -12,10 +12,8 @@ outcomes from the read_committed topics, spend from the budget hashes in Redis.
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,6 +27,7 @@ from service.contracts.schemas import validate
 from service.simulator import SimulatorServer
 from tests.support.gateway import World, collect, make_world, produce, request
 from tests.support.outcomes import calls_of, sim_config, start_gateway, stop_gateway, world_with_limits
+from tests.support.polling import until
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.trust import metric
 
@@ -52,13 +51,6 @@ def _cache_count(gateway: Gateway, partner: str, result: str) -> float:
     return metric(
         gateway.metrics.registry, "gateway_response_cache_total", {"partner": partner, "result": result}
     )
-
-
-async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 class Sender:
@@ -94,7 +86,7 @@ async def test_a_repeated_request_is_served_from_the_cache_without_a_call_a_turn
         direct = aioredis.Redis.from_url(redis_url)
         try:
             first = await send("acme", "r1", metadata={"n": "1"})
-            await _until(lambda: _cache_count(gateway, "acme", "store") == 1)
+            await until(lambda: _cache_count(gateway, "acme", "store") == 1)
             prefix = cfg["redis"]["key_prefix"]
             budget_keys = [k async for k in direct.scan_iter(match=f"{{{prefix}}}:budget:acme:*")]
             spent = [await direct.hgetall(k) for k in budget_keys]
@@ -143,9 +135,9 @@ async def test_the_same_params_from_another_partner_call_upstream_unless_they_sh
         send = Sender(world)
         try:
             a1 = await send("acme", "a1")
-            await _until(lambda: _cache_count(gateway, "acme", "store") == 1)
+            await until(lambda: _cache_count(gateway, "acme", "store") == 1)
             i1 = await send("initech", "i1")  # same params, not in the group: its own miss
-            await _until(lambda: _cache_count(gateway, "initech", "store") == 1)
+            await until(lambda: _cache_count(gateway, "initech", "store") == 1)
             u1 = await send("umbrella", "u1")  # same params, neither acme's nor initech's entry
             g1 = await send("globex", "g1")  # same params, in acme's group: acme's answer
             i2 = await send("initech", "i2")  # initech's own entry
@@ -178,7 +170,7 @@ async def test_error_answers_and_responses_too_large_to_publish_are_not_cached(
             e1 = await send("acme", "e1", max_tokens=16)  # a 500, not retried: a dead letter
             sim.update_config({"faults": {"api_error_rate": 0.0}})
             e2 = await send("acme", "e2", max_tokens=16)  # the same params: called, answered
-            await _until(lambda: _cache_count(gateway, "acme", "store") == 1)
+            await until(lambda: _cache_count(gateway, "acme", "store") == 1)
             e3 = await send("acme", "e3", max_tokens=16)  # now a hit
             big1 = await send("acme", "big1", max_tokens=2000)  # answered, over the topic's limit
             big2 = await send("acme", "big2", max_tokens=2000)
@@ -230,13 +222,13 @@ async def test_redis_down_or_slow_requests_are_still_answered_as_misses(
         send = Sender(world)
         try:
             d1 = await send("acme", "d1")
-            await _until(lambda: _cache_count(gateway, "acme", "store") == 1)
+            await until(lambda: _cache_count(gateway, "acme", "store") == 1)
             await proxy.stop()  # the outage
             d2 = await send("acme", "d2")
             d3 = await send("acme", "d3")
             status = gateway.status()["redis"]
             await proxy.start()  # back: the shared health's probe finds it
-            await _until(lambda: not gateway.redis_degraded)
+            await until(lambda: not gateway.redis_degraded)
             d4 = await send("acme", "d4")
             proxy.delay_s = 0.5  # slow: the lookup times out (timeout_s 0.2)
             d5 = await send("acme", "d5")

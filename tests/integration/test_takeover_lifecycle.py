@@ -11,8 +11,7 @@ retrieved`), and their transactional producers were never closed.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from service.app import Gateway
 from service.ingest.partition import State
 from service.simulator import SimulatorConfig, SimulatorServer
 from tests.support.gateway import World, collect, make_world, produce, spread
+from tests.support.polling import until
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +34,6 @@ async def world(kafka_bootstrap: str, tmp_path: Path) -> World:
 async def sim(world: World) -> AsyncIterator[SimulatorServer]:
     async with SimulatorServer(SimulatorConfig.model_validate({"api_keys": world.keys, "seed": 3})) as s:
         yield s
-
-
-async def _until(check: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_rebalance_after_the_drain_opens_no_writer(world: World, sim: SimulatorServer) -> None:
@@ -61,7 +54,7 @@ async def test_a_rebalance_after_the_drain_opens_no_writer(world: World, sim: Si
     ingest.stop = rebalanced_then_stop  # type: ignore[method-assign]  # bound when `run` starts it
     stop = asyncio.Event()
     task = asyncio.create_task(gateway.run(stop))
-    await _until(lambda: len(ownership.ready) == 4)
+    await until(lambda: len(ownership.ready) == 4, 60)
     assigned = list(ownership.writers)
     stop.set()
     await asyncio.wait_for(task, 60)
@@ -84,7 +77,7 @@ async def test_stopping_without_a_drain_closes_the_writers_still_starting(
     ownership._fetch_committed = hanging  # type: ignore[method-assign]  # each takeover hangs
     await ingest.start()  # the group's assignment comes; `run` never does
     try:
-        await _until(lambda: len(ownership._starting) == 4)
+        await until(lambda: len(ownership._starting) == 4, 60)
         starting = list(ownership._starting.values())
         writers = list(ownership.writers.values())
         await asyncio.sleep(0.5)
