@@ -115,6 +115,19 @@ class Seen:
         return sum(map(len, self.good.values())) + sum(map(len, self.bad.values()))
 
 
+async def _until_end_offset(bootstrap: str, tp: TopicPartition, offset: int, timeout_s: float = 10.0) -> None:
+    """Until the partition's log (markers included) ends at `offset`."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while (await consumer.end_offsets([tp]))[tp] < offset:
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.02)
+    finally:
+        await consumer.stop()
+
+
 async def drain(consumer: AIOKafkaConsumer, seen: Seen, total: int, max_records: int | None = None) -> None:
     """Fetch until `total` items were seen, then check that nothing more (no repeat) comes."""
     deadline = time.monotonic() + 60
@@ -194,6 +207,8 @@ async def test_read_committed_skips_aborted_transactions_while_reading_leniently
         await producer.abort_transaction()
         async with producer.transaction():  # offsets 7-8, commit marker 9
             await send_batch(producer, topic, 0, [good("t7"), bad("t8")])
+    # the commit returns once the coordinator has prepared it; its marker may land later
+    await _until_end_offset(kafka_bootstrap, tp, 10)
     async with producer_for(kafka_bootstrap) as plain:
         await plain.send_and_wait(topic, b"t10", partition=0)
 
