@@ -22,7 +22,7 @@ import time
 import uuid
 from asyncio.subprocess import PIPE
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from service.simulator import SimulatorConfig, SimulatorServer
 from service.simulator.tokens import count_input_tokens
 from service.telemetry.logs import JsonFormatter
 from tests.support.gateway import MODEL, World, collect, make_world, request
+from tests.support.polling import until
 from tests.support.semconv import assert_semconv
 
 pytestmark = pytest.mark.integration
@@ -304,16 +305,6 @@ async def _outcomes_with_headers(world: World) -> dict[str, tuple[dict[str, Any]
         key = doc.get("request_id") or base64.b64decode(doc["original"]["key_b64"]).decode()
         out[key] = (doc, {k: v for k, v in headers if k in ("traceparent", "tracestate")})
     return out
-
-
-async def _until(predicate: Callable[[], bool], timeout_s: float = 30) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
 
 
 def _children(spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
@@ -625,7 +616,7 @@ async def test_readyz_follows_assignment_and_draining_while_healthz_stays_up(two
             await produce(
                 two.bootstrap, [(two.request_topic("acme"), None, request(f"d{i}"), []) for i in range(4)]
             )
-            assert await _until(lambda: sim.stats()["in_flight"] > 0)
+            await until(lambda: sim.stats()["in_flight"] > 0, 30)
             stop.set()  # requests are in flight: the drain takes ~1.5 s
             seen: list[tuple[int, str]] = []
             while not task.done():
