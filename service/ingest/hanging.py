@@ -40,7 +40,7 @@ far more transactions with a commit than with an abort. A writer that aborted re
 commit afterwards and takes what it finds (`PartitionWriter._reopen_verified`), so an
 aborted tick closed this way counts as committed there too: its outcomes and its offset
 commit are published together, once. For the same reason a transaction begun ahead that got
-nothing is committed empty, not aborted (`transactions.py`): a live writer's next
+nothing is committed (with nothing new), not aborted (`transactions.py`): a live writer's next
 transactions end what it left hanging in the partitions they hold.
 """
 

@@ -6,16 +6,21 @@ TxnOffsetCommit, EndTxn), and its first request waits while the coordinator stil
 previous transaction's markers. So, once a transaction commits and another tick is expected
 soon, the next one begins at once and adds, in the background (`txn_sender.prepare`), the
 consumer group and the partitions the writer wrote in at least a quarter of its last ticks
-(`PREPARED_SHARE`). A tick that finds them added sends its records, then its offsets, and
-ends: three round trips. What it writes elsewhere is added first (`txn_sender.ready`),
-before anything is sent; outcomes that come while it waits for that (or for the previous
-transaction's markers, which hold up any addition) join it (`send`'s `join`).
+(`PREPARED_SHARE`), then commits the last tick's offsets again (`_prewrite_offsets`). A tick
+that finds all that done sends its records and its offsets together, and ends: two round
+trips. (The partitions' leaders and the group coordinator each ask the transaction
+coordinator whether a transaction holds what it writes, KIP-890, and of two questions pending
+for one transaction the broker refuses one; the group coordinator asks only about the
+transaction's first offset commit, which is the one written ahead. Without it, the offsets go
+once the records are acked: three round trips.) What a tick writes elsewhere is added first
+(`txn_sender.ready`), before anything is sent; outcomes that come while it waits for that (or
+for the previous transaction's markers, which hold up any addition) join it (`send`'s `join`).
 
 "Expected soon": calls are in flight (their outcomes will come), or the last three ticks came
 within `kafka.eos_prepared_idle_ms`. A partition that sees a request every few seconds (a
 claim, then its outcome) thus begins no transaction that nothing uses. One begun ahead that
-gets nothing for `eos_prepared_idle_ms` is ended (it holds nothing: no partition's readers
-wait for it), and the next tick begins its own. It is committed, not aborted: its markers
+gets nothing for `eos_prepared_idle_ms` is ended (it holds nothing new: no partition's
+readers wait for it), and the next tick begins its own. It is committed, not aborted: its markers
 also end any transaction this producer id left hanging in a partition it added (`hanging.py`),
 and a COMMIT ends it as its coordinator had decided, where an ABORT would drop its records.
 With `eos_prepared_idle_ms: 0` no transaction is begun ahead.
@@ -23,6 +28,7 @@ With `eos_prepared_idle_ms: 0` no transaction is begun ahead.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -44,6 +50,8 @@ PREPARED_MAX = 8
 JOIN_ROUNDS = 4
 """How many times a transaction waiting for its partitions takes in what came meanwhile."""
 
+Offsets = dict[TopicPartition, tuple[int, str]]
+
 
 class Transactions:
     """The transactions of one producer (replaced with it: `reset`)."""
@@ -55,6 +63,8 @@ class Transactions:
         self._open = False
         self._prepared_at: float | None = None
         """When the open transaction was begun ahead (None: begun by a tick, or none open)."""
+        self._prewrite: asyncio.Task[None] | None = None
+        """The open transaction's offset commit written ahead (`begin_ahead`), if any."""
         self._recent: deque[frozenset[TopicPartition]] = deque(maxlen=RECENT_TICKS)
         self._written: Counter[TopicPartition] = Counter()
         """How many of `_recent` wrote each partition."""
@@ -67,6 +77,7 @@ class Transactions:
         self.producer = producer
         self._open = False
         self._prepared_at = None
+        self._drop_prewrite()
 
     @property
     def _producer(self) -> AIOKafkaProducer:
@@ -100,26 +111,40 @@ class Transactions:
         written = set(routes.values())
         self._sent_at.append(time.monotonic())
         self._remember(written)
-        # the offsets once the records are acked: the leader of a record's partition and the
-        # group coordinator each ask the transaction coordinator whether the transaction holds
-        # what they write (KIP-890), and of two such questions in flight for one transaction
-        # the broker fails the first (the records NOT_ENOUGH_REPLICAS, the offsets
-        # COORDINATOR_NOT_AVAILABLE: both retried after 100 ms)
-        sent = await send_all(producer, items, routes)
-        await producer.send_offsets_to_transaction(offsets(), self.group_id)
-        return sent
+        if not await self._prewritten():
+            # the offsets once the records are acked: the leader of a record's partition and
+            # the group coordinator each ask the transaction coordinator whether the
+            # transaction holds what they write (KIP-890), and of two such questions in flight
+            # for one transaction the broker fails the first (the records
+            # NOT_ENOUGH_REPLICAS, the offsets COORDINATOR_NOT_AVAILABLE: both retried after
+            # 100 ms)
+            sent = await send_all(producer, items, routes)
+            await producer.send_offsets_to_transaction(offsets(), self.group_id)
+            return sent
+        # the transaction already wrote to the group's offsets (`begin_ahead`): the group
+        # coordinator asks nothing, and the records and the offsets go together
+        records = asyncio.get_running_loop().create_task(send_all(producer, items, routes))
+        try:
+            await producer.send_offsets_to_transaction(offsets(), self.group_id)
+        except BaseException:
+            records.add_done_callback(_retrieve)  # the transaction is aborted: its error wins
+            raise
+        return await records
 
     async def commit(self) -> None:
+        await self._prewritten()
         await self._producer.commit_transaction()
         self._open = False
 
     async def abort(self) -> None:
         self._open = False
+        self._drop_prewrite()
         await self._producer.abort_transaction()
 
-    async def begin_ahead(self, expected: bool) -> None:
+    async def begin_ahead(self, expected: bool, offsets: Offsets | None = None) -> None:
         """Begin the next transaction now and prepare it in the background, if a tick is
-        `expected` (calls in flight) or the ticks come often."""
+        `expected` (calls in flight) or the ticks come often. `offsets`: the last tick's
+        offset commit, acked; written again in this one once prepared (`_prewrite_offsets`)."""
         sent = self._sent_at
         frequent = len(sent) == sent.maxlen and sent[-1] - sent[0] < self.prepared_idle_s
         if self.prepared_idle_s <= 0 or self._open or not (expected or frequent):
@@ -128,7 +153,41 @@ class Transactions:
         await producer.begin_transaction()
         self._open = True
         self._prepared_at = time.monotonic()
-        txn_sender.prepare(producer, self._likely(), self.group_id)
+        likely = self._likely()
+        txn_sender.prepare(producer, likely, self.group_id)
+        if offsets:
+            self._prewrite = asyncio.get_running_loop().create_task(
+                self._prewrite_offsets(producer, likely, offsets)
+            )
+
+    async def _prewrite_offsets(
+        self, producer: AIOKafkaProducer, likely: list[TopicPartition], offsets: Offsets
+    ) -> None:
+        """Commit the last tick's offsets again in the transaction begun ahead, once its
+        partitions are added: the group coordinator asks the transaction coordinator about a
+        transaction's first offset commit only (KIP-890), so the tick's own commit can then go
+        with its records instead of after them. Harmless whatever comes next: the same offsets
+        and metadata, the later record of the group's offsets (`turns.py`), committed only
+        after the tick that wrote them first (its `commit` and `end_idle` wait for it), and
+        gone with this transaction if that tick failed (the producers are initialised again)."""
+        await txn_sender.ready(producer, likely, self.group_id)
+        await producer.send_offsets_to_transaction(offsets, self.group_id)
+
+    async def _prewritten(self) -> bool:
+        """Whether the open transaction's offsets were written ahead (waits for them; raises
+        the error that failed them)."""
+        task, self._prewrite = self._prewrite, None
+        if task is None:
+            return False
+        await task
+        return True
+
+    def _drop_prewrite(self) -> None:
+        task, self._prewrite = self._prewrite, None
+        if task is None:
+            return
+        task.cancel()
+        task.add_done_callback(_retrieve)  # the producer it ran on is gone
 
     async def mark(self, partitions: list[TopicPartition]) -> None:
         """Commit the open transaction (begun if none is), holding `partitions` too: a marker of
@@ -161,9 +220,16 @@ class Transactions:
         return self._prepared_at + self.prepared_idle_s - time.monotonic()
 
     async def end_idle(self) -> None:
-        """Commit the transaction begun ahead, empty, if it waited `prepared_idle_s` for nothing."""
+        """Commit the transaction begun ahead (nothing new in it) if it waited
+        `prepared_idle_s` for nothing."""
         left = self.idle_for()
         if left is None or left > 0:
             return
         self._prepared_at = None
         await self.commit()
+
+
+def _retrieve(task: asyncio.Task[object]) -> None:
+    """A task whose result no one awaits: its error is retrieved, not logged as lost."""
+    if not task.cancelled():
+        task.exception()

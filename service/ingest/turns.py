@@ -12,7 +12,9 @@ transaction commits, and commits once that one has:
   later record whatever order the markers come in;
 - its EndTxn goes only once the committing transaction's EndTxn succeeded. If that one fails,
   every producer is initialised again (which aborts this one) and both ticks are verified
-  against the committed state (`PartitionWriter._resolve`).
+  against the committed state (`TickWriter._resolve_committing`). The same holds for one
+  begun ahead that is ended with nothing new (`end_idle`): it holds the committing tick's
+  offsets, written again (`transactions.py`), so it too waits for that tick's commit.
 
 So offsets only move forward, and a transaction commits only after every earlier one did.
 Each producer has its own `transactional_id`: the first is the writer's id of one producer

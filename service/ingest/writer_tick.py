@@ -24,6 +24,7 @@ from service.ingest.claims_seen import ClaimsSeen
 from service.ingest.ledger import PartitionLedger, Snapshot
 from service.ingest.sending import Item, fail, send_all
 from service.ingest.tick import TickContents
+from service.ingest.transactions import Offsets
 from service.ingest.turns import Committing, Turns
 
 log = logging.getLogger("service.ingest.partition")
@@ -155,7 +156,7 @@ class TickWriter:
         if turns.next() is not txns:
             # only if a tick is to come: a call whose claim stays in flight once this commits,
             # or items waiting (the last outcome of a quiet partition begins none, to be ended idle)
-            await self._begin_ahead(expected=bool(tick.snap.claims or self._queue))
+            await self._begin_ahead(bool(tick.snap.claims or self._queue), tick.offsets(self.tp))
 
     async def _commit(self, ledger: PartitionLedger, committing: Committing) -> None:
         """Commit a sent tick (the next one may be sent meanwhile) and settle it."""
@@ -166,7 +167,7 @@ class TickWriter:
         self._settle(ledger, committing.taken, committing.tick.snap)
         committing.settled = True
         if self._turns.next() is committing.txns and not self._closing:  # one producer
-            await self._begin_ahead()  # the next begins after this commit
+            await self._begin_ahead(None, committing.tick.offsets(self.tp))  # begins after this commit
             self._wake.set()  # the loop's wait is now until it is to be ended, if nothing comes
 
     def _committed(self, task: asyncio.Task[None]) -> None:
@@ -215,23 +216,28 @@ class TickWriter:
         self._queue[:0] = [i for i in taken if not i.done.done()]
         self._wake.set()
 
-    async def _begin_ahead(self, expected: bool | None = None) -> None:
-        """Begin the next producer's transaction ahead if a tick is `expected` (default: claims
+    async def _begin_ahead(self, expected: bool | None, offsets: Offsets) -> None:
+        """Begin the next producer's transaction ahead if a tick is `expected` (None: if claims
         are in flight, as the ledger has them once the last commit was applied) or ticks come
-        often (`Transactions.begin_ahead`)."""
+        often (`Transactions.begin_ahead`). `offsets`: the offset commit of the tick just sent,
+        written again in the one begun ahead."""
         if self._closing or self.state not in (State.OWNED, State.SUSPENDED):
             return
         if expected is None:
             expected = self.claims_in_flight > 0
         try:
-            await self._turns.next().begin_ahead(expected=expected)
+            await self._turns.next().begin_ahead(expected, offsets)
         except ProducerFenced as exc:
             raise self._fenced() from exc
 
     async def _end_idle(self) -> None:
         """End a transaction begun ahead if nothing came for it (the writer stays idle)."""
         async with self._tick_lock:
-            if self._queue:
+            idle = self._turns.idle_for()
+            if self._queue or idle is None or idle > 0:
+                return
+            # not before the tick committing: the transaction begun ahead holds its offsets
+            if not await self._resolve_committing(wait=True):
                 return
             try:
                 await self._turns.end_idle()

@@ -1,8 +1,10 @@
 """The partition writer's tick (service/ingest/partition.py, transactions.py) against a
 recording producer: nothing is sent before the transaction holds its partitions and group, the
-offsets only after the messages are acked; the next transaction begins as soon as one commits
-and is committed empty when nothing comes for it; an item that finds the writer idle does not wait for
-`kafka.eos_tick_ms`, nor does an outcome that made no call (`linger=False`)."""
+offsets only after the messages are acked unless the transaction wrote the last ones again
+ahead; the next transaction begins as soon as one commits and is committed with nothing new
+when nothing comes for it, never before the tick whose offsets it repeats; an item that finds
+the writer idle does not wait for `kafka.eos_tick_ms`, nor does an outcome that made no call
+(`linger=False`)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,10 @@ ACK_S = 0.02
 class _Producer:
     """Records the transaction's steps; a message is acked `ACK_S` after it is sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "p0", log: list[str] | None = None) -> None:
+        self.name = name
+        self.log = [] if log is None else log
+        """Every producer's commits (shared), in order: `name` and the offset it committed."""
         self.events: list[str] = []
         self.commits = 0
         self._offsets: dict[TopicPartition, tuple[int, str]] = {}
@@ -58,7 +63,7 @@ class _Producer:
         return fut
 
     async def send_offsets_to_transaction(self, offsets: Any, group_id: str) -> None:
-        self.events.append("offsets")
+        self.events.append(f"offsets {offsets[TP][0]}")
         self._offsets = dict(offsets)
 
     async def commit_transaction(self) -> None:
@@ -66,6 +71,7 @@ class _Producer:
         self.commits += 1
         if TP in self._offsets:
             self.committed = self._offsets.pop(TP)
+        self.log.append(f"{self.name} {self.committed[0]}")
 
     async def fetch_committed(self, tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
         return self.committed
@@ -130,7 +136,7 @@ async def test_nothing_is_sent_before_the_transaction_holds_it_and_the_offsets_f
         await writer.close()
     # sent while the coordinator adds a partition or the group, or the messages and the
     # offsets together, the brokers' checks (KIP-890) refuse one (retried after 100 ms)
-    assert producer.events[:7] == ["begin", "ready [2]", "added", "send", "acked", "offsets", "commit"]
+    assert producer.events[:7] == ["begin", "ready [2]", "added", "send", "acked", "offsets 1", "commit"]
 
 
 async def test_the_next_transaction_begins_as_soon_as_one_commits() -> None:
@@ -140,11 +146,18 @@ async def test_the_next_transaction_begins_as_soon_as_one_commits() -> None:
         await _outcome(writer, 1)
         assert producer.events[-1] == "commit"  # two ticks: nothing says another is coming
         await _outcome(writer, 2)  # the ticks come often
-        assert producer.events[-2:] == ["begin", "prepare [2]"]  # the partition it wrote, ahead
+        await asyncio.sleep(ACK_S * 2)
+        # the partition it wrote, ahead; once it is added, the last tick's offsets again
+        assert producer.events[-5:] == ["begin", "prepare [2]", "ready [2]", "added", "offsets 3"]
         producer.events.clear()
         await _outcome(writer, 3)
-        assert producer.events[:2] == ["ready [2]", "added"]  # no begin: it was open
-        assert "commit" in producer.events
+        tick = producer.events[: producer.events.index("commit")]
+        assert "begin" not in tick  # it was open
+        # the group coordinator asks nothing of its second offset commit: the offsets go with
+        # the records, before they are acked
+        assert tick[:2] == ["ready [2]", "added"]
+        assert sorted(tick[2:4]) == ["offsets 4", "send"]
+        assert tick[4:] == ["acked"]
     finally:
         await writer.close()
     assert producer.events[-1] == "commit"  # closing begins nothing ahead
@@ -156,7 +169,8 @@ async def test_a_call_in_flight_begins_its_outcome_s_transaction_ahead() -> None
         assert writer.ledger is not None
         writer.ledger.start(0)
         await writer.claim(0, attempts=1)  # a lone request: its call is about to start
-        assert producer.events[-2:] == ["begin", "prepare []"]  # the group, for the outcome
+        after = producer.events[producer.events.index("commit") + 1 :]
+        assert after[:2] == ["begin", "prepare []"]  # the group, for the outcome
     finally:
         await writer.close()
 
@@ -175,10 +189,9 @@ async def test_a_sparse_partition_begins_nothing_nobody_uses() -> None:
         assert "abort" not in producer.events
     finally:
         await writer.close()
-    # every transaction carried a tick's offsets: none was begun ahead and ended idle
-    assert producer.events.count("commit") == producer.events.count("offsets")
-    # each claim's own, the one it begins ahead for its outcome, and the closing tick's
-    assert producer.events.count("begin") == 2 * 3 + 1
+    # each claim's own, the one it begins ahead for its outcome, and the closing tick's: none
+    # was begun ahead and ended idle
+    assert producer.events.count("begin") == producer.events.count("commit") == 2 * 3 + 1
 
 
 async def test_a_transaction_begun_ahead_is_committed_empty_when_nothing_comes() -> None:
@@ -191,7 +204,9 @@ async def test_a_transaction_begun_ahead_is_committed_empty_when_nothing_comes()
         await asyncio.sleep(0.05)
         assert "abort" not in producer.events
         await asyncio.sleep(0.3)
-        assert producer.events[-3:] == ["begin", "prepare [2]", "commit"]
+        # holding the last tick's offsets again, which commits nothing new
+        assert producer.events[-6:] == ["begin", "prepare [2]", "ready [2]", "added", "offsets 3", "commit"]
+        assert producer.log[-2:] == ["p0 3", "p0 3"]
         producer.events.clear()
         await _outcome(writer, 3)
         assert producer.events[:2] == ["begin", "ready [2]"]  # a transaction of its own
@@ -349,4 +364,58 @@ async def test_a_failure_beginning_the_next_transaction_does_not_undo_the_commit
         assert writer.ledger.claims == {}  # the claim applied once, then resolved by its outcome
         assert writer.ledger.in_flight == 0
     finally:
+        await writer.close()
+
+
+async def test_a_transaction_begun_ahead_ends_idle_only_after_the_tick_whose_offsets_it_repeats() -> None:
+    """Two producers: the one begun ahead while a tick commits holds that tick's offsets. Were
+    it ended (committed) first and that tick's commit then failed, the offsets would say the
+    tick's requests were answered while its outcomes were aborted: lost. It waits."""
+    log: list[str] = []
+    made: dict[str, _Producer] = {}
+    release = asyncio.Event()
+
+    def factory(txn_id: str) -> _Producer:
+        p = made[txn_id] = _Producer("p1" if txn_id.endswith(".1") else "p0", log)
+        return p
+
+    settings = KafkaSettings.model_validate(
+        {"eos_tick_ms": 1, "eos_handoff_max_s": 0, "eos_prepared_idle_ms": 50, "eos_producers": 2}
+    )
+
+    async def fetch_committed(tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
+        """What the group's offsets show: the last commit's."""
+        last = [p for p in made.values() if log and p.name == log[-1].split()[0]]
+        return last[0].committed if last else (None, "")
+
+    writer = PartitionWriter(TP, settings, "me", fetch_committed, producer_factory=factory)
+    await writer.start()
+    try:
+        assert writer.ledger is not None
+        writer.ledger.start(0)
+        await writer.claim(0, attempts=1)  # a call in flight: each tick begins the next ahead
+        for offset in (1, 2):
+            await _outcome(writer, offset)
+        committing = next(p for p in made.values() if p.events[-1] != "commit")  # begun ahead
+        other = next(p for p in made.values() if p is not committing)
+        commit = committing.commit_transaction
+
+        async def slow_commit() -> None:
+            await release.wait()
+            await commit()
+
+        committing.commit_transaction = slow_commit  # type: ignore[method-assign]
+        before = len(log)
+        tick = asyncio.ensure_future(_outcome(writer, 3))
+        await asyncio.sleep(0.3)  # six times eos_prepared_idle_ms
+        assert not tick.done()
+        sent = [e for e in committing.events if e.startswith("offsets")][-1]
+        assert other.events[-1] == sent  # begun ahead, holding the committing tick's offsets
+        assert log[before:] == []  # and not ended before that tick commits
+        release.set()
+        await asyncio.wait_for(tick, 1)
+        await asyncio.sleep(0.2)
+        assert log[before:] == [f"{committing.name} 0", f"{other.name} 0"]  # then ended idle
+    finally:
+        release.set()
         await writer.close()
