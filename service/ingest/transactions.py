@@ -77,7 +77,7 @@ class Transactions:
         self.producer = producer
         self._open = False
         self._prepared_at = None
-        self._drop_prewrite()
+        self.drop_prewrite()
 
     @property
     def _producer(self) -> AIOKafkaProducer:
@@ -138,7 +138,7 @@ class Transactions:
 
     async def abort(self) -> None:
         self._open = False
-        self._drop_prewrite()
+        self.drop_prewrite()
         await self._producer.abort_transaction()
 
     async def begin_ahead(self, expected: bool, offsets: Offsets | None = None) -> None:
@@ -182,7 +182,8 @@ class Transactions:
         await task
         return True
 
-    def _drop_prewrite(self) -> None:
+    def drop_prewrite(self) -> None:
+        """Cancel the offsets being written ahead: the transaction or its producer is gone."""
         task, self._prewrite = self._prewrite, None
         if task is None:
             return

@@ -112,6 +112,7 @@ class Turns:
 
     async def stop(self) -> None:
         for txns in self.txns:
+            txns.drop_prewrite()
             producer, txns.producer = txns.producer, None
             if producer is not None:
                 with contextlib.suppress(Exception):
