@@ -23,6 +23,7 @@ from service.ingest import transactions
 from service.ingest.ownership import RecordSink
 from service.ingest.partition import Fenced, PartitionWriter
 from service.ingest.sending import Item, OutMessage
+from tests.support.polling import until
 
 TP = TopicPartition("claude.requests.p", 0)
 OUT = TopicPartition("claude.responses.p", 2)
@@ -146,7 +147,7 @@ async def test_the_next_transaction_begins_as_soon_as_one_commits() -> None:
         await _outcome(writer, 1)
         assert producer.events[-1] == "commit"  # two ticks: nothing says another is coming
         await _outcome(writer, 2)  # the ticks come often
-        await asyncio.sleep(ACK_S * 2)
+        await until(lambda: producer.events[-1].startswith("offsets"), timeout_s=5, interval_s=0.005)
         # the partition it wrote, ahead; once it is added, the last tick's offsets again
         assert producer.events[-5:] == ["begin", "prepare [2]", "ready [2]", "added", "offsets 3"]
         producer.events.clear()
@@ -407,14 +408,15 @@ async def test_a_transaction_begun_ahead_ends_idle_only_after_the_tick_whose_off
         committing.commit_transaction = slow_commit  # type: ignore[method-assign]
         before = len(log)
         tick = asyncio.ensure_future(_outcome(writer, 3))
-        await asyncio.sleep(0.3)  # six times eos_prepared_idle_ms
+        await until(lambda: other.events[-1].startswith("offsets"), timeout_s=5, interval_s=0.005)
+        await asyncio.sleep(0.3)  # six times eos_prepared_idle_ms: it would have ended by now
         assert not tick.done()
         sent = [e for e in committing.events if e.startswith("offsets")][-1]
         assert other.events[-1] == sent  # begun ahead, holding the committing tick's offsets
         assert log[before:] == []  # and not ended before that tick commits
         release.set()
         await asyncio.wait_for(tick, 1)
-        await asyncio.sleep(0.2)
+        await until(lambda: len(log) > before + 1, timeout_s=5, interval_s=0.01)
         assert log[before:] == [f"{committing.name} 0", f"{other.name} 0"]  # then ended idle
     finally:
         release.set()
