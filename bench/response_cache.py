@@ -32,9 +32,11 @@ encoding included. Its parts: `lookup_ms` (the Redis read and the decoding) and 
 tick's batching, `kafka.eos_tick_ms`, and the transaction, shared with every other outcome).
 Each phase (`--response-cache-rates`) is reported on its own, with `hits_per_transaction`.
 Target: p99 <= 20 ms. `host_python_loop_s` (`bench.common.host_loop_s`, before and after) says
-how fast the host was. Since a transaction begun ahead writes the last offsets again, so a tick
-sends its records and offsets together (9a20ea3), 200/s gave p99 17.9 and 18.9 ms at 0.7-1.0 s,
-22-29 ms at 0.9-1.3 s; the code before it 22-39 ms at 0.7-1.3 s.
+how fast the host was, though not all of the development VM's slow spells. Since a transaction
+begun ahead writes the last offsets again, so a tick sends its records and offsets together
+(9a20ea3), five runs of `python -m bench --only cost` in one hour gave 200/s p99 16.9, 17.9,
+30.3, 31.5 and 40.5 ms (p50 4.8-4.9 ms in the first two, 7.1-9.2 in the others); the code
+before it 22-39 ms.
 
     python -m bench.response_cache [--response-cache-rates 20,200 --response-cache-eos-tick-ms 5 ...]
 
