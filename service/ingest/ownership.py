@@ -36,7 +36,7 @@ from service.ingest.hanging import HANGING_AFTER_S, written_topics
 from service.ingest.ledger import Claim
 from service.ingest.partition import PartitionWriter, State
 from service.ingest.sending import OutMessage
-from service.ingest.stable_offsets import fetch_committed_stable
+from service.ingest.stable_offsets import commit_pending, fetch_committed_stable
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,9 @@ class Ownership:
             self._consumer()._coordinator, tp, stable=stable, unstable_max_s=HANGING_AFTER_S
         )
 
+    async def _commit_pending(self, tp: TopicPartition) -> bool:
+        return await commit_pending(self._consumer()._coordinator, tp)
+
     async def _commit_offsets(self, tp: TopicPartition, offset: int, metadata: str) -> None:
         if offset >= 0:
             await self._consumer().commit({tp: OffsetAndMetadata(offset, metadata)})
@@ -170,6 +173,7 @@ class Ownership:
             kafka,
             self.owner,
             self._fetch_committed,
+            commit_pending=self._commit_pending,
             shared_producer=self._publisher.producer if plain and self._publisher is not None else None,
             commit_offsets=self._commit_offsets if plain else None,
             written_topics=lambda: written_topics(self._settings()),

@@ -43,7 +43,7 @@ from service.ingest.claims_seen import ClaimsSeen
 from service.ingest.ledger import Claim, PartitionLedger, Snapshot
 from service.ingest.sending import Item, OutMessage, fail
 from service.ingest.stable_offsets import UnstableOffset
-from service.ingest.takeover import FetchCommitted, await_handoff, read_committed
+from service.ingest.takeover import CommitPending, FetchCommitted, await_handoff, read_committed
 from service.ingest.turns import Turns
 from service.ingest.writer_tick import CommitOffsets, Fenced, State, TickWriter
 
@@ -71,6 +71,7 @@ class PartitionWriter(TickWriter):
         owner: str,
         fetch_committed: FetchCommitted,
         *,
+        commit_pending: CommitPending | None = None,
         shared_producer: AIOKafkaProducer | None = None,
         commit_offsets: CommitOffsets | None = None,
         producer_factory: Callable[[str], AIOKafkaProducer] | None = None,
@@ -80,6 +81,8 @@ class PartitionWriter(TickWriter):
         self.settings = settings
         self.owner = owner
         self._fetch_committed = fetch_committed
+        self._commit_pending = commit_pending
+        """Whether an offset commit is pending (the takeover waits for a live owner's)."""
         self._eos = settings.exactly_once
         self._shared = shared_producer
         self._commit_offsets = commit_offsets
@@ -122,7 +125,9 @@ class PartitionWriter(TickWriter):
         """Take the partition over: wait briefly for a live previous owner's calls, fence
         it, and read what it committed. Returns the restored state (seek to its commit)."""
         if self._eos:
-            await await_handoff(self._fetch_committed, self.tp, self.settings, self.owner)
+            await await_handoff(
+                self._fetch_committed, self.tp, self.settings, self.owner, self._commit_pending
+            )
             await self._open_producer()
         snapshot = await self._read_committed()
         self.ledger = PartitionLedger(snapshot)

@@ -161,6 +161,16 @@ async def fetch_committed_stable(
         delay = min(delay * 2, 1.0)
 
 
+async def commit_pending(coordinator: Any, tp: TopicPartition) -> bool:
+    """Whether a transactional offset commit of `tp` is pending in the group right now
+    (answered UNSTABLE_OFFSET_COMMIT): one stable read that does not wait it out."""
+    try:
+        await fetch_committed_stable(coordinator, tp, stable=True, unstable_max_s=0.0)
+    except UnstableOffset:
+        return True
+    return False
+
+
 def _raise_or_retry(code: int, coordinator: Any) -> None:
     if code == UNSTABLE_OFFSET_COMMIT:
         return

@@ -19,6 +19,9 @@ FetchCommitted = Callable[[TopicPartition, bool], Awaitable[tuple[int | None, st
 """The group's committed (offset, metadata) of a partition (offset None: never committed);
 the flag asks for a stable answer (no transactional commit pending)."""
 
+CommitPending = Callable[[TopicPartition], Awaitable[bool]]
+"""Whether a transactional offset commit of the partition is pending (not yet marked)."""
+
 
 async def read_committed(fetch: FetchCommitted, tp: TopicPartition, stable: bool = True) -> Snapshot:
     """The committed state of `tp` (`Snapshot(-1)`: never committed)."""
@@ -36,19 +39,41 @@ async def read_committed(fetch: FetchCommitted, tp: TopicPartition, stable: bool
 
 
 async def await_handoff(
-    fetch: FetchCommitted, tp: TopicPartition, settings: KafkaSettings, owner: str
+    fetch: FetchCommitted,
+    tp: TopicPartition,
+    settings: KafkaSettings,
+    owner: str,
+    commit_pending: CommitPending | None = None,
 ) -> None:
-    """While the committed state shows another replica's calls in flight and that replica
-    still commits (heartbeats), give it time to publish them (at most `eos_handoff_max_s`)."""
+    """Before fencing, give a live previous owner time to publish its calls in flight (at
+    most `eos_handoff_max_s`): while the committed state shows another replica's claims and
+    that replica still commits (heartbeats), and while a commit of its is pending.
+
+    A commit in flight at the rebalance may carry claims the read below cannot see yet (a
+    transactional offset commit shows only once its marker is written); fencing then would
+    let the commit land with its claims and the calls go on unpublished: unknown outcomes
+    from a graceful handoff. A commit that stays pending while nothing new shows for
+    `stale` belongs to an owner that is gone (killed with a transaction open): fencing
+    aborts it."""
     deadline = time.monotonic() + settings.eos_handoff_max_s
     stale_ms = max(3_000, int(settings.eos_heartbeat_s * 3_000))
+    seen: Snapshot | None = None
+    changed = time.monotonic()
     while time.monotonic() < deadline:
         # advisory, before fencing: a transaction a killed owner left open would keep
         # a stable read waiting until it times out
         snap = await read_committed(fetch, tp, stable=False)
-        foreign = [c for c in snap.claims if c.owner != owner]
-        if not foreign or snap.owner == owner:
+        if snap.owner == owner:
             return
-        if time.time() * 1000 - snap.written_at_ms > stale_ms:
+        foreign = any(c.owner != owner for c in snap.claims)
+        pending = commit_pending is not None and await commit_pending(tp)
+        if not foreign and not pending:
+            return
+        now = time.monotonic()
+        if snap != seen:
+            seen, changed = snap, now
+        heartbeats = time.time() * 1000 - snap.written_at_ms <= stale_ms
+        commits = pending and (now - changed) * 1000 <= stale_ms
+        if not heartbeats and not commits:
             return  # its owner stopped committing: gone
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2 if foreign else 0.05)
