@@ -34,7 +34,8 @@ When the traffic is sent and the chaos is over, the harness waits (up to
 verifier (bench/chaos/verify.py, definitions there) counts. stdout gets one JSON line:
 
     {"bench": "chaos", "requests": 10000, "lost": 0, "duplicate_outcomes": 0, "called_twice": N,
-     "called_twice_unexplained": 0, "outcome_unknown": K, "kills": M, "broker_restarts": 1,
+     "called_twice_unexplained": 0, "outcome_unknown": K, "outcome_unknown_unexplained": U,
+     "kills": M, "broker_restarts": 1,
      "batch_share": 0.25, "batch_requests": 2456, "batch_lost": 0, "batch_duplicated": 0,
      "batch_billed_twice": B, "batch_billed_twice_unexplained": 0, "batches_created": C,
      "kills_with_batches_in_progress": P, "kills_of_batch_worker": W, "failpoint_exits": {...},
@@ -48,7 +49,8 @@ partitions, the run dir; `failures`, when any, shows examples of each). A reques
 its real-time calls plus its batch entries (by `custom_id`); definitions in verify.py.
 Exit status: 0 when passed, 1 when not (lost, duplicate_outcomes, called_twice_unexplained or,
 with batches, batch_billed_twice_unexplained or realtime_in_a_batch above 0, or no batch
-created; in the rebalance mode also called_twice and batch_billed_twice), 2 when the run
+created; in the rebalance mode also called_twice, outcome_unknown_unexplained (an unknown
+outcome the simulator's dropped connections do not explain) and batch_billed_twice), 2 when the run
 itself failed (its line then carries `error`). Progress goes to stderr; every process's log
 stays in the run dir (`.run/chaos/<time>-<mode>-seed<seed>/`, with the simulator's call
 counts in `calls.json`).

@@ -91,6 +91,8 @@ class Fleet:
         self.kills = 0
         self.unexpected_exits = 0
         self.graceful_stops: list[int] = []  # exit codes
+        self.ungraceful_pids: set[int] = set()
+        """Processes that did not stop gracefully: killed, exited by themselves, aborted."""
         self._arm = arm
         self.failpoint_exits: dict[str, int] = {}
         """By failpoint name: starts that ended at their failpoint."""
@@ -164,6 +166,7 @@ class Fleet:
         assert replica.proc is not None
         replica.proc.send_signal(signal.SIGKILL)
         replica.proc.wait()
+        self.ungraceful_pids.add(replica.proc.pid)
         self.kills += 1
         self._event(f"kill -9 {replica.name} (pid {replica.proc.pid}); kill #{self.kills}")
         self._restart_later(replica)
@@ -187,6 +190,7 @@ class Fleet:
                 and replica.proc is not None
                 and replica.proc.poll() is not None
             ):
+                self.ungraceful_pids.add(replica.proc.pid)
                 if replica.failpoint is not None and replica.proc.returncode == FAILPOINT_EXIT:
                     name = replica.failpoint.partition(":")[0]
                     self.failpoint_exits[name] = self.failpoint_exits.get(name, 0) + 1
@@ -219,6 +223,7 @@ class Fleet:
                 code = proc.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:  # where is it stuck? faulthandler writes every stack
                 self._event(f"{replica.name} still runs {STOP_TIMEOUT_S:g} s after SIGTERM: SIGABRT")
+                self.ungraceful_pids.add(proc.pid)
                 _abort(proc)
                 code = stop_process(proc, 0.0)  # SIGKILL if even that did not end it
         replica.state = State.STOPPED

@@ -22,6 +22,12 @@ What is counted (only requests whose produce was acknowledged):
   `gateway_unknown_retries_total` is reported beside it (`unknown_retries_metric`), but only
   as a lower bound: a replica killed with -9 takes its counters with it.
 - `outcome_unknown`: dead letters with reason `outcome_unknown`.
+- `outcome_unknown_unexplained`: those of them no fault accounts for. Explained means: the
+  simulator dropped one of the request's connections after the work (`billed` above `ok`:
+  the gateway could not know the answer), or the claim the dead letter reports was made by
+  a process that did not stop gracefully (killed with -9, exited by itself or at a
+  failpoint, aborted on a stuck stop: `ungraceful_pids`). A graceful rebalance never leaves
+  one (found by CI: a takeover fenced a replica whose commit with claims was in flight).
 - `billed_twice`: more than one `billed` call (a dropped connection then a retry counts);
   reported, not judged.
 
@@ -82,6 +88,8 @@ class Outcome:
     """The outcome notes an `on_unknown: retry` extra call (see the module docstring)."""
     path: str = "realtime"
     """A response's `served_by.path` (`batch` from a Message Batch; absent: real time)."""
+    claim_pid: int | None = None
+    """The process that made the claim a dead letter reports (`claim.owner`: host-pid-random)."""
 
 
 @dataclass
@@ -110,11 +118,17 @@ class Tally:
             doc.get("reason") == OUTCOME_UNKNOWN and isinstance(claim, dict) and claim.get("attempts") == 2
         )
         retried = bool(doc.get("unknown_retry")) or extra_call_used
-        outcome = Outcome(kind, doc.get("reason"), retried, str(path or "realtime"))
+        outcome = Outcome(kind, doc.get("reason"), retried, str(path or "realtime"), _pid(claim))
         self.by_request.setdefault(request_id, []).append(outcome)
 
     def missing(self, requests: Iterable[Request]) -> int:
         return sum(1 for r in requests if r.request_id not in self.by_request)
+
+
+def _pid(claim: object) -> int | None:
+    owner = claim.get("owner") if isinstance(claim, dict) else None
+    parts = owner.rsplit("-", 2) if isinstance(owner, str) else []
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
 class OutcomeReader:
@@ -283,11 +297,14 @@ def summarise(
     calls: Mapping[str, Mapping[str, int]],
     retry_partners: set[str],
     batch_calls: Mapping[str, Mapping[str, int]] | None = None,
+    ungraceful_pids: Iterable[int] = (),
 ) -> dict[str, Any]:
     """The verdict figures (see the module docstring) for the acknowledged `requests`;
-    `calls` by `partner:request_id`, `batch_calls` by custom_id."""
+    `calls` by `partner:request_id`, `batch_calls` by custom_id; `ungraceful_pids`: the
+    gateway processes that did not stop gracefully."""
     batch_calls = batch_calls or {}
-    lost = duplicates = called_twice = unexplained = billed_twice = unknown = 0
+    ungraceful = set(ungraceful_pids)
+    lost = duplicates = called_twice = unexplained = billed_twice = unknown = unknown_unexplained = 0
     responses = dead_letters = response_without_call = 0
     reasons: dict[str, int] = {}
     b: dict[str, int] = dict.fromkeys(BATCH_FIGURES, 0)
@@ -324,7 +341,12 @@ def summarise(
                 dead_letters += 1
                 reason = o.reason or "?"
                 reasons[reason] = reasons.get(reason, 0) + 1
-                unknown += reason == OUTCOME_UNKNOWN
+                if reason == OUTCOME_UNKNOWN:
+                    unknown += 1
+                    dropped = rt_billed > rt.get("ok", 0)
+                    if not dropped and o.claim_pid not in ungraceful:
+                        unknown_unexplained += 1
+                        failed("outcome_unknown_unexplained", req, outcomes, rt, entries)
         if any(o.kind == "response" for o in outcomes) and ok == 0:
             response_without_call += 1
         if billed > 1:
@@ -359,6 +381,7 @@ def summarise(
         "called_twice": called_twice,
         "called_twice_unexplained": unexplained,
         "outcome_unknown": unknown,
+        "outcome_unknown_unexplained": unknown_unexplained,
         "billed_twice": billed_twice,
         "responses": responses,
         "dead_letters": dead_letters,
