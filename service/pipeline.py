@@ -239,7 +239,14 @@ class Pipeline:
             unknown_retry = {**previous_claim(claim_doc(sink.inherited)), "cause": "owner_lost"}
         while True:
             attempt += 1
-            dispatched = await self._dispatch(adm, cost, sink)
+            try:
+                dispatched = await self._dispatch(adm, cost, sink)
+            except Draining:
+                if sink.claimed:  # a retry, and every call under our claim was unbilled
+                    # the next owner calls it afresh rather than take its outcome for unknown
+                    await sink.release()
+                    await self.admission.release(adm)
+                raise
             if isinstance(dispatched, Rejected):
                 return _Failed(
                     Failure(False, dispatched.reason, "budget"), attempt - 1, dispatched.detail, adm

@@ -215,11 +215,17 @@ class PartitionLedger:
 
     # -- committed changes
 
-    def apply(self, finished: Iterable[int], claims: Iterable[Claim], seq: int) -> None:
-        """Record what a committed transaction made true."""
+    def apply(
+        self, finished: Iterable[int], claims: Iterable[Claim], seq: int, released: Iterable[int] = ()
+    ) -> None:
+        """Record what a committed transaction made true (`released`: claims dropped, their
+        offsets left unfinished)."""
         for c in claims:
             self.claims[c.offset] = c
             self._inherited_claims.discard(c.offset)
+        for o in released:
+            self.claims.pop(o, None)
+            self._inherited_claims.discard(o)
         for o in finished:
             self.claims.pop(o, None)
             self._inherited_claims.discard(o)
@@ -233,9 +239,14 @@ class PartitionLedger:
         self.seq = seq
 
     def snapshot(
-        self, owner: str, now_ms: int, finished: Iterable[int] = (), claims: Iterable[Claim] = ()
+        self,
+        owner: str,
+        now_ms: int,
+        finished: Iterable[int] = (),
+        claims: Iterable[Claim] = (),
+        released: Iterable[int] = (),
     ) -> Snapshot:
-        """The state as it will be once `finished` and `claims` are committed too."""
+        """The state as it will be once `finished`, `claims` and `released` are committed too."""
         done = self._done | set(finished)
         commit = self._next
         for o in self._pending:
@@ -244,7 +255,7 @@ class PartitionLedger:
                 break
         ahead = {o for o in done if o >= commit} | {o for o in self._inherited_done if o >= commit}
         all_claims = {**self.claims, **{c.offset: c for c in claims}}
-        for o in done:
+        for o in (*done, *released):
             all_claims.pop(o, None)
         return Snapshot(commit, frozenset(ahead), tuple(all_claims.values()), owner, now_ms, self.seq + 1)
 

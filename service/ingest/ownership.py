@@ -65,6 +65,12 @@ class RecordSink:
         self.claimed = True
         self.attempts = attempts
 
+    async def release(self) -> None:
+        """Our claim's last call was answered unbilled and the request is left to the next
+        owner: drop the claim (committed), so that owner calls it afresh."""
+        await self._writer.release(self.offset)
+        self.claimed = False
+
     async def publish(self, messages: list[OutMessage], *, linger: bool = False) -> None:
         """The outcome of a record that made no call (a cache hit, a rejection) does not wait
         for the tick's linger unless asked to (`linger`): its publish is all its latency."""

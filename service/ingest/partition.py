@@ -213,6 +213,13 @@ class PartitionWriter(TickWriter):
             return
         await self._submit(item)
 
+    async def release(self, offset: int) -> None:
+        """Drop this request's committed claim, unfinished: its last call was answered with an
+        error (nothing billed) and it is left to the partition's next owner, which then calls
+        it afresh instead of taking its outcome for unknown. Returns once committed."""
+        if self._eos:
+            await self._submit(Item(offset, release=True), hurry=True)
+
     async def publish(self, offset: int, messages: Sequence[OutMessage], *, linger: bool = True) -> None:
         """Publish the request's outcome and mark it finished, atomically; returns once committed.
         With `linger` False it goes in the next transaction without waiting to share it (the

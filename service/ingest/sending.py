@@ -42,6 +42,9 @@ class Item:
     messages: Sequence[OutMessage] = ()
     claim: Claim | None = None
     finish: bool = False
+    release: bool = False
+    """Drop the offset's claim without finishing it: its last call was answered, unbilled,
+    and the request is left to the partition's next owner, which calls it afresh."""
     alone: bool = False
     """Refused in a batch with others: sent again in a batch of its own."""
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())

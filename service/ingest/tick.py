@@ -62,7 +62,8 @@ class TickContents:
             items = base.items + items
         finished = [i.offset for i in items if i.finish]
         new_claims = [i.claim for i in items if i.claim is not None]
-        snap = self._ledger.snapshot(self._owner, int(time.time() * 1000), finished, new_claims)
+        released = [i.offset for i in items if i.release]
+        snap = self._ledger.snapshot(self._owner, int(time.time() * 1000), finished, new_claims, released)
         if base is not None:
             snap = replace(snap, seq=base.snap.seq + 1)
         return snap, encode(snap)

@@ -285,7 +285,10 @@ class TickWriter:
         """Committed: outcomes are done; claims are done once the commit is seen (`claims_seen`)."""
         self._last_owner = snap.owner
         ledger.apply(
-            [i.offset for i in taken if i.finish], [i.claim for i in taken if i.claim is not None], snap.seq
+            [i.offset for i in taken if i.finish],
+            [i.claim for i in taken if i.claim is not None],
+            snap.seq,
+            [i.offset for i in taken if i.release],
         )
         unseen: list[Item] = []
         for item in taken:

@@ -63,6 +63,45 @@ async def test_a_replica_joining_and_one_leaving_mid_run_lose_nothing(world: Wor
     assert sum(committed.values()) == n  # everything finished is committed, by one or the other
 
 
+async def test_a_request_retrying_when_its_replica_drains_is_called_afresh_by_the_next_owner(
+    world: World,
+) -> None:
+    """A claimed request whose call was answered with an error (nothing billed) and that waits
+    for its retry when its replica stops: the replica drops the claim before it goes, so the
+    next owner calls the request again instead of dead-lettering it `outcome_unknown`. Found
+    by the chaos verifier: a graceful scale-down left such requests (calls 1, billed 0)."""
+    n = 6
+    cfg = SimulatorConfig.model_validate(
+        {"api_keys": world.keys, "seed": 5, "faults": {"overloaded_rate": 1.0, "api_error_rate": 0.0}}
+    )
+    async with SimulatorServer(cfg) as sim:
+        retry = {
+            "retry": {"base_delay_s": 0.2, "max_delay_s": 0.5, "max_attempts": 100, "max_retry_after_s": 0.5}
+        }
+        await produce(world.bootstrap, spread(world, n, "rd"))
+        a = Gateway(world.settings(sim.url, **retry), serve_http=False)
+        stop_a = asyncio.Event()
+        task_a = asyncio.create_task(a.run(stop_a))
+        for _ in range(300):  # every request claimed and called: each answered 529, retrying
+            if len(sim.calls(min_all=2)["calls_by_request"]) == n:
+                break
+            await asyncio.sleep(0.1)
+        assert len(sim.calls(min_all=2)["calls_by_request"]) == n, "the requests were not retrying"
+        stop_a.set()
+        await task_a
+        sim.update_config({"faults": {"overloaded_rate": 0.0}})
+        b = Gateway(world.settings(sim.url, **retry), serve_http=False)
+        stop_b = asyncio.Event()
+        task_b = asyncio.create_task(b.run(stop_b))
+        out = await collect(world, n, timeout_s=60, settle_s=1.0)
+        stop_b.set()
+        await task_b
+        calls = sim.calls()["calls_by_request"]
+    assert out.dead_letters == [], "a drained replica left its unbilled claims as unknown outcomes"
+    assert sorted(out.request_ids()) == sorted(f"rd-{i}" for i in range(n))
+    assert all(c["ok"] == 1 and c["billed"] == 1 for c in calls.values()), calls
+
+
 async def test_gateway_processes_share_the_org_budget_through_redis(
     world: World, redis_url: str, tmp_path: Path
 ) -> None:

@@ -128,3 +128,21 @@ def test_resolving_an_inherited_claim_removes_it_from_the_next_commit() -> None:
     ledger.apply([0], [], snap.seq)
     assert ledger.inherited_claim(0) is None
     assert ledger.claims == {}
+
+
+def test_a_released_claim_leaves_its_offset_unfinished_for_the_next_owner() -> None:
+    ledger = PartitionLedger(Snapshot(0))
+    for o in range(3):
+        ledger.start(o)
+    claimed = ledger.snapshot("me", 1, claims=[Claim(1, 5, 1, "me")])
+    ledger.apply([], [Claim(1, 5, 1, "me")], claimed.seq)
+    # its call was answered with an error and the replica stops: the claim is dropped, the
+    # offset stays above the commit point, unfinished
+    snap = ledger.snapshot("me", 9, finished=[0, 2], released=[1])
+    assert (snap.commit, snap.claims, snap.finished) == (1, (), frozenset({2}))
+    ledger.apply([0, 2], [], snap.seq, released=[1])
+    assert ledger.claims == {}
+    assert ledger.low_watermark == 1
+    new = PartitionLedger(decode(snap.commit, encode(snap)))
+    assert new.inherited_claim(1) is None, "the next owner calls it afresh"
+    assert not new.finished_before(1)
