@@ -240,9 +240,11 @@ class Pipeline:
         while True:
             attempt += 1
             try:
+                if sink.claimed and sink.handed_off:  # a retry on a partition gone elsewhere
+                    raise Revoked(f"{adm.request_id} is left to its partition's next owner")
                 dispatched = await self._dispatch(adm, cost, sink)
-            except Draining:
-                if sink.claimed:  # a retry, and every call under our claim was unbilled
+            except (Draining, Revoked):
+                if sink.claimed:  # a retry, and every call under our claim was unbilled:
                     # the next owner calls it afresh rather than take its outcome for unknown
                     await sink.release()
                     await self.admission.release(adm)
@@ -310,7 +312,7 @@ class Pipeline:
                     return _Failed(failure, attempt, detail, adm, unknown=not answered)
                 span.decided("retry", delay)
                 m.retries.labels(pid, failure.label).inc()
-                await asyncio.sleep(delay)
+                await sink.backoff(delay)
                 continue
             except InvalidParams as exc:  # the SDK refused the content before sending: the partner's
                 span.decided("fail")

@@ -65,6 +65,16 @@ class RecordSink:
         self.claimed = True
         self.attempts = attempts
 
+    @property
+    def handed_off(self) -> bool:
+        return self._writer.handed_off.is_set()
+
+    async def backoff(self, delay_s: float) -> None:
+        """Wait before a retry; cut short when the partition goes to another replica (which
+        then gets the retry, `release`) rather than hold its takeover for the delay."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._writer.handed_off.wait(), delay_s)
+
     async def release(self) -> None:
         """Our claim's last call was answered unbilled and the request is left to the next
         owner: drop the claim (committed), so that owner calls it afresh."""

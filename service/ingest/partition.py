@@ -103,6 +103,9 @@ class PartitionWriter(TickWriter):
         self._queue: list[Item] = []
         self._wake = asyncio.Event()
         self._owned = asyncio.Event()
+        self.handed_off = asyncio.Event()
+        """Set once another replica owns the partition (or the writer closed): calls not yet
+        made here are left to it."""
         self._loop_task: asyncio.Task[None] | None = None
         self._tick_lock = asyncio.Lock()
         self._last_tick = 0.0
@@ -174,6 +177,7 @@ class PartitionWriter(TickWriter):
         if self.state in (State.OWNED, State.SUSPENDED, State.STARTING):
             self.state = State.HANDOFF
             self._owned.set()  # wake claim waiters so they see HANDOFF
+            self.handed_off.set()  # and retries waiting out their delay
 
     def take_transactions(self) -> int:
         """Transactions committed since the last call (for the metrics)."""
@@ -191,6 +195,7 @@ class PartitionWriter(TickWriter):
             with contextlib.suppress(Exception):
                 await self._resolve_in_turn(wait=True)
         self.state = State.CLOSED
+        self.handed_off.set()
         self._fail_all(Fenced(f"{self.tp} writer closed"))
         await self._claims.close(Fenced(f"{self.tp} writer closed"))
         if self._loop_task is not None:

@@ -102,6 +102,44 @@ async def test_a_request_retrying_when_its_replica_drains_is_called_afresh_by_th
     assert all(c["ok"] == 1 and c["billed"] == 1 for c in calls.values()), calls
 
 
+async def test_a_request_retrying_when_its_partition_moves_is_left_to_the_new_owner_at_once(
+    world: World,
+) -> None:
+    """A claimed request waiting out a long retry delay (its call answered 529, nothing
+    billed) when a replica joins and its partition moves: its replica drops the claim at
+    once instead of holding the takeover for the delay. Before, the new owner gave up
+    waiting after `eos_handoff_max_s`, fenced it and dead-lettered the request
+    `outcome_unknown`, and the old owner's retry was billed with nowhere to publish it."""
+    n = 6
+    cfg = SimulatorConfig.model_validate(
+        {"api_keys": world.keys, "seed": 5, "faults": {"overloaded_rate": 1.0, "api_error_rate": 0.0}}
+    )
+    async with SimulatorServer(cfg) as sim:
+        slow = {"base_delay_s": 10, "max_delay_s": 10, "max_attempts": 100, "max_retry_after_s": 10}
+        overrides = {"retry": slow, "kafka": {"eos_handoff_max_s": 3}}
+        await produce(world.bootstrap, spread(world, n, "rm"))
+        a = Gateway(world.settings(sim.url, **overrides), serve_http=False)
+        stop_a = asyncio.Event()
+        task_a = asyncio.create_task(a.run(stop_a))
+        for _ in range(300):  # every request claimed and called once: answered 529, waiting 10 s
+            if len(sim.calls(min_all=1)["calls_by_request"]) == n:
+                break
+            await asyncio.sleep(0.05)
+        assert len(sim.calls(min_all=1)["calls_by_request"]) == n, "the requests were not called"
+        sim.update_config({"faults": {"overloaded_rate": 0.0}})
+        b = Gateway(world.settings(sim.url, **overrides), serve_http=False)
+        stop_b = asyncio.Event()
+        task_b = asyncio.create_task(b.run(stop_b))  # joins: some partitions move to b
+        out = await collect(world, n, timeout_s=60, settle_s=1.0)
+        stop_a.set()
+        stop_b.set()
+        await asyncio.gather(task_a, task_b)
+        calls = sim.calls()["calls_by_request"]
+    assert out.dead_letters == [], "a retry held the takeover until the previous owner was fenced"
+    assert sorted(out.request_ids()) == sorted(f"rm-{i}" for i in range(n))
+    assert all(c["ok"] == 1 and c["billed"] == 1 for c in calls.values()), calls
+
+
 async def test_gateway_processes_share_the_org_budget_through_redis(
     world: World, redis_url: str, tmp_path: Path
 ) -> None:

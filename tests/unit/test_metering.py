@@ -9,6 +9,7 @@ cut down; quarantine; and the usage topic refusing the record (the outcome still
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -59,12 +60,19 @@ class Sink:
         self.claimed = False
         self.attempts = 0
         self.owner = "test"
+        self.handed_off = False
         self.refuse = refuse
         self.tried: list[list[OutMessage]] = []
         self.committed: list[list[OutMessage]] = []
 
     async def claim(self, attempts: int) -> None:
         self.claimed, self.attempts = True, attempts
+
+    async def release(self) -> None:
+        self.claimed = False
+
+    async def backoff(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
 
     async def publish(self, messages: list[OutMessage], *, linger: bool = False) -> None:
         self.tried.append(list(messages))

@@ -45,10 +45,17 @@ class Sink:
         self.claimed = False
         self.attempts = 0
         self.owner = "test"
+        self.handed_off = False
         self.published: list[OutMessage] = []
 
     async def claim(self, attempts: int) -> None:
         self.claimed, self.attempts = True, attempts
+
+    async def release(self) -> None:
+        self.claimed = False
+
+    async def backoff(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
 
     async def publish(self, messages: list[OutMessage], *, linger: bool = False) -> None:
         self.published.extend(messages)
