@@ -224,6 +224,10 @@ class PartitionWriter(TickWriter):
         it afresh instead of taking its outcome for unknown. Returns once committed."""
         if self._eos:
             await self._submit(Item(offset, release=True), hurry=True)
+            log.info(
+                "claim released: the request is left to the partition's next owner",
+                extra={"topic": self.tp.topic, "partition": self.tp.partition, "offset": offset},
+            )
 
     async def publish(self, offset: int, messages: Sequence[OutMessage], *, linger: bool = True) -> None:
         """Publish the request's outcome and mark it finished, atomically; returns once committed.
