@@ -52,9 +52,9 @@ async def await_handoff(
     A commit in flight at the rebalance may carry claims the read below cannot see yet (a
     transactional offset commit shows only once its marker is written); fencing then would
     let the commit land with its claims and the calls go on unpublished: unknown outcomes
-    from a graceful handoff. A commit that stays pending while nothing new shows for
-    `stale` belongs to an owner that is gone (killed with a transaction open): fencing
-    aborts it."""
+    from a graceful handoff. A commit that stays pending while nothing new shows for three
+    heartbeats (at least 3 s) belongs to an owner that is gone (killed with a transaction
+    open): fencing aborts it."""
     deadline = time.monotonic() + settings.eos_handoff_max_s
     stale_ms = max(3_000, int(settings.eos_heartbeat_s * 3_000))
     seen: Snapshot | None = None
