@@ -210,15 +210,19 @@ async def test_a_burst_capped_by_concurrency_leaves_no_debt_when_contention_star
     gate.tokens = 10**9
     sched = Scheduler(_settings({"a": 1, "b": 2, "c": 3}, concurrency=4), gate)
     served: list[str] = []
+    in_flight = 0
 
     async def worker(pid: str) -> None:
+        nonlocal in_flight
         while True:
             try:
                 g = await sched.acquire(pid, Cost(10, 10))
             except Draining:
                 return
             served.append(pid)
+            in_flight += 1
             await asyncio.sleep(0.001)
+            in_flight -= 1
             sched.release(g, None)
 
     tasks = [asyncio.create_task(worker(p)) for p in "abc" for _ in range(20)]
@@ -228,8 +232,13 @@ async def test_a_burst_capped_by_concurrency_leaves_no_debt_when_contention_star
     await asyncio.sleep(0.02)
     mark = len(served)
     while len(served) < mark + 600:  # contention: the org budget rations turns
+        # Six turns at a time, each round once the last has been served and released:
+        # only the org budget binds, never the partners' concurrency of 4, however slow
+        # the machine runs the 1 ms of work.
+        before = len(served)
         gate.tokens += 6
-        await asyncio.sleep(0.002)
+        while len(served) < before + 6 or in_flight:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
     counts = Counter(served[mark : mark + 600])
     sched.close()
     await asyncio.gather(*tasks)
