@@ -16,6 +16,7 @@ from service.config.settings import GatewaySettings
 from service.scheduling.limiter import GRANTED, Cost, Decision, Usage
 from service.scheduling.pools import LimitConfig, PauseScope
 from service.scheduling.scheduler import Draining, Scheduler
+from tests.support.polling import until
 
 
 class Gate:
@@ -66,7 +67,7 @@ async def _flood(sched: Scheduler, gate: Gate, backlog: Mapping[str, int], grant
         sched.release(g, Usage(10, 10))
 
     tasks = [asyncio.create_task(one(p)) for p, n in backlog.items() for _ in range(n)]
-    await asyncio.sleep(0.01)  # everyone queued
+    await until(lambda: all(sched.queued(p) == n for p, n in backlog.items()))  # everyone queued
     while len(order) < grants:
         gate.tokens += 20
         await asyncio.sleep(0.003)
@@ -121,14 +122,15 @@ async def test_a_quiet_partner_is_served_next_behind_a_flood() -> None:
         sched.release(g, None)
 
     flood = [asyncio.create_task(one("flood")) for _ in range(2000)]
-    await asyncio.sleep(0.01)
+    await until(lambda: sched.queued("flood") == 2000)
     gate.tokens = 500
-    await asyncio.sleep(0.05)
+    await until(lambda: len(served) >= 500)
+    await asyncio.sleep(0.01)
     assert served.count("flood") == 500
     quiet = asyncio.create_task(one("quiet"))
-    await asyncio.sleep(0.005)
+    await until(lambda: sched.queued("quiet") == 1)
     gate.tokens = 2
-    await asyncio.sleep(0.02)
+    await until(lambda: len(served) >= 502)
     assert "quiet" in served[500:502]
     sched.close()
     await asyncio.gather(quiet, *flood)
@@ -162,7 +164,7 @@ async def test_close_fails_waiters_with_draining_and_cancel_cleans_up() -> None:
     gate = Gate()
     sched = Scheduler(_settings({"a": 1}), gate)
     waiting = [asyncio.create_task(sched.acquire("a", Cost(1, 1))) for _ in range(5)]
-    await asyncio.sleep(0.01)
+    await until(lambda: sched.queued("a") == 5)
     waiting[0].cancel()
     await asyncio.sleep(0)
     assert sched.queued("a") == 4
