@@ -23,6 +23,7 @@ from service.config.reload import ConfigWatcher
 from service.config.settings import GatewaySettings
 from service.contracts.reasons import Reason
 from service.telemetry.logs import JsonFormatter
+from tests.support.polling import until
 
 TOPIC = "claude.requests.acme"
 
@@ -206,10 +207,12 @@ async def test_run_polls_and_request_forces_a_reload(files: Files) -> None:
         await asyncio.sleep(0.2)
         assert applied.calls == []
         watcher.request()  # SIGHUP
+        await until(lambda: len(applied.calls) >= 1, timeout_s=5)
         await asyncio.sleep(0.2)
         assert len(applied.calls) == 1
         files.secret("acme.k1", "sig-ONE-rotated")
-        await asyncio.sleep(0.3)
+        await until(lambda: len(applied.calls) >= 2, timeout_s=5)
+        await asyncio.sleep(0.2)
         assert len(applied.calls) == 2
     finally:
         stop.set()
