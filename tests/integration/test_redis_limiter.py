@@ -5,6 +5,7 @@ a safe local share, says so, and recovers by itself."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from service.config.settings import LimitSettings, RedisSettings
 from service.scheduling.limiter import Cost, Usage
 from service.scheduling.pools import DEFAULT_CLASS, PauseScope
 from service.scheduling.redis_limiter import RedisLimiter
+from tests.support.polling import until
 from tests.support.redis import free_port, redis_server
 
 pytestmark = pytest.mark.integration
@@ -51,7 +53,7 @@ async def test_partner_limits_hold_across_replicas_and_refunds_are_shared(redis_
         assert (d.ok, d.scope) == (False, "partner")
         assert (await b.acquire("globex", Cost(1, 600))).ok
         a.settle("acme", Cost(1, 600), Usage(1, 100))  # 500 of the 600 come back
-        await asyncio.sleep(0.1)
+        await until(lambda: not a._background, timeout_s=5)  # the refund reached Redis
         assert (await b.acquire("acme", Cost(1, 600))).ok
     finally:
         await a.aclose()
@@ -63,11 +65,12 @@ async def test_a_429_pause_reaches_every_replica(redis_url: str) -> None:
     a = RedisLimiter(rs, LimitSettings(rpm=1000), {})
     b = RedisLimiter(rs, LimitSettings(rpm=1000), {})
     try:
+        paused_at = time.monotonic()
         a.pause(PauseScope("org", DEFAULT_CLASS), 2.0)
-        await asyncio.sleep(0.1)
+        await until(lambda: not a._background, timeout_s=5)  # the pause reached Redis
         d = await b.acquire("x", Cost(1, 1))
         assert (d.ok, d.scope) == (False, "org")
-        assert 1.5 < d.wait_s <= 2.0
+        assert 2.0 - (time.monotonic() - paused_at) - 0.01 < d.wait_s <= 2.0
     finally:
         await a.aclose()
         await b.aclose()

@@ -14,6 +14,7 @@ from service.simulator.__main__ import build_parser, overrides_from_args
 from service.simulator.calls import HEADER, MAX_KEY_CHARS, RequestCalls, request_key
 from tests.simulator.conftest import SimFactory
 from tests.simulator.simkit import MODEL, body, headers
+from tests.support.polling import until
 
 
 async def post(
@@ -95,7 +96,7 @@ async def test_a_dropped_connection_is_billed_but_not_ok(
     sim = await make_sim(SimulatorConfig(faults={"drop_rate": 1.0}))
     with pytest.raises(aiohttp.ClientError):
         await post(http, sim, body(), "p:dropped")
-    await asyncio.sleep(0.05)  # the handler's bookkeeping runs after the abort
+    await until(lambda: sim.calls()["calls_by_request"], timeout_s=5)  # bookkeeping follows the abort
     assert sim.calls()["calls_by_request"] == {"p:dropped": {"ok": 0, "billed": 1, "all": 1}}
     assert sim.stats()["request_calls"]["billed_more_than_once"] == 0
 
