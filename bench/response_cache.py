@@ -2,9 +2,10 @@
 
 The gateway runs in this process (so every hit's latency is read exactly, not from histogram
 buckets) on uvloop, as `python -m service` runs it (`--response-cache-loop asyncio`: asyncio's
-own loop, which the bench used before and which costs the gateway more CPU), with exactly-once
-on (the default), its `redis` section on a throwaway redis-server, against the zero-latency
-simulator (a separate process) and the broker of `bench.common.kafka()`.
+own loop, as the bench ran it before; six alternating pairs showed no clear difference, see
+docs/exactly-once.md), with exactly-once on (the default), its `redis` section on a throwaway
+redis-server, against the zero-latency simulator (a separate process) and the broker of
+`bench.common.kafka()`.
 One partner with `cache.enabled`:
 
 1. warm: `--response-cache-keys` distinct requests of the realistic mix (`bench.traffic`), each

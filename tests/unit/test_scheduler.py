@@ -239,8 +239,7 @@ async def test_a_burst_capped_by_concurrency_leaves_no_debt_when_contention_star
         # the machine runs the 1 ms of work.
         before = len(served)
         gate.tokens += 6
-        while len(served) < before + 6 or in_flight:  # noqa: ASYNC110
-            await asyncio.sleep(0.001)
+        await until(lambda: len(served) >= before + 6 and not in_flight, interval_s=0.001)  # noqa: B023
     counts = Counter(served[mark : mark + 600])
     sched.close()
     await asyncio.gather(*tasks)
