@@ -39,7 +39,7 @@ from service.batches.results import dead_letter, origin_of
 from service.batches.routing import Router
 from service.batches.store import commit, ensure_topics, load_states
 from service.batches.tracker import Tracker
-from service.config.kafka import client_kwargs, transactional_producer
+from service.config.kafka import client_kwargs, start_whole, transactional_producer
 from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter
 from service.ingest import failpoints
@@ -224,7 +224,7 @@ class PendingOwner:
         """Fence the previous worker, resume the open batches; returns the offset to read from."""
         gs = self.ctx.settings()
         self._producer = transactional_producer(gs.kafka, f"{self.ctx.group}.{self.tp.partition}")
-        await self._producer.start()  # initialises the transactional id: the old worker is fenced
+        await start_whole([self._producer])  # initialises the transactional id: the old worker is fenced
         # always, before reading what the old worker wrote: a transaction of its left hanging
         # would hide its records and all after them from `load_states` (which reads up to the
         # last stable offset) and keep the pending offset unstable (hanging.py). One start per

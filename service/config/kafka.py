@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +52,31 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
             kwargs["sasl_plain_username"] = settings.sasl_username
             kwargs["sasl_plain_password"] = settings.sasl_password.resolve().get_secret_value()
     return kwargs
+
+
+START_GRACE_S = 10.0
+"""How long a cancelled `start_whole` lets the starts under way end before cancelling them."""
+
+
+async def start_whole(producers: Sequence[AIOKafkaProducer]) -> None:
+    """Start `producers` together; once every start ended (`stop` may follow at once), raise
+    the first one's error, if any. A start is never cancelled midway if it can help it:
+    aiokafka's `bootstrap` closes its connection only on errors, so a cancel inside it leaves an
+    open socket and its read task that no `stop` reaches (CI saw two, `Unclosed
+    AIOKafkaConnection`, when a stopping replica cancelled a takeover). Cancelled, this lets the
+    starts end (at most `START_GRACE_S`), then raises the cancel; the caller stops the producers
+    as usual."""
+    starts = [asyncio.ensure_future(p.start()) for p in producers]
+    together = asyncio.gather(*starts, return_exceptions=True)
+    try:
+        results = await asyncio.shield(together)
+    except asyncio.CancelledError:
+        await asyncio.wait(starts, timeout=START_GRACE_S)
+        together.cancel()  # a start still under way: cancelled after all
+        raise
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def transactional_producer(settings: KafkaSettings, txn_id: str) -> AIOKafkaProducer:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+from service.config.kafka import start_whole
 from service.ingest.hanging import heal
 from service.ingest.sending import Item
 from service.ingest.tick import TickContents
@@ -104,10 +105,7 @@ class Turns:
         await self.stop()
         for txn_id, txns in zip(self._ids, self.txns, strict=True):
             txns.reset(self._factory(txn_id))
-        started = await asyncio.gather(*(p.start() for p in self.producers), return_exceptions=True)
-        for result in started:  # every start ended: `stop` may follow at once
-            if isinstance(result, BaseException):
-                raise result
+        await start_whole(self.producers)
         self._turn = 0
 
     async def stop(self) -> None:
