@@ -71,7 +71,8 @@ async def start_whole(producers: Sequence[AIOKafkaProducer]) -> None:
     try:
         results = await asyncio.shield(together)
     except asyncio.CancelledError:
-        await asyncio.wait(starts, timeout=START_GRACE_S)
+        if starts:
+            await asyncio.wait(starts, timeout=START_GRACE_S)
         together.cancel()  # a start still under way: cancelled after all
         raise
     for result in results:
