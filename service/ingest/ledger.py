@@ -223,12 +223,11 @@ class PartitionLedger:
         for c in claims:
             self.claims[c.offset] = c
             self._inherited_claims.discard(c.offset)
-        for o in released:
+        finished = tuple(finished)
+        for o in (*released, *finished):  # no claim stands on either any more
             self.claims.pop(o, None)
             self._inherited_claims.discard(o)
         for o in finished:
-            self.claims.pop(o, None)
-            self._inherited_claims.discard(o)
             self._inherited_done.discard(o)
             if self._pending and self._pending[0] == o:
                 self._pending.popleft()
