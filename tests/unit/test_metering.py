@@ -9,7 +9,6 @@ cut down; quarantine; and the usage topic refusing the record (the outcome still
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +28,6 @@ from service.contracts.reasons import Reason
 from service.contracts.schemas import validate
 from service.egress.emit import Emitter
 from service.egress.metering import Metered, metering_message
-from service.ingest.ledger import Claim
 from service.ingest.sending import OutMessage
 from service.pipeline import Pipeline
 from service.scheduling.scheduler import Scheduler
@@ -37,6 +35,7 @@ from service.telemetry.metrics import Metrics
 from service.telemetry.tracing import Tracing
 from service.topics import wanted
 from service.upstream.client import ClaudeClient
+from tests.support.sink import MemorySink
 
 USAGE_TOPIC = "t.usage"
 ORIGIN = Origin("claude.requests.acme", 2, 41, 1_700_000_000_000, b"r1", b'{"request_id": "r1"}')
@@ -51,28 +50,14 @@ USAGE = {
 Refuse = Callable[[list[OutMessage]], KafkaError | None]
 
 
-class Sink:
+class Sink(MemorySink):
     """Records each `publish` list (one transaction each); `refuse` may fail one, as a broker would."""
 
     def __init__(self, refuse: Refuse | None = None) -> None:
-        self.offset = ORIGIN.offset
-        self.inherited: Claim | None = None
-        self.claimed = False
-        self.attempts = 0
-        self.owner = "test"
-        self.handed_off = False
+        super().__init__(ORIGIN.offset)
         self.refuse = refuse
         self.tried: list[list[OutMessage]] = []
         self.committed: list[list[OutMessage]] = []
-
-    async def claim(self, attempts: int) -> None:
-        self.claimed, self.attempts = True, attempts
-
-    async def release(self) -> None:
-        self.claimed = False
-
-    async def backoff(self, delay_s: float) -> None:
-        await asyncio.sleep(delay_s)
 
     async def publish(self, messages: list[OutMessage], *, linger: bool = False) -> None:
         self.tried.append(list(messages))

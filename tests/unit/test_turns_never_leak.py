@@ -21,13 +21,13 @@ from service.admission.admit import Admission, Record
 from service.admission.registry import Registry
 from service.config.loader import parse_config
 from service.config.settings import GatewaySettings
-from service.ingest.sending import OutMessage
 from service.pipeline import Pipeline
 from service.scheduling.limiter import Decision, LocalLimiter
 from service.scheduling.pools import LimitConfig
 from service.scheduling.scheduler import Cost, Scheduler
 from service.telemetry.metrics import Metrics
 from service.upstream.client import ClaudeClient
+from tests.support.sink import MemorySink
 
 BODY = {
     "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
@@ -36,29 +36,6 @@ BODY = {
 }  # fmt: skip
 JSON = {"content-type": "application/json"}
 Handler = Callable[[httpx2.Request], Any]
-
-
-class Sink:
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
-        self.inherited = None
-        self.claimed = False
-        self.attempts = 0
-        self.owner = "test"
-        self.handed_off = False
-        self.published: list[OutMessage] = []
-
-    async def claim(self, attempts: int) -> None:
-        self.claimed, self.attempts = True, attempts
-
-    async def release(self) -> None:
-        self.claimed = False
-
-    async def backoff(self, delay_s: float) -> None:
-        await asyncio.sleep(delay_s)
-
-    async def publish(self, messages: list[OutMessage], *, linger: bool = False) -> None:
-        self.published.extend(messages)
 
 
 def _settings() -> GatewaySettings:
@@ -96,7 +73,7 @@ def _levels(s: Scheduler) -> dict[tuple[str, str], float]:
     return {k: round(v, 3) for k, v in s.limiter.levels().items()}
 
 
-def _outcome(sink: Sink) -> str:
+def _outcome(sink: MemorySink) -> str:
     """The one outcome published (besides a billed response's metering record)."""
     outcomes = [m for m in sink.published if m.topic != "claude.usage"]
     assert len(outcomes) == 1, sink.published
@@ -136,7 +113,7 @@ async def _dropped(request: httpx2.Request) -> httpx2.Response:
 async def test_each_failure_gives_the_turn_back(name: str, handler: Handler | None, reason: str) -> None:
     pipeline, scheduler = _pipeline(handler or await _status(500))
     for i in range(3):  # more than max_concurrency: a leaked slot would hang the third
-        sink = Sink(i)
+        sink = MemorySink(i)
         await asyncio.wait_for(pipeline.handle(_record(i), sink), 5)
         assert _outcome(sink) == reason, name
     assert scheduler.in_flight("acme") == 0
@@ -156,7 +133,7 @@ async def test_two_broken_bodies_do_not_starve_the_partner() -> None:
         return httpx2.Response(200, content=orjson.dumps(BODY), headers=JSON)
 
     pipeline, scheduler = _pipeline(handler)
-    sinks = [Sink(i) for i in range(3)]
+    sinks = [MemorySink(i) for i in range(3)]
     for i, sink in enumerate(sinks):
         await asyncio.wait_for(pipeline.handle(_record(i), sink), 5)
     assert [_outcome(s) for s in sinks] == ["internal_error", "internal_error", "response"]
@@ -174,7 +151,7 @@ async def test_cancelled_mid_call_gives_the_turn_back_and_keeps_the_reservation(
 
     pipeline, scheduler = _pipeline(hang)
     before = _levels(scheduler)
-    task = asyncio.create_task(pipeline.handle(_record(0), Sink(0)))
+    task = asyncio.create_task(pipeline.handle(_record(0), MemorySink(0)))
     await asyncio.wait_for(started.wait(), 5)
     assert scheduler.in_flight("acme") == 1
     task.cancel()
@@ -253,7 +230,7 @@ async def test_itpm_is_settled_with_cache_creation_and_without_cache_reads() -> 
 
     pipeline, scheduler = _pipeline(handler)
     before = _levels(scheduler)
-    sink = Sink(0)
+    sink = MemorySink(0)
     await asyncio.wait_for(pipeline.handle(_record(0), sink), 5)
     assert _outcome(sink) == "response"
     after = _levels(scheduler)
