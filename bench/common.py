@@ -4,7 +4,7 @@
   (`scripts/kafka_local.py`, files in `.run/bench-kafka/<pid>`), stopped and removed on exit.
 - `Simulator`: the Claude API simulator as a separate process, so its CPU is never counted
   against a contender.
-- `cpu_seconds(pid)`: user + system CPU of one process (psutil).
+- `cpu_seconds(pid)`: user + system CPU of one process (psutil); `cpu_quiet`: NaN if it is gone.
 - `OutcomeCounter`: how many outcomes are visible on some output topics, from the partitions'
   end offsets (a cheap ListOffsets call: no record is fetched or decoded by the bench). Not for
   transactional output: end offsets count the transactions' commit markers too.
@@ -421,10 +421,10 @@ async def measure(
             now = time.perf_counter()
             if seen > 0 and first is None:
                 first = (now, cpu.seconds(), seen)
-                others_first = {k: _cpu_quiet(pid) for k, pid in others.items()}
+                others_first = {k: cpu_quiet(pid) for k, pid in others.items()}
             if seen >= n:
                 cpu_end = cpu.seconds()
-                others_used = {k: _cpu_quiet(pid) - others_first[k] for k, pid in others.items()}
+                others_used = {k: cpu_quiet(pid) - others_first[k] for k, pid in others.items()}
                 break
             if exited:
                 raise RuntimeError(
@@ -450,7 +450,10 @@ async def measure(
     )
 
 
-def _cpu_quiet(pid: int) -> float:
+def cpu_quiet(pid: int | None) -> float:
+    """`cpu_seconds(pid)`, or NaN when there is no such process (None: none known)."""
+    if pid is None:
+        return float("nan")
     try:
         return cpu_seconds(pid)
     except psutil.Error:

@@ -226,7 +226,8 @@ async def _load(gw: Gateway, t: Topics, bootstrap: str, args: argparse.Namespace
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sampling(gw, samples, stop))
     broker = common.broker_pid()
-    cpu0, broker0, txn0, t0 = common.cpu_seconds(gw.pid), _cpu(broker), await gw.transactions(), _now()
+    cpu0, broker0 = common.cpu_seconds(gw.pid), common.cpu_quiet(broker)
+    txn0, t0 = await gw.transactions(), _now()
     lat = await latency.measure(
         bootstrap,
         t.requests,
@@ -238,7 +239,8 @@ async def _load(gw: Gateway, t: Topics, bootstrap: str, args: argparse.Namespace
         seed=4,
         prefix=f"{tag}-load",
     )
-    cpu1, broker1, txn1, t1 = common.cpu_seconds(gw.pid), _cpu(broker), await gw.transactions(), _now()
+    cpu1, broker1 = common.cpu_seconds(gw.pid), common.cpu_quiet(broker)
+    txn1, t1 = await gw.transactions(), _now()
     stop.set()
     await sampler
     if lat.answered < lat.sent:
@@ -347,15 +349,6 @@ async def _mode(mode: str, bootstrap: str, sim: Simulator, args: argparse.Namesp
     if result["exit_code"] != 0:
         raise RuntimeError(f"the {mode} gateway exited {result['exit_code']}:\n{common.tail(gw.log_path)}")
     return result
-
-
-def _cpu(pid: int | None) -> float:
-    if pid is None:
-        return float("nan")
-    try:
-        return common.cpu_seconds(pid)
-    except psutil.Error:
-        return float("nan")
 
 
 def _diff(eos: dict[str, Any], off: dict[str, Any], path: list[str], per: int) -> float:

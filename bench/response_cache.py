@@ -33,7 +33,8 @@ transaction committed (`sink.publish` returning), the cache lookup, the decoding
 encoding included. Its parts: `lookup_ms` (the Redis read and the decoding) and `commit_ms`
 (the response handed to its partition's writer until the writer's transaction committed: the
 tick's batching, `kafka.eos_tick_ms`, and the transaction, shared with every other outcome).
-Each phase (`--response-cache-rates`) is reported on its own, with `hits_per_transaction`.
+Each phase (`--response-cache-rates`) is reported on its own, with `hits_per_transaction` and
+`cpu_cores` (the gateway's, the broker's and the hit sender's CPU over the phase).
 Target: p99 <= 20 ms. `host_python_loop_s` (`bench.common.host_loop_s`, before and after) says
 how fast the host was, though not all of the development VM's slow spells. Since a transaction
 begun ahead writes the last offsets again, so a tick sends its records and offsets together
@@ -52,6 +53,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -180,6 +182,24 @@ def _transactions(gateway: Gateway) -> float:
     return gateway.metrics.registry.get_sample_value("gateway_eos_transactions") or 0.0
 
 
+def _cpu(sender: _Sender) -> dict[str, float]:
+    """CPU seconds so far of the gateway (this process), the broker and the hit sender (NaN when
+    not known: an external broker, the inline sender), and the wall clock."""
+    return {
+        "gateway": common.cpu_quiet(os.getpid()),
+        "broker": common.cpu_quiet(common.broker_pid()),
+        "sender": common.cpu_quiet(sender.pid),
+        "wall": time.monotonic(),
+    }
+
+
+def _cores(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Each process's CPU over a phase, in cores: where a slow p99 came from (the broker's
+    queue, on the development machine: docs/exactly-once.md)."""
+    wall = max(after["wall"] - before["wall"], 1e-9)
+    return {k: round((after[k] - before[k]) / wall, 3) for k in ("gateway", "broker", "sender")}
+
+
 class _Hits:
     """Every hit's exact latency (ms): the whole (what the histogram observes), the lookup, and
     the publish (from the response handed to the partition writer to its transaction committed)."""
@@ -279,6 +299,11 @@ class _Sender:
             rate, n, self._poisson, self._sent,
         )  # fmt: skip
 
+    @property
+    def pid(self) -> int | None:
+        """The sender process's pid (None: hits are sent from this process)."""
+        return None if self._proc is None else self._proc.pid
+
     async def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
@@ -341,10 +366,12 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
             log(f"response_cache: {n} hits at {rate:g}/s" + ("" if measured else " (warm-up)"))
             since = hits.mark()
             txns0 = _transactions(gateway)
+            cpu0 = _cpu(sender)
             await sender.phase(rate, n)
             await _until(lambda: len(hits.total) >= since[0] + n, 120, "hits")  # noqa: B023
             summary = {"rate_per_s": rate, **hits.summary(since)}
             summary["hits_per_transaction"] = round(n / max(1.0, _transactions(gateway) - txns0), 2)
+            summary["cpu_cores"] = _cores(cpu0, _cpu(sender))
             if measured:
                 phases.append(summary)
             else:
