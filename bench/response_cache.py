@@ -53,6 +53,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -184,7 +185,7 @@ def _transactions(gateway: Gateway) -> float:
 
 def _cpu(sender: _Sender) -> dict[str, float]:
     """CPU seconds so far of the gateway (this process), the broker and the hit sender (NaN when
-    not known: an external broker, the inline sender), and the wall clock."""
+    not known: an external broker, the inline sender, a process gone), and the wall clock."""
     return {
         "gateway": common.cpu_quiet(os.getpid()),
         "broker": common.cpu_quiet(common.broker_pid()),
@@ -193,11 +194,12 @@ def _cpu(sender: _Sender) -> dict[str, float]:
     }
 
 
-def _cores(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Each process's CPU over a phase, in cores: where a slow p99 came from (the broker's
-    queue, on the development machine: docs/exactly-once.md)."""
+def _cores(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Each process's CPU over a phase, in cores (None: not known): where a slow p99 came from
+    (the broker's queue, on the development machine: docs/exactly-once.md)."""
     wall = max(after["wall"] - before["wall"], 1e-9)
-    return {k: round((after[k] - before[k]) / wall, 3) for k in ("gateway", "broker", "sender")}
+    cores = {k: (after[k] - before[k]) / wall for k in ("gateway", "broker", "sender")}
+    return {k: None if math.isnan(v) else round(v, 3) for k, v in cores.items()}
 
 
 class _Hits:
