@@ -262,8 +262,8 @@ class Gateway:
             if not await until_kafka_answers(stop, self.settings.kafka):
                 log.info("stopped before Kafka answered")
                 return
+            stack.push_async_callback(self.publisher.stop)  # also what a failed start opened
             await self.publisher.start()
-            stack.push_async_callback(self.publisher.stop)
             await self.audit.start()
             stack.push_async_callback(self.audit.stop)
             if self.redis is not None:
@@ -275,8 +275,8 @@ class Gateway:
             if isinstance(self.limiter, RedisLimiter):
                 stack.push_async_callback(self.limiter.aclose)
             await _ensure_usage_topic(self.settings)
-            await self.ingest.start()
             stack.push_async_callback(self.ingest.stop)
+            await self.ingest.start()
             console = asyncio.create_task(self.console.run(stop), name="admin-console")
             stack.push_async_callback(_finish, console)
             if self.settings.batches.enabled:  # the batch worker, where the group makes this replica it

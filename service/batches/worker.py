@@ -177,7 +177,11 @@ class BatchWorker:
             if self._stopping:
                 return
             owner = PendingOwner(self.ctx, tp)
-            committed = await owner.start(self._consumer)
+            try:
+                committed = await owner.start(self._consumer)
+            except BaseException:  # failed or cancelled: its producer is stopped, not left open
+                await owner.stop()
+                raise
             if self._stopping or tp not in self._consumer.assignment():  # revoked or stopping meanwhile
                 await owner.stop()
                 continue

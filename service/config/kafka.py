@@ -65,19 +65,30 @@ async def start_whole(producers: Sequence[AIOKafkaProducer]) -> None:
     open socket and its read task that no `stop` reaches (CI saw two, `Unclosed
     AIOKafkaConnection`, when a stopping replica cancelled a takeover). Cancelled, this lets the
     starts end (at most `START_GRACE_S`), then raises the cancel; the caller stops the producers
-    as usual."""
+    as usual (`Turns.stop` waits for that)."""
     starts = [asyncio.ensure_future(p.start()) for p in producers]
     together = asyncio.gather(*starts, return_exceptions=True)
     try:
         results = await asyncio.shield(together)
     except asyncio.CancelledError:
-        if starts:
-            await asyncio.wait(starts, timeout=START_GRACE_S)
+        await _let_end(starts)
         together.cancel()  # a start still under way: cancelled after all
         raise
     for result in results:
         if isinstance(result, BaseException):
             raise result
+
+
+async def _let_end(starts: list[asyncio.Future[None]]) -> None:
+    """Wait up to `START_GRACE_S` for `starts` to end, through further cancels (a stop that
+    cancels an open already cancelled must not cut the grace short)."""
+    deadline = asyncio.get_running_loop().time() + START_GRACE_S
+    while starts and (left := deadline - asyncio.get_running_loop().time()) > 0:
+        try:
+            await asyncio.wait(starts, timeout=left)
+            return
+        except asyncio.CancelledError:
+            continue
 
 
 def transactional_producer(settings: KafkaSettings, txn_id: str) -> AIOKafkaProducer:

@@ -77,6 +77,7 @@ class Turns:
         self.txns = [Transactions(group_id, prepared_idle_s, sent_at) for _ in self._ids]
         self._turn = 0
         self.committing: Committing | None = None
+        self._opening: asyncio.Task[None] | None = None
 
     @property
     def producers(self) -> list[AIOKafkaProducer]:
@@ -105,10 +106,22 @@ class Turns:
         await self.stop()
         for txn_id, txns in zip(self._ids, self.txns, strict=True):
             txns.reset(self._factory(txn_id))
-        await start_whole(self.producers)
+        self._opening = opening = asyncio.ensure_future(start_whole(self.producers))
+        try:
+            await opening  # cancelling `open` cancels it too
+        finally:
+            if self._opening is opening:
+                self._opening = None
         self._turn = 0
 
     async def stop(self) -> None:
+        """Stop every producer. An `open` under way is cancelled first and its starts are let
+        end (`start_whole`): a producer's `stop` during its `start` closes only what exists,
+        and the start would then connect on a closed client, where no stop reaches."""
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()
+            await asyncio.wait([opening])
         for txns in self.txns:
             txns.drop_prewrite()
             producer, txns.producer = txns.producer, None

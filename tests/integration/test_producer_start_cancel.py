@@ -4,6 +4,11 @@ CI failed once on two `Unclosed AIOKafkaConnection` warnings: a stopping replica
 takeover while its producers were starting, and aiokafka's `bootstrap` closes its connection
 only on errors, so the cancel left the socket and its read task where no `stop` reaches them.
 `service.config.kafka.start_whole` lets the starts end first.
+
+CI failed again the same way when the stop did not wait for that: a rebalance or a drain
+cancels a takeover and closes its writer at once (`Ownership.retire`), so `Turns.stop` ran while
+the cancelled starts were still ending; a start that ended after its producer's `stop` opened
+its coordinator connection on a closed client. `Turns.stop` now waits for an open under way.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from service.ingest.turns import Turns
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.parametrize("stop_at_once", [False, True], ids=["stop-after", "stop-during"])
 async def test_producers_cancelled_in_their_bootstrap_leave_no_connection_open(
-    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch, stop_at_once: bool
 ) -> None:
     made: list[AIOKafkaConnection] = []
     in_bootstrap, release = asyncio.Event(), asyncio.Event()
@@ -53,11 +59,15 @@ async def test_producers_cancelled_in_their_bootstrap_leave_no_connection_open(
         opening = asyncio.create_task(turns.open())
         await asyncio.wait_for(in_bootstrap.wait(), 10)
         opening.cancel()  # as `Ownership.close` cancels a takeover under way
+        stopping = None
+        if stop_at_once:  # and as `Ownership.retire` closes the writer of a cancelled takeover
+            stopping = asyncio.create_task(turns.stop())
         await asyncio.sleep(0.05)
         release.set()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(opening, 30)
-        await turns.stop()
+        await (stopping if stopping is not None else turns.stop())
+        await asyncio.sleep(0.5)  # a start that outlived its stop connects to the coordinator here
         assert made, "the producers connected"
         assert [c for c in made if c.connected()] == [], "a connection no stop reaches"
     finally:

@@ -14,9 +14,11 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError
 
 from service.app import Gateway
 from service.simulator import SimulatorConfig, SimulatorServer
@@ -95,3 +97,31 @@ async def test_no_matching_topic_is_said_and_a_new_topic_is_found_within_seconds
         finally:
             stop.set()
             await task
+
+
+@pytest.mark.parametrize("part", ["publisher", "ingest"])
+async def test_a_client_whose_start_fails_is_closed(
+    kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, part: str
+) -> None:
+    """Kafka answered the first contact, then a client's start fails after it connected (the
+    broker went away meanwhile): the run raises, and what that start opened is closed."""
+    world = World(kafka_bootstrap, f"t{int(time.time() * 1000)}", ["acme"], {}, tmp_path, partitions=1)
+    world.keys["acme"] = "sk-ant-acme-startup-key"
+    (tmp_path / "acme.key").write_text(world.keys["acme"])
+    gateway = Gateway(world.settings("http://127.0.0.1:1"))
+    target = gateway.publisher if part == "publisher" else gateway.ingest
+    real_start = type(target).start
+
+    clients: list[Any] = []
+
+    async def start_then_fail(self: Any) -> None:
+        await real_start(self)
+        clients.append(self.producer.client if part == "publisher" else self.consumer._client)
+        raise KafkaConnectionError("the broker went away")
+
+    monkeypatch.setattr(type(target), "start", start_then_fail)
+    with pytest.raises(KafkaConnectionError):
+        await asyncio.wait_for(gateway.run(asyncio.Event()), 30)
+    [client] = clients
+    assert [c for c in client._conns.values() if c.connected()] == [], "a connection left open"
+    assert client._sync_task is None, "the metadata task left running"

@@ -8,11 +8,13 @@ A stopped owner now forms and tracks nothing; the next owner recovers the intent
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 
 from service.batches import worker
 from service.batches.worker import PendingOwner, _Member, _Taken
@@ -79,3 +81,39 @@ async def test_an_owner_revoked_during_its_intent_transaction_starts_no_tracker(
     await owner.form_if_due()  # a stopped owner forms nothing more
     assert _Tracker.started == []
     assert _Tracker.intents == 1
+
+
+@pytest.mark.parametrize("ending", ["error", "cancel"])
+async def test_an_owner_whose_start_fails_or_is_cancelled_is_stopped(
+    monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """A takeover of a pending partition that fails, or that a stopping worker cancels, stops
+    the owner's producer: it is in no `_owners` yet, so no revocation would (CI's `Unclosed
+    AIOKafkaConnection` was this kind of leak on the request path)."""
+    gs = parse_config({"batches": {"enabled": True}, "partners": []})
+    ctx: Any = SimpleNamespace(settings=lambda: gs, group="g.batches")
+    stopped: list[TopicPartition] = []
+    entered = asyncio.Event()
+
+    async def start(self: PendingOwner, consumer: Any) -> int:
+        entered.set()
+        if ending == "error":
+            raise KafkaError("coordinator not available")
+        await asyncio.Event().wait()  # until cancelled
+        return 0
+
+    async def stop(self: PendingOwner) -> None:
+        stopped.append(self.tp)
+
+    monkeypatch.setattr(PendingOwner, "start", start)
+    monkeypatch.setattr(PendingOwner, "stop", stop)
+    batch_worker = worker.BatchWorker(ctx)
+    batch_worker._consumer = SimpleNamespace(assignment=lambda: {TP})  # type: ignore[assignment]
+    assigning = asyncio.create_task(batch_worker.assigned([TP]))
+    await asyncio.wait_for(entered.wait(), 2)
+    if ending == "cancel":
+        assigning.cancel()
+    with pytest.raises(asyncio.CancelledError if ending == "cancel" else KafkaError):
+        await asyncio.wait_for(assigning, 2)
+    assert stopped == [TP], "the owner that never took the partition is stopped"
+    assert batch_worker._owners == {}

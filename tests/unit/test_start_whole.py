@@ -41,6 +41,24 @@ async def test_a_cancel_lets_the_starts_end_then_goes_on() -> None:
     assert [(p.started, p.cancelled) for p in producers] == [(True, False), (True, False)]
 
 
+async def test_a_second_cancel_does_not_cut_the_wait_short() -> None:
+    """`Turns.stop` cancels an open that a rebalance cancelled already: the starts still end
+    before the producers are stopped."""
+    gate = asyncio.Event()
+    producers = [_Producer(gate), _Producer(gate)]
+    starting = asyncio.create_task(start_whole(producers))
+    await asyncio.sleep(0.01)
+    starting.cancel()
+    await asyncio.sleep(0.01)
+    starting.cancel()
+    await asyncio.sleep(0.05)
+    assert not starting.done(), "the second cancel waits for the starts under way too"
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(starting, 2)
+    assert [(p.started, p.cancelled) for p in producers] == [(True, False), (True, False)]
+
+
 async def test_a_start_that_outlasts_the_grace_is_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kafka, "START_GRACE_S", 0.05)
     producer = _Producer(asyncio.Event())  # never let go
