@@ -126,6 +126,14 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 """Brokers started by this process: waited for on stop (no zombie, no ResourceWarning)."""
 
 
+def _reap_exited() -> None:
+    """Wait for (reap) the brokers started here that another process stopped: `restart` from
+    the command line stops ours by its pid and starts its own, so `stop` never meets ours."""
+    for pid, child in list(_CHILDREN.items()):
+        if child.poll() is not None:
+            del _CHILDREN[pid]
+
+
 class KafkaLocalError(RuntimeError):
     """The local broker could not be fetched, started or stopped; the message says why.
 
@@ -537,6 +545,7 @@ def _format(d: Path, java: str, jvm_common: list[str], props: Path) -> None:
 def stop(directory: str | Path, timeout_s: float = STOP_TIMEOUT_S) -> None:
     """SIGTERM the broker of `directory`, wait, SIGKILL after `timeout_s`. Safe when not running."""
     d = Path(directory)
+    _reap_exited()
     pid = _read_pid(d)
     child = _CHILDREN.pop(pid, None) if pid is not None else None
     if child is not None:  # started by this process: wait on it (reaps it, no zombie)

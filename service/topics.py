@@ -26,7 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from service.batches.store import batch_topics
-from service.config.kafka import client_kwargs, create_missing, create_topics, default_replication
+from service.config.kafka import client_kwargs, create_missing, create_topics, default_replication, running
 from service.config.settings import GatewaySettings
 
 DAY_MS = 86_400_000
@@ -95,9 +95,7 @@ async def ensure(
     dry_run: bool = False,
 ) -> list[dict[str, Any]]:
     """Create what is missing; one report row per topic."""
-    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
-    await admin.start()
-    try:
+    async with running(AIOKafkaAdminClient(**client_kwargs(settings.kafka))) as admin:
         existing: dict[str, int] = {}
         for desc in await admin.describe_topics():
             if desc.get("error_code", 0) == 0:
@@ -124,8 +122,6 @@ async def ensure(
         if create and not dry_run:
             await create_topics(admin, create)
         return rows
-    finally:
-        await admin.close()
 
 
 def run(args: argparse.Namespace, settings: GatewaySettings) -> int:

@@ -280,6 +280,9 @@ async def test_kafka_local_restart_keeps_the_data(tmp_path: Path) -> None:
         await still_there()
     finally:
         await asyncio.to_thread(kl.stop, tmp_path)
+    # the broker the command line's `restart` stopped was this process's child: reaped too
+    # (else a zombie, and a `ResourceWarning: subprocess ... is still running` at exit)
+    assert [pid for pid, child in kl._CHILDREN.items() if child.poll() is not None] == []
 
 
 def _broker_command(d: Path) -> list[str]:

@@ -16,7 +16,7 @@ from aiokafka.admin import NewTopic
 from aiokafka.structs import ConsumerRecord
 
 from service.batches.records import BatchState
-from service.config.kafka import client_kwargs, create_missing
+from service.config.kafka import client_kwargs, create_missing, running
 from service.config.settings import GatewaySettings, KafkaSettings
 from service.ingest.sending import OutMessage
 
@@ -52,8 +52,7 @@ async def _read_range(
     consumer = AIOKafkaConsumer(
         **client_kwargs(k), enable_auto_commit=False, isolation_level="read_committed", group_id=None
     )
-    await consumer.start()
-    try:
+    async with running(consumer):  # stopped even when the read is cancelled
         consumer.assign([tp])
         if first is None:
             await consumer.seek_to_beginning(tp)
@@ -74,8 +73,6 @@ async def _read_range(
                 return out
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {tp.topic}[{tp.partition}] took over {timeout_s:g}s")
-    finally:
-        await asyncio.shield(consumer.stop())  # closed even when the read is cancelled
 
 
 async def load_states(k: KafkaSettings, tp: TopicPartition) -> tuple[dict[str, BatchState], set[str]]:

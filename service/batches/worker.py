@@ -134,15 +134,15 @@ class BatchWorker:
             heartbeat_interval_ms=k.heartbeat_interval_ms,
             max_poll_interval_ms=k.max_poll_interval_ms,
         )
-        await self._consumer.start()
-        pending = self.ctx.settings().batches.pending_topic
-        for _ in range(100):  # a topic just created: the group must see its partition to assign it
-            await self._consumer._client.force_metadata_update()
-            if self._consumer._client.cluster.partitions_for_topic(pending):
-                break
-            await asyncio.sleep(0.1)
-        self._consumer.subscribe([pending], listener=_Listener(self))
-        try:
+        try:  # a start that fails or is cancelled is stopped too
+            await self._consumer.start()
+            pending = self.ctx.settings().batches.pending_topic
+            for _ in range(100):  # a topic just created: the group must see its partition to assign it
+                await self._consumer._client.force_metadata_update()
+                if self._consumer._client.cluster.partitions_for_topic(pending):
+                    break
+                await asyncio.sleep(0.1)
+            self._consumer.subscribe([pending], listener=_Listener(self))
             while not stop.is_set():
                 fetched = await until_stopped(
                     self._consumer, stop, self._consumer.getmany(timeout_ms=200, max_records=1000), {}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
@@ -52,6 +53,22 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
             kwargs["sasl_plain_username"] = settings.sasl_username
             kwargs["sasl_plain_password"] = settings.sasl_password.resolve().get_secret_value()
     return kwargs
+
+
+_Client = TypeVar("_Client", AIOKafkaProducer, AIOKafkaConsumer, AIOKafkaAdminClient)
+
+
+@contextlib.asynccontextmanager
+async def running(client: _Client) -> AsyncIterator[_Client]:
+    """`client` started, and stopped (an admin client: closed) on the way out, whatever ends
+    it: also when its start fails or is cancelled after connecting. aiokafka cleans up after
+    neither, and its metadata task and connections would stay open. The stop goes on when the
+    block is cancelled meanwhile."""
+    try:
+        await client.start()
+        yield client
+    finally:
+        await asyncio.shield(client.close() if isinstance(client, AIOKafkaAdminClient) else client.stop())
 
 
 START_GRACE_S = 10.0
@@ -138,13 +155,9 @@ def default_replication(brokers: int) -> int:
 async def create_missing(settings: KafkaSettings, build: Callable[[int], Sequence[NewTopic]]) -> list[str]:
     """Create those of `build(replication)` (at `default_replication`) that do not exist yet;
     the names created (none: all existed, or another replica was first)."""
-    admin = AIOKafkaAdminClient(**client_kwargs(settings))
-    await admin.start()
-    try:
+    async with running(AIOKafkaAdminClient(**client_kwargs(settings))) as admin:
         existing = set(await admin.list_topics())
         brokers = len((await admin.describe_cluster()).get("brokers") or [])
         return await create_topics(
             admin, [t for t in build(default_replication(brokers)) if t.name not in existing]
         )
-    finally:
-        await admin.close()

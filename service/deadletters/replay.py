@@ -30,7 +30,7 @@ import orjson
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from pydantic import SecretStr
 
-from service.config.kafka import client_kwargs
+from service.config.kafka import client_kwargs, running
 from service.config.settings import GatewaySettings
 from service.contracts import operator_replay as contract
 from service.contracts.reasons import RETRYABLE_REASONS, Reason
@@ -100,9 +100,7 @@ def _letter(partner: str, rec: ConsumerRecord[Any, Any]) -> Letter | None:
 
 async def dead_letters(settings: GatewaySettings, sel: Selection) -> list[Letter]:
     """The dead letters of the selected partners within the time range."""
-    c = consumer(settings.kafka)
-    await c.start()
-    try:
+    async with running(consumer(settings.kafka)) as c:
         out: list[Letter] = []
         for pid in sel.partners:
             async for rec in read(c, [settings.deadletter_topic(pid)], sel.since_ms):
@@ -112,8 +110,6 @@ async def dead_letters(settings: GatewaySettings, sel: Selection) -> list[Letter
                 if letter is not None:
                     out.append(letter)
         return out
-    finally:
-        await c.stop()
 
 
 def summarize(letters: Iterable[Letter]) -> dict[str, Any]:
@@ -148,9 +144,7 @@ async def _history(
     if not letters:
         return answered, replayed
     since = min(min(_original_ms(x), x.timestamp_ms) for x in letters)
-    c = consumer(settings.kafka)
-    await c.start()
-    try:
+    async with running(consumer(settings.kafka)) as c:
         for pid in sorted({x.partner for x in letters}):
             async for rec in read(c, [settings.response_topic(pid)], since - 60_000):
                 if rec.key is not None:
@@ -166,8 +160,6 @@ async def _history(
             if rid is not None and owner is not None:
                 replayed[(owner, rid)] = max(replayed.get((owner, rid), 0), rec.timestamp)
         return answered, replayed
-    finally:
-        await c.stop()
 
 
 def _original_ms(letter: Letter) -> int:
@@ -257,8 +249,7 @@ async def replay(
     producer = AIOKafkaProducer(
         **client_kwargs(settings.kafka), acks="all", enable_idempotence=True, linger_ms=5
     )
-    await producer.start()
-    try:
+    async with running(producer):
         for letter in chosen:
             o = letter.doc["original"]
             value = base64.b64decode(o["value_b64"])
@@ -282,6 +273,4 @@ async def replay(
             meta = await producer.send_and_wait(o["topic"], value, key=key, headers=headers)
             report.replayed += 1
             emit({"action": "replayed", **_ids(letter), "to": f"{meta.topic}/{meta.partition}/{meta.offset}"})
-    finally:
-        await producer.stop()
     return report

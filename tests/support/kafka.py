@@ -94,6 +94,8 @@ class PartnerTopics:
 def kafka_local() -> ModuleType:
     """scripts/kafka_local.py as a module (it is a script, not part of the package); loaded once."""
     name = "_gateway_kafka_local"
+    if name in sys.modules:  # one `_CHILDREN`: a broker is waited for by the module that started it
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "kafka_local.py")
     assert spec is not None
     assert spec.loader is not None
