@@ -16,14 +16,19 @@ from service.config.kafka import running
 NOWHERE = "127.0.0.1:1"
 
 
-def _watch(monkeypatch: pytest.MonkeyPatch, client: object, start_gate: asyncio.Event | None) -> list[str]:
+def _watch(
+    monkeypatch: pytest.MonkeyPatch, client: object, start_gate: asyncio.Event | None, fails: bool = True
+) -> list[str]:
+    """Record `client`'s start and stop (the real stop runs too); its start waits for
+    `start_gate`, then fails unless `fails` is False."""
     calls: list[str] = []
 
     async def start() -> None:
         calls.append("start")
         if start_gate is not None:
             await start_gate.wait()
-        raise KafkaConnectionError("the broker went away after the first answer")
+        if fails:
+            raise KafkaConnectionError("the broker went away after the first answer")
 
     name = "close" if isinstance(client, AIOKafkaAdminClient) else "stop"
     real_stop = getattr(client, name)
@@ -65,18 +70,7 @@ async def test_a_start_cancelled_midway_is_stopped(monkeypatch: pytest.MonkeyPat
 
 async def test_the_block_s_error_still_stops(monkeypatch: pytest.MonkeyPatch) -> None:
     client = AIOKafkaProducer(bootstrap_servers=NOWHERE)
-    stopped: list[bool] = []
-    real_stop = client.stop
-
-    async def start() -> None:
-        return None
-
-    async def stop() -> None:
-        stopped.append(True)
-        await real_stop()
-
-    monkeypatch.setattr(client, "start", start)
-    monkeypatch.setattr(client, "stop", stop)
+    calls = _watch(monkeypatch, client, None, fails=False)
     seen: list[object] = []
 
     async def use() -> None:
@@ -87,4 +81,4 @@ async def test_the_block_s_error_still_stops(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(RuntimeError, match="in the block"):
         await use()
     assert seen == [client]
-    assert stopped == [True]
+    assert calls == ["start", "stop"]
