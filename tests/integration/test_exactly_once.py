@@ -126,14 +126,15 @@ async def test_a_zombie_replica_is_fenced(kafka_bootstrap: str, tmp_path: Path) 
         a = start_process(world, sim.url, tmp_path, "a")
         b: subprocess.Popen[bytes] | None = None
         try:
-            await asyncio.sleep(4)  # A owns both partitions
             await produce(
                 world.bootstrap, [(world.request_topic("acme"), None, request(f"z-{i}")) for i in range(n)]
             )
-            for _ in range(300):  # every call started, none answered yet
+            for _ in range(300):  # A alone took both partitions and started every call, none answered yet
                 if sim.stats()["calls_total"] >= n:
                     break
                 await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"A started {sim.stats()['calls_total']} of {n} calls")
             a.send_signal(signal.SIGSTOP)
             b = start_process(world, sim.url, tmp_path, "b")
             before = await collect(world, n, timeout_s=90, settle_s=1.0)
