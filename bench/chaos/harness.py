@@ -121,10 +121,33 @@ class Run:
     # -- set-up --------------------------------------------------------------------
 
     async def setup(self) -> None:
-        bootstrap = await self.broker.start()
-        self.event(f"broker on {bootstrap} (files in {self.broker.directory})")
-        await self._create_topics(bootstrap)
-        self.event(f"redis on {self.redis.start()}")
+        # the simulator (a Python process: seconds of imports) starts while the broker does
+        simulator = asyncio.create_task(asyncio.to_thread(self._start_simulator))
+        try:
+            bootstrap = await self.broker.start()
+            self.event(f"broker on {bootstrap} (files in {self.broker.directory})")
+            await self._create_topics(bootstrap)
+            self.event(f"redis on {self.redis.start()}")
+        finally:
+            sim_url = await simulator  # also when the broker failed: `close` then stops it
+        batches = (
+            f", batches of {self.o.batch_processing_s} s, {self.o.batch_faults}" if self.batch_share else ""
+        )
+        self.event(f"simulator on {sim_url} (faults {self.o.faults}{batches})")
+        self.fleet = Fleet(
+            self.dir, self._gateway_config, self.rng, self.event, self.o.restart_delay_s, self._arm
+        )
+        for _ in range(self.o.replicas):
+            self.fleet.add()
+        ready = await self.fleet.wait_ready(90)
+        self.event("replicas ready" if ready else "replicas not all ready after 90 s; going on")
+        topics = {f"claude.responses.{p.id}": "response" for p in PARTNERS}
+        topics |= {f"claude.deadletter.{p.id}": "deadletter" for p in PARTNERS}
+        self.reader = OutcomeReader(bootstrap, topics, self.o.partitions, self.event)
+        await self.reader.start()
+
+    def _start_simulator(self) -> str:
+        """Start the simulator with the run's keys, faults and batch settings; its URL."""
         keys = self.dir / "keys"
         keys.mkdir(exist_ok=True)
         args = ["--seed", str(self.o.seed), "--rpm", str(SIM_RPM), "--itpm", "0", "--otpm", "0"]
@@ -148,21 +171,7 @@ class Run:
                 "--batch-processing-s", str(low), "--batch-processing-max-s", str(max(low, high)),
             ]  # fmt: skip
         self.sim = Simulator(args, self.dir / "simulator.log")
-        batches = (
-            f", batches of {self.o.batch_processing_s} s, {self.o.batch_faults}" if self.batch_share else ""
-        )
-        self.event(f"simulator on {self.sim.start()} (faults {self.o.faults}{batches})")
-        self.fleet = Fleet(
-            self.dir, self._gateway_config, self.rng, self.event, self.o.restart_delay_s, self._arm
-        )
-        for _ in range(self.o.replicas):
-            self.fleet.add()
-        ready = await self.fleet.wait_ready(90)
-        self.event("replicas ready" if ready else "replicas not all ready after 90 s; going on")
-        topics = {f"claude.responses.{p.id}": "response" for p in PARTNERS}
-        topics |= {f"claude.deadletter.{p.id}": "deadletter" for p in PARTNERS}
-        self.reader = OutcomeReader(bootstrap, topics, self.o.partitions, self.event)
-        await self.reader.start()
+        return self.sim.start()
 
     async def _create_topics(self, bootstrap: str) -> None:
         names = [
