@@ -18,8 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-
-from opentelemetry.trace import TracerProvider
+from typing import TYPE_CHECKING
 
 from service import gc_policy
 from service.admission.registry import Registry, RegistryError
@@ -32,10 +31,12 @@ from service.deadletters.command import add_commands as add_dlq_commands
 from service.deadletters.command import run as run_dlq
 from service.lifecycle import report_slow_stop
 from service.telemetry.logs import configure_logging
-from service.telemetry.tracing import TracingConfigError, provider_from_env, shutdown_provider
 from service.topics import add_commands as add_topics_commands
 from service.topics import run as run_topics
 from service.version import version
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger("service")
 
@@ -170,6 +171,10 @@ def _cannot_start(exc: BaseException) -> int:
 
 
 def _run(path: str) -> int:
+    # here, not at the top: it imports the anthropic SDK (1-2 s), which `run` needs and the
+    # operator commands (`dlq`, `topics`, `config check`) do not
+    from service.telemetry.tracing import TracingConfigError, provider_from_env, shutdown_provider
+
     configure_logging("INFO")  # JSON from the first line, before the config says the level
     try:
         settings = load_config(path, os.environ)
