@@ -106,7 +106,12 @@ class TickWriter:
 
     def _contents(self, ledger: PartitionLedger, items: list[Item], base: Committing | None) -> TickContents:
         tick = TickContents(
-            ledger, self.owner, self.settings.eos_max_claims, items, None if base is None else base.tick
+            ledger,
+            self.owner,
+            self.settings.eos_max_claims,
+            items,
+            None if base is None else base.tick,
+            hold_claims=self.state is not State.OWNED,
         )
         self._queue.extend(tick.left)
         return tick
