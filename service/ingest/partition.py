@@ -303,9 +303,9 @@ class PartitionWriter(TickWriter):
 
     def _sendable(self) -> bool:
         """Something queued can go in a tick: not only claims held while revoked."""
-        if self.state is State.OWNED:
-            return bool(self._queue)
-        return any(i.claim is None for i in self._queue)
+        if self._holds_claims:
+            return any(i.claim is None for i in self._queue)
+        return bool(self._queue)
 
     def _die(self, exc: BaseException) -> None:
         self.failure = exc
