@@ -170,6 +170,7 @@ class PartitionWriter(TickWriter):
         if self.state is State.SUSPENDED:
             self.state = State.OWNED
             self._owned.set()
+            self._wake.set()  # the claims held while it was revoked go now
 
     def hand_off(self) -> None:
         """Another replica owns it now: calls already claimed finish and commit (until fenced);
@@ -178,6 +179,11 @@ class PartitionWriter(TickWriter):
             self.state = State.HANDOFF
             self._owned.set()  # wake claim waiters so they see HANDOFF
             self.handed_off.set()  # and retries waiting out their delay
+            # claims queued before the revocation, held since (`tick.py`): never committed,
+            # their calls never made; the next owner makes them
+            held = [i for i in self._queue if i.claim is not None]
+            self._queue = [i for i in self._queue if i.claim is None]
+            fail(held, Revoked(f"{self.tp} is owned by another replica"))
 
     def take_transactions(self) -> int:
         """Transactions committed since the last call (for the metrics)."""
@@ -281,7 +287,7 @@ class PartitionWriter(TickWriter):
                     and self.claims_in_flight > 0
                     and time.monotonic() - self._last_tick >= heartbeat_s
                 )
-                if self._queue or beat:
+                if self._sendable() or beat:
                     await self._tick()
                 else:
                     await self._end_idle()
@@ -294,6 +300,12 @@ class PartitionWriter(TickWriter):
                 "partition writer failed", extra={"topic": self.tp.topic, "partition": self.tp.partition}
             )
             self._die(exc)
+
+    def _sendable(self) -> bool:
+        """Something queued can go in a tick: not only claims held while revoked."""
+        if self._holds_claims:
+            return any(i.claim is None for i in self._queue)
+        return bool(self._queue)
 
     def _die(self, exc: BaseException) -> None:
         self.failure = exc

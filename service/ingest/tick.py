@@ -8,6 +8,9 @@ for exactly those items (service/ingest/partition.py).
   not join: their limit is counted when the tick is filled.
 - A tick sent while the one before it commits (`turns.py`) is built on it (`base`): its
   metadata describes the state once both committed, and its seq follows the base's.
+- A writer whose partition was revoked holds its queued claims back (`hold_claims`): a claim
+  committed after the revocation could land after the next owner looked for a live owner's
+  claims, and that owner would take its call, made meanwhile, for one whose outcome is lost.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class TickContents:
         max_claims: int,
         items: list[Item],
         base: TickContents | None = None,
+        hold_claims: bool = False,
     ) -> None:
         self._ledger = ledger
         self._owner = owner
@@ -39,7 +43,7 @@ class TickContents:
         """Claims that wait for a later tick, in their order."""
         claims = len(ledger.claims) + (0 if base is None else sum(i.claim is not None for i in base.items))
         for item in items:
-            if item.claim is not None and claims >= max_claims:
+            if item.claim is not None and (hold_claims or claims >= max_claims):
                 self.left.append(item)
                 continue
             claims += item.claim is not None

@@ -78,6 +78,11 @@ class TickWriter:
         raise NotImplementedError
 
     @property
+    def _holds_claims(self) -> bool:
+        """Queued claims wait (`TickContents(hold_claims=...)`): the partition was revoked."""
+        return self.state is not State.OWNED
+
+    @property
     def claims_in_flight(self) -> int:
         return 0 if self.ledger is None else len(self.ledger.claims)
 
@@ -106,7 +111,12 @@ class TickWriter:
 
     def _contents(self, ledger: PartitionLedger, items: list[Item], base: Committing | None) -> TickContents:
         tick = TickContents(
-            ledger, self.owner, self.settings.eos_max_claims, items, None if base is None else base.tick
+            ledger,
+            self.owner,
+            self.settings.eos_max_claims,
+            items,
+            None if base is None else base.tick,
+            hold_claims=self._holds_claims,
         )
         self._queue.extend(tick.left)
         return tick

@@ -20,8 +20,9 @@ from aiokafka.errors import KafkaConnectionError
 from service.config import txn_sender
 from service.config.settings import KafkaSettings
 from service.ingest import transactions
+from service.ingest.ledger import decode
 from service.ingest.ownership import RecordSink
-from service.ingest.partition import Fenced, PartitionWriter
+from service.ingest.partition import Fenced, PartitionWriter, Revoked
 from service.ingest.sending import Item, OutMessage
 from tests.support.polling import until
 
@@ -420,4 +421,49 @@ async def test_a_transaction_begun_ahead_ends_idle_only_after_the_tick_whose_off
         assert log[before:] == [f"{committing.name} 0", f"{other.name} 0"]  # then ended idle
     finally:
         release.set()
+        await writer.close()
+
+
+def _committed_claims(producer: _Producer) -> set[int]:
+    """The claims in the committed state: what the partition's next owner reads."""
+    offset, metadata = producer.committed
+    return set() if offset is None else {c.offset for c in decode(offset, metadata).claims}
+
+
+async def _queued_claim(writer: PartitionWriter, offset: int) -> asyncio.Task[None]:
+    """A claim submitted while the partition is owned and left in the queue: a tick is in flight
+    (the fake coordinator takes ACK_S to add its partitions), so the claim waits for the next."""
+    assert writer.ledger is not None
+    writer.ledger.start(offset)
+    claim = asyncio.get_running_loop().create_task(writer.claim(offset, attempts=1))
+    await until(lambda: any(i.claim is not None for i in writer._queue), timeout_s=5, interval_s=0.001)
+    return claim
+
+
+@pytest.mark.parametrize("then", ["reown", "hand_off"])
+async def test_a_claim_queued_before_a_revocation_is_held_then_sent_or_revoked(then: str) -> None:
+    """Revoked with a claim queued: no tick commits it while the rebalance runs (the next owner
+    may already be reading the committed state for a live owner's claims). Kept, it goes at
+    once; handed off, it fails `Revoked` uncommitted, and its call is never made here."""
+    writer, producer = await _writer(tick_ms=200)
+    try:
+        outcome = asyncio.ensure_future(_outcome(writer, 0))  # a tick in flight
+        await until(lambda: "begin" in producer.events, timeout_s=5, interval_s=0.001)
+        claim = await _queued_claim(writer, 1)
+        writer.suspend()
+        await outcome
+        await asyncio.sleep(0.5)  # ticks would have come (a heartbeat, the claim's linger)
+        assert not claim.done()
+        assert _committed_claims(producer) == set(), "a claim committed while revoked"
+        if then == "reown":
+            writer.reown()
+            await asyncio.wait_for(claim, 5)
+            assert _committed_claims(producer) == {1}
+        else:
+            writer.hand_off()
+            with pytest.raises(Revoked):
+                await asyncio.wait_for(claim, 5)
+            await asyncio.sleep(0.3)
+            assert _committed_claims(producer) == set()
+    finally:
         await writer.close()
