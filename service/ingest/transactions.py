@@ -34,6 +34,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from service.config import txn_sender
 from service.ingest.sending import Item, route, send_all
@@ -51,6 +52,12 @@ JOIN_ROUNDS = 4
 """How many times a transaction waiting for its partitions takes in what came meanwhile."""
 
 Offsets = dict[TopicPartition, tuple[int, str]]
+
+
+class ProducerBroken(KafkaError):  # type: ignore[misc]  # aiokafka is untyped
+    """The producer's sender died (aiokafka's FATAL_ERROR: a broker went away mid-batch): no
+    transaction can begin, commit or abort on it. Raised where aiokafka would fail an
+    assertion, as the KafkaError the writer recovers from by initialising a new producer."""
 
 
 class Transactions:
@@ -82,6 +89,8 @@ class Transactions:
     @property
     def _producer(self) -> AIOKafkaProducer:
         assert self.producer is not None
+        if _broken(self.producer):
+            raise ProducerBroken("the producer's sender failed; it is to be initialised again")
         return self.producer
 
     async def send(
@@ -139,6 +148,8 @@ class Transactions:
     async def abort(self) -> None:
         self._open = False
         self.drop_prewrite()
+        if self.producer is not None and _broken(self.producer):
+            return  # nothing ends through it: initialising its successor aborts the transaction
         await self._producer.abort_transaction()
 
     async def begin_ahead(self, expected: bool, offsets: Offsets | None = None) -> None:
@@ -228,6 +239,11 @@ class Transactions:
             return
         self._prepared_at = None
         await self.commit()
+
+
+def _broken(producer: AIOKafkaProducer) -> bool:
+    txn = producer._txn_manager  # None: not transactional
+    return txn is not None and bool(txn.is_fatal_error())
 
 
 def _retrieve(task: asyncio.Task[object]) -> None:

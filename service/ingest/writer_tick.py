@@ -239,6 +239,8 @@ class TickWriter:
             await self._turns.next().begin_ahead(expected, offsets)
         except ProducerFenced as exc:
             raise self._fenced() from exc
+        except KafkaError as exc:  # nothing in it yet: the next tick on it fails, and recovers
+            log.warning("beginning a transaction ahead failed", extra={"error": type(exc).__name__})
 
     async def _end_idle(self) -> None:
         """End a transaction begun ahead if nothing came for it (the writer stays idle)."""
@@ -253,6 +255,13 @@ class TickWriter:
                 await self._turns.end_idle()
             except ProducerFenced as exc:
                 raise self._fenced() from exc
+            except KafkaError as exc:
+                # it held nothing new (the last tick's offsets again): committed or not, the
+                # state is as before; new producers, and on if that state is still ours
+                self._warn_failed(exc)
+                assert self.ledger is not None
+                committed, _ = await self._reopen()
+                self._still_ours(self.ledger, committed)
 
     async def mark(self, partitions: list[TopicPartition]) -> None:
         """Commit a transaction holding `partitions` on each producer (the one begun ahead, if
@@ -269,6 +278,19 @@ class TickWriter:
         """After a failed or aborted tick: re-initialise the producer (which completes or
         aborts the open transaction), read the commit, and go on only if it is still ours.
         Then the tick's items either committed (settled now) or go back in the queue."""
+        committed, delay = await self._reopen()
+        if committed.owner == self.owner and committed.seq == snap.seq and committed.commit == snap.commit:
+            self._settle(ledger, taken, snap, seen=True)  # it did commit (read stable: seen)
+            return
+        self._still_ours(ledger, committed)
+        self._requeue(taken)  # it did not commit: again
+        if self._failures > 1:
+            await asyncio.sleep(delay)
+
+    async def _reopen(self) -> tuple[Snapshot, float]:
+        """Re-initialise the producers, retrying with backoff until the brokers answer, and
+        read the commit: (it, the next backoff). Not once the partition is another's: their
+        initialisation would fence its new owner."""
         if self.state is not State.OWNED and self.state is not State.SUSPENDED:
             raise Fenced(f"{self.tp}: transaction failed during handoff")
         self._failures += 1
@@ -276,20 +298,15 @@ class TickWriter:
         while True:
             try:
                 await self._open_producer()
-                committed = await self._read_committed()
-                break
+                return await self._read_committed(), delay
             except KafkaError as exc:
                 log.warning("writer recovery failed, retrying", extra={"error": type(exc).__name__})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        if committed.owner == self.owner and committed.seq == snap.seq and committed.commit == snap.commit:
-            self._settle(ledger, taken, snap, seen=True)  # it did commit (read stable: seen)
-            return
+
+    def _still_ours(self, ledger: PartitionLedger, committed: Snapshot) -> None:
         if committed.seq != ledger.seq or committed.owner != self._last_owner:
             raise Fenced(f"{self.tp}: the committed state was written by another owner")
-        self._requeue(taken)  # it did not commit: again
-        if self._failures > 1:
-            await asyncio.sleep(delay)
 
     def _settle(self, ledger: PartitionLedger, taken: list[Item], snap: Snapshot, seen: bool = False) -> None:
         """Committed: outcomes are done; claims are done once the commit is seen (`claims_seen`)."""

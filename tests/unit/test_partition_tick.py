@@ -15,7 +15,8 @@ from typing import Any, cast
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.producer.transaction_manager import TransactionManager
 
 from service.config import txn_sender
 from service.config.settings import KafkaSettings
@@ -43,6 +44,8 @@ class _Producer:
         self._offsets: dict[TopicPartition, tuple[int, str]] = {}
         self.committed: tuple[int | None, str] = (None, "")
         """What the group's offsets show (its commits, once committed)."""
+        self._txn_manager: TransactionManager | None = None
+        """aiokafka's transaction state, read to tell a producer whose sender died."""
 
     async def start(self) -> None:
         pass
@@ -465,5 +468,117 @@ async def test_a_claim_queued_before_a_revocation_is_held_then_sent_or_revoked(t
                 await asyncio.wait_for(claim, 5)
             await asyncio.sleep(0.3)
             assert _committed_claims(producer) == set()
+    finally:
+        await writer.close()
+
+
+class _RealTxnState(_Producer):
+    """A producer whose transaction state is aiokafka's own `TransactionManager`: begin, commit
+    and abort go through its state transitions, so a step its state forbids fails as in
+    aiokafka (an AssertionError). `sender_dies`: the first send fails the way aiokafka's does
+    when its sender task dies mid-batch (a broker went away): FATAL_ERROR, then a KafkaError."""
+
+    def __init__(self, shared: dict[str, tuple[int | None, str]], sender_dies: bool) -> None:
+        super().__init__()
+        self._shared = shared
+        self._sender_dies = sender_dies
+        self._txn_manager = TransactionManager("t", 60_000)
+        self._txn_manager.set_pid_and_epoch(1, 0)
+
+    async def begin_transaction(self) -> None:
+        self._txn_manager.begin_transaction()
+        await super().begin_transaction()
+
+    async def send(self, topic: str, value: bytes, **kw: Any) -> asyncio.Future[None]:
+        if self._sender_dies:
+            error = KafkaError("Unexpected error during batch delivery")
+            self._txn_manager.fatal_error(error)  # as aiokafka's Sender._fail_all
+            raise error
+        return await super().send(topic, value, **kw)
+
+    async def commit_transaction(self) -> None:
+        self._txn_manager.committing_transaction()
+        self._txn_manager.complete_transaction()
+        await super().commit_transaction()
+        self._shared["committed"] = self.committed
+
+    async def abort_transaction(self) -> None:
+        self._txn_manager.aborting_transaction()
+        self._txn_manager.complete_transaction()
+        await super().abort_transaction()
+
+
+async def test_a_producer_whose_sender_died_is_replaced_and_the_tick_goes_again() -> None:
+    """A broker restart can kill a producer's sender mid-tick (aiokafka: FATAL_ERROR). Its
+    transaction cannot be aborted through it (aiokafka would fail an assertion), and the writer
+    must not die of that: its calls in flight would lose their answers. New producers are
+    initialised (which ends the transaction), the commit read, and the outcome sent again."""
+    shared: dict[str, tuple[int | None, str]] = {"committed": (None, "")}
+    made: list[_RealTxnState] = []
+
+    def factory(_id: str) -> _RealTxnState:
+        made.append(_RealTxnState(shared, sender_dies=len(made) == 1))  # the second: the first tick's
+        return made[-1]
+
+    async def fetch_committed(tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
+        return shared["committed"]
+
+    settings = KafkaSettings.model_validate(
+        {"eos_tick_ms": 1, "eos_handoff_max_s": 0, "eos_prepared_idle_ms": 0, "eos_producers": 1}
+    )
+    writer = PartitionWriter(TP, settings, "me", fetch_committed, producer_factory=factory)
+    await writer.start()  # made[0]: fencing at the start, replaced before the first tick
+    await writer._open_producer()  # made[1]: the producer whose sender dies
+    try:
+        await asyncio.wait_for(_outcome(writer, 0), 5)
+        assert writer.failure is None
+        assert len(made) == 3
+        assert made[1]._txn_manager.is_fatal_error()
+        assert made[2].commits == 1
+        assert shared["committed"][0] == 1
+    finally:
+        await writer.close()
+
+
+async def test_a_transaction_begun_ahead_whose_idle_commit_fails_does_not_stop_the_writer() -> None:
+    """A broker restart fails the commit of a transaction begun ahead that nothing used. It
+    held nothing new, so the writer initialises its producers again and goes on: it must not
+    die, taking the answers of its calls in flight with it."""
+    shared: dict[str, tuple[int | None, str]] = {"committed": (None, "")}
+    made: list[_RealTxnState] = []
+    commits: list[int] = []
+
+    def factory(_id: str) -> _RealTxnState:
+        p = _RealTxnState(shared, sender_dies=False)
+        commit = p.commit_transaction
+
+        async def commit_or_fail() -> None:
+            commits.append(1)
+            if p is made[0] and len(commits) == 4:  # the three ticks', then the idle one
+                p._txn_manager.fatal_error(KafkaError("Unexpected error during batch delivery"))
+                raise KafkaError("Unexpected error during batch delivery")
+            await commit()
+
+        p.commit_transaction = commit_or_fail  # type: ignore[method-assign]
+        made.append(p)
+        return p
+
+    async def fetch_committed(tp: TopicPartition, stable: bool) -> tuple[int | None, str]:
+        return shared["committed"]
+
+    settings = KafkaSettings.model_validate(
+        {"eos_tick_ms": 1, "eos_handoff_max_s": 0, "eos_prepared_idle_ms": 100, "eos_producers": 1}
+    )
+    writer = PartitionWriter(TP, settings, "me", fetch_committed, producer_factory=factory)
+    await writer.start()
+    try:
+        for offset in range(3):
+            await asyncio.wait_for(_outcome(writer, offset), 5)
+        await until(lambda: len(made) == 2, timeout_s=5, interval_s=0.01)  # failed idle: a new one
+        assert writer.failure is None
+        await asyncio.wait_for(_outcome(writer, 3), 5)
+        assert writer.failure is None
+        assert shared["committed"][0] == 4
+        assert made[1].commits >= 1
     finally:
         await writer.close()

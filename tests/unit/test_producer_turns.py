@@ -57,6 +57,7 @@ class _Producer:
         self.group, self.name = group, name
         self._offsets: tuple[int, tuple[int, str]] | None = None
         self._sent: list[bytes] = []
+        self._txn_manager = None  # aiokafka's transaction state: none here, so never failed
 
     def _log(self, what: str) -> None:
         self.group.log.append(f"{self.name} {what}")
