@@ -54,7 +54,14 @@ async def await_handoff(
     let the commit land with its claims and the calls go on unpublished: unknown outcomes
     from a graceful handoff. A commit that stays pending while nothing new shows for three
     heartbeats (at least 3 s) belongs to an owner that is gone (killed with a transaction
-    open): fencing aborts it."""
+    open): fencing aborts it.
+
+    Its heartbeats: it is live while its last commit is at most three heartbeats old (by its
+    clock), or, on a loaded host whose heartbeats come late, while that commit is younger than
+    half a group session (a member silent that long is about to leave the group) and we have
+    not yet watched it stay unchanged for three heartbeats. An owner killed with claims is
+    found only once its session expired: its last commit is older than that, and it is gone
+    at once."""
     deadline = time.monotonic() + settings.eos_handoff_max_s
     stale_ms = max(3_000, int(settings.eos_heartbeat_s * 3_000))
     seen: Snapshot | None = None
@@ -72,8 +79,10 @@ async def await_handoff(
         now = time.monotonic()
         if snap != seen:
             seen, changed = snap, now
-        heartbeats = time.time() * 1000 - snap.written_at_ms <= stale_ms
-        commits = pending and (now - changed) * 1000 <= stale_ms
+        age_ms, quiet_ms = time.time() * 1000 - snap.written_at_ms, (now - changed) * 1000
+        late = age_ms <= settings.session_timeout_ms / 2 and quiet_ms <= stale_ms
+        heartbeats = age_ms <= stale_ms or late
+        commits = pending and quiet_ms <= stale_ms
         if not heartbeats and not commits:
             return  # its owner stopped committing: gone
         await asyncio.sleep(0.2 if foreign else 0.05)

@@ -117,3 +117,36 @@ def test_our_own_last_commit_is_not_waited_for(monkeypatch: pytest.MonkeyPatch) 
         lambda t: Snapshot(10, claims=(claim,), owner=NEW, written_at_ms=EPOCH_MS), pending=lambda t: True
     )
     assert waited(mine, monkeypatch) == 0
+
+
+def test_a_live_owner_whose_heartbeats_come_late_is_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loaded host (replicas starting on two cores) delays the owner's heartbeat commits: its
+    last one is 4 s old when we look, yet it commits again at 2 s and 4.5 s and publishes at
+    7 s. Taken for gone at once, its call's answer would be lost (an unknown outcome in a
+    graceful join)."""
+    claim = Claim(10, EPOCH_MS - 4_000, 1, OLD)
+
+    def committed(t: float) -> Snapshot:
+        if t >= 7:
+            return snap(t, 11, written_s=7)
+        return snap(t, claims=(claim,), written_s=-4 if t < 2 else 2 if t < 4.5 else 4.5)
+
+    owner = Owner(committed)
+    assert 7 <= waited(owner, monkeypatch) < 7.5
+
+
+def test_a_silent_owner_whose_last_commit_is_younger_than_a_session_is_watched_three_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    claim = Claim(10, EPOCH_MS - 4_000, 1, OLD)
+    owner = Owner(lambda t: snap(t, claims=(claim,), written_s=-4))  # 4 s old, then nothing
+    assert 3 <= waited(owner, monkeypatch) < 3.5
+
+
+def test_the_claims_of_an_owner_gone_for_a_session_do_not_hold_the_takeover(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # killed with a call in flight: its partitions move once its session (45 s) expired
+    claim = Claim(10, EPOCH_MS - 46_000, 1, OLD)
+    owner = Owner(lambda t: snap(t, claims=(claim,), written_s=-45.5))
+    assert waited(owner, monkeypatch) == 0
