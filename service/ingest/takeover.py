@@ -57,11 +57,11 @@ async def await_handoff(
     open): fencing aborts it.
 
     Its heartbeats: it is live while its last commit is at most three heartbeats old (by its
-    clock), or, on a loaded host whose heartbeats come late, while that commit is younger than
-    half a group session (a member silent that long is about to leave the group) and we have
-    not yet watched it stay unchanged for three heartbeats. An owner killed with claims is
-    found only once its session expired: its last commit is older than that, and it is gone
-    at once."""
+    clock), or, on a loaded host whose heartbeats come late, while we have not yet watched
+    that commit stay unchanged for three heartbeats, unless it is older than a group session
+    less a consumer heartbeat. An owner killed with claims loses its partitions only once its
+    session expired, at least that long after its last commit (made before its last consumer
+    heartbeat, or at most one consumer heartbeat after it): it is gone at once."""
     deadline = time.monotonic() + settings.eos_handoff_max_s
     stale_ms = max(3_000, int(settings.eos_heartbeat_s * 3_000))
     seen: Snapshot | None = None
@@ -80,7 +80,7 @@ async def await_handoff(
         if snap != seen:
             seen, changed = snap, now
         age_ms, quiet_ms = time.time() * 1000 - snap.written_at_ms, (now - changed) * 1000
-        late = age_ms <= settings.session_timeout_ms / 2 and quiet_ms <= stale_ms
+        late = age_ms < settings.session_timeout_ms - settings.heartbeat_interval_ms and quiet_ms <= stale_ms
         heartbeats = age_ms <= stale_ms or late
         commits = pending and quiet_ms <= stale_ms
         if not heartbeats and not commits:

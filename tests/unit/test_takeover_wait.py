@@ -138,15 +138,16 @@ def test_a_live_owner_whose_heartbeats_come_late_is_waited_for(monkeypatch: pyte
 def test_a_silent_owner_whose_last_commit_is_younger_than_a_session_is_watched_three_seconds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    claim = Claim(10, EPOCH_MS - 4_000, 1, OLD)
-    owner = Owner(lambda t: snap(t, claims=(claim,), written_s=-4))  # 4 s old, then nothing
+    claim = Claim(10, EPOCH_MS - 30_000, 1, OLD)
+    owner = Owner(lambda t: snap(t, claims=(claim,), written_s=-30))  # 30 s old, then nothing
     assert 3 <= waited(owner, monkeypatch) < 3.5
 
 
 def test_the_claims_of_an_owner_gone_for_a_session_do_not_hold_the_takeover(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # killed with a call in flight: its partitions move once its session (45 s) expired
-    claim = Claim(10, EPOCH_MS - 46_000, 1, OLD)
-    owner = Owner(lambda t: snap(t, claims=(claim,), written_s=-45.5))
+    # killed with a call in flight: its partitions move once its session (45 s) expired, at
+    # most one consumer heartbeat (3 s) after its last commit
+    claim = Claim(10, EPOCH_MS - 43_000, 1, OLD)
+    owner = Owner(lambda t: snap(t, claims=(claim,), written_s=-42))
     assert waited(owner, monkeypatch) == 0
