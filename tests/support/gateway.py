@@ -73,7 +73,10 @@ class World:
                 "deadletter_topic_prefix": f"{self.tag}.deadletter.",
                 "usage_topic": self.usage_topic,
                 "metadata_max_age_ms": 2_000,
-                "session_timeout_ms": 10_000,
+                # Kafka's least by default (group.min.session.timeout.ms): a replica a test
+                # kills leaves the group, and its partitions move on, 6 s later
+                "session_timeout_ms": 6_000,
+                "heartbeat_interval_ms": 1_500,
             },
             "anthropic": {"base_url": sim_url, "timeout_s": 30},
             "retry": {"base_delay_s": 0.05, "max_delay_s": 0.5, "max_attempts": 6},
