@@ -47,6 +47,8 @@ from bench.chaos.verify import (
 
 SIM_RPM = 60_000  # the org limit, in the simulator and in the gateways' limiter: far above the traffic
 GROUP = "chaos-gateway"
+AIM_WAIT_S = 3.0
+"""How long a kill aimed at the batch worker waits for a batch in progress upstream."""
 
 #: The gateways' `batches:` with batch traffic: batches form within a second (of at most 40
 #: requests) and their results are published 10 per transaction, so that a kill finds
@@ -282,11 +284,15 @@ class Run:
             if worker is None:
                 worker = await asyncio.to_thread(self.watch.worker, list(self.fleet.replicas))
         aim = worker is not None and self._aim.random() < self.o.batch_worker_kills
-        in_progress = 0
-        if self.batch_share > 0:
-            with contextlib.suppress(OSError, ValueError):
-                stats = await asyncio.to_thread(self.sim.stats)
-                in_progress = int((stats.get("batches") or {}).get("in_progress") or 0)
+        in_progress = await self._batches_in_progress()
+        if aim and in_progress == 0:
+            # batches form within a second and take a few upstream: a kill aimed at the worker
+            # waits (a little) for one to be in progress, so that it hits a batch mid-flight
+            # (a worker still taking the pending partition over may have none yet)
+            waited_until = time.monotonic() + AIM_WAIT_S
+            while in_progress == 0 and time.monotonic() < waited_until:
+                await asyncio.sleep(0.1)
+                in_progress = await self._batches_in_progress()
         killed = await self.fleet.kill_random(prefer=worker if aim else None)
         if killed is None:
             return
@@ -299,6 +305,16 @@ class Run:
                 "none" if worker is None else f"gateway-{worker}, {load:g} open batches and forming requests"
             )
             self.event(f"  ({who}; batch worker: {held}; {in_progress} batches in progress upstream)")
+
+    async def _batches_in_progress(self) -> int:
+        """Batches the simulator is processing (0 without batch traffic, or if it does not answer)."""
+        assert self.sim is not None
+        if self.batch_share <= 0:
+            return 0
+        with contextlib.suppress(OSError, ValueError):
+            stats = await asyncio.to_thread(self.sim.stats)
+            return int((stats.get("batches") or {}).get("in_progress") or 0)
+        return 0
 
     async def _restart_broker(self) -> None:
         self.event("broker restart: stop (SIGTERM), start with the data kept")
