@@ -7,6 +7,9 @@ for every command), `GATEWAY_<SECTION>__<SETTING>` overrides of the file
 
 `run` reports every start-up failure as one JSON log line on stderr (the format of
 the service's logs) and exits 2; tools (`config check`, `dlq`) answer people in text.
+A stop whose drain left claimed calls without a published answer (the drain timed out, or
+the brokers stayed away) exits `EXIT_LEFT_UNPUBLISHED` (75, EX_TEMPFAIL), after an error
+log line with their count: the partitions' next owners resolve them by policy.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from service.version import version
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
+
+EXIT_LEFT_UNPUBLISHED = 75
 
 log = logging.getLogger("service")
 
@@ -194,15 +199,16 @@ def _run(path: str) -> int:
     except ImportError:  # pragma: no cover - uvloop is optional off Linux
         pass
     try:
-        asyncio.run(_serve(path, tracer_provider))
+        left = asyncio.run(_serve(path, tracer_provider))
     except (ConfigError, RegistryError, SecretResolutionError) as exc:
         return _cannot_start(exc)
     finally:
         shutdown_provider(tracer_provider)  # flushes the spans still batched
-    return 0
+    return EXIT_LEFT_UNPUBLISHED if left else 0
 
 
-async def _serve(path: str, tracer_provider: TracerProvider | None = None) -> None:
+async def _serve(path: str, tracer_provider: TracerProvider | None = None) -> int:
+    """Serve until a stop signal; returns how many claimed calls the drain left unpublished."""
     from service.app import Gateway
 
     environ = dict(os.environ)
@@ -232,3 +238,4 @@ async def _serve(path: str, tracer_provider: TracerProvider | None = None) -> No
         await watching
         await collecting
         slow.cancel()
+    return gateway.ingest.left_unpublished

@@ -232,6 +232,16 @@ class Broker:
             raise RuntimeError(f"the broker came back on {bootstrap}, not {self.bootstrap}")
         return time.monotonic() - began
 
+    async def stop(self) -> None:
+        """Stop it (SIGTERM, a clean shutdown), its data kept: an outage until `resume`."""
+        await self._run(self.kl.stop, self.directory)
+
+    async def resume(self) -> None:
+        """Start it again after `stop`, with its data, on the same bootstrap."""
+        bootstrap = await self._run(self.kl.start, self.directory, die_with_parent=True, keep_data=True)
+        if bootstrap != self.bootstrap:
+            raise RuntimeError(f"the broker came back on {bootstrap}, not {self.bootstrap}")
+
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, lambda: fn(*args, **kwargs))

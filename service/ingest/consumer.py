@@ -97,6 +97,8 @@ class IngestLoop:
         """Partitions this replica owns now (a replica beyond the partition count owns none and
         idles, joined)."""
         self.draining = False
+        self.left_unpublished = 0
+        """After the drain: our claimed calls whose answers it could not publish."""
         self._started = False
         self.broker_seen_at: float | None = None
         """`time.monotonic()` of the broker's last answer (metadata probe, fetch with records, commit)."""
@@ -341,7 +343,7 @@ class IngestLoop:
         if consumer is not None:
             with contextlib.suppress(IllegalStateError):
                 consumer.pause(*consumer.assignment())
-        await self.ownership.drain(self.settings.runtime.drain_timeout_s)
+        self.left_unpublished = await self.ownership.drain(self.settings.runtime.drain_timeout_s)
 
 
 def _by_partition(fetched: Fetched) -> dict[TopicPartition, list[ConsumerRecord | Undecodable]]:

@@ -41,6 +41,8 @@ from service.ingest.stable_offsets import commit_pending, fetch_committed_stable
 log = logging.getLogger(__name__)
 
 WRITER_RETRY_S = 1.0
+CLOSE_AFTER_DRAIN_S = 2.0
+"""Once the drain timed out, how long the writers get to commit what finished."""
 
 
 class RecordSink:
@@ -108,6 +110,8 @@ class Ownership:
         self.sinks: dict[TopicPartition, dict[int, tuple[RecordSink, asyncio.Task[None]]]] = defaultdict(dict)
         self.closed = False
         """Draining or stopped: no writer opens any more."""
+        self._retaking: dict[TopicPartition, int] = {}
+        """Partitions taken over again after their writer failed: our claims it left."""
 
     def writer(self, tp: TopicPartition) -> PartitionWriter | None:
         """The partition's writer if records may be dispatched to it now."""
@@ -136,6 +140,7 @@ class Ownership:
             starting = self._starting.pop(tp, None)
             if starting is not None:
                 starting.cancel()
+            self._retaking.pop(tp, None)
             self.retire(writer)
         with contextlib.suppress(IllegalStateError):
             self._consumer().pause(*assigned)  # until each writer is ready
@@ -161,6 +166,8 @@ class Ownership:
                     },
                 )
                 self.retire(writer)
+                # its calls' answers are lost; retaken, the partition resolves their claims
+                self._retaking[tp] = self._retaking.get(tp, 0) + writer.own_claims()
                 self._open(tp)
 
     # -- writers ------------------------------------------------------------------------
@@ -219,6 +226,7 @@ class Ownership:
                 )
                 await asyncio.sleep(WRITER_RETRY_S)
         self._starting.pop(tp, None)
+        self._retaking.pop(tp, None)
         if self.writers.get(tp) is not writer:
             self.retire(writer)
             return
@@ -243,9 +251,10 @@ class Ownership:
                 },
             )
 
-    def retire(self, writer: PartitionWriter) -> None:
-        """The partition is someone else's: cancel work not claimed, let claimed calls finish."""
-        writer.hand_off()
+    def retire(self, writer: PartitionWriter, stopping: bool = False) -> None:
+        """The partition is someone else's (or will be: we are `stopping`): cancel work not
+        claimed, let claimed calls finish."""
+        writer.hand_off(self._assigned_here(writer.tp) if stopping else None)
         sinks = self.sinks.pop(writer.tp, {})
         for sink, task in sinks.values():
             if not sink.claiming:
@@ -255,6 +264,14 @@ class Ownership:
         self.retiring.add(task)
         self._retiring_by_tp[writer.tp] = task
         task.add_done_callback(self.retiring.discard)
+
+    def _assigned_here(self, tp: TopicPartition) -> Callable[[], bool]:
+        def assigned() -> bool:
+            with contextlib.suppress(IllegalStateError):
+                return tp in self._consumer().assignment()
+            return False
+
+        return assigned
 
     async def _close_after(self, writer: PartitionWriter, pending: list[asyncio.Task[None]]) -> None:
         try:
@@ -290,16 +307,19 @@ class Ownership:
         for writer in writers:
             await writer.close()
 
-    async def drain(self, timeout_s: float) -> None:
-        """Stop: no new claims, claimed calls finish within `timeout_s`, finished work commits."""
+    async def drain(self, timeout_s: float) -> int:
+        """Stop: no new claims, claimed calls finish within `timeout_s`, finished work commits.
+        Returns how many of our claimed calls it leaves without a published answer (the drain
+        timed out, or a writer failed): the partitions' next owners resolve those by policy."""
         self.closed = True
+        retaking = sum(self._retaking.get(tp, 0) for tp in self._starting)
         for task in self._starting.values():
             task.cancel()
         writers = list(self.writers.values())
         self.writers.clear()
         self.ready.clear()
         for writer in writers:
-            self.retire(writer)
+            self.retire(writer, stopping=True)
         if self.retiring:
             log.info("draining calls in flight", extra={"count": len(self.retiring)})
             _, still = await asyncio.wait(set(self.retiring), timeout=timeout_s)
@@ -307,5 +327,13 @@ class Ownership:
                 log.warning(
                     "drain timed out; calls in flight are left to the next owner", extra={"count": len(still)}
                 )
-                for writer in writers:
-                    await writer.close()
+                # what finished meanwhile commits now, unless the brokers are away
+                await asyncio.gather(*(w.close(CLOSE_AFTER_DRAIN_S) for w in writers))
+        left = sum(w.own_claims() for w in writers) + retaking
+        if left:
+            log.error(
+                "stopped with claimed calls whose answers are not published; the partitions' "
+                "next owners resolve them by each partner's on_unknown policy",
+                extra={"count": left},
+            )
+        return left

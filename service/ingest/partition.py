@@ -118,6 +118,7 @@ class PartitionWriter(TickWriter):
         """Who wrote the latest commit we know of (ours once we committed)."""
         self.failure: BaseException | None = None
         self._closing = False
+        self._ours_while_stopping: Callable[[], bool] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -172,11 +173,14 @@ class PartitionWriter(TickWriter):
             self._owned.set()
             self._wake.set()  # the claims held while it was revoked go now
 
-    def hand_off(self) -> None:
+    def hand_off(self, ours_while_stopping: Callable[[], bool] | None = None) -> None:
         """Another replica owns it now: calls already claimed finish and commit (until fenced);
-        requests waiting for a claim get `Revoked`."""
+        requests waiting for a claim get `Revoked`. Handed off because this replica stops,
+        `ours_while_stopping` tells whether the group still assigns it here: while it does,
+        a failed transaction is recovered as by an owner (`_may_reopen`)."""
         if self.state in (State.OWNED, State.SUSPENDED, State.STARTING):
             self.state = State.HANDOFF
+            self._ours_while_stopping = ours_while_stopping
             self._owned.set()  # wake claim waiters so they see HANDOFF
             self.handed_off.set()  # and retries waiting out their delay
             # claims queued before the revocation, held since (`tick.py`): never committed,
@@ -185,21 +189,30 @@ class PartitionWriter(TickWriter):
             self._queue = [i for i in self._queue if i.claim is None]
             fail(held, Revoked(f"{self.tp} is owned by another replica"))
 
+    def own_claims(self) -> int:
+        """Claims of ours committed and not resolved: calls whose answers are not published."""
+        ledger = self.ledger
+        return 0 if ledger is None else sum(c.owner == self.owner for c in ledger.claims.values())
+
     def take_transactions(self) -> int:
         """Transactions committed since the last call (for the metrics)."""
         n, self.transactions = self.transactions, 0
         return n
 
-    async def close(self) -> None:
-        """Commit what is finished, then stop the producer."""
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Commit what is finished (for at most `timeout_s`: a tick waiting for a broker that
+        is away waits without end), then stop the producer."""
         if self.state is State.CLOSED:
             return
         self._closing = True  # the last tick begins nothing ahead
         if self._loop_task is not None and self.failure is None:
+            deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
             with contextlib.suppress(Exception):
-                await self._tick()
+                async with asyncio.timeout_at(deadline):
+                    await self._tick()
             with contextlib.suppress(Exception):
-                await self._resolve_in_turn(wait=True)
+                async with asyncio.timeout_at(deadline):
+                    await self._resolve_in_turn(wait=True)
         self.state = State.CLOSED
         self.handed_off.set()
         self._fail_all(Fenced(f"{self.tp} writer closed"))

@@ -122,12 +122,13 @@ class Turns:
         if opening is not None and not opening.done():
             opening.cancel()
             await asyncio.wait([opening])
+        stopping = []
         for txns in self.txns:
             txns.drop_prewrite()
             producer, txns.producer = txns.producer, None
             if producer is not None:
-                with contextlib.suppress(Exception):
-                    await producer.stop()
+                stopping.append(_stop(producer))
+        await asyncio.gather(*stopping)
 
     async def heal(self, topics: list[str]) -> None:
         """End what any of the producers' ids left hanging (`hanging.heal`)."""
@@ -147,3 +148,18 @@ class Turns:
         """A transaction holding `partitions` committed by every producer (none committing)."""
         for txns in self.txns:
             await txns.mark(partitions)
+
+
+PRODUCER_STOP_S = 3.0
+"""How long a producer's stop may take. With a broker away, aiokafka's sender waits for its
+requests in flight without end (a transactional offset commit looks for its coordinator)."""
+
+
+async def _stop(producer: AIOKafkaProducer) -> None:
+    try:
+        await asyncio.wait_for(producer.stop(), PRODUCER_STOP_S)  # cancelled: so are its requests
+    except TimeoutError:
+        with contextlib.suppress(Exception):
+            await producer.client.close()  # its connections: the stop never got to them
+    except Exception:  # noqa: BLE001 - a producer that fails to stop is gone all the same
+        return

@@ -70,6 +70,8 @@ class TickWriter:
     _last_owner: str
     """Who wrote the latest commit we know of (ours once we committed)."""
     _closing: bool
+    _ours_while_stopping: Callable[[], bool] | None
+    """Handed off by our own stop: whether the group still assigns the partition here."""
 
     async def _open_producer(self) -> None:
         raise NotImplementedError
@@ -291,11 +293,11 @@ class TickWriter:
         """Re-initialise the producers, retrying with backoff until the brokers answer, and
         read the commit: (it, the next backoff). Not once the partition is another's: their
         initialisation would fence its new owner."""
-        if self.state is not State.OWNED and self.state is not State.SUSPENDED:
-            raise Fenced(f"{self.tp}: transaction failed during handoff")
         self._failures += 1
         delay = min(5.0, 0.05 * 2**self._failures)
         while True:
+            if not self._may_reopen():
+                raise Fenced(f"{self.tp}: transaction failed during handoff")
             try:
                 await self._open_producer()
                 return await self._read_committed(), delay
@@ -303,6 +305,15 @@ class TickWriter:
                 log.warning("writer recovery failed, retrying", extra={"error": type(exc).__name__})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _may_reopen(self) -> bool:
+        """Whether initialising the producers fences no one but ourselves: the partition is
+        ours, or it is handed off only because we stop and the group still assigns it here
+        (a broker restart during the drain must not lose the answers of the calls finishing)."""
+        if self.state is State.OWNED or self.state is State.SUSPENDED:
+            return True
+        stopping = self._ours_while_stopping
+        return self.state is State.HANDOFF and stopping is not None and stopping()
 
     def _still_ours(self, ledger: PartitionLedger, committed: Snapshot) -> None:
         if committed.seq != ledger.seq or committed.owner != self._last_owner:

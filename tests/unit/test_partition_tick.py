@@ -582,3 +582,44 @@ async def test_a_transaction_begun_ahead_whose_idle_commit_fails_does_not_stop_t
         assert made[1].commits >= 1
     finally:
         await writer.close()
+
+
+@pytest.mark.parametrize("stopping", [True, False])
+async def test_a_transaction_failing_while_we_stop_is_recovered_only_if_the_partition_is_still_ours(
+    stopping: bool,
+) -> None:
+    """A broker restart during our own drain fails the transaction of an outcome. The group
+    still assigns the partition here (we have not left it), so initialising the producers
+    again fences no one else: the writer recovers and the answer is published. Handed off to
+    another replica, it must not (that would fence the new owner): the outcome is `Fenced`."""
+    writer, producer = await _writer(tick_ms=1)
+    sent = producer.send_offsets_to_transaction
+    failures: list[int] = []
+    reinitialised: list[int] = []
+
+    async def fail_once(offsets: Any, group_id: str) -> None:
+        if not failures:
+            failures.append(1)
+            raise KafkaConnectionError("the broker restarts")
+        await sent(offsets, group_id)
+
+    async def start() -> None:
+        reinitialised.append(1)
+
+    try:
+        await _outcome(writer, 0)
+        producer.send_offsets_to_transaction = fail_once  # type: ignore[method-assign]
+        producer.start = start  # type: ignore[method-assign]
+        writer.hand_off((lambda: True) if stopping else None)
+        outcome = _outcome(writer, 1)
+        if stopping:
+            await asyncio.wait_for(outcome, 5)
+            assert reinitialised == [1]
+            assert producer.committed[0] == 2
+        else:
+            with pytest.raises(Fenced):
+                await asyncio.wait_for(outcome, 5)
+            assert reinitialised == []
+            assert producer.committed[0] == 1
+    finally:
+        await writer.close()
