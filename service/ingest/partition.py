@@ -183,11 +183,19 @@ class PartitionWriter(TickWriter):
             self._ours_while_stopping = ours_while_stopping
             self._owned.set()  # wake claim waiters so they see HANDOFF
             self.handed_off.set()  # and retries waiting out their delay
-            # claims queued before the revocation, held since (`tick.py`): never committed,
-            # their calls never made; the next owner makes them
-            held = [i for i in self._queue if i.claim is not None]
-            self._queue = [i for i in self._queue if i.claim is None]
-            fail(held, Revoked(f"{self.tp} is owned by another replica"))
+            self._revoke_queued_claims()
+
+    def _revoke_queued_claims(self) -> None:
+        """Claims queued before the hand-off (held since the revocation, `tick.py`, or back
+        from a failed tick): never committed, their calls never made; the next owner makes them."""
+        held = [i for i in self._queue if i.claim is not None]
+        self._queue = [i for i in self._queue if i.claim is None]
+        fail(held, Revoked(f"{self.tp} is owned by another replica"))
+
+    def _requeue(self, taken: list[Item]) -> None:
+        super()._requeue(taken)
+        if self.state is State.HANDOFF:  # recovered during our own stop (`_may_reopen`)
+            self._revoke_queued_claims()
 
     def own_claims(self) -> int:
         """Claims of ours committed and not resolved: calls whose answers are not published."""

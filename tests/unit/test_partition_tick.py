@@ -623,3 +623,36 @@ async def test_a_transaction_failing_while_we_stop_is_recovered_only_if_the_part
             assert producer.committed[0] == 1
     finally:
         await writer.close()
+
+
+async def test_a_claim_in_a_tick_failing_as_we_stop_is_revoked_and_the_outcome_still_goes() -> None:
+    """Our stop begins while a tick holding an outcome and a claim is in flight, and the tick
+    fails (a broker restart). Recovered (the partition is still ours), the outcome goes again;
+    the claim, never committed, fails `Revoked` at once (its call is the next owner's) instead
+    of waiting, held, until the drain times out."""
+    writer, producer = await _writer(tick_ms=1)
+    sent = producer.send_offsets_to_transaction
+    failures: list[int] = []
+
+    async def stop_then_fail(offsets: Any, group_id: str) -> None:
+        if not failures:
+            failures.append(1)
+            writer.hand_off(lambda: True)
+            raise KafkaConnectionError("the broker restarts")
+        await sent(offsets, group_id)
+
+    try:
+        assert writer.ledger is not None
+        producer.send_offsets_to_transaction = stop_then_fail  # type: ignore[method-assign]
+        writer.ledger.start(0)
+        writer.ledger.start(1)
+        outcome = asyncio.ensure_future(writer.publish(0, [OutMessage("claude.responses.p", b"k", b"v")]))
+        claim = asyncio.ensure_future(writer.claim(1, attempts=1))
+        with pytest.raises(Revoked):
+            await asyncio.wait_for(claim, 2)
+        await asyncio.wait_for(outcome, 5)
+        assert failures == [1]
+        assert _committed_claims(producer) == set()
+        assert producer.committed[0] == 1
+    finally:
+        await writer.close()
