@@ -50,7 +50,8 @@ its real-time calls plus its batch entries (by `custom_id`); definitions in veri
 Exit status: 0 when passed, 1 when not (lost, duplicate_outcomes, called_twice_unexplained or,
 with batches, batch_billed_twice_unexplained or realtime_in_a_batch above 0, or no batch
 created; in the rebalance mode also called_twice, outcome_unknown_unexplained (an unknown
-outcome the simulator's dropped connections do not explain) and batch_billed_twice), 2 when the run
+outcome the simulator's dropped connections do not explain), stops_leaving_calls (graceful
+stops that exited 75: their drain left claimed calls unpublished) and batch_billed_twice), 2 when the run
 itself failed (its line then carries `error`). Progress goes to stderr; every process's log
 stays in the run dir (`.run/chaos/<time>-<mode>-seed<seed>/`, with the simulator's call
 counts in `calls.json`).

@@ -428,6 +428,7 @@ class Run:
             "replica_starts": sum(r.starts for r in self.fleet.replicas),
             "replica_unexpected_exits": self.fleet.unexpected_exits,
             "graceful_exit_codes": self.fleet.graceful_stops,
+            "stops_leaving_calls": self.fleet.stops_leaving_calls,
             "billed_twice": figures["billed_twice"],
             "responses": figures["responses"],
             "dead_letters": figures["dead_letters"],
@@ -474,14 +475,16 @@ class Run:
 
 def passed(result: dict[str, Any]) -> bool:
     """The verdict: nothing lost, nothing answered twice, no unexplained double billing;
-    in the rebalance mode (no crash) nothing called twice at all and no `outcome_unknown`
-    but the simulator's dropped connections' (in the chaos mode a writer a broker restart
-    fenced may leave some in a live process: reported, not judged). With batch traffic: no
+    in the rebalance mode (no crash) nothing called twice at all, no `outcome_unknown`
+    but the simulator's dropped connections' and no graceful stop that left claimed calls
+    unpublished (exit 75) (in the chaos mode a writer a broker restart fenced may leave some
+    in a live process: reported, not judged). With batch traffic: no
     batch request billed twice unexplained (in the rebalance mode none at all), no
     real-time request in a batch, and batches were indeed created."""
     bad = result["lost"] or result["duplicate_outcomes"] or result["called_twice_unexplained"]
     if result["mode"] == "rebalance":
         bad = bad or result["called_twice"] or result.get("outcome_unknown_unexplained", 0)
+        bad = bad or result.get("stops_leaving_calls", 0)
     if result.get("batch_share"):
         bad = bad or result["batch_billed_twice_unexplained"] or result["realtime_in_a_batch"]
         bad = bad or not result["batch_requests"] or not result["batches_created"]

@@ -34,6 +34,7 @@ import orjson
 import yaml
 
 from bench.chaos.procs import HOST, free_port, http_json, spawn, stop_process
+from service.cli import EXIT_LEFT_UNPUBLISHED
 
 STOP_TIMEOUT_S = 40.0
 FAILPOINT_EXIT = 137
@@ -92,7 +93,10 @@ class Fleet:
         self.unexpected_exits = 0
         self.graceful_stops: list[int] = []  # exit codes
         self.ungraceful_pids: set[int] = set()
-        """Processes that did not stop gracefully: killed, exited by themselves, aborted."""
+        """Processes that did not stop gracefully: killed, exited by themselves, aborted, or
+        stopped saying they left claimed calls without a published answer (exit 75)."""
+        self.stops_leaving_calls = 0
+        """Graceful stops that exited `EXIT_LEFT_UNPUBLISHED` (a drain that ran out of time)."""
         self._arm = arm
         self.failpoint_exits: dict[str, int] = {}
         """By failpoint name: starts that ended at their failpoint."""
@@ -226,6 +230,9 @@ class Fleet:
                 self.ungraceful_pids.add(proc.pid)
                 _abort(proc)
                 code = stop_process(proc, 0.0)  # SIGKILL if even that did not end it
+            if code == EXIT_LEFT_UNPUBLISHED:  # its log line counts them
+                self.ungraceful_pids.add(proc.pid)
+                self.stops_leaving_calls += 1
         replica.state = State.STOPPED
         return code
 

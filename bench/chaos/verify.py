@@ -26,7 +26,8 @@ What is counted (only requests whose produce was acknowledged):
   simulator dropped one of the request's connections after the work (`billed` above `ok`:
   the gateway could not know the answer), or the claim the dead letter reports was made by
   a process that did not stop gracefully (killed with -9, exited by itself or at a
-  failpoint, aborted on a stuck stop: `ungraceful_pids`). A graceful rebalance never leaves
+  failpoint, aborted on a stuck stop, or stopped saying it left claimed calls without a
+  published answer, exit 75: `ungraceful_pids`). A graceful rebalance never leaves
   one (found by CI: a takeover fenced a replica whose commit with claims was in flight).
 - `billed_twice`: more than one `billed` call (a dropped connection then a retry counts);
   reported, not judged.

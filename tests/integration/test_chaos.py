@@ -214,6 +214,9 @@ def test_the_verifier_explains_an_unknown_outcome_only_by_a_dropped_call_or_a_lo
     assert passed(rebalance)
     assert not passed(rebalance | {"outcome_unknown_unexplained": 2})
     assert passed(rebalance | {"mode": "chaos", "outcome_unknown_unexplained": 2}), "reported, not judged"
+    # a graceful stop whose drain left claimed calls unpublished (exit 75) fails a rebalance run
+    assert not passed(rebalance | {"stops_leaving_calls": 1})
+    assert passed(rebalance | {"mode": "chaos", "stops_leaving_calls": 1})
 
 
 def test_the_batch_worker_is_the_last_running_replica_that_took_the_pending_partition(
