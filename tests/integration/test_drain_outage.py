@@ -12,12 +12,13 @@ import signal
 import subprocess
 from pathlib import Path
 
+import orjson
 import pytest
 
 from bench.chaos.procs import Broker
 from service.cli import EXIT_LEFT_UNPUBLISHED
 from service.simulator import SimulatorConfig, SimulatorServer
-from tests.support.gateway import World, collect, make_world, produce, spread
+from tests.support.gateway import World, collect, make_world, produce, request
 from tests.support.polling import until
 from tests.support.process import exit_code, start_process
 
@@ -27,13 +28,33 @@ CALL_S = 4.0
 """Each call takes this long: in flight through the broker's stop and the SIGTERM."""
 
 
+MODELS = ("claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-1")
+
+
+def _varied(world: World, prefix: str, n: int) -> list[tuple[str, bytes | None, bytes | None]]:
+    """`n` requests as partners send them: three models, prompts of 5 B to 20 KB as plain
+    text or content blocks, some with an 800 B to 1.6 KB system prompt, keyed or not."""
+    out: list[tuple[str, bytes | None, bytes | None]] = []
+    for i in range(n):
+        text = "word " * (8 ** (i % 5))  # 5 B .. 20 KB
+        blocks = [{"type": "text", "text": text}, {"type": "text", "text": "and?"}]
+        content: object = text if i % 2 else blocks
+        extra = {"system": "Answer briefly. " * ((i + 1) * 50)} if i % 3 == 0 else {}
+        doc = request(f"{prefix}-{i}", model=MODELS[i % 3], max_tokens=16 << (i % 4))
+        params = orjson.loads(doc)
+        params["params"]["messages"] = [{"role": "user", "content": content}]
+        params["params"].update(extra)
+        out.append((world.request_topic("acme"), f"k{i}".encode() if i % 2 else None, orjson.dumps(params)))
+    return out
+
+
 async def _stop_during_an_outage(
     world: World, sim: SimulatorServer, broker: Broker, tmp: Path, name: str, prefix: str, n: int, **env: str
 ) -> subprocess.Popen[bytes]:
     """A gateway with `n` calls in flight; then the broker stops, then the gateway is SIGTERMed."""
     proc = start_process(world, sim.url, tmp, name, env=env)
     before = sim.stats()["calls_total"]
-    await produce(world.bootstrap, spread(world, n, prefix))
+    await produce(world.bootstrap, _varied(world, prefix, n))
     await until(lambda: sim.stats()["calls_total"] - before >= n, timeout_s=60, interval_s=0.05)
     await broker.stop()  # every call in flight: no answer can be published now
     proc.send_signal(signal.SIGTERM)
