@@ -63,6 +63,7 @@ async def _stop_during_an_outage(
 
 async def test_a_stop_during_a_broker_outage_publishes_or_says_it_could_not(tmp_path: Path) -> None:
     broker = Broker(tmp_path / "kafka")
+    procs: list[subprocess.Popen[bytes]] = []  # killed at the end if a stop hangs
     try:
         await broker.start()
         world = await make_world(broker.bootstrap, tmp_path, ["acme"], partitions=2)
@@ -73,6 +74,7 @@ async def test_a_stop_during_a_broker_outage_publishes_or_says_it_could_not(tmp_
             n = 6
             # back within the drain (20 s): the answers go out once it is, and the stop is clean
             proc = await _stop_during_an_outage(world, sim, broker, tmp_path, "back", "b", n)
+            procs.append(proc)
             await broker.resume()
             assert await exit_code(proc, 60) == 0
             out = await collect(world, n, timeout_s=30, settle_s=1.0)
@@ -83,6 +85,7 @@ async def test_a_stop_during_a_broker_outage_publishes_or_says_it_could_not(tmp_
             proc = await _stop_during_an_outage(
                 world, sim, broker, tmp_path, "away", "a", n, GATEWAY_RUNTIME__DRAIN_TIMEOUT_S="3"
             )
+            procs.append(proc)
             assert await exit_code(proc, 60) == EXIT_LEFT_UNPUBLISHED
             log = (tmp_path / "away.log").read_text()
             assert "stopped with claimed calls whose answers are not published" in log
@@ -91,6 +94,7 @@ async def test_a_stop_during_a_broker_outage_publishes_or_says_it_could_not(tmp_
             # the next owner: each call was made, its answer lost: `outcome_unknown` (the
             # default policy), never called again
             nxt = start_process(world, sim.url, tmp_path, "next")
+            procs.append(nxt)
             try:
                 out = await collect(world, 2 * n, timeout_s=90, settle_s=1.0)
             finally:
@@ -102,4 +106,8 @@ async def test_a_stop_during_a_broker_outage_publishes_or_says_it_could_not(tmp_
             assert out.reasons() == {"outcome_unknown": n}
             assert sim.calls(min_ok=2)["calls_by_request"] == {}, "a request was called twice"
     finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         broker.close(remove_data=True)
