@@ -46,8 +46,6 @@ class Committing:
     txns: Transactions
     tick: TickContents
     task: asyncio.Task[None] = field(init=False)
-    settled: bool = False
-    """Committed and settled (whatever the task does after that)."""
 
     @property
     def taken(self) -> list[Item]:

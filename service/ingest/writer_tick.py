@@ -177,9 +177,9 @@ class TickWriter:
         self.transactions += 1
         self._failures = 0
         self._settle(ledger, committing.taken, committing.tick.snap)
-        committing.settled = True
         if self._turns.next() is committing.txns and not self._closing:  # one producer
-            await self._begin_ahead(None, committing.tick.offsets(self.tp))  # begins after this commit
+            # begins after this commit; its failure is its own (`_begin_ahead`), not the commit's
+            await self._begin_ahead(None, committing.tick.offsets(self.tp))
             self._wake.set()  # the loop's wait is now until it is to be ended, if nothing comes
 
     def _committed(self, task: asyncio.Task[None]) -> None:
@@ -203,9 +203,6 @@ class TickWriter:
             fail(committing.taken, fenced)
             raise fenced from exc
         except KafkaError as exc:
-            if committing.settled:  # what failed came after its commit (beginning the next)
-                log.warning("beginning a transaction ahead failed", extra={"error": type(exc).__name__})
-                return True
             self._warn_failed(exc)
         assert self.ledger is not None
         await self._reopen_verified(self.ledger, committing.taken, committing.tick.snap)
