@@ -60,8 +60,27 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
-def _image(rng: random.Random) -> dict[str, Any]:
-    w, h = rng.choice([(320, 240), (800, 600), (1024, 768), (1092, 1092), (1920, 1080), (4032, 3024)])
+IMAGE_SIZES: tuple[tuple[int, int], ...] = (
+    (320, 240),
+    (800, 600),
+    (1024, 768),
+    (1092, 1092),
+    (1920, 1080),
+    (4032, 3024),
+)
+"""Width x height of the images `image_block` makes: thumbnails to 12 MP photos."""
+MAX_PDF_PAGES = 20
+
+
+def image_block(rng: random.Random, max_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """A base64 PNG, JPEG or WebP image block of one of `IMAGE_SIZES` (of those at most
+    `max_size` wide and high, when given), its bytes about as many as a compressed image's."""
+    sizes = IMAGE_SIZES
+    if max_size is not None:
+        sizes = tuple((w, h) for w, h in IMAGE_SIZES if w <= max_size[0] and h <= max_size[1])
+        if not sizes:
+            raise ValueError(f"no image size within {max_size}: {IMAGE_SIZES}")
+    w, h = rng.choice(sizes)
     body = bytes(rng.getrandbits(8) for _ in range(64)) * (w * h // 200)  # ~ a compressed image
     kind = rng.choice(["png", "jpeg", "webp"])
     if kind == "png":
@@ -81,8 +100,9 @@ def _image(rng: random.Random) -> dict[str, Any]:
     return {"type": "image", "source": {"type": "base64", "media_type": media, "data": _b64(raw)}}
 
 
-def _pdf(rng: random.Random) -> dict[str, Any]:
-    pages = rng.randint(1, 20)
+def pdf_block(rng: random.Random, max_pages: int = MAX_PDF_PAGES) -> dict[str, Any]:
+    """A base64 PDF document block of 1 to `max_pages` pages, sparse to dense text."""
+    pages = rng.randint(1, max_pages)
     objs = [b"<< /Type /Catalog /Pages 2 0 R >>"]
     kids = " ".join(f"{3 + 2 * i} 0 R" for i in range(pages))
     objs.append(f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>".encode())
@@ -126,8 +146,9 @@ def _text(rng: random.Random) -> dict[str, Any]:
     return {"model": rng.choice(MODELS), "max_tokens": 64, "messages": messages}
 
 
-def _tools(rng: random.Random) -> dict[str, Any]:
-    tools = [
+def tool_definitions(rng: random.Random) -> list[dict[str, Any]]:
+    """One to eight client tool definitions (`params.tools`)."""
+    return [
         {
             "name": f"tool_{i}",
             "description": _words(rng, rng.randint(5, 60)),
@@ -135,6 +156,10 @@ def _tools(rng: random.Random) -> dict[str, Any]:
         }
         for i in range(rng.randint(1, 8))
     ]
+
+
+def _tools(rng: random.Random) -> dict[str, Any]:
+    tools = tool_definitions(rng)
     return _params(rng, [_question(rng)], tools=tools)
 
 
@@ -158,8 +183,10 @@ def _url(kind: str) -> Callable[[random.Random], dict[str, Any]]:
 
 KINDS: dict[str, Callable[[random.Random], dict[str, Any]]] = {
     "text": _text,
-    "image": lambda rng: _params(rng, [_image(rng) for _ in range(rng.randint(1, 3))] + [_question(rng)]),
-    "pdf": lambda rng: _params(rng, [_pdf(rng), _question(rng)]),
+    "image": lambda rng: _params(
+        rng, [image_block(rng) for _ in range(rng.randint(1, 3))] + [_question(rng)]
+    ),
+    "pdf": lambda rng: _params(rng, [pdf_block(rng), _question(rng)]),
     "tools": _tools,
     "url_document": _url("document"),
     "url_image": _url("image"),

@@ -9,7 +9,10 @@ faults (7% 500, 7% 529, 6% connections dropped after the work) and gateway repli
 separate processes (`python -m service run`) sharing the org limit through Redis. Three
 partners (`alpha` and `bravo` with `on_unknown: deadletter`, `charlie` with
 `on_unknown: retry` when the gateway knows that setting) send requests of mixed sizes
-(40 B to 40 kB of prompt), models and max_tokens.
+(40 B to 40 kB of prompt), models and max_tokens, content types (30% with images, a PDF or
+tool definitions) and Kafka headers (60% with a W3C `traceparent`, some with `tracestate`;
+none to 80 application headers, up to 16 KiB, binary, null, not UTF-8, repeated):
+bench/chaos/traffic.py.
 
 - `--mode chaos` (default 10,000 requests): kill -9 of a random replica every 3-7 s, each
   restarted a second later; a scale from 3 replicas to 4 (at 30% of the traffic) and down to 2
@@ -35,20 +38,22 @@ verifier (bench/chaos/verify.py, definitions there) counts. stdout gets one JSON
 
     {"bench": "chaos", "requests": 10000, "lost": 0, "duplicate_outcomes": 0, "called_twice": N,
      "called_twice_unexplained": 0, "outcome_unknown": K, "outcome_unknown_unexplained": U,
-     "kills": M, "broker_restarts": 1,
+     "trace_context_lost": 0, "kills": M, "broker_restarts": 1,
      "batch_share": 0.25, "batch_requests": 2456, "batch_lost": 0, "batch_duplicated": 0,
      "batch_billed_twice": B, "batch_billed_twice_unexplained": 0, "batches_created": C,
      "kills_with_batches_in_progress": P, "kills_of_batch_worker": W, "failpoint_exits": {...},
      "wall_s": ..., "mode": "chaos", ... "passed": true}
 
 (after those figures come details: seed, timings, replica starts, dead-letter reasons,
-`billed_twice`, the batch path's own (served by batch or in real time, billed in two batches
+`billed_twice`, the requests whose trace context was judged and which outcomes lost it, the
+batch path's own (served by batch or in real time, billed in two batches
 or in a batch and in real time, real-time requests found in a batch, the simulator's entry
 results, its recoveries counted in the replicas' logs), transactions left open on outcome
 partitions, the run dir; `failures`, when any, shows examples of each). A request's calls are
 its real-time calls plus its batch entries (by `custom_id`); definitions in verify.py.
-Exit status: 0 when passed, 1 when not (lost, duplicate_outcomes, called_twice_unexplained or,
-with batches, batch_billed_twice_unexplained or realtime_in_a_batch above 0, or no batch
+Exit status: 0 when passed, 1 when not (lost, duplicate_outcomes, called_twice_unexplained,
+trace_context_lost (an outcome without its request's trace id) or, with batches,
+batch_billed_twice_unexplained or realtime_in_a_batch above 0, or no batch
 created; in the rebalance mode also called_twice, outcome_unknown_unexplained (an unknown
 outcome the simulator's dropped connections do not explain), stops_leaving_calls (graceful
 stops that exited 75: their drain left claimed calls unpublished) and batch_billed_twice), 2 when the run

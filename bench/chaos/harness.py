@@ -411,6 +411,7 @@ class Run:
             **{k: figures[k] for k in ("lost", "duplicate_outcomes", "called_twice")},
             **{k: figures[k] for k in ("called_twice_unexplained", "outcome_unknown")},
             "outcome_unknown_unexplained": figures["outcome_unknown_unexplained"],
+            "trace_context_lost": figures["trace_context_lost"],
             "kills": self.fleet.kills,
             "broker_restarts": self.broker_restarts,
             "batch_share": self.batch_share,
@@ -434,6 +435,8 @@ class Run:
             "dead_letters": figures["dead_letters"],
             "dead_letter_reasons": figures["dead_letter_reasons"],
             "responses_without_a_billed_call": figures["responses_without_a_billed_call"],
+            "traced_requests": figures["traced_requests"],
+            "trace_context_lost_by_outcome": figures["trace_context_lost_by_outcome"],
             "on_unknown_supported": self.on_unknown,
             "unknown_retries_metric": retries,
             **{k: figures[k] for k in BATCH_DETAILS},
@@ -474,7 +477,8 @@ class Run:
 
 
 def passed(result: dict[str, Any]) -> bool:
-    """The verdict: nothing lost, nothing answered twice, no unexplained double billing;
+    """The verdict: nothing lost, nothing answered twice, no unexplained double billing, no
+    outcome without the trace context its request carried (`trace_context_lost`);
     in the rebalance mode (no crash) nothing called twice at all, no `outcome_unknown`
     but the simulator's dropped connections' and no graceful stop that left claimed calls
     unpublished (exit 75) (in the chaos mode a writer a broker restart fenced may leave some
@@ -482,6 +486,7 @@ def passed(result: dict[str, Any]) -> bool:
     batch request billed twice unexplained (in the rebalance mode none at all), no
     real-time request in a batch, and batches were indeed created."""
     bad = result["lost"] or result["duplicate_outcomes"] or result["called_twice_unexplained"]
+    bad = bad or result.get("trace_context_lost", 0)
     if result["mode"] == "rebalance":
         bad = bad or result["called_twice"] or result.get("outcome_unknown_unexplained", 0)
         bad = bad or result.get("stops_leaving_calls", 0)

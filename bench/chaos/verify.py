@@ -31,6 +31,13 @@ What is counted (only requests whose produce was acknowledged):
   one (found by CI: a takeover fenced a replica whose commit with claims was in flight).
 - `billed_twice`: more than one `billed` call (a dropped connection then a retry counts);
   reported, not judged.
+- `trace_context_lost`: requests that carried a valid W3C `traceparent` (as the gateway
+  judges one: `service.telemetry.tracecontext.trace_context`) with an outcome (response or
+  dead letter) whose headers carry no valid `traceparent` of the same trace id. The gateway
+  copies the request's (tracing off) or sends its own span's, a child in the same trace
+  (tracing on), so only trace ids are compared. A request without one is not judged
+  (`traced_requests`: those judged, with an outcome); `trace_context_lost_by_outcome` says
+  which outcomes lost it (`response/<path>` or `deadletter/<reason>`).
 
 Message Batch entries are counted by the simulator under their `custom_id`
 (`batch_calls_by_custom_id`); the gateway's is `service.batches.routing.custom_id(partner,
@@ -62,7 +69,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +82,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.chaos.procs import http_text
 from bench.chaos.traffic import Request
 from service.batches.routing import custom_id
+from service.telemetry.tracecontext import named_values, trace_context, valid_traceparent
 
 OUTCOME_UNKNOWN = "outcome_unknown"
 EXAMPLES = 5
@@ -91,6 +99,8 @@ class Outcome:
     """A response's `served_by.path` (`batch` from a Message Batch; absent: real time)."""
     claim_pid: int | None = None
     """The process that made the claim a dead letter reports (`claim.owner`: host-pid-random)."""
+    trace_id: str | None = None
+    """The trace id of the outcome's `traceparent` header (the first), when in W3C form."""
 
 
 @dataclass
@@ -101,7 +111,7 @@ class Tally:
     records: int = 0
     unreadable: int = 0
 
-    def add(self, kind: str, value: bytes | None) -> None:
+    def add(self, kind: str, value: bytes | None, headers: Sequence[tuple[str, bytes | None]] = ()) -> None:
         self.records += 1
         try:
             doc = orjson.loads(value or b"")
@@ -119,11 +129,28 @@ class Tally:
             doc.get("reason") == OUTCOME_UNKNOWN and isinstance(claim, dict) and claim.get("attempts") == 2
         )
         retried = bool(doc.get("unknown_retry")) or extra_call_used
-        outcome = Outcome(kind, doc.get("reason"), retried, str(path or "realtime"), _pid(claim))
+        outcome = Outcome(
+            kind, doc.get("reason"), retried, str(path or "realtime"), _pid(claim), _trace_id(headers)
+        )
         self.by_request.setdefault(request_id, []).append(outcome)
 
     def missing(self, requests: Iterable[Request]) -> int:
         return sum(1 for r in requests if r.request_id not in self.by_request)
+
+
+def _trace_id(headers: Sequence[tuple[str, bytes | None]]) -> str | None:
+    """The trace id of the first `traceparent` header, if it is in W3C form."""
+    value = next(named_values(headers, "traceparent"), None)
+    return value[3:35].decode() if value is not None and valid_traceparent(value) else None
+
+
+def expected_trace_id(req: Request) -> str | None:
+    """The trace id the outcomes of `req` must carry: its `traceparent`'s, when the gateway
+    takes it for a valid one (None: nothing to judge)."""
+    for name, value in trace_context(req.headers):
+        if name == "traceparent":
+            return value[3:35].decode()
+    return None
 
 
 def _pid(claim: object) -> int | None:
@@ -164,7 +191,7 @@ class OutcomeReader:
         for tp, records in batches.items():
             kind = self.kinds[tp.topic]
             for record in records:
-                self.tally.add(kind, record.value)
+                self.tally.add(kind, record.value, record.headers)
 
     async def _loop(self) -> None:
         while True:
@@ -306,19 +333,21 @@ def summarise(
     batch_calls = batch_calls or {}
     ungraceful = set(ungraceful_pids)
     lost = duplicates = called_twice = unexplained = billed_twice = unknown = unknown_unexplained = 0
-    responses = dead_letters = response_without_call = 0
+    responses = dead_letters = response_without_call = traced = trace_lost = 0
     reasons: dict[str, int] = {}
+    trace_lost_by: dict[str, int] = {}
     b: dict[str, int] = dict.fromkeys(BATCH_FIGURES, 0)
     failures: dict[str, list[dict[str, Any]]] = {}
 
-    def failed(kind: str, req: Request, outcomes: list[Outcome], rt: Any, entries: Any) -> None:
+    def failed(kind: str, req: Request, outcomes: list[Outcome], rt: Any, entries: Any, **more: Any) -> None:
         examples = failures.setdefault(kind, [])
         if len(examples) < EXAMPLES:
             seen = [o.reason or o.path if o.kind == "deadletter" else o.path for o in outcomes]
             noted = [o.unknown_retry for o in outcomes]
             examples.append(
                 {"request_id": req.request_id, "urgency": req.urgency, "outcomes": seen,
-                 "unknown_retry": noted, "realtime_calls": dict(rt), "batch_entries": dict(entries)}
+                 "unknown_retry": noted, "realtime_calls": dict(rt), "batch_entries": dict(entries),
+                 **more}
             )  # fmt: skip
 
     for req in requests:
@@ -350,6 +379,19 @@ def summarise(
                         failed("outcome_unknown_unexplained", req, outcomes, rt, entries)
         if any(o.kind == "response" for o in outcomes) and ok == 0:
             response_without_call += 1
+        trace_id = expected_trace_id(req) if outcomes else None
+        if trace_id is not None:
+            traced += 1
+            wrong = [o for o in outcomes if o.trace_id != trace_id]
+            if wrong:
+                trace_lost += 1
+                for o in wrong:
+                    which = f"response/{o.path}" if o.kind == "response" else f"deadletter/{o.reason}"
+                    trace_lost_by[which] = trace_lost_by.get(which, 0) + 1
+                failed(
+                    "trace_context_lost", req, outcomes, rt, entries, content=req.content,
+                    trace_id=trace_id, outcome_trace_ids=[o.trace_id for o in outcomes],
+                )  # fmt: skip
         if billed > 1:
             billed_twice += 1
         if ok > 1:
@@ -388,6 +430,9 @@ def summarise(
         "dead_letters": dead_letters,
         "dead_letter_reasons": dict(sorted(reasons.items())),
         "responses_without_a_billed_call": response_without_call,
+        "traced_requests": traced,
+        "trace_context_lost": trace_lost,
+        "trace_context_lost_by_outcome": dict(sorted(trace_lost_by.items())),
         **b,
         "failures": failures,
     }

@@ -1,12 +1,14 @@
 """The chaos suite, short: `make chaos` runs the long versions (10,000 and 3,000 requests).
 
 Each run test is one run of the harness in bench/chaos (its own broker, Redis, simulator with
-20% faults, gateway replicas as processes) and asserts its verdict: every request has exactly
-one outcome, and no request was billed twice without the `on_unknown: retry` policy
-explaining it (in the rebalance run, none at all). In the chaos run a quarter of the requests
-go to Message Batches, and the kills aim at the batch worker while it has batches open: no
-batch request is lost, answered twice, or billed twice (in two batches, or in a batch and in
-real time). The run's logs stay in the test's tmp_path (the failure message names the dir).
+20% faults, gateway replicas as processes; requests with images, PDFs, tools, trace context and
+headers of every kind, see bench/chaos/traffic.py) and asserts its verdict: every request has
+exactly one outcome, carrying the trace id its request sent, and no request was billed twice
+without the `on_unknown: retry` policy explaining it (in the rebalance run, none at all). In
+the chaos run a quarter of the requests go to Message Batches, and the kills aim at the batch
+worker while it has batches open: no batch request is lost, answered twice, or billed twice
+(in two batches, or in a batch and in real time). The run's logs stay in the test's tmp_path
+(the failure message names the dir).
 The last test feeds the verifier made-up counts: each way of failing is counted as one.
 """
 
@@ -69,8 +71,11 @@ async def test_chaos_short_kills_a_broker_restart_and_scaling(tmp_path: Path) ->
     assert result["kills"] == 2
     assert result["broker_restarts"] == 1
     assert result["requests"] == 600
-    verdict = {k: result[k] for k in ("lost", "duplicate_outcomes", "called_twice_unexplained")}
-    assert verdict == {"lost": 0, "duplicate_outcomes": 0, "called_twice_unexplained": 0}, json.dumps(result)
+    verdict = {
+        k: result[k] for k in ("lost", "duplicate_outcomes", "called_twice_unexplained", "trace_context_lost")
+    }
+    assert verdict == dict.fromkeys(verdict, 0), json.dumps(result)
+    assert result["traced_requests"] > 0, json.dumps(result)
     assert 100 <= result["batch_requests"] <= 200, result["batch_requests"]
     assert result["batches_created"] > 0, json.dumps(result)
     # the batch worker died mid-batch: a kill aimed at it, or a failpoint (between an intent and
@@ -94,8 +99,9 @@ async def test_rebalance_short_join_and_leave_call_nothing_twice(tmp_path: Path)
     print(json.dumps(result))
     assert result["kills"] == 0
     assert result["requests"] == 700
-    verdict = {k: result[k] for k in ("lost", "duplicate_outcomes", "called_twice")}
-    assert verdict == {"lost": 0, "duplicate_outcomes": 0, "called_twice": 0}, json.dumps(result)
+    verdict = {k: result[k] for k in ("lost", "duplicate_outcomes", "called_twice", "trace_context_lost")}
+    assert verdict == dict.fromkeys(verdict, 0), json.dumps(result)
+    assert result["traced_requests"] > 0, json.dumps(result)
 
 
 def test_the_verifier_counts_every_way_a_batch_request_can_fail() -> None:
