@@ -4,6 +4,8 @@ A handed-off request is the partner's record itself (same key, same value bytes,
 same headers, so its signature still verifies) plus one header, `gateway-batch`,
 with where it came from and how it is routed. Only the gateway writes the
 internal topics; a partner's own `gateway-batch` header is dropped when copying.
+The request's W3C trace context is read back from its own headers (`Handoff.trace`), so
+a batch's outcomes carry it as the real-time path's do.
 
 A batch's state (`batches.state_topic`, compacted, keyed by the batch's key) is one
 JSON document, rewritten at each step:
@@ -30,6 +32,7 @@ import orjson
 from service.admission.admit import Admitted, Record, RecordLike
 from service.batches.routing import custom_id
 from service.ingest.sending import OutMessage
+from service.telemetry.tracecontext import trace_context
 
 HEADER = "gateway-batch"
 STATE_VERSION = 1
@@ -54,6 +57,9 @@ class Handoff:
     """Wait until then before forming it into a batch (its budget was exhausted)."""
     back_to_realtime: str | None = None
     """Why the batch path sent it to real time (`expired`, `errored`, ...), with the batch id."""
+    trace: tuple[tuple[str, bytes], ...] = field(default=(), compare=False)
+    """The request's `traceparent`/`tracestate` as its outcomes carry them (`trace_context`):
+    read from the record's own headers by `read_handoff`, never written in the header."""
 
     @property
     def custom_id(self) -> str:
@@ -92,7 +98,9 @@ def _headers_without_ours(headers: Iterable[tuple[Any, Any]]) -> list[tuple[str,
 def handoff_message(topic: str, rec: RecordLike, handoff: Handoff) -> OutMessage:
     """The request, as it came, with the batch path's header: for `topic`."""
     value = rec.value if rec.value is not None else b""
-    headers = (*_headers_without_ours(rec.headers), (HEADER, orjson.dumps(asdict(handoff))))
+    doc = asdict(handoff)
+    del doc["trace"]  # the record's own headers carry it
+    headers = (*_headers_without_ours(rec.headers), (HEADER, orjson.dumps(doc)))
     return OutMessage(topic, rec.key, value, headers)
 
 
@@ -110,8 +118,9 @@ def read_handoff(rec: RecordLike) -> tuple[Handoff, Record]:
         raise BadHandoff(f"no {HEADER} header")
     try:
         doc = orjson.loads(raw)
+        doc.pop("trace", None)
         handoff = Handoff(**doc)
-    except (orjson.JSONDecodeError, TypeError) as exc:
+    except (orjson.JSONDecodeError, TypeError, AttributeError) as exc:
         raise BadHandoff(f"unreadable {HEADER} header: {type(exc).__name__}") from None
     original = Record(
         handoff.topic,
@@ -122,7 +131,7 @@ def read_handoff(rec: RecordLike) -> tuple[Handoff, Record]:
         rec.value,
         tuple(_headers_without_ours(rec.headers)),
     )
-    return handoff, original
+    return replace(handoff, trace=trace_context(original.headers)), original
 
 
 # -- a batch's state ----------------------------------------------------------------------------

@@ -109,16 +109,19 @@ def _response(
             response={"value": b"", "value_size": len(value), "usage": usage},
         )
         messages = [
-            *dead_letter(gs, dl, now),
+            *dead_letter(gs, dl, now, h.trace),
             metering_message(usage_topic, metered, "deadletter", reason.value),
         ]
         return Decision(messages, "deadletter", cost=cost)
-    msg = OutMessage(gs.response_topic(h.partner), h.request_id.encode(), value, JSON)
+    msg = OutMessage(gs.response_topic(h.partner), h.request_id.encode(), value, (*JSON, *h.trace))
     return Decision([msg, metering_message(usage_topic, metered)], "response", cost=cost)
 
 
-def dead_letter(gs: GatewaySettings, dl: DeadLetter, now: float) -> list[OutMessage]:
-    headers = (*JSON, *deadletter_headers(dl, gs.kafka.group_id))
+def dead_letter(
+    gs: GatewaySettings, dl: DeadLetter, now: float, trace: tuple[tuple[str, bytes], ...] = ()
+) -> list[OutMessage]:
+    """The dead letter's message; `trace`: the request's trace context (`Handoff.trace`)."""
+    headers = (*JSON, *trace, *deadletter_headers(dl, gs.kafka.group_id))
     value = encode_deadletter(dl, failed_at=now, max_original_bytes=0)
     return [
         OutMessage(
@@ -136,7 +139,7 @@ def _give_up(
     upstream: UpstreamInfo | None = None,
 ) -> Decision:
     dl = DeadLetter(h.partner, reason, detail, origin_of(h), h.request_id, h.submissions, upstream)
-    return Decision(dead_letter(gs, dl, now), "deadletter")
+    return Decision(dead_letter(gs, dl, now, h.trace), "deadletter")
 
 
 def decide(

@@ -403,4 +403,4 @@ class PendingOwner:
 def _rejected(gs: GatewaySettings, h: Handoff, rejected: Rejected) -> list[OutMessage]:
     detail = rejected.detail
     dl = DeadLetter(h.partner, rejected.reason, detail, origin_of(h), h.request_id, h.submissions)
-    return dead_letter(gs, dl, time.time())
+    return dead_letter(gs, dl, time.time(), h.trace)

@@ -244,3 +244,42 @@ def test_what_each_unbilled_result_becomes(
         doc = orjson.loads(d.messages[0].value)
         assert doc["reason"] == reason
         assert "msgbatch_1" in doc["detail"]
+
+
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize(
+    ("result", "respond_by", "action"),
+    [
+        ({"type": "succeeded", "message": {"id": "m", "usage": {"input_tokens": 1}}}, None, "response"),
+        ({"type": "expired"}, NOW + 10, "deadletter"),
+        ({"type": "errored", "error": {"error": {"type": "invalid_request_error"}}}, None, "deadletter"),
+    ],
+)
+def test_a_batch_outcome_carries_the_requests_trace_context(
+    result: dict[str, object], respond_by: float | None, action: str
+) -> None:
+    """As a real-time outcome does (docs/operations.md, tracing): found missing by the chaos
+    suite's traced traffic, every batch-served response had lost it."""
+    headers = (("x-other", b"\xff" * 20), ("traceparent", TRACEPARENT), ("tracestate", b"a=1,b=2"))
+    rec = Record("claude.requests.acme", 2, 41, 1, b"k", b"{}", headers)
+    msg = handoff_message("pending", rec, _handoff(respond_by=respond_by))
+    assert b"trace" not in dict(msg.headers)[HEADER], "the record's own headers carry it"
+    handoff, _ = read_handoff(Record("pending", 0, 7, 2, msg.key, msg.value, msg.headers))
+    assert handoff.trace == (("traceparent", TRACEPARENT), ("tracestate", b"a=1,b=2"))
+    gs = _settings()
+    d = decide(gs, Router(Turnaround(gs.batches)), handoff, result, "msgbatch_1", NOW)
+    assert d.action == action
+    outcome = d.messages[0]
+    assert outcome.topic == (
+        gs.response_topic("acme") if action == "response" else gs.deadletter_topic("acme")
+    )
+    assert [v for k, v in outcome.headers if k == "traceparent"] == [TRACEPARENT]
+    assert [v for k, v in outcome.headers if k == "tracestate"] == [b"a=1,b=2"]
+    assert all(k != "x-other" for k, _ in outcome.headers), "only the trace context is copied"
+    untraced, _ = read_handoff(
+        Record("pending", 0, 8, 2, None, b"{}", ((HEADER, dict(msg.headers)[HEADER]),))
+    )
+    plain = decide(gs, Router(Turnaround(gs.batches)), untraced, result, "msgbatch_1", NOW)
+    assert all(k not in ("traceparent", "tracestate") for k, _ in plain.messages[0].headers)
