@@ -3,11 +3,21 @@
 One `AsyncAnthropic` per partner key, all sharing one HTTP connection pool.
 The SDK never retries (`max_retries=0`): the service's policy does, through
 the limiter. The SDK's own OpenTelemetry instrumentation makes the CLIENT span.
+
+The SDK warns from inside `create()` about the request (a model past its deprecation date,
+`DeprecationWarning`; thinking on some models, `UserWarning`). A warning must never fail a
+call: under `-W error` or `PYTHONWARNINGS=error` it would raise, and every request for that
+model would become an `internal_error` dead letter. So the SDK's warnings raised through
+`create_message` are ignored (`quiet_sdk_warnings`, installed with each client), and the
+gateway says once per model, as a log line, that partners call a deprecated model and when
+it reaches end of life (the SDK's own table).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -20,7 +30,19 @@ from pydantic import SecretStr
 from service.config.settings import AnthropicSettings
 from service.upstream.errors import InvalidParams
 
+try:  # the SDK's table of deprecated models and their end-of-life dates (what it warns from)
+    from anthropic._data import DEPRECATED_MODELS
+except ImportError:  # pragma: no cover - a later SDK may move it: then no notice, calls unchanged
+    DEPRECATED_MODELS = {}
+
 REQUEST_KEY_HEADER = "x-gateway-request-id"
+log = logging.getLogger("service.upstream")
+
+
+def quiet_sdk_warnings() -> None:
+    """Ignore the warnings the SDK's `create()` raises through `create_message` (attributed to
+    this module by their `stacklevel`), whatever the process's warning filters say."""
+    warnings.filterwarnings("ignore", module=rf"{__name__.replace('.', '[.]')}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +79,8 @@ class ClaudeClient:
         self._open_telemetry = open_telemetry
         self._clients: dict[str, anthropic.AsyncAnthropic] = {}
         self._keys: dict[str, SecretStr] = {}
+        self._deprecated_seen: set[str] = set()
+        quiet_sdk_warnings()
 
     def sync_keys(self, keys: Mapping[str, SecretStr]) -> None:
         """Hold exactly these partners' keys: new and rotated keys are used by the next
@@ -86,6 +110,7 @@ class ClaudeClient:
         client = self._clients.get(partner_id)
         if client is None:
             raise UnknownPartnerKey(partner_id)
+        self._notice_deprecated(partner_id, params.get("model"))
         started = time.perf_counter()
         extra = {REQUEST_KEY_HEADER: request_key} if request_key is not None else None
         try:
@@ -102,6 +127,15 @@ class ClaudeClient:
             headers=headers,
             request_id=headers.get("request-id"),
             elapsed_s=time.perf_counter() - started,
+        )
+
+    def _notice_deprecated(self, partner_id: str, model: object) -> None:
+        if not isinstance(model, str) or model not in DEPRECATED_MODELS or model in self._deprecated_seen:
+            return
+        self._deprecated_seen.add(model)
+        log.warning(
+            "a partner calls a model Anthropic has deprecated; it is called as asked",
+            extra={"partner": partner_id, "model": model, "end_of_life": DEPRECATED_MODELS[model]},
         )
 
     def batches(self, partner_id: str) -> Any:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import httpx2
 import orjson
 import pytest
+from anthropic._data import DEPRECATED_MODELS
 from pydantic import SecretStr
 
 from service.config.settings import AnthropicSettings
@@ -83,4 +87,44 @@ async def test_a_failure_after_sending_is_not_invalid_params() -> None:
     client.sync_keys({"a": SecretStr("sk-a1")})
     with pytest.raises(orjson.JSONDecodeError):  # the gateway's fault to handle, maybe billed
         await client.create_message("a", PARAMS)
+    await client.aclose()
+
+
+async def test_a_deprecated_model_is_called_and_said_once_even_where_warnings_are_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The SDK warns (DeprecationWarning) from `create()` for a model past its deprecation date
+    (claude-sonnet-4-5: end of life November 30th, 2026, in SDK 2.13). Under `-W error` (this
+    suite's `filterwarnings = error`) that warning raised through the call: found when the crash
+    tests' traffic mixed models, every sonnet-4-5 request was an internal_error dead letter."""
+
+    model = "claude-sonnet-4-5"
+    assert model in DEPRECATED_MODELS, "the SDK no longer lists it: pick another deprecated model"
+    sent: list[httpx2.Request] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request)
+        return httpx2.Response(200, content=orjson.dumps(BODY), headers={"content-type": "application/json"})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        client = ClaudeClient(
+            AnthropicSettings(base_url="http://claude.test"),
+            http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)),
+        )
+        client.sync_keys({"a": SecretStr("sk-a1"), "b": SecretStr("sk-b1")})
+        with caplog.at_level(logging.WARNING, logger="service.upstream"):
+            for partner in ("a", "b", "a"):
+                result = await client.create_message(partner, {**PARAMS, "model": model})
+                assert result.body["id"] == "msg_1"
+            await client.create_message("a", PARAMS)
+        with pytest.raises(UserWarning):  # other code keeps the process's filters
+            warnings.warn("still an error elsewhere", UserWarning, stacklevel=1)
+    assert len(sent) == 4
+    notices = [r for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(notices) == 1, "once per model, not per call"
+    assert (notices[0].__dict__["model"], notices[0].__dict__["end_of_life"]) == (
+        model,
+        DEPRECATED_MODELS[model],
+    )
     await client.aclose()
