@@ -140,7 +140,7 @@ def _urgency(urgency: str, respond_by: str) -> dict[str, Any]:
     return {}
 
 
-def _content(rng: random.Random, prompt: str) -> tuple[str, Any, dict[str, Any]]:
+def content(rng: random.Random, prompt: str) -> tuple[str, Any, dict[str, Any]]:
     """A content kind of `CONTENT`, the message's content, and params to add (`tools`)."""
     kind = _pick(rng, CONTENT)
     text = {"type": "text", "text": prompt}
@@ -196,7 +196,7 @@ def app_headers(rng: random.Random) -> tuple[str, list[Header]]:
     return kind, []
 
 
-def _headers(rng: random.Random) -> tuple[Header, ...]:
+def headers(rng: random.Random) -> tuple[Header, ...]:
     """A request's headers: maybe a trace context, and application headers of one kind, the
     trace context at a random place among them."""
     trace = trace_headers(rng) if rng.random() < TRACEPARENT_SHARE else []
@@ -228,7 +228,7 @@ def build_requests(n: int, seed: int, tag: str, batch_share: float = 0.0) -> lis
             urgency = urgent.choice(("batch", "batch+deadline", "auto+deadline", "auto+deadline"))
         model = _pick(rng, MODELS)
         max_tokens = rng.choice(MAX_TOKENS)
-        kind, content, extra = _content(contents, f"Request {i}. {words}")
+        kind, blocks, extra = content(contents, f"Request {i}. {words}")
         doc = {
             "request_id": request_id,
             **_urgency(urgency, respond_by),
@@ -236,12 +236,12 @@ def build_requests(n: int, seed: int, tag: str, batch_share: float = 0.0) -> lis
             "params": {
                 "model": model,
                 "max_tokens": max_tokens,
-                "messages": [{"role": "user", "content": content}],
+                "messages": [{"role": "user", "content": blocks}],
                 **extra,
                 "metadata": {"user_id": f"{partner}:{request_id}"},
             },
         }
-        out.append(Request(partner, request_id, orjson.dumps(doc), urgency, _headers(heads), kind))
+        out.append(Request(partner, request_id, orjson.dumps(doc), urgency, headers(heads), kind))
     return out
 
 

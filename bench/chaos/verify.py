@@ -130,7 +130,7 @@ class Tally:
         )
         retried = bool(doc.get("unknown_retry")) or extra_call_used
         outcome = Outcome(
-            kind, doc.get("reason"), retried, str(path or "realtime"), _pid(claim), _trace_id(headers)
+            kind, doc.get("reason"), retried, str(path or "realtime"), _pid(claim), trace_id_of(headers)
         )
         self.by_request.setdefault(request_id, []).append(outcome)
 
@@ -138,7 +138,7 @@ class Tally:
         return sum(1 for r in requests if r.request_id not in self.by_request)
 
 
-def _trace_id(headers: Sequence[tuple[str, bytes | None]]) -> str | None:
+def trace_id_of(headers: Sequence[tuple[str, bytes | None]]) -> str | None:
     """The trace id of the first `traceparent` header, if it is in W3C form."""
     value = next(named_values(headers, "traceparent"), None)
     return value[3:35].decode() if value is not None and valid_traceparent(value) else None

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from service.simulator import SimulatorConfig, SimulatorServer
-from tests.support.gateway import Outcomes, World, collect, committed_offsets, make_world, produce, spread
+from tests.support.gateway import (
+    Outcomes,
+    World,
+    collect,
+    committed_offsets,
+    make_world,
+    produce,
+    spread,
+    trace_context_lost,
+)
 from tests.support.process import exit_code, start_process
 
 pytestmark = pytest.mark.integration
@@ -50,7 +59,8 @@ async def test_killed_mid_run_and_restarted_gives_exactly_one_outcome_and_bills_
         }
     )
     async with SimulatorServer(cfg) as sim:
-        await produce(world.bootstrap, spread(world, n, "k"))
+        sent = spread(world, n, "k")
+        await produce(world.bootstrap, sent)
         for target in (120, 300):
             proc = start_process(world, sim.url, tmp_path)
             try:
@@ -70,6 +80,7 @@ async def test_killed_mid_run_and_restarted_gives_exactly_one_outcome_and_bills_
     assert not duplicates, f"{len(duplicates)} requests got two outcomes"
     assert calls["calls_by_request"] == {}, "a request was billed twice"
     assert set(out.reasons()) <= {"outcome_unknown"}
+    assert trace_context_lost(sent, out) == [], "an outcome lost its request's trace context"
     for d in out.dead_letters:  # the claim that made it unknown is reported
         assert {"claimed_at", "attempts", "owner"} <= set(d["claim"]), d
 

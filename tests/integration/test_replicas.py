@@ -16,7 +16,15 @@ import yaml
 
 from service.app import Gateway
 from service.simulator import SimulatorConfig, SimulatorServer
-from tests.support.gateway import World, collect, committed_offsets, make_world, produce, spread
+from tests.support.gateway import (
+    World,
+    collect,
+    committed_offsets,
+    make_world,
+    produce,
+    spread,
+    trace_context_lost,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,10 +43,8 @@ async def test_a_replica_joining_and_one_leaving_mid_run_lose_nothing(world: Wor
     )
     async with SimulatorServer(cfg) as sim:
         few = {"partners": [{**p, "max_concurrency": 8} for p in world.settings_dict(sim.url)["partners"]]}
-        await produce(
-            world.bootstrap,
-            spread(world, n, "rb"),
-        )
+        sent = spread(world, n, "rb")
+        await produce(world.bootstrap, sent)
         a = Gateway(world.settings(sim.url, **few), serve_http=False)
         b = Gateway(world.settings(sim.url, **few), serve_http=False)
         stop_a, stop_b = asyncio.Event(), asyncio.Event()
@@ -59,6 +65,7 @@ async def test_a_replica_joining_and_one_leaving_mid_run_lose_nothing(world: Wor
     assert duplicates == 0, "a rebalance redid finished work"
     assert twice == {}, "a rebalance called Claude twice for a request"
     assert out.dead_letters == [], "a graceful handoff leaves no outcome unknown"
+    assert trace_context_lost(sent, out) == [], "an outcome lost its request's trace context"
     committed = await committed_offsets(world, f"{world.tag}-gateway")
     assert sum(committed.values()) == n  # everything finished is committed, by one or the other
 

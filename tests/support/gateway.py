@@ -8,10 +8,11 @@ file per partner (so the simulator's stats show which key each call used).
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,15 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from bench import traffic
+from bench.chaos import traffic as chaos_traffic
+from bench.chaos.verify import trace_id_of
 from service.config.loader import parse_config
 from service.config.settings import GatewaySettings
+from service.telemetry.tracecontext import trace_context
 
 MODEL = "claude-haiku-4-5"
+Headers = tuple[tuple[str, bytes | None], ...]
 
 
 @dataclass
@@ -151,22 +157,41 @@ def request(request_id: str, model: str = MODEL, max_tokens: int = 32, **extra: 
     return orjson.dumps(doc)
 
 
-def spread(world: World, n: int, prefix: str) -> list[tuple[str, bytes | None, bytes | None]]:
-    """`n` valid requests with ids `{prefix}-{i}`, round-robin over the world's partners."""
+Message = tuple[str, bytes | None, bytes | None] | tuple[str, bytes | None, bytes | None, Headers]
+"""(topic, key, value) or (topic, key, value, headers)."""
+
+
+def spread(world: World, n: int, prefix: str) -> list[Message]:
+    """`n` valid requests with ids `{prefix}-{i}`, round-robin over the world's partners, as
+    partners send them: prompts of 40 B to 40 KB, three models, max_tokens 64-4096, system
+    prompts and conversations (`bench.traffic.draw`), a third with images, a PDF or tools, and
+    mixed record headers: a W3C trace context on 60%, application headers of 0 B to 16 KiB,
+    binary, null, not UTF-8, repeated or 80 of them (`bench.chaos.traffic`). Seeded by `prefix`."""
     partners = world.partners
-    return [
-        (world.request_topic(partners[i % len(partners)]), None, request(f"{prefix}-{i}")) for i in range(n)
-    ]
+    rng = random.Random(f"spread-{prefix}")
+    out: list[Message] = []
+    for i in range(n):
+        _, params = traffic.draw(rng)
+        last = params["messages"][-1]
+        _, last["content"], extra = chaos_traffic.content(rng, last["content"])
+        params.update(extra)
+        value = traffic.request_value(f"{prefix}-{i}", params)
+        topic = world.request_topic(partners[i % len(partners)])
+        out.append((topic, None, value, chaos_traffic.headers(rng)))
+    return out
 
 
-async def produce(bootstrap: str, messages: list[tuple[str, bytes | None, bytes | None]]) -> None:
-    """Send (topic, key, value) messages and wait until all are acknowledged."""
+async def produce(bootstrap: str, messages: Sequence[Message]) -> None:
+    """Send (topic, key, value[, headers]) messages and wait until all are acknowledged."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=8 * 1024 * 1024
     )
     await producer.start()
     try:
-        futures = [await producer.send(t, v, key=k) for t, k, v in messages]
+        futures = [
+            await producer.send(m[0], m[2], key=m[1], headers=list(m[3]) if len(m) > 3 else None)
+            for m in messages
+        ]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -177,6 +202,8 @@ class Outcomes:
     responses: list[dict[str, Any]] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     headers: list[list[tuple[str, bytes]]] = field(default_factory=list)
+    trace_ids: dict[str, list[str | None]] = field(default_factory=dict)
+    """By request id: the trace id of each outcome's `traceparent` header (None: none)."""
 
     @property
     def total(self) -> int:
@@ -230,6 +257,7 @@ async def collect(world: World, expected: int, timeout_s: float = 120.0, settle_
         doc = orjson.loads(r.value)
         (out.dead_letters if ".deadletter." in tp.topic else out.responses).append(doc)
         out.headers.append(list(r.headers))
+        out.trace_ids.setdefault(str(doc.get("request_id")), []).append(trace_id_of(r.headers))
 
     tps = [
         TopicPartition(t, i)
@@ -239,6 +267,21 @@ async def collect(world: World, expected: int, timeout_s: float = 120.0, settle_
     ]
     await _read_committed(world, tps, take, lambda: out.total >= expected, timeout_s, settle_s)
     return out
+
+
+def trace_context_lost(messages: Sequence[Message], out: Outcomes) -> list[str]:
+    """Request ids among `messages` that carried a valid W3C `traceparent` (as the gateway
+    judges one) and have an outcome without its trace id (docs/operations.md, tracing)."""
+    lost = []
+    for m in messages:
+        sent = dict(trace_context(m[3])) if len(m) > 3 else {}
+        if "traceparent" not in sent:
+            continue
+        rid = str(orjson.loads(m[2] or b"{}").get("request_id"))
+        want = sent["traceparent"][3:35].decode()
+        if any(t != want for t in out.trace_ids.get(rid, [])):
+            lost.append(rid)
+    return lost
 
 
 async def committed_offsets(world: World, group: str) -> dict[TopicPartition, int]:
