@@ -11,10 +11,21 @@ import signal
 import subprocess
 from pathlib import Path
 
+import orjson
 import pytest
 
 from service.simulator import SimulatorConfig, SimulatorServer
-from tests.support.gateway import Outcomes, collect, committed_offsets, make_world, produce, request
+from tests.support.gateway import (
+    Message,
+    Outcomes,
+    collect,
+    committed_offsets,
+    make_world,
+    produce,
+    request,
+    spread,
+    trace_context_lost,
+)
 from tests.support.process import exit_code, start_process
 
 pytestmark = pytest.mark.integration
@@ -26,20 +37,22 @@ async def _stop(proc: subprocess.Popen[bytes]) -> None:
         assert await exit_code(proc, 60) == 0
 
 
-def _exactly_once(out: Outcomes, ids: set[str], sim: SimulatorServer) -> None:
+def _exactly_once(out: Outcomes, sent: list[Message], sim: SimulatorServer) -> None:
+    ids = {orjson.loads(m[2] or b"{}")["request_id"] for m in sent}
     got = out.request_ids()
     assert set(got) == ids, f"lost {len(ids - set(got))} requests"
     twice = {rid: n for rid, n in got.items() if n > 1}
     assert not twice, f"{len(twice)} requests got more than one outcome"
     assert sim.calls(min_billed=2)["calls_by_request"] == {}, "a request was billed twice"
     assert set(out.reasons()) <= {"outcome_unknown"}, out.reasons()
+    assert trace_context_lost(sent, out) == [], "an outcome lost its request's trace context"
 
 
-@pytest.mark.parametrize("failpoint", ["tick.sent:8", "tick.committed:8"])
+@pytest.mark.parametrize("failpoint", ["tick.sent:20", "tick.committed:20"])
 async def test_a_crash_inside_a_tick_neither_loses_nor_repeats(
     kafka_bootstrap: str, tmp_path: Path, failpoint: str
 ) -> None:
-    """The process dies inside its 8th transaction: after its outcomes were sent but
+    """The process dies inside its 20th transaction: after its outcomes were sent but
     before the commit (they must be aborted and redone once), or right after the commit
     (they must not be redone)."""
     world = await make_world(kafka_bootstrap, tmp_path, ["acme", "globex"])
@@ -47,22 +60,20 @@ async def test_a_crash_inside_a_tick_neither_loses_nor_repeats(
     cfg = SimulatorConfig.model_validate(
         {"api_keys": world.keys, "seed": 21, "latency": {"distribution": "fixed", "fixed_s": 0.02}}
     )
-    ids = {f"t-{i}" for i in range(n)}
+    sent = spread(world, n, "t")  # the partners in turn
     async with SimulatorServer(cfg) as sim:
-        await produce(
-            world.bootstrap,
-            [(world.request_topic(world.partners[i % 2]), None, request(f"t-{i}")) for i in range(n)],
-        )
+        await produce(world.bootstrap, sent)
         crashing = start_process(world, sim.url, tmp_path, "crashing", env={"GATEWAY_FAILPOINT": failpoint})
         assert await exit_code(crashing, 120) == 137, "the failpoint must have fired"
         first = await collect(world, n, timeout_s=2)
+        print(f"\ncrash at {failpoint}: {first.total} of {n} outcomes published before it")
         assert 0 < first.total < n, "the crash must land mid-run"
         restarted = start_process(world, sim.url, tmp_path, "restarted")
         try:
             out = await collect(world, n, timeout_s=120, settle_s=2.0)
         finally:
             await _stop(restarted)
-    _exactly_once(out, ids, sim)
+    _exactly_once(out, sent, sim)
 
 
 @pytest.mark.parametrize("fast", [1_000, pytest.param(5_000, marks=pytest.mark.long)])
@@ -108,7 +119,7 @@ async def test_a_slow_head_with_thousands_finished_behind_it_is_not_redone_after
         finally:
             await _stop(restarted)
         calls = sim.calls()["calls_by_request"]
-    _exactly_once(out, {"head"} | {f"f-{i}" for i in range(fast)}, sim)
+    _exactly_once(out, messages, sim)
     assert out.reasons() == {"outcome_unknown": 1}
     assert all(calls[f"acme:f-{i}"]["all"] == 1 for i in range(fast)), "finished work was redone"
 
@@ -121,14 +132,12 @@ async def test_a_zombie_replica_is_fenced(kafka_bootstrap: str, tmp_path: Path) 
     cfg = SimulatorConfig.model_validate(
         {"api_keys": world.keys, "seed": 23, "latency": {"distribution": "fixed", "fixed_s": 6.0}}
     )
-    ids = {f"z-{i}" for i in range(n)}
+    sent = spread(world, n, "z")
     async with SimulatorServer(cfg) as sim:
         a = start_process(world, sim.url, tmp_path, "a")
         b: subprocess.Popen[bytes] | None = None
         try:
-            await produce(
-                world.bootstrap, [(world.request_topic("acme"), None, request(f"z-{i}")) for i in range(n)]
-            )
+            await produce(world.bootstrap, sent)
             for _ in range(300):  # A alone took both partitions and started every call, none answered yet
                 if sim.stats()["calls_total"] >= n:
                     break
@@ -148,5 +157,5 @@ async def test_a_zombie_replica_is_fenced(kafka_bootstrap: str, tmp_path: Path) 
             await exit_code(a, 10)
             if b is not None:
                 await _stop(b)
-    _exactly_once(out, ids, sim)
+    _exactly_once(out, sent, sim)
     assert out.total == before.total, "the zombie published"
