@@ -147,10 +147,7 @@ def trace_id_of(headers: Sequence[tuple[str, bytes | None]]) -> str | None:
 def expected_trace_id(req: Request) -> str | None:
     """The trace id the outcomes of `req` must carry: its `traceparent`'s, when the gateway
     takes it for a valid one (None: nothing to judge)."""
-    for name, value in trace_context(req.headers):
-        if name == "traceparent":
-            return value[3:35].decode()
-    return None
+    return trace_id_of(trace_context(req.headers))
 
 
 def _pid(claim: object) -> int | None:

@@ -274,11 +274,10 @@ def trace_context_lost(messages: Sequence[Message], out: Outcomes) -> list[str]:
     judges one) and have an outcome without its trace id (docs/operations.md, tracing)."""
     lost = []
     for m in messages:
-        sent = dict(trace_context(m[3])) if len(m) > 3 else {}
-        if "traceparent" not in sent:
+        want = trace_id_of(trace_context(m[3])) if len(m) > 3 else None
+        if want is None:
             continue
         rid = str(orjson.loads(m[2] or b"{}").get("request_id"))
-        want = sent["traceparent"][3:35].decode()
         if any(t != want for t in out.trace_ids.get(rid, [])):
             lost.append(rid)
     return lost
