@@ -248,6 +248,8 @@ class Pipeline:
                     # the next owner calls it afresh rather than take its outcome for unknown
                     await sink.release()
                     await self.admission.release(adm)
+                elif unknown_retry is not None:  # the extra call after an unknown outcome: the
+                    sink.leave()  # next owner makes it, under the claim of the one that may be billed
                 raise
             if isinstance(dispatched, Rejected):
                 return _Failed(

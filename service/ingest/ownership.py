@@ -83,6 +83,11 @@ class RecordSink:
         await self._writer.release(self.offset)
         self.claimed = False
 
+    def leave(self) -> None:
+        """Our claim's last call had an unknown outcome and its retry is left to the next
+        owner: the claim stays, and the stop does not count it as an answer lost."""
+        self._writer.leave(self.offset, self.attempts)
+
     async def publish(self, messages: list[OutMessage], *, linger: bool = False) -> None:
         """The outcome of a record that made no call (a cache hit, a rejection) does not wait
         for the tick's linger unless asked to (`linger`): its publish is all its latency."""
@@ -330,6 +335,13 @@ class Ownership:
                 # what finished meanwhile commits now, unless the brokers are away
                 await asyncio.gather(*(w.close(CLOSE_AFTER_DRAIN_S) for w in writers))
         left = sum(w.own_claims() for w in writers) + retaking
+        unknown = sum(w.left_unknown() for w in writers)
+        if unknown:
+            log.warning(
+                "stopped with calls of unknown outcome awaiting their extra call; the partitions' "
+                "next owners make it (on_unknown: retry)",
+                extra={"count": unknown},
+            )
         if left:
             log.error(
                 "stopped with claimed calls whose answers are not published; the partitions' "

@@ -119,6 +119,9 @@ class PartitionWriter(TickWriter):
         self.failure: BaseException | None = None
         self._closing = False
         self._ours_while_stopping: Callable[[], bool] | None = None
+        self._left_unknown: set[tuple[int, int]] = set()
+        """(offset, attempts) of our claims left on purpose to the next owner: their last
+        call's outcome was unknown and their partner's policy allows one extra call (`leave`)."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -198,9 +201,34 @@ class PartitionWriter(TickWriter):
             self._revoke_queued_claims()
 
     def own_claims(self) -> int:
-        """Claims of ours committed and not resolved: calls whose answers are not published."""
+        """Claims of ours committed and not resolved whose answers we had and did not publish
+        (not those left on purpose with an unknown outcome: `left_unknown`)."""
+        return sum(not left for left in self._own_claims())
+
+    def left_unknown(self) -> int:
+        """Claims of ours still committed that `leave` left to the next owner."""
+        return sum(self._own_claims())
+
+    def _own_claims(self) -> list[bool]:
         ledger = self.ledger
-        return 0 if ledger is None else sum(c.owner == self.owner for c in ledger.claims.values())
+        if ledger is None:
+            return []
+        left = self._left_unknown
+        return [(c.offset, c.attempts) in left for c in ledger.claims.values() if c.owner == self.owner]
+
+    def leave(self, offset: int, attempts: int) -> None:
+        """The request's last call under our claim had an unknown outcome and its retry is left
+        to the partition's next owner (we stop, or the partition went elsewhere): the claim
+        stays committed, so that owner makes the one extra call `on_unknown: retry` allows."""
+        ledger = self.ledger
+        claim = None if ledger is None else ledger.claims.get(offset)
+        if claim is None or claim.owner != self.owner or claim.attempts != attempts:
+            return
+        self._left_unknown.add((offset, attempts))
+        log.info(
+            "a call of unknown outcome is left to the partition's next owner for its extra call",
+            extra={"topic": self.tp.topic, "partition": self.tp.partition, "offset": offset},
+        )
 
     def take_transactions(self) -> int:
         """Transactions committed since the last call (for the metrics)."""

@@ -35,6 +35,7 @@ from tests.support.outcomes import (
     stop_gateway,
     world_with_limits,
 )
+from tests.support.polling import until
 from tests.support.trust import metric
 
 pytestmark = pytest.mark.integration
@@ -108,6 +109,44 @@ async def test_dropped_calls_follow_each_partners_on_unknown_policy(
         f"\nunknown outcomes: acme {len(dropped)}/{n} dead-lettered; globex {len(retried)} retried "
         f"({len(twice_unknown)} unknown twice), metric {retries_metric:g}"
     )
+
+
+async def test_a_stop_before_the_extra_call_leaves_it_to_the_next_owner_as_no_lost_answer(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Seen in a chaos rebalance run: a replica stopped (SIGTERM) while an `on_unknown: retry`
+    request waited to retry a dropped call. The extra call is left to the partition's next
+    owner under the claim of the call that may be billed; the stop must not report it as an
+    answer it failed to publish (error, exit 75), and the next owner makes the extra call once."""
+    world = await make_world(kafka_bootstrap, tmp_path, ["globex"], partitions=1)
+    ids = [f"globex-{i}" for i in range(4)]
+    messages: list[Message] = [(world.request_topic("globex"), r.encode(), request(r)) for r in ids]
+    policy = partners_with(world, "", globex={"on_unknown": "retry"})["partners"]
+    waits = {"retry": {"base_delay_s": 30, "max_delay_s": 30, "max_elapsed_s": 600}}
+    async with SimulatorServer(sim_config(world, faults={"drop_rate": 1.0})) as dropping:
+        gateway, stop, task = await start_gateway(world, dropping.url, partners=policy, **waits)
+        await produce(world.bootstrap, messages)
+        await until(lambda: len(calls_of(dropping, "globex")) == len(ids), timeout_s=30)
+        started = time.monotonic()
+        await stop_gateway(stop, task)  # each request waits 30 s to retry: the stop cuts it short
+        stopped_s = time.monotonic() - started
+        first = calls_of(dropping, "globex")
+    assert {rid: c["billed"] for rid, c in first.items()} == dict.fromkeys(ids, 1)
+    assert gateway.ingest.left_unpublished == 0, "an unknown outcome left on purpose is no lost answer"
+    assert stopped_s < 15, f"the stop waited {stopped_s:.1f} s for retries it leaves to the next owner"
+    async with SimulatorServer(sim_config(world)) as sim:
+        nxt, stop, task = await start_gateway(world, sim.url, partners=policy)
+        try:
+            out = await collect(world, len(ids), timeout_s=60, settle_s=1.0)
+        finally:
+            await stop_gateway(stop, task)
+        second = calls_of(sim, "globex")
+    assert {rid: c["billed"] for rid, c in second.items()} == dict.fromkeys(ids, 1), "one extra call each"
+    assert out.request_ids() == Counter(ids)
+    assert out.dead_letters == []
+    for response in out.responses:
+        assert response["unknown_retry"]["previous_attempts"] == 1, response
+    assert metric(nxt.metrics.registry, "gateway_unknown_retries_total", {"partner": "globex"}) == len(ids)
 
 
 async def test_a_response_over_the_topic_limit_is_dead_lettered_with_its_digest(

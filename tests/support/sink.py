@@ -18,12 +18,16 @@ class MemorySink:
         self.owner = "test"
         self.handed_off = False
         self.published: list[OutMessage] = []
+        self.left = False
 
     async def claim(self, attempts: int) -> None:
         self.claimed, self.attempts = True, attempts
 
     async def release(self) -> None:
         self.claimed = False
+
+    def leave(self) -> None:
+        self.left = True
 
     async def backoff(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
