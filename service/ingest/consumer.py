@@ -60,7 +60,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._loop = loop
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self._loop.on_revoked(list(revoked))
+        await self._loop.on_revoked(list(revoked))
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self._loop.on_assigned(list(assigned))
@@ -291,10 +291,10 @@ class IngestLoop:
 
     # -- rebalances ----------------------------------------------------------------
 
-    def on_revoked(self, revoked: list[TopicPartition]) -> None:
-        """No waiting here (a slow revocation stalls the whole group): writers keep
-        committing what finishes; new claims wait for the assignment."""
-        self.ownership.on_revoked(revoked)
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """No waiting for calls here (a slow revocation stalls the whole group): writers
+        keep committing what finishes; new claims wait for the assignment."""
+        await self.ownership.on_revoked(revoked)
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
         registry = self._registry()

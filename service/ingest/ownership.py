@@ -3,9 +3,11 @@
 - A partition assigned to us gets a `PartitionWriter`. It is *ready* (fetched)
   only once the writer has fenced the previous owner, read what it committed,
   and the consumer's position is set to that commit point.
-- Revocation does not wait (a slow revocation stalls the whole group): the
-  writer keeps committing what finishes, new claims wait for the assignment.
-  If the partition comes back, nothing is lost.
+- Revocation does not wait for calls (a slow revocation stalls the whole group):
+  the writer keeps committing what finishes, new claims wait for the assignment;
+  only a tick already carrying claims commits first (milliseconds), so the next
+  owner's handoff check sees every claim we will call. If the partition comes
+  back, nothing is lost.
 - A partition that went elsewhere is *retired*: requests that never asked for
   a claim are cancelled (the new owner does them, nothing was billed), claimed
   calls finish and publish until the new owner fences this one, then the
@@ -41,6 +43,8 @@ from service.ingest.stable_offsets import commit_pending, fetch_committed_stable
 log = logging.getLogger(__name__)
 
 WRITER_RETRY_S = 1.0
+REVOKE_SETTLE_MAX_S = 5.0
+"""How long a revocation waits for a tick carrying claims to commit (a transaction: ms)."""
 CLOSE_AFTER_DRAIN_S = 2.0
 """Once the drain timed out, how long the writers get to commit what finished."""
 
@@ -127,11 +131,13 @@ class Ownership:
 
     # -- rebalances ---------------------------------------------------------------------
 
-    def on_revoked(self, revoked: list[TopicPartition]) -> None:
-        for tp in revoked:
-            writer = self.writers.get(tp)
-            if writer is not None:
-                writer.suspend()
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """New claims wait; a tick already carrying claims commits before we rejoin the group
+        (`PartitionWriter.settle`), milliseconds. Nothing else is waited for."""
+        writers = [w for w in (self.writers.get(tp) for tp in revoked) if w is not None]
+        for writer in writers:
+            writer.suspend()
+        await asyncio.gather(*(w.settle(REVOKE_SETTLE_MAX_S) for w in writers))
 
     def on_assigned(self, assigned: list[TopicPartition]) -> list[TopicPartition]:
         """Keep, open or retire writers; returns the partitions no longer ours."""

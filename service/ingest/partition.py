@@ -170,6 +170,22 @@ class PartitionWriter(TickWriter):
             self.state = State.SUSPENDED
             self._owned.clear()
 
+    async def settle(self, timeout_s: float) -> None:
+        """Revoked: wait (at most `timeout_s`) for the tick being sent or committed, which may
+        carry claims taken before the revocation, to commit. The group moves the partition on
+        only once we return (we rejoin after the revocation), so the next owner's handoff check
+        finds those claims committed or pending, never one committing behind its back (which
+        it would fence after a call was made here: an unknown outcome in a graceful rebalance)."""
+
+        async def sent_and_committed() -> None:
+            async with self._tick_lock:  # the tick being sent
+                committing = self._turns.committing
+            if committing is not None:
+                await asyncio.wait([committing.task])
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sent_and_committed(), timeout_s)
+
     def reown(self) -> None:
         if self.state is State.SUSPENDED:
             self.state = State.OWNED

@@ -67,13 +67,16 @@ async def await_handoff(
     seen: Snapshot | None = None
     changed = time.monotonic()
     while time.monotonic() < deadline:
+        # pending first: a commit not pending then is, by the read, visible or not yet sent,
+        # and a revoked owner sends no claim after it rejoined (`PartitionWriter.settle`).
+        # The other way round, a claim's commit could land between the two unseen.
+        pending = commit_pending is not None and await commit_pending(tp)
         # advisory, before fencing: a transaction a killed owner left open would keep
         # a stable read waiting until it times out
         snap = await read_committed(fetch, tp, stable=False)
         if snap.owner == owner:
             return
         foreign = any(c.owner != owner for c in snap.claims)
-        pending = commit_pending is not None and await commit_pending(tp)
         if not foreign and not pending:
             return
         now = time.monotonic()

@@ -472,6 +472,26 @@ async def test_a_claim_queued_before_a_revocation_is_held_then_sent_or_revoked(t
         await writer.close()
 
 
+async def test_a_revocation_returns_once_the_tick_carrying_claims_has_committed() -> None:
+    """A claim taken into a tick before the revocation commits before the replica rejoins the
+    group (`settle`): the next owner's handoff check then sees it, pending or committed. Had
+    it committed after that check, the next owner would fence this writer once the call was
+    made here: an unknown outcome in a graceful rebalance."""
+    writer, producer = await _writer(tick_ms=1)
+    try:
+        assert writer.ledger is not None
+        writer.ledger.start(1)
+        claim = asyncio.ensure_future(writer.claim(1, attempts=1))
+        await until(lambda: not writer._queue and writer._tick_lock.locked(), timeout_s=5, interval_s=0.001)
+        writer.suspend()
+        assert _committed_claims(producer) == set(), "sent, not committed yet"
+        await writer.settle(5)
+        assert _committed_claims(producer) == {1}, "the revocation returned before its claim committed"
+        await asyncio.wait_for(claim, 5)
+    finally:
+        await writer.close()
+
+
 class _RealTxnState(_Producer):
     """A producer whose transaction state is aiokafka's own `TransactionManager`: begin, commit
     and abort go through its state transitions, so a step its state forbids fails as in
