@@ -18,7 +18,17 @@ import pytest
 
 from service.batches.routing import custom_id
 from service.simulator import SimulatorConfig, SimulatorServer
-from tests.support.gateway import MODEL, Outcomes, World, collect, make_world, produce, request
+from tests.support.gateway import (
+    Message,
+    Outcomes,
+    World,
+    collect,
+    make_world,
+    produce,
+    request,
+    spread,
+    trace_context_lost,
+)
 from tests.support.outcomes import start_gateway, stop_gateway
 from tests.support.process import exit_code, start_process
 
@@ -174,14 +184,7 @@ async def test_a_worker_killed_at_each_step_submits_nothing_twice(
 ) -> None:
     n = 40
     ids = {f"k-{i}" for i in range(n)}
-    messages = [
-        (
-            world.request_topic(world.partners[i % 2]),
-            None,
-            request(f"k-{i}", model=MODEL, service_class="batch"),
-        )
-        for i in range(n)
-    ]
+    messages = spread(world, n, "k", service_class="batch")  # mixed sizes, models, content, headers
     batches = _batches(world, results_chunk=3, create_timeout_s=2, create_grace_s=0.5, max_age_s=1.0)
     async with SimulatorServer(_sim(world, processing_s=2.0)) as sim:
         await produce(world.bootstrap, messages)
@@ -201,6 +204,7 @@ async def test_a_worker_killed_at_each_step_submits_nothing_twice(
         _exactly_once(out, ids, sim, world)
     assert out.dead_letters == [], out.reasons()
     assert all((r.get("served_by") or {}).get("path") == "batch" for r in out.responses)
+    assert trace_context_lost(messages, out) == [], "a batch outcome lost its request's trace context"
 
 
 async def test_recovery_never_takes_an_earlier_batch_of_the_same_size_for_a_lost_create(
@@ -214,12 +218,12 @@ async def test_recovery_never_takes_an_earlier_batch_of_the_same_size_for_a_lost
     first = {f"b-{i}" for i in range(4)}
     second = {f"c-{i}" for i in range(4)}
 
-    def batch_of(ids: set[str]) -> list[tuple[str, bytes | None, bytes | None]]:
+    def batch_of(prefix: str) -> list[Message]:  # one partner's, as partners send them
         topic = world.request_topic("acme")
-        return [(topic, None, request(rid, service_class="batch")) for rid in sorted(ids)]
+        return [(topic, *m[1:]) for m in spread(world, 4, prefix, service_class="batch")]
 
     async with SimulatorServer(_sim(world, processing_s=0.5)) as sim:
-        await produce(world.bootstrap, batch_of(first))
+        await produce(world.bootstrap, batch_of("b"))
         gateway = start_process(world, sim.url, tmp_path, "first", batches=batches)
         try:
             answered = await collect(world, 4, timeout_s=60)
@@ -227,7 +231,7 @@ async def test_recovery_never_takes_an_earlier_batch_of_the_same_size_for_a_lost
             gateway.terminate()
             await exit_code(gateway, 60)
         assert answered.total == 4
-        await produce(world.bootstrap, batch_of(second))
+        await produce(world.bootstrap, batch_of("c"))
         crashing = start_process(
             world,
             sim.url,

@@ -161,12 +161,13 @@ Message = tuple[str, bytes | None, bytes | None] | tuple[str, bytes | None, byte
 """(topic, key, value) or (topic, key, value, headers)."""
 
 
-def spread(world: World, n: int, prefix: str) -> list[Message]:
+def spread(world: World, n: int, prefix: str, **fields: Any) -> list[Message]:
     """`n` valid requests with ids `{prefix}-{i}`, round-robin over the world's partners, as
     partners send them: prompts of 40 B to 40 KB, three models, max_tokens 64-4096, system
     prompts and conversations (`bench.traffic.draw`), a third with images, a PDF or tools, and
     mixed record headers: a W3C trace context on 60%, application headers of 0 B to 16 KiB,
-    binary, null, not UTF-8, repeated or 80 of them (`bench.chaos.traffic`). Seeded by `prefix`."""
+    binary, null, not UTF-8, repeated or 80 of them (`bench.chaos.traffic`). Seeded by `prefix`.
+    `fields` go in every request beside its params (`service_class="batch"`)."""
     partners = world.partners
     rng = random.Random(f"spread-{prefix}")
     out: list[Message] = []
@@ -176,6 +177,8 @@ def spread(world: World, n: int, prefix: str) -> list[Message]:
         _, last["content"], extra = chaos_traffic.content(rng, last["content"])
         params.update(extra)
         value = traffic.request_value(f"{prefix}-{i}", params)
+        if fields:
+            value = orjson.dumps({**orjson.loads(value), **fields})
         topic = world.request_topic(partners[i % len(partners)])
         out.append((topic, None, value, chaos_traffic.headers(rng)))
     return out
