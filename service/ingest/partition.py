@@ -177,6 +177,9 @@ class PartitionWriter(TickWriter):
         finds those claims committed or pending, never one committing behind its back (which
         it would fence after a call was made here: an unknown outcome in a graceful rebalance)."""
 
+        if not self._eos:  # at-least-once: calls do not wait for their claims' commit anyway
+            return
+
         async def sent_and_committed() -> None:
             async with self._tick_lock:  # the tick being sent
                 committing = self._turns.committing
