@@ -31,8 +31,11 @@ setup: .venv/.synced
 
 include mk/*.mk
 
+# Two workers (pytest-xdist), each with its own broker; a file's tests stay on one worker.
+# Most tests wait on brokers and timers, not the CPU: on 2 cores this halves the run.
+TEST_WORKERS ?= 2
 test: setup kafka-fetch redis-server-install deploy-tools browser-install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit tests/simulator
