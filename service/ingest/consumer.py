@@ -24,8 +24,7 @@ import secrets
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
@@ -218,14 +217,28 @@ class IngestLoop:
                 continue
             ledger.start(rec.offset)
             sink = RecordSink(writer, rec.offset, ledger.inherited_claim(rec.offset))
-            self._outstanding[pid] += 1
             if isinstance(rec, Undecodable):
                 for later in range(rec.offset + 1, rec.last_offset + 1):  # a whole unreadable batch
                     writer.skip(later)
-                work = self._undecodable(sink, pid, rec)
-            else:
-                work = self.pipeline.handle(rec, sink)
-            self.ownership.track(tp, sink, asyncio.create_task(self._process(tp, sink, pid, work)))
+            self._spawn(tp, sink, pid, rec)
+
+    def _spawn(
+        self, tp: TopicPartition, sink: RecordSink, pid: str, rec: ConsumerRecord | Undecodable
+    ) -> None:
+        """The record's task. Its bookkeeping ends in a done callback, which runs even when the
+        task is cancelled before it started (a revocation or the drain right after the fetch):
+        a `finally` in the task would not, and the partner's outstanding count would leak. The
+        work's coroutine is made inside the task, so a task that never ran leaves none
+        un-awaited."""
+        self._outstanding[pid] += 1
+        task = asyncio.create_task(self._process(tp, sink, pid, rec))
+        self.ownership.track(tp, sink, task)
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._outstanding[pid] -= 1
+            self.ownership.untrack(tp, sink)
+
+        task.add_done_callback(done)
 
     async def _undecodable(self, sink: RecordSink, pid: str, u: Undecodable) -> None:
         """A record the Kafka client could not decode: its dead letter, and the loop goes on."""
@@ -233,10 +246,13 @@ class IngestLoop:
         await self.pipeline.emit.dead_letter(sink, dl, model="")
 
     async def _process(
-        self, tp: TopicPartition, sink: RecordSink, pid: str, work: Coroutine[Any, Any, None]
+        self, tp: TopicPartition, sink: RecordSink, pid: str, rec: ConsumerRecord | Undecodable
     ) -> None:
         try:
-            await work
+            if isinstance(rec, Undecodable):
+                await self._undecodable(sink, pid, rec)
+            else:
+                await self.pipeline.handle(rec, sink)
         except (Draining, Revoked, Fenced, asyncio.CancelledError):
             pass  # not finished here: the partition's next owner (or this one, after restart) does it
         except BaseException as exc:  # recorded here, re-raised by the loop
@@ -248,9 +264,6 @@ class IngestLoop:
             self._fatal = exc
         else:
             self._finished[pid] += 1
-        finally:
-            self._outstanding[pid] -= 1
-            self.ownership.untrack(tp, sink)
 
     def _sync_pauses(self) -> None:
         """Pause exactly the partitions that must not be fetched now."""
