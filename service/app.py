@@ -71,7 +71,8 @@ class Gateway:
         self.audit = Audit(settings.kafka.audit_topic, self.publisher)
         self.redis = redis_client(settings.redis) if settings.redis is not None else None
         # one view of Redis' health for the limiter, the budgets and the replay store
-        self.redis_health = RedisHealth(self.redis) if self.redis is not None else None
+        busy = self.metrics.redis_pool_busy.inc
+        self.redis_health = RedisHealth(self.redis, on_busy=busy) if self.redis is not None else None
         self.budgets = Budgets(
             lambda: self.registry,
             shared=RedisLedger(self.redis, settings.redis.key_prefix) if settings.redis else None,

@@ -5,6 +5,10 @@
        └──────────────────────(a probe's PING answers)───────────────────┘
     healthy / slow ──(connection refused, reset, any other Redis error)──► down
 
+A call that found every connection of this replica's pool in use for `pool_timeout_s`
+(`RedisPoolBusy`, a burst) says nothing of Redis: it changes no state. That call falls back
+to the local state like a slow one; it is counted (`on_busy`) and logged at most once a minute.
+
 A slow call is not a down Redis: the one call that timed out falls back to the
 local state, the next calls still go to Redis, and only `slow_strikes`
 timeouts in a row (no answer in between) declare it down. While down, every
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -31,11 +36,28 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutErr
 """What a call to Redis may raise when Redis, not the caller, is the problem."""
 
 Listener = Callable[[bool], Awaitable[None] | None]
+BUSY_LOG_INTERVAL_S = 60.0
+
+
+class RedisPoolBusy(RedisError):
+    """Every connection of the pool stayed in use while the call waited for one: this
+    replica's own queue of Redis calls, not an answer from Redis (`service/config/redis.py`)."""
 
 
 class RedisHealth:
-    def __init__(self, client: Any, *, slow_strikes: int = 3, probe_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        slow_strikes: int = 3,
+        probe_interval_s: float = 1.0,
+        on_busy: Callable[[], None] | None = None,
+    ) -> None:
         self._client = client
+        self._on_busy = on_busy
+        self.busy = 0
+        """Calls that waited in vain for a free connection of the pool (`RedisPoolBusy`)."""
+        self._busy_logged = -BUSY_LOG_INTERVAL_S
         self._slow_strikes = slow_strikes
         self._probe_interval_s = probe_interval_s
         self._strikes = 0
@@ -63,6 +85,9 @@ class RedisHealth:
 
     def failed(self, exc: BaseException) -> None:
         """A call failed with `exc` (one of `REDIS_ERRORS`)."""
+        if isinstance(exc, RedisPoolBusy):
+            self._pool_busy()
+            return
         self.last_error = type(exc).__name__
         if self.state == "down":
             return
@@ -74,6 +99,19 @@ class RedisHealth:
                 self.state = "slow"
                 return
         self._go_down(exc)
+
+    def _pool_busy(self) -> None:
+        self.busy += 1
+        if self._on_busy is not None:
+            self._on_busy()
+        now = time.monotonic()
+        if now - self._busy_logged >= BUSY_LOG_INTERVAL_S:
+            self._busy_logged = now
+            log.warning(
+                "every redis connection is in use: calls fall back to local state until one is free "
+                "(raise redis.max_connections or redis.pool_timeout_s)",
+                extra={"calls": self.busy},
+            )
 
     def _go_down(self, exc: BaseException) -> None:
         self.state = "down"

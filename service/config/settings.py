@@ -336,6 +336,10 @@ class RedisSettings(_Frozen):
     key_prefix: str = "claude-gateway"
     timeout_s: float = Field(default=0.5, gt=0)
     max_connections: int = Field(default=32, gt=0)
+    pool_timeout_s: float = Field(default=2.0, gt=0)
+    """How long a call waits for a free connection of the pool when all `max_connections` are
+    in use (a burst). Running out is this replica's queue, not Redis failing: that call falls
+    back to the local state, and Redis' health is unchanged."""
     degraded_share: float = Field(default=0.0, ge=0, le=1)
     """Share of the org limits one replica may use while Redis is unreachable
     (0 = 1/expected_replicas)."""

@@ -154,6 +154,12 @@ class Metrics:
             "1 while Redis is down: limits, budgets and replay checks fall back to local state.",
             registry=r,
         )
+        self.redis_pool_busy = Counter(
+            "gateway_redis_pool_busy",
+            "Redis calls that found every pooled connection in use for redis.pool_timeout_s (a burst, "
+            "not an outage): each fell back to local state.",
+            registry=r,
+        )
 
         self.budget_remaining = Gauge(
             "gateway_budget_remaining_usd",

@@ -4,11 +4,13 @@ that takes it away and gives it back with its data (issue 10):
 - spend made while Redis was unreachable is added to the shared ledger when it returns
   (outage, spend, recovery: the totals equal everything spent);
 - a slow Redis is not a down Redis on the first slow call;
+- a burst that keeps every pooled connection busy is not an outage either;
 - the limiter's levels report the shared buckets, not a replica's unused local ones.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlparse
@@ -21,7 +23,7 @@ from service.admission.pricing import actual
 from service.admission.registry import Registry
 from service.config.loader import parse_config
 from service.config.redis import redis_client
-from service.config.redis_health import RedisHealth
+from service.config.redis_health import RedisHealth, RedisPoolBusy
 from service.config.settings import LimitSettings, RedisSettings
 from service.scheduling.limiter import Cost
 from service.scheduling.redis_limiter import RedisLimiter
@@ -132,6 +134,40 @@ async def test_a_slow_call_is_not_an_outage(proxy: TcpProxy) -> None:
         assert limiter.degraded
         proxy.delay_s = 0.0
         await until(lambda: not health.down)
+    finally:
+        await limiter.aclose()
+        await health.aclose()
+        await client.aclose()
+
+
+async def test_a_burst_that_waits_for_a_pooled_connection_is_not_an_outage(proxy: TcpProxy) -> None:
+    # Redis answers every call in 0.1 s, well within timeout_s; two connections for 24 calls
+    # at once: the later ones wait for a connection longer than pool_timeout_s
+    rs = RedisSettings(
+        url=proxy.url,
+        key_prefix=f"t-{uuid.uuid4().hex[:8]}",
+        timeout_s=1.0,
+        max_connections=2,
+        pool_timeout_s=0.15,
+    )
+    client = redis_client(rs)
+    busy: list[int] = []
+    health = RedisHealth(client, slow_strikes=3, probe_interval_s=0.2, on_busy=lambda: busy.append(1))
+    limiter = RedisLimiter(rs, LimitSettings(rpm=6000), {}, client=client, health=health)
+    try:
+        assert (await limiter.acquire("p", Cost(1, 1))).ok
+        proxy.delay_s = 0.1
+        with pytest.raises(RedisPoolBusy):  # what the pool raises: not a refused connection
+            await asyncio.gather(*(client.ping() for _ in range(8)))
+        decisions = await asyncio.gather(*(limiter.acquire("p", Cost(1, 1)) for _ in range(24)))
+        assert all(d.ok for d in decisions)  # the ones that waited in vain took the local share
+        assert len(busy) >= 10, busy  # the burst did run out of connections
+        assert health.busy == len(busy)
+        assert health.state != "down"
+        assert not limiter.degraded
+        proxy.delay_s = 0.0
+        assert (await limiter.acquire("p", Cost(1, 1))).ok
+        assert health.state == "healthy"
     finally:
         await limiter.aclose()
         await health.aclose()
