@@ -3,10 +3,9 @@ from their own machines, so the measured gateway's event loop does not also run 
 
 Reads one JSON plan on stdin: `bootstrap`, `topic`, `partitions`, `params` (the request params,
 reused in turn), `first` (the first request id's number), `seed`, and `phases`, each
-`[rate_per_s, count, poisson]`. For each phase it sends `count` requests `h{n}` at `rate_per_s`
-(exponential gaps and a random partition if `poisson`, else evenly spaced over the partitions
-in turn) once a line comes on stdin (the caller is ready to measure it), flushes, and prints
-`sent <count>`.
+`[rate_per_s, count, arrivals]`. For each phase it sends `count` requests `h{n}` at `rate_per_s`,
+as `arrivals` says (`ARRIVALS`), once a line comes on stdin (the caller is ready to measure
+it), flushes, and prints `sent <count>`.
 
     python -m bench.hit_sender < plan.json
 """
@@ -24,6 +23,11 @@ from aiokafka import AIOKafkaProducer
 
 from bench import traffic
 
+ARRIVALS = ("keyed", "poisson", "paced")
+"""How hits arrive: `keyed`, exponential gaps, each to the partition its key hashes to (the
+producer's default partitioner, as `claude_gateway_client` sends); `poisson`, exponential gaps,
+each to a partition drawn at random; `paced`, evenly spaced over the partitions in turn."""
+
 
 async def send_phase(
     producer: AIOKafkaProducer,
@@ -33,19 +37,23 @@ async def send_phase(
     rng: random.Random,
     rate: float,
     count: int,
-    poisson: bool,
+    arrivals: str,
     first: int,
 ) -> int:
     """Send `count` hits `h{first}`... at `rate` and flush; returns the next hit's number."""
     t0 = time.perf_counter()
     due = 0.0
     for i in range(count):
-        due = due + rng.expovariate(rate) if poisson else i / rate
+        due = i / rate if arrivals == "paced" else due + rng.expovariate(rate)
         delay = t0 + due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         n = first + i
-        part = rng.randrange(partitions) if poisson else n % partitions
+        part: int | None = None  # keyed: the producer's partitioner
+        if arrivals == "paced":
+            part = n % partitions
+        elif arrivals == "poisson":
+            part = rng.randrange(partitions)
         value = traffic.request_value(f"h{n}", params[n % len(params)])
         await producer.send(topic, value, key=f"h{n}".encode(), partition=part)
     await producer.flush()
@@ -62,9 +70,9 @@ async def _send(plan: dict[str, Any]) -> None:
     sent = int(plan["first"])
     loop = asyncio.get_running_loop()
     try:
-        for rate, count, poisson in plan["phases"]:
+        for rate, count, arrivals in plan["phases"]:
             await loop.run_in_executor(None, sys.stdin.readline)  # the caller measures from now
-            sent = await send_phase(producer, topic, partitions, params, rng, rate, count, poisson, sent)
+            sent = await send_phase(producer, topic, partitions, params, rng, rate, count, arrivals, sent)
             print(f"sent {count}", flush=True)
     finally:
         await producer.stop()

@@ -108,9 +108,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--response-cache-seed", type=int, default=1, help="seed of the request mix")
     g.add_argument(
         "--response-cache-arrivals",
-        choices=("poisson", "paced"),
+        choices=hit_sender.ARRIVALS,
         default="poisson",
-        help="hits at random (exponential gaps, partitions drawn at random) or evenly spaced",
+        help="hits at random (exponential gaps) to the partitions their keys hash to (keyed), or to "
+        "partitions drawn at random (poisson); or evenly spaced over the partitions (paced)",
     )
     g.add_argument(
         "--response-cache-sender",
@@ -260,10 +261,10 @@ class _Sender:
         partitions: int,
         params: list[dict[str, Any]],
         rng: random.Random,
-        poisson: bool,
+        arrivals: str,
     ) -> None:
         self._how, self._producer, self._topic, self._partitions = how, producer, topic, partitions
-        self._params, self._rng, self._poisson = params, rng, poisson
+        self._params, self._rng, self._arrivals = params, rng, arrivals
         self._sent = 0
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -277,7 +278,7 @@ class _Sender:
         plan = {
             "bootstrap": bootstrap, "topic": self._topic, "partitions": self._partitions,
             "params": self._params, "first": 0, "seed": self._rng.randrange(1 << 30),
-            "phases": [[rate, n, self._poisson] for rate, n in phases],
+            "phases": [[rate, n, self._arrivals] for rate, n in phases],
         }  # fmt: skip
         assert self._proc.stdin is not None
         self._proc.stdin.write(json.dumps(plan).encode() + b"\n")
@@ -298,7 +299,7 @@ class _Sender:
             return
         self._sent = await hit_sender.send_phase(
             self._producer, self._topic, self._partitions, self._params, self._rng,
-            rate, n, self._poisson, self._sent,
+            rate, n, self._arrivals, self._sent,
         )  # fmt: skip
 
     @property
@@ -331,7 +332,6 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
     hits = _Hits(gateway)
     rng = random.Random(args.response_cache_seed)
     params = [traffic.draw(rng)[1] for _ in range(args.response_cache_keys)]
-    poisson = args.response_cache_arrivals == "poisson"
     topic = settings.request_topic(settings.partners[0])
     stop = asyncio.Event()
     # as `claude-gateway run` does (service/cli.py): start-up objects frozen, young collections
@@ -345,7 +345,8 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
     )
     await producer.start()
     phases: list[dict[str, Any]] = []
-    sender = _Sender(args.response_cache_sender, producer, topic, partitions, params, rng, poisson)
+    arrivals = args.response_cache_arrivals
+    sender = _Sender(args.response_cache_sender, producer, topic, partitions, params, rng, arrivals)
     try:
         for i, p in enumerate(params):
             rid = f"w{i}"
