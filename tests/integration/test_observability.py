@@ -616,7 +616,9 @@ async def test_readyz_follows_assignment_and_draining_while_healthz_stays_up(two
             await produce(
                 two.bootstrap, [(two.request_topic("acme"), None, request(f"d{i}"), []) for i in range(4)]
             )
-            await until(lambda: sim.stats()["in_flight"] > 0, 30)
+            # all four called (each takes 1.5 s): a draining gateway starts no call, so a stop
+            # after the first call only would leave the others to the next owner
+            await until(lambda: sim.stats()["calls_by_endpoint"].get("messages", 0) >= 4, 30)
             stop.set()  # requests are in flight: the drain takes ~1.5 s
             seen: list[tuple[int, str]] = []
             while not task.done():
