@@ -216,7 +216,13 @@ ALL_FLAGS: dict[str, Any] = {
             "eos_handoff_max_s": 20,
         },
     },
-    "redis": {"enabled": True, "url": "rediss://redis-ha.redis:6380/0", "degradedShare": 0.25},
+    "redis": {
+        "enabled": True,
+        "url": "rediss://redis-ha.redis:6380/0",
+        "degradedShare": 0.25,
+        "maxConnections": 64,
+        "poolTimeoutSeconds": 1.5,
+    },
     "config": {
         "retry": {"max_attempts": 5},
         "runtime": {"max_in_flight": 512, "log_level": "WARNING"},

@@ -367,6 +367,7 @@ def test_config_sections_reach_config_yaml(render_variant: Any) -> None:
     assert config["models"]["claude-haiku-4-5"]["max_output_tokens"] == 64000
     assert config["batches"] == {"enabled": True, "max_age_s": 30, "expected_turnaround_s": 1800}
     assert config["redis"]["expected_replicas"] == 8  # autoscaling.maxReplicas
+    assert (config["redis"]["max_connections"], config["redis"]["pool_timeout_s"]) == (64, 1.5)
     assert config["partners"][0]["signing"]["required"] is True
     assert "key_ids" not in config["partners"][0]["signing"]
 

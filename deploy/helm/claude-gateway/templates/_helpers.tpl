@@ -150,6 +150,8 @@ mounted Secrets; the service resolves them at start and on reload.
       "url" $v.redis.url
       "key_prefix" $v.redis.keyPrefix
       "timeout_s" $v.redis.timeoutSeconds
+      "max_connections" (int $v.redis.maxConnections)
+      "pool_timeout_s" $v.redis.poolTimeoutSeconds
       "degraded_share" $v.redis.degradedShare
       "expected_replicas" (int (include "claude-gateway.expectedReplicas" .)) -}}
 {{- if $v.secrets.redis.existingSecret -}}
