@@ -10,16 +10,19 @@ call: under `-W error` or `PYTHONWARNINGS=error` it would raise, and every reque
 model would become an `internal_error` dead letter. So the SDK's warnings raised through
 `create_message` are ignored (`quiet_sdk_warnings`, installed with each client), and the
 gateway says once per model, as a log line, that partners call a deprecated model and when
-it reaches end of life (the SDK's own table).
+it reaches end of life (the SDK's own table), and whether that date has passed (Anthropic
+then retires the model: its calls may be refused, and end as dead letters with its answer).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from typing import Any, cast
 
 import anthropic
@@ -35,8 +38,22 @@ try:  # the SDK's table of deprecated models and their end-of-life dates (what i
 except ImportError:  # pragma: no cover - a later SDK may move it: then no notice, calls unchanged
     DEPRECATED_MODELS = {}
 
+_SDK_DATE = re.compile(r"([A-Z][a-z]+) (\d{1,2})(?:st|nd|rd|th)?, (\d{4})")
 REQUEST_KEY_HEADER = "x-gateway-request-id"
 log = logging.getLogger("service.upstream")
+
+
+def end_of_life_passed(text: str, today: date) -> bool | None:
+    """Whether the SDK's end-of-life date ("November 30th, 2026") is before `today`; None when
+    its wording is not such a date."""
+    m = _SDK_DATE.fullmatch(text.strip())
+    if m is None:
+        return None
+    try:
+        day = datetime.strptime(f"{m[1]} {m[2]} {m[3]}", "%B %d %Y").date()
+    except ValueError:
+        return None
+    return day < today
 
 
 def quiet_sdk_warnings() -> None:
@@ -133,9 +150,13 @@ class ClaudeClient:
         if not isinstance(model, str) or model not in DEPRECATED_MODELS or model in self._deprecated_seen:
             return
         self._deprecated_seen.add(model)
+        eol = DEPRECATED_MODELS[model]
+        past = end_of_life_passed(eol, datetime.now(UTC).date())
         log.warning(
-            "a partner calls a model Anthropic has deprecated; it is called as asked",
-            extra={"partner": partner_id, "model": model, "end_of_life": DEPRECATED_MODELS[model]},
+            "a partner calls a model Anthropic has deprecated"
+            + (", past its end of life: Anthropic may refuse it" if past else "")
+            + "; it is called as asked",
+            extra={"partner": partner_id, "model": model, "end_of_life": eol, "past_end_of_life": past},
         )
 
     def batches(self, partner_id: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from datetime import UTC, date, datetime
 
 import httpx2
 import orjson
@@ -13,7 +14,7 @@ from pydantic import SecretStr
 
 from service.config.settings import AnthropicSettings
 from service.contracts.reasons import Reason
-from service.upstream.client import ClaudeClient, UnknownPartnerKey
+from service.upstream.client import ClaudeClient, UnknownPartnerKey, end_of_life_passed
 from service.upstream.errors import InvalidParams
 
 PARAMS = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
@@ -127,4 +128,23 @@ async def test_a_deprecated_model_is_called_and_said_once_even_where_warnings_ar
         model,
         DEPRECATED_MODELS[model],
     )
+    past = end_of_life_passed(DEPRECATED_MODELS[model], datetime.now(UTC).date())
+    assert notices[0].__dict__["past_end_of_life"] is past
+    assert ("past its end of life" in notices[0].getMessage()) is bool(past)
     await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("text", "today", "passed"),
+    [
+        ("November 30th, 2026", date(2026, 12, 4), True),
+        ("November 30th, 2026", date(2026, 11, 30), False),  # the last day it is served
+        ("January 22nd, 2027", date(2026, 12, 4), False),
+        ("June 1st, 2026", date(2026, 6, 2), True),
+        ("March 3rd, 2027", date(2027, 3, 4), True),
+        ("February 30th, 2027", date(2027, 3, 4), None),  # no such day
+        ("soon", date(2026, 12, 4), None),  # wording the SDK may use one day
+    ],
+)
+def test_the_sdks_end_of_life_dates_are_read(text: str, today: date, passed: bool | None) -> None:
+    assert end_of_life_passed(text, today) is passed
