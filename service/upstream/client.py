@@ -39,6 +39,10 @@ except ImportError:  # pragma: no cover - a later SDK may move it: then no notic
     DEPRECATED_MODELS = {}
 
 _SDK_DATE = re.compile(r"([A-Z][a-z]+) (\d{1,2})(?:st|nd|rd|th)?, (\d{4})")
+_MONTHS = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
 REQUEST_KEY_HEADER = "x-gateway-request-id"
 log = logging.getLogger("service.upstream")
 
@@ -47,10 +51,10 @@ def end_of_life_passed(text: str, today: date) -> bool | None:
     """Whether the SDK's end-of-life date ("November 30th, 2026") is before `today`; None when
     its wording is not such a date."""
     m = _SDK_DATE.fullmatch(text.strip())
-    if m is None:
+    if m is None or m[1] not in _MONTHS:
         return None
     try:
-        day = datetime.strptime(f"{m[1]} {m[2]} {m[3]}", "%B %d %Y").date()
+        day = date(int(m[3]), _MONTHS.index(m[1]) + 1, int(m[2]))  # English names, whatever the locale
     except ValueError:
         return None
     return day < today

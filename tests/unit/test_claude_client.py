@@ -143,6 +143,7 @@ async def test_a_deprecated_model_is_called_and_said_once_even_where_warnings_ar
         ("June 1st, 2026", date(2026, 6, 2), True),
         ("March 3rd, 2027", date(2027, 3, 4), True),
         ("February 30th, 2027", date(2027, 3, 4), None),  # no such day
+        ("Smarch 3rd, 2027", date(2027, 3, 4), None),  # no such month
         ("soon", date(2026, 12, 4), None),  # wording the SDK may use one day
     ],
 )
