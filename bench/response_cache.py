@@ -360,7 +360,8 @@ async def _measure(args: argparse.Namespace, bootstrap: str, sim_url: str, redis
         done = len(params)
         ended = ("store", "skip_stop_reason", *_NOT_STORED)
         await _until(lambda: sum(_count(gateway, r) for r in ended) >= done, 120, "stores")
-        not_stored = {r: _count(gateway, r) for r in _NOT_STORED if _count(gateway, r)}
+        refused = {r: _count(gateway, r) for r in _NOT_STORED}
+        not_stored = {r: n for r, n in refused.items() if n}
         if not_stored:  # their hits would be calls: the phases would measure something else
             raise RuntimeError(f"response_cache: answers not stored {not_stored}; see the log")
         rates = [float(r) for r in str(args.response_cache_rates).split(",")]

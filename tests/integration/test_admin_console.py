@@ -96,13 +96,18 @@ async def api(gateway: Gateway, method: str, path: str, token: str | None = TOKE
         return r.status, orjson.loads(await r.read())
 
 
+def _records_committed(rows: list[dict[str, Any]]) -> int:
+    """Records committed over a partner's `exactly_once` rows. A partition that has had no
+    record yet (keyless records go to partitions at random: all may go to one) shows commit
+    -1, nothing committed: it counts 0."""
+    return sum(max(0, r["commit"]) for r in rows)
+
+
 async def _committed(gateway: Gateway, partner: str, offsets: int) -> bool:
-    """The partner's partition writers have committed `offsets` records in all. A partition
-    that has had no record yet (the producer's sticky partitioner may send all to one) shows
-    commit -1, nothing committed: it counts 0."""
+    """The partner's partition writers have committed `offsets` records in all."""
     _, state = await api(gateway, "GET", "/admin/api/state")
     rows = next(p for p in state["partners"] if p["id"] == partner)["exactly_once"]
-    return sum(max(0, r["commit"]) for r in rows) >= offsets
+    return _records_committed(rows) >= offsets
 
 
 async def login(b: Browser, gateway: Gateway, token: str = TOKEN) -> None:
@@ -201,7 +206,7 @@ async def test_the_page_shows_what_the_api_says(world: World, browser: Browser) 
         assert day["usd_remaining"] == pytest.approx(5 - day["usd_used"])
         assert {r["partition"] for r in acme["exactly_once"]} == {0, 1}
         # a partition no record went to has committed nothing: commit -1, no lag to tell
-        assert sum(max(0, r["commit"]) for r in acme["exactly_once"]) == 6
+        assert _records_committed(acme["exactly_once"]) == 6
         assert all(r["lag"] == (None if r["commit"] < 0 else 0) for r in acme["exactly_once"])
         assert all(r["claims"] == 0 for r in acme["exactly_once"])
         assert state["limiter"]["state"] == "local"
