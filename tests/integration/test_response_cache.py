@@ -234,6 +234,10 @@ async def test_redis_down_or_slow_requests_are_still_answered_as_misses(
             d5 = await send("acme", "d5")
             slow_state = gateway.redis_health.state if gateway.redis_health else None
             proxy.delay_s = 0.0
+            # The lookup is one timed-out call; the budget's and the limiter's calls in the same
+            # half second may make it three in a row, which is `down` by design (a single slow
+            # call is not an outage: test_redis_outage.py). Either way the probe brings it back.
+            await until(lambda: not gateway.redis_degraded)
             d6 = await send("acme", "d6")
         finally:
             await stop_gateway(stop, task)
@@ -241,7 +245,7 @@ async def test_redis_down_or_slow_requests_are_still_answered_as_misses(
 
     assert [d.get("cached") for d in (d1, d2, d3, d4, d5, d6)] == [False, False, False, True, False, True]
     assert set(calls) == {"d1", "d2", "d3", "d5"}
-    assert slow_state == "slow", "one slow call is not an outage"
+    assert slow_state in ("slow", "down"), "the timed-out lookup was seen"
     assert status["state"] == "down"
     assert status["local_fallback"]["response_cache"] is True
     assert _cache_count(gateway, "acme", "unavailable") == 3
