@@ -27,12 +27,12 @@ from aiokafka.errors import KafkaError
 
 from service.config.kafka import client_kwargs
 from service.config.settings import KafkaSettings
+from service.telemetry.logs import REPEAT_S, Throttle
 
 log = logging.getLogger("service.lifecycle")
 
 FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 30.0
-NO_TOPIC_REPEAT_S = 60.0
 DISCOVERY_S = 5.0
 
 
@@ -87,16 +87,14 @@ async def watch_topics(
     settings: KafkaSettings,
     *,
     every_s: float = DISCOVERY_S,
-    repeat_s: float = NO_TOPIC_REPEAT_S,
+    repeat_s: float = REPEAT_S,
     known_topics: Callable[[], set[str]] | None = None,
 ) -> None:
     """Every `every_s`, ask the brokers for metadata (`refresh`: a new partner topic is then
     consumed within seconds, not at `kafka.metadata_max_age_ms`), and warn, at most every
     `repeat_s`, while no topic matches `{request_topic_prefix}.+`, or `known_topics` (all the
     brokers' topics) lacks `kafka.usage_topic`."""
-    warned_at: float | None = None
-    usage_warned_at: float | None = None
-    loop = asyncio.get_running_loop()
+    no_topic, no_usage_topic = Throttle(repeat_s), Throttle(repeat_s)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
@@ -106,9 +104,8 @@ async def watch_topics(
             await asyncio.wait_for(refresh(), every_s)
         if known_topics is not None and subscription():
             if settings.usage_topic in known_topics():
-                usage_warned_at = None
-            elif usage_warned_at is None or loop.time() - usage_warned_at >= repeat_s:
-                usage_warned_at = loop.time()
+                no_usage_topic.clear()
+            elif no_usage_topic.due():
                 log.warning(
                     "the usage topic does not exist: billed calls' outcomes wait for it",
                     extra={
@@ -117,11 +114,10 @@ async def watch_topics(
                     },
                 )
         if subscription():
-            if warned_at is not None:
+            if no_topic.warned:
                 log.info("request topics found", extra={"topics": len(subscription())})
-            warned_at = None
-        elif warned_at is None or loop.time() - warned_at >= repeat_s:
-            warned_at = loop.time()
+            no_topic.clear()
+        elif no_topic.due():
             log.warning(
                 "no topic matches the request-topic pattern: nothing to consume",
                 extra={

@@ -48,6 +48,7 @@ from typing import Any
 
 from service.config.redis_health import REDIS_ERRORS, RedisHealth
 from service.config.settings import PartnerSettings
+from service.telemetry.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class LocalReplayStore:
         self._max = max_entries
         self._partners: dict[str, _Partner] = {}
         self._count = 0
-        self._evicted_warned_at = -1e18
+        self._evicted_warning = Throttle()
 
     def __len__(self) -> int:
         return self._count
@@ -210,9 +211,7 @@ class LocalReplayStore:
             if not largest.pop_first():
                 return
             self._count -= 1
-        now = time.monotonic()
-        if now - self._evicted_warned_at > 60:
-            self._evicted_warned_at = now
+        if self._evicted_warning.due():
             log.warning(
                 "replay cache full: evicting unexpired request ids (raise "
                 "runtime.replay_cache_max_entries or configure redis)",

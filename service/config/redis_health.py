@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
+
+from service.telemetry.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutErr
 """What a call to Redis may raise when Redis, not the caller, is the problem."""
 
 Listener = Callable[[bool], Awaitable[None] | None]
-BUSY_LOG_INTERVAL_S = 60.0
 
 
 class RedisPoolBusy(RedisError):
@@ -57,7 +57,7 @@ class RedisHealth:
         self._on_busy = on_busy
         self.busy = 0
         """Calls that waited in vain for a free connection of the pool (`RedisPoolBusy`)."""
-        self._busy_logged = -BUSY_LOG_INTERVAL_S
+        self._busy_warning = Throttle()
         self._slow_strikes = slow_strikes
         self._probe_interval_s = probe_interval_s
         self._strikes = 0
@@ -104,9 +104,7 @@ class RedisHealth:
         self.busy += 1
         if self._on_busy is not None:
             self._on_busy()
-        now = time.monotonic()
-        if now - self._busy_logged >= BUSY_LOG_INTERVAL_S:
-            self._busy_logged = now
+        if self._busy_warning.due():
             log.warning(
                 "every redis connection is in use: calls fall back to local state until one is free "
                 "(raise redis.max_connections or redis.pool_timeout_s)",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -42,6 +42,35 @@ def redact(line: str) -> str:
         if secret in line:
             line = line.replace(secret, MASK)
     return line
+
+
+REPEAT_S = 60.0
+"""A condition that lasts is warned about at most this often."""
+
+
+class Throttle:
+    """When to repeat a warning about a condition that lasts: `due()` is true the first time,
+    then at most once every `every_s`; `clear()` when the condition is over (the next one is
+    warned about at once). `warned` says whether it was since the last `clear()`."""
+
+    def __init__(self, every_s: float = REPEAT_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._at: float | None = None
+
+    @property
+    def warned(self) -> bool:
+        return self._at is not None
+
+    def due(self) -> bool:
+        now = self._clock()
+        if self._at is not None and now - self._at < self.every_s:
+            return False
+        self._at = now
+        return True
+
+    def clear(self) -> None:
+        self._at = None
 
 
 def _jsonable(value: Any) -> Any:
