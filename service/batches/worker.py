@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter
 from service.ingest import failpoints
 from service.ingest.fetch import until_stopped
-from service.ingest.hanging import Mark, heal, mark_partitions, written_topics
+from service.ingest.hanging import Mark, heal, mark_partitions, producer_id, written_topics
 from service.ingest.sending import OutMessage
 from service.ingest.stable_offsets import fetch_committed_stable
 from service.telemetry.metrics import Metrics
@@ -257,12 +257,14 @@ class PendingOwner:
         async with self._txn:
             await commit(self._producer, messages, **kw)
 
-    async def mark(self, partitions: list[TopicPartition]) -> None:
-        """A transaction holding `partitions`: ends what this id left hanging there (`hanging.py`)."""
-        if self._producer is None:
-            return
+    async def mark(self, partitions: list[TopicPartition], pids: Collection[int] | None = None) -> bool:
+        """A transaction holding `partitions` (if the producer has one of `pids`): ends
+        what this id left hanging there (`hanging.py`). True if it was committed."""
+        if self._producer is None or not (pids is None or producer_id(self._producer) in pids):
+            return False
         async with self._txn:
             await mark_partitions(self._producer, self.ctx.group, partitions)
+        return True
 
     def creating_lock(self) -> asyncio.Lock:
         """One create (or recovery listing) at a time, first come first served (asyncio's

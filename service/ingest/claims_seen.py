@@ -51,7 +51,7 @@ class ClaimsSeen:
         tp: TopicPartition,
         owner: str,
         fetch: FetchCommitted,
-        mark: Callable[[], Awaitable[None]],
+        mark: Callable[[], Awaitable[object]],
         fenced: Callable[[str], BaseException],
     ) -> None:
         self._tp = tp

@@ -27,13 +27,15 @@ A writer that lives through such a restart ends what it left in the partitions i
 transactions hold (its group's offsets and usage partition at every tick), but not in a
 response or dead-letter partition it does not write again, and a partition taken over may
 never be written by that id again. So every replica also watches the partitions of those
-topics (`watch`): one whose last stable offset stays below its high watermark, unmoved, for
-longer than any transaction may stay open (`kafka.transaction_timeout_ms`, after which the
-coordinator aborts it, plus two reads) holds a transaction left hanging, and every writer of
-the replica (the partition writers and the batch path's) commits a transaction holding that
-partition (`PartitionWriter.mark`). Only the id that left it can end it, and whichever
-replica owns that id marks it too. A partition still stuck at the same offset afterwards
-is not marked again (no live id of the gateway left it): the error log says so.
+topics (`watch`). One whose last stable offset stays below its high watermark, unmoved, for
+`HANGING_AFTER_S` is asked of its leader which producer id holds it (`open_transactions`),
+and the writer here with that id, if any, commits a transaction holding the partition
+(`PartitionWriter.mark`). One still stuck for longer than any transaction may stay open
+(`kafka.transaction_timeout_ms`, after which the coordinator aborts it, plus two reads) gets
+such a transaction from every writer of the replica (the partition writers and the batch
+path's). Only the id that left it can end it, and whichever replica owns that id marks it
+too. A partition still stuck at the same offset afterwards is not marked again (no live id
+of the gateway left it): the error log says so.
 
 COMMIT, because the coordinator had decided before it skipped the markers, and writers end
 far more transactions with a commit than with an abort. A writer that aborted re-reads the
@@ -51,7 +53,8 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from typing import Protocol
 
 from aiokafka import AIOKafkaClient, AIOKafkaProducer, TopicPartition
 from aiokafka.cluster import ClusterMetadata
@@ -60,16 +63,18 @@ from aiokafka.protocol.offset import OffsetRequest
 
 from service.config import txn_sender
 from service.config.settings import GatewaySettings
+from service.ingest.open_transactions import open_transactions
 
 log = logging.getLogger(__name__)
 
 HANGING_AFTER_S = 10.0
 """How long an initialised producer's offset may stay unstable before it is taken for hanging:
 the coordinator writes a transaction's markers in milliseconds, and initialising the producer
-waited for its id's last transaction to end."""
+waited for its id's last transaction to end. Also how long a partition's last stable offset may
+stay put before the watch asks which producer id holds it."""
 
 
-WATCH_EVERY_S = 30.0
+WATCH_EVERY_S = 5.0
 """How often each replica reads the last stable offsets of the partitions written in transactions."""
 LATEST, READ_UNCOMMITTED, READ_COMMITTED = -1, 0, 1
 
@@ -198,8 +203,35 @@ async def stable_and_high(
     return out
 
 
-Mark = Callable[[list[TopicPartition]], Awaitable[None]]
-"""A live writer's `mark`: commit a transaction of its producer id holding these partitions."""
+class Mark(Protocol):
+    """A live writer's `mark`: commit a transaction of its producer id(s) holding `partitions`;
+    with `pids`, only on those of its producers that have one of these ids. True if it
+    committed one."""
+
+    def __call__(
+        self, partitions: list[TopicPartition], pids: Collection[int] | None = None
+    ) -> Awaitable[bool]: ...
+
+
+def producer_id(producer: AIOKafkaProducer | None) -> int | None:
+    """The producer id of a transactional producer (None: not initialised, not transactional)."""
+    txn = producer._txn_manager if producer is not None else None
+    pid = txn.producer_id if txn is not None else -1
+    return pid if pid is not None and pid >= 0 else None
+
+
+def holders(
+    offsets: Mapping[TopicPartition, tuple[int, int]], open_txns: Mapping[TopicPartition, Mapping[int, int]]
+) -> dict[int, list[TopicPartition]]:
+    """Which producer id holds each stuck partition back: the one whose open transaction began
+    at its last stable offset ({producer id: its partitions})."""
+    out: dict[int, list[TopicPartition]] = defaultdict(list)
+    for tp, began in open_txns.items():
+        stable = offsets[tp][0] if tp in offsets else None
+        for pid, start in began.items():
+            if start == stable:
+                out[pid].append(tp)
+    return dict(out)
 
 
 async def watch(
@@ -210,10 +242,17 @@ async def watch(
     stuck_after_s: float,
     every_s: float = WATCH_EVERY_S,
     found: Callable[[int], None] = lambda n: None,
+    holder_after_s: float = HANGING_AFTER_S,
 ) -> None:
-    """Until `stop`: every `every_s`, read the partitions of `topics`; those stuck for
-    `stuck_after_s` (`StuckPartitions`) get a marker from every one of `markers`."""
-    stuck = StuckPartitions(stuck_after_s)
+    """Until `stop`: every `every_s`, read the partitions of `topics`.
+
+    - Stuck for `holder_after_s`: ask their leaders which producer id holds each back
+      (`open_transactions`); a writer here with that id marks it (`Mark`'s `pids`).
+      A live writer's transaction stays open milliseconds, so this ends a hang within
+      seconds of the broker's return, and asks no other writer for anything.
+    - Stuck for `stuck_after_s` (longer than any transaction may stay open): every writer here
+      marks it, whichever id holds it (ids no writer here has are another replica's to end)."""
+    quick, stuck = StuckPartitions(holder_after_s), StuckPartitions(stuck_after_s)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
@@ -228,23 +267,48 @@ async def watch(
         except Exception:  # a fault of the watch must not stop the gateway
             log.exception("reading the last stable offsets failed")
             continue
-        hanging = stuck.update(offsets, time.monotonic())
+        now = time.monotonic()
+        suspects = quick.update(offsets, now)
+        open_txns: dict[TopicPartition, dict[int, int]] = {}
+        if suspects:
+            try:
+                open_txns = await open_transactions(client, metadata, suspects)
+            except (KafkaError, OSError, NotImplementedError) as exc:  # before Kafka 2.8: no such request
+                log.warning("no answer on who holds a partition", extra={"error": type(exc).__name__})
+        hanging = stuck.update(offsets, now)
         for tp in stuck.unended:
             log.error(
                 "a transaction left hanging was not ended by any writer of this replica",
                 extra={"topic": tp.topic, "partition": tp.partition, "stable_offset": offsets[tp][0]},
             )
-        if not hanging:
-            continue
-        found(len(hanging))
-        log.warning(
-            "transactions left hanging: marking their partitions from every writer",
-            extra={"partitions": ",".join(f"{tp.topic}-{tp.partition}" for tp in hanging)},
-        )
-        for marker in markers():
-            try:
-                await marker(hanging)
-            except KafkaError as exc:  # the writer's next tick finds its transaction's state
-                log.warning("a writer could not mark", extra={"error": type(exc).__name__})
-            except Exception:  # a fault of the watch must not stop the gateway
-                log.exception("a writer could not mark")
+        for pid, tps in holders(offsets, open_txns).items():
+            if await _mark_all(markers(), tps, {pid}):
+                found(len(tps))
+                log.warning(
+                    "a transaction left hanging: its producer id's writer marked its partitions",
+                    extra={"producer_id": pid, "partitions": _names(tps)},
+                )
+        if hanging:
+            found(len(hanging))
+            log.warning(
+                "transactions left hanging: marking their partitions from every writer",
+                extra={"partitions": _names(hanging)},
+            )
+            await _mark_all(markers(), hanging, None)
+
+
+def _names(tps: Iterable[TopicPartition]) -> str:
+    return ",".join(f"{tp.topic}-{tp.partition}" for tp in tps)
+
+
+async def _mark_all(marks: list[Mark], tps: list[TopicPartition], pids: Collection[int] | None) -> bool:
+    """Whether any of `marks` committed a transaction."""
+    marked = False
+    for mark in marks:
+        try:
+            marked = await mark(tps, pids) or marked
+        except KafkaError as exc:  # the writer's next tick finds its transaction's state
+            log.warning("a writer could not mark", extra={"error": type(exc).__name__})
+        except Exception:  # a fault of the watch must not stop the gateway
+            log.exception("a writer could not mark")
+    return marked

@@ -27,13 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from service.config.kafka import start_whole
-from service.ingest.hanging import heal
+from service.ingest.hanging import heal, producer_id
 from service.ingest.sending import Item
 from service.ingest.tick import TickContents
 from service.ingest.transactions import Transactions
@@ -142,10 +142,19 @@ class Turns:
         for txns in self.free():
             await txns.end_idle()
 
-    async def mark(self, partitions: list[TopicPartition]) -> None:
-        """A transaction holding `partitions` committed by every producer (none committing)."""
+    def holds(self, pids: Collection[int] | None) -> bool:
+        """Whether one of the producers has one of these ids (None: any)."""
+        return pids is None or any(producer_id(t.producer) in pids for t in self.txns)
+
+    async def mark(self, partitions: list[TopicPartition], pids: Collection[int] | None = None) -> bool:
+        """A transaction holding `partitions` committed by every producer (none committing), or
+        by those with one of `pids`. True if one was."""
+        marked = False
         for txns in self.txns:
-            await txns.mark(partitions)
+            if pids is None or producer_id(txns.producer) in pids:
+                await txns.mark(partitions)
+                marked = True
+        return marked
 
 
 PRODUCER_STOP_S = 3.0

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from enum import Enum
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -262,16 +262,18 @@ class TickWriter:
                 committed, _ = await self._reopen()
                 self._still_ours(self.ledger, committed)
 
-    async def mark(self, partitions: list[TopicPartition]) -> None:
+    async def mark(self, partitions: list[TopicPartition], pids: Collection[int] | None = None) -> bool:
         """Commit a transaction holding `partitions` on each producer (the one begun ahead, if
-        open): its markers end whatever that producer id left hanging there (`hanging.watch`)."""
-        if not self._eos:
-            return
+        open), or on those with one of `pids`: its markers end whatever that producer id
+        left hanging there (`hanging.watch`). True if one was committed."""
+        if not self._eos or not self._turns.holds(pids):
+            return False
         async with self._tick_lock:  # not while it starts (its producers are initialised then)
             await self._resolve_committing(wait=True)
             live = self.state in (State.OWNED, State.SUSPENDED, State.HANDOFF)
             if live and self.failure is None and self._turns.started:
-                await self._turns.mark(partitions)
+                return await self._turns.mark(partitions, pids)
+        return False
 
     async def _reopen_verified(self, ledger: PartitionLedger, taken: list[Item], snap: Snapshot) -> None:
         """After a failed or aborted tick: re-initialise the producer (which completes or

@@ -220,8 +220,9 @@ class Metrics:
         )
         self.eos_hanging = Counter(
             "gateway_eos_hanging_partitions",
-            "Partitions found holding a transaction left hanging (their last stable offset stuck"
-            " past the transaction timeout), each then marked by every writer of this process.",
+            "Partitions found holding a transaction left hanging, then marked: by the writer of this"
+            " process with the producer id holding it (its last stable offset stuck 10 s), or by every"
+            " writer of this process (stuck past the transaction timeout).",
             registry=r,
         )
         self.response_cache = Counter(

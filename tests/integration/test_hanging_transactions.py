@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 
 import pytest
 from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -21,7 +21,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from service.config.settings import KafkaSettings
-from service.ingest.hanging import heal, watch
+from service.ingest.hanging import Mark, heal, holders, producer_id, stable_and_high, watch
+from service.ingest.open_transactions import open_transactions
 from service.ingest.partition import PartitionWriter
 from service.ingest.sending import OutMessage
 from service.ingest.stable_offsets import UnstableOffset, fetch_committed_stable
@@ -210,4 +211,81 @@ async def test_the_watch_has_a_live_writer_end_what_it_left_hanging(
     finally:
         stop.set()
         await writer.close()
+        await client.close()
+
+
+async def test_the_id_holding_a_stuck_partition_is_found_and_only_its_writer_marks(
+    kafka_bootstrap: str,
+    unverified: None,
+    topics: tuple[str, str],
+    settings: KafkaSettings,
+    producers: list[AIOKafkaProducer],
+    coordinator: object,
+) -> None:
+    """Long before the transaction timeout (the watch's every-writer rule is 10 minutes away
+    here), DescribeProducers names the producer id whose open transaction began at the stuck
+    partition's last stable offset, and only the writer with that id marks it."""
+    request, output = topics
+    writer_settings = settings.model_copy(update={"group_id": f"{request}-group"})
+    out = TopicPartition(output, 0)
+    writers = [
+        PartitionWriter(
+            TopicPartition(request, p),
+            writer_settings,
+            "replica-a",
+            _fetcher(coordinator),
+            written_topics=lambda: [output],
+        )
+        for p in (0, 1)
+    ]
+    client = AIOKafkaClient(bootstrap_servers=kafka_bootstrap)
+    stop, found = asyncio.Event(), []
+    calls: list[tuple[int, frozenset[int] | None, bool]] = []
+
+    def spy(i: int) -> Mark:
+        async def mark(partitions: list[TopicPartition], pids: Collection[int] | None = None) -> bool:
+            marked = await writers[i].mark(partitions, pids)
+            calls.append((i, None if pids is None else frozenset(pids), marked))
+            return marked
+
+        return mark
+
+    try:
+        for w in writers:
+            await asyncio.wait_for(w.start(), 60)
+        holder = writers[0]._turns.producers[-1]
+        await _hang(holder, out, f"{request}-group", {})
+        await _committed_after(settings, producers, out)
+        pid = producer_id(holder)
+        assert pid is not None
+
+        await client.bootstrap()
+        metadata = await client.fetch_all_metadata()
+        offsets = await stable_and_high(client, metadata, [out])
+        open_txns = await open_transactions(client, metadata, [out])
+        assert open_txns[out].get(pid) == offsets[out][0] == 0  # the hanging record is offset 0
+        assert holders(offsets, open_txns) == {pid: [out]}
+
+        watching = asyncio.create_task(
+            watch(
+                client,
+                lambda: [output],
+                lambda: [spy(0), spy(1)],
+                stop,
+                stuck_after_s=600.0,
+                every_s=0.3,
+                found=found.append,
+                holder_after_s=1.0,
+            )
+        )
+        values = await read_committed_values(kafka_bootstrap, out, 2, timeout_s=20)
+        stop.set()
+        await asyncio.wait_for(watching, 5)
+        assert values == [b"hanging", b"later"]
+        assert found == [1]
+        assert sorted(calls) == [(0, frozenset({pid}), True), (1, frozenset({pid}), False)]
+    finally:
+        stop.set()
+        for w in writers:
+            await w.close()
         await client.close()

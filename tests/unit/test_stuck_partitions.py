@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiokafka import TopicPartition
 
-from service.ingest.hanging import StuckPartitions
+from service.ingest.hanging import StuckPartitions, holders
 
 A, B = TopicPartition("claude.responses.a", 0), TopicPartition("claude.deadletter.a", 1)
 
@@ -44,3 +44,14 @@ def test_a_partition_not_read_starts_again() -> None:
     assert stuck.update({}, now=5) == []  # no leader at this read
     assert stuck.update({A: (5, 9)}, now=11) == []  # counted from here
     assert stuck.update({A: (5, 9)}, now=21) == [A]
+
+
+def test_the_holder_is_the_producer_whose_open_transaction_began_at_the_stable_offset() -> None:
+    offsets = {A: (5, 12), B: (7, 9)}
+    open_txns = {
+        A: {101: 5, 102: 8},  # 102's transaction began later: it waits behind 101's, holds nothing
+        B: {103: 7},
+        TopicPartition("claude.responses.a", 2): {104: 3},  # not read: nothing known of it
+    }
+    assert holders(offsets, open_txns) == {101: [A], 103: [B]}
+    assert holders(offsets, {A: {}}) == {}
