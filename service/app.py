@@ -318,6 +318,7 @@ class Gateway:
             stop,
             stuck_after_s=k.transaction_timeout_ms / 1000 + 2 * WATCH_EVERY_S,
             found=self.metrics.eos_hanging.inc,
+            stuck_now=self.metrics.eos_stuck.set,
         )
 
 

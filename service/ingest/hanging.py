@@ -144,6 +144,11 @@ class StuckPartitions:
         """After `update`: partitions reported at an earlier read and stuck at the same offset
         since (their marks did not end them), each listed once."""
 
+    @property
+    def stuck(self) -> int:
+        """Partitions stuck for `after_s` at their offset of the last read (reported, or now)."""
+        return len(self._reported)
+
     def update(self, offsets: Mapping[TopicPartition, tuple[int, int]], now: float) -> list[TopicPartition]:
         """Take a read ({partition: (last stable offset, high watermark)}); returns the partitions
         newly found stuck."""
@@ -243,6 +248,7 @@ async def watch(
     every_s: float = WATCH_EVERY_S,
     found: Callable[[int], None] = lambda n: None,
     holder_after_s: float = HANGING_AFTER_S,
+    stuck_now: Callable[[int], None] = lambda n: None,
 ) -> None:
     """Until `stop`: every `every_s`, read the partitions of `topics`.
 
@@ -251,7 +257,8 @@ async def watch(
       A live writer's transaction stays open milliseconds, so this ends a hang within
       seconds of the broker's return, and asks no other writer for anything.
     - Stuck for `stuck_after_s` (longer than any transaction may stay open): every writer here
-      marks it, whichever id holds it (ids no writer here has are another replica's to end)."""
+      marks it, whichever id holds it (ids no writer here has are another replica's to end).
+      `stuck_now` hears, at each read, how many are stuck so (`StuckPartitions.stuck`)."""
     quick, stuck = StuckPartitions(holder_after_s), StuckPartitions(stuck_after_s)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
@@ -276,6 +283,7 @@ async def watch(
             except (KafkaError, OSError, NotImplementedError) as exc:  # before Kafka 2.8: no such request
                 log.warning("no answer on who holds a partition", extra={"error": type(exc).__name__})
         hanging = stuck.update(offsets, now)
+        stuck_now(stuck.stuck)
         for tp in stuck.unended:
             log.error(
                 "a transaction left hanging was not ended by any writer of this replica",

@@ -225,6 +225,13 @@ class Metrics:
             " writer of this process (stuck past the transaction timeout).",
             registry=r,
         )
+        self.eos_stuck = Gauge(
+            "gateway_eos_stuck_partitions",
+            "Partitions written in transactions whose last stable offset has stayed put past the"
+            " transaction timeout, after every writer of this process marked them: outcomes behind"
+            " it are invisible to read_committed readers until the id that left it ends it.",
+            registry=r,
+        )
         self.response_cache = Counter(
             "gateway_response_cache",
             "Response cache lookups (hit, miss, unavailable: Redis down or failing) and stores "

@@ -382,6 +382,28 @@ UNIT_TESTS: list[dict[str, Any]] = [
             },
         ],
     },
+    {
+        "interval": "1m",
+        "input_series": [
+            {"series": 'gateway_eos_stuck_partitions{pod="gw-0"}', "values": "0 0 1x20"},
+            {"series": 'gateway_eos_stuck_partitions{pod="gw-1"}', "values": "0x22"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "8m", "alertname": "ClaudeGatewayTransactionLeftHanging", "exp_alerts": []},
+            {
+                "eval_time": "15m",
+                "alertname": "ClaudeGatewayTransactionLeftHanging",
+                "exp_alerts": [{"exp_labels": {"severity": "critical"}}],
+            },
+        ],
+    },
+    {
+        "interval": "1m",
+        "input_series": [{"series": 'gateway_eos_stuck_partitions{pod="gw-0"}', "values": "1x5 0x15"}],
+        "alert_rule_test": [
+            {"eval_time": "15m", "alertname": "ClaudeGatewayTransactionLeftHanging", "exp_alerts": []}
+        ],
+    },
 ]
 
 

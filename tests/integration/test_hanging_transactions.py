@@ -28,6 +28,7 @@ from service.ingest.sending import OutMessage
 from service.ingest.stable_offsets import UnstableOffset, fetch_committed_stable
 from service.ingest.takeover import FetchCommitted
 from tests.support.kafka import read_committed_values, started_transactional
+from tests.support.polling import until
 
 pytestmark = pytest.mark.integration
 
@@ -288,4 +289,51 @@ async def test_the_id_holding_a_stuck_partition_is_found_and_only_its_writer_mar
         stop.set()
         for w in writers:
             await w.close()
+        await client.close()
+
+
+async def test_a_hang_no_writer_here_can_end_is_reported_until_its_id_ends_it(
+    kafka_bootstrap: str,
+    unverified: None,
+    topics: tuple[str, str],
+    settings: KafkaSettings,
+    producers: list[AIOKafkaProducer],
+) -> None:
+    """The id that left the hang belongs to no writer of this replica: the watch reports the
+    partition stuck (`gateway_eos_stuck_partitions`, the alert ClaudeGatewayTransactionLeftHanging)
+    for as long as it stays so, and 0 once that id's new owner ends it."""
+    request, output = topics
+    out = TopicPartition(output, 0)
+    txn_id = f"{request}.elsewhere"
+    await _hang(await started_transactional(settings, producers, txn_id), out, f"{request}-group", {})
+    await _committed_after(settings, producers, out)
+
+    client = AIOKafkaClient(bootstrap_servers=kafka_bootstrap)
+    stop, reported, found = asyncio.Event(), [], []
+    await client.bootstrap()
+    watching = asyncio.create_task(
+        watch(
+            client,
+            lambda: [output],
+            lambda: [],
+            stop,
+            stuck_after_s=1.0,
+            every_s=0.3,
+            found=found.append,
+            holder_after_s=0.5,
+            stuck_now=reported.append,
+        )
+    )
+    try:
+        await until(
+            lambda: reported[-3:] == [1, 1, 1], timeout_s=20
+        )  # reported, and again: no writer here ended it
+        assert found == [1]  # found once by the every-writer rule (no writer here holds the id)
+        owner = await started_transactional(settings, producers, txn_id)  # the id's new owner
+        await asyncio.wait_for(heal(owner, f"{request}-group", [output]), 30)
+        await until(lambda: reported[-1:] == [0], timeout_s=20)
+        assert await read_committed_values(kafka_bootstrap, out, 2, timeout_s=10) == [b"hanging", b"later"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(watching, 5)
         await client.close()

@@ -55,3 +55,15 @@ def test_the_holder_is_the_producer_whose_open_transaction_began_at_the_stable_o
     }
     assert holders(offsets, open_txns) == {101: [A], 103: [B]}
     assert holders(offsets, {A: {}}) == {}
+
+
+def test_stuck_counts_the_partitions_stuck_past_the_threshold_now() -> None:
+    stuck = StuckPartitions(after_s=100)
+    stuck.update({A: (5, 9), B: (7, 9)}, now=0)
+    assert stuck.stuck == 0  # not long enough yet
+    stuck.update({A: (5, 9), B: (7, 9)}, now=100)
+    assert stuck.stuck == 2
+    stuck.update({A: (5, 9), B: (9, 9)}, now=105)  # B read to its end
+    assert stuck.stuck == 1
+    stuck.update({A: (6, 9)}, now=110)  # A moved on
+    assert stuck.stuck == 0
