@@ -63,7 +63,7 @@ async def test_chaos_short_kills_a_broker_restart_and_scaling(tmp_path: Path) ->
         # The broker's restart (SIGTERM) may skip the markers of a transaction committing then
         # (service/ingest/hanging.py). A new owner ends such a hang in its offsets within 10 s;
         # one left only in a response or dead-letter partition is ended by the writer holding it
-        # some 15 s after the broker is back, or else once stuck past the transaction timeout
+        # 10-15 s after the broker is back, or else once stuck past the transaction timeout
         # (60 s) and two reads (5 s apart). 60 s for the outcomes failed a fresh-clone CI run when
         # only that last rule was there (claude.deadletter.alpha[2] still behind such a hang).
         outcome_timeout_s=120,
