@@ -3,14 +3,16 @@
 Checks run cheapest first and the first failure decides: size (value, key
 and headers), decoding, schema (`contracts/params.py`), signature (`signature.py`),
 identity, model policy, `max_tokens` cap, the model's `max_tokens` maximum and the
-partner's params policy (`policy.py`), then any `extra_checks`. Those are synchronous;
-`admit_and_reserve` then runs the two that may need Redis: the replay check
+partner's params policy (`policy.py`), then any `extra_checks`. Those are synchronous (run in
+a worker thread for a large value: `IN_THREAD_BYTES`); `admit_and_reserve` then runs the two
+that may need Redis: the replay check
 (`replay.py`) and the budget reservation (`budget.py`). The pipeline settles
 or releases the reservation once the call is done (`settle`, `release`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -36,6 +38,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
+
+IN_THREAD_BYTES = 64 * 1024
+"""A value this large is admitted in a worker thread: parsing and checking a document of many
+small blocks is pure Python (0.5 s for 1 MB of them), which would hold every partner's requests
+on the event loop meanwhile. The thread gives the loop the interpreter back every few
+milliseconds (`sys.getswitchinterval`). Smaller ones take well under a millisecond here."""
 
 
 class RecordLike(Protocol):
@@ -165,7 +173,10 @@ class Admission:
     async def admit_checked(self, rec: RecordLike, *, verified: bool = False) -> Admitted | Rejected:
         """`admit`, then the replay check (no budget reserved yet). `verified`: the record
         came back from the batch path; its signature and replay were checked when first read."""
-        verdict = self.admit(rec, verified=verified)
+        if rec.value is not None and len(rec.value) >= IN_THREAD_BYTES:
+            verdict = await asyncio.to_thread(self.admit, rec, verified=verified)
+        else:
+            verdict = self.admit(rec, verified=verified)
         if isinstance(verdict, Rejected) or verified:
             return verdict
         ps = verdict.partner.settings

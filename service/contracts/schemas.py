@@ -60,6 +60,25 @@ class _StrictIntegers(_Draft07):  # type: ignore[misc]
     def generate_type(self) -> None:
         _Draft04.generate_type(self)
 
+    def generate_if_then_else(self) -> None:
+        """An `if` that only tests a discriminator (`{"properties": {"type": {"enum": [...]}},
+        "required": ["type"]}`, as every union of the request schema is written) becomes one
+        test. fastjsonschema validates an `if` by trial, raising and catching an exception for
+        each member a block is not: a request of many small blocks spent seconds there."""
+        values = _discriminator(self._definition["if"])
+        if values is None or "else" in self._definition or "then" not in self._definition:
+            _Draft07.generate_if_then_else(self)
+            return
+        # The `if` holds for a non-object (`properties` and `required` apply to objects only).
+        test = "if not isinstance({variable}, dict) or ('type' in {variable} and {variable}['type'] in {}):"
+        with self.l(test, repr(values)):
+            code_len = len(self._code)
+            self.generate_func_code_block(
+                self._definition["then"], self._variable, self._variable_name, clear_variables=True
+            )
+            if len(self._code) == code_len:
+                self.l("pass")
+
     def exc(self, msg: str, *args: Any, append_to_msg: str | None = None, rule: str | None = None) -> None:
         """Raise with the message only: the value and the definition a detailed exception also
         carries cost more than the check when a union tries its members (nothing reads them)."""
@@ -67,6 +86,22 @@ class _StrictIntegers(_Draft07):  # type: ignore[misc]
         rule_value = definition.get(rule) if isinstance(definition, dict) else None
         text = '"' + msg + '"' + (f" + ({append_to_msg})" if append_to_msg else "")
         self.l(f"raise JsonSchemaValueException({text})", *args, definition_rule=self.e(rule_value))
+
+
+def _discriminator(schema: Any) -> tuple[str, ...] | None:
+    """The string values of `{"properties": {"type": {"enum": [...]}}, "required": ["type"]}`,
+    or None when `schema` is anything else."""
+    if not isinstance(schema, dict) or set(schema) != {"properties", "required"}:
+        return None
+    props, required = schema["properties"], schema["required"]
+    if required != ["type"] or not isinstance(props, dict) or set(props) != {"type"}:
+        return None
+    enum = props["type"]
+    if not isinstance(enum, dict) or set(enum) != {"enum"} or not isinstance(enum["enum"], list):
+        return None
+    if not enum["enum"] or not all(isinstance(v, str) for v in enum["enum"]):
+        return None
+    return tuple(enum["enum"])
 
 
 def compile_strict(schema: dict[str, Any]) -> Validator:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import orjson
 import pytest
 
-from service.admission.admit import Admission, Admitted, Record, Rejected
+from service.admission.admit import IN_THREAD_BYTES, Admission, Admitted, Record, Rejected
 from service.admission.registry import Registry
 from service.config.loader import parse_config
 from service.contracts.reasons import Reason
@@ -102,3 +104,25 @@ def test_missing_secret_is_named_without_its_value() -> None:
 
     with pytest.raises(RegistryError, match=r"partners\[acme\]\.api_key \(env:ACME_KEY\)"):
         Registry.build(_settings(), environ={"GLOBEX_KEY": "x"})
+
+
+async def test_a_large_value_is_admitted_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checking a large document of many small blocks is pure Python (half a second for 1 MB):
+    on the event loop it would hold every partner's requests meanwhile."""
+    admission = _admission(max_request_bytes=1 << 20)
+    threads: list[int] = []
+    admit = admission.admit
+
+    def recording(rec: Record, *, verified: bool = False) -> Admitted | Rejected:
+        threads.append(threading.get_ident())
+        return admit(rec, verified=verified)
+
+    monkeypatch.setattr(admission, "admit", recording)
+    blocks = [{"type": "text", "text": "x"}] * 3000  # about 80 KB
+    large = _req(messages=[{"role": "user", "content": blocks}])
+    assert len(large) >= IN_THREAD_BYTES
+    assert isinstance(await admission.admit_checked(_rec(large)), Admitted)
+    assert isinstance(await admission.admit_checked(_rec(_req())), Admitted)
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread
+    assert threads[1] == loop_thread  # a small one: a thread would cost more than the check
