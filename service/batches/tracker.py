@@ -123,7 +123,7 @@ class Tracker:
                 )
                 continue
             handoff, original = read_handoff(rec)
-            verdict = self.ctx.admission.admit(original, verified=True)
+            verdict = await self.ctx.admission.admit_checked(original, verified=True)
             model = getattr(verdict, "model", "")
             h = handoff.next(submissions=handoff.submissions + 1, model=model)
             self.state.handoffs[h.custom_id] = (offset, h)

@@ -377,7 +377,7 @@ class PendingOwner:
                 # deferred (budget), or the same request id twice: into a later batch
                 taken.messages.append(handoff_message(s.pending_topic, rec, handoff))
                 continue
-            verdict = self.ctx.admission.admit(original, verified=True)
+            verdict = await self.ctx.admission.admit_checked(original, verified=True)
             if isinstance(verdict, Admitted):
                 reserved = await self.ctx.admission.reserve(verdict, service_tier="batch")
                 if isinstance(reserved, Deferred):
