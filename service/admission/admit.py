@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -142,6 +143,10 @@ class Admission:
         self.replay = replay or ReplayGuard()
         self.budgets = budgets
         self.operator_replays = operator_replays or OperatorReplays()
+        self._in_order: weakref.WeakValueDictionary[tuple[str, int], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        """A lock per partition while one of its records is being admitted (`_admit_in_order`)."""
         compiled("request")  # compile the request schema now (~1 s), not on the first request
 
     async def admit_and_reserve(self, rec: RecordLike) -> Admitted | Rejected:
@@ -173,10 +178,7 @@ class Admission:
     async def admit_checked(self, rec: RecordLike, *, verified: bool = False) -> Admitted | Rejected:
         """`admit`, then the replay check (no budget reserved yet). `verified`: the record
         came back from the batch path; its signature and replay were checked when first read."""
-        if rec.value is not None and len(rec.value) >= IN_THREAD_BYTES:
-            verdict = await asyncio.to_thread(self.admit, rec, verified=verified)
-        else:
-            verdict = self.admit(rec, verified=verified)
+        verdict = await self._admit_in_order(rec, verified)
         if isinstance(verdict, Rejected) or verified:
             return verdict
         ps = verdict.partner.settings
@@ -197,6 +199,20 @@ class Admission:
                 verdict.request_id,
             )
         return verdict
+
+    async def _admit_in_order(self, rec: RecordLike, verified: bool) -> Admitted | Rejected:
+        """`admit`, a large value in a worker thread (`IN_THREAD_BYTES`), each partition's records
+        in the order they come: those behind a large one wait for it rather than pass it, so a
+        partition's requests still reach the scheduler in offset order (its commit point moves
+        with them). Without a large one ahead, nothing waits."""
+        key = (rec.topic, rec.partition)
+        lock = self._in_order.get(key)
+        if lock is None:
+            lock = self._in_order[key] = asyncio.Lock()
+        async with lock:  # free: taken without yielding to the loop
+            if rec.value is not None and len(rec.value) >= IN_THREAD_BYTES:
+                return await asyncio.to_thread(self.admit, rec, verified=verified)
+            return self.admit(rec, verified=verified)
 
     async def settle(self, adm: Admitted, cost: Amount) -> None:
         """The call was billed: replace the budget reservation by what it cost

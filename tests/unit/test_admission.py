@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import orjson
 import pytest
@@ -126,3 +128,33 @@ async def test_a_large_value_is_admitted_off_the_event_loop(monkeypatch: pytest.
     loop_thread = threading.get_ident()
     assert threads[0] != loop_thread
     assert threads[1] == loop_thread  # a small one: a thread would cost more than the check
+
+
+async def test_records_behind_a_large_one_wait_for_it_in_their_partition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A partition's requests reach the scheduler in offset order even when one is checked in a
+    thread; another partition's do not wait for it."""
+    admission = _admission(max_request_bytes=1 << 20)
+    finished: list[str] = []
+    admit = admission.admit
+
+    def slow_when_large(rec: Record, *, verified: bool = False) -> Admitted | Rejected:
+        if rec.value is not None and len(rec.value) >= IN_THREAD_BYTES:
+            time.sleep(0.3)  # in the worker thread
+        verdict = admit(rec, verified=verified)
+        finished.append(f"{rec.partition}:{rec.offset}")
+        return verdict
+
+    monkeypatch.setattr(admission, "admit", slow_when_large)
+    large = _req(messages=[{"role": "user", "content": [{"type": "text", "text": "x"}] * 3000}])
+    small = orjson.dumps({**orjson.loads(_req()), "request_id": "r-2"})
+    other = orjson.dumps({**orjson.loads(_req()), "request_id": "r-3"})
+    topic = "claude.requests.acme"
+    verdicts = await asyncio.gather(
+        admission.admit_checked(Record(topic, 0, 1, None, b"k", large, ())),
+        admission.admit_checked(Record(topic, 0, 2, None, b"k", small, ())),
+        admission.admit_checked(Record(topic, 1, 1, None, b"k", other, ())),
+    )
+    assert all(isinstance(v, Admitted) for v in verdicts)
+    assert finished == ["1:1", "0:1", "0:2"]
