@@ -63,7 +63,7 @@ from aiokafka.protocol.offset import OffsetRequest
 
 from service.config import txn_sender
 from service.config.settings import GatewaySettings
-from service.ingest.open_transactions import open_transactions
+from service.ingest.open_transactions import by_leader, open_transactions
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +185,11 @@ async def stable_and_high(
     """The last stable offset and the high watermark of each partition (ListOffsets v2 or v3,
     latest, to its leader: read_committed, then read_uncommitted). Partitions without a leader or
     answered with an error are left out."""
-    by_leader: dict[int, dict[str, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
-    for tp in partitions:
-        leader = metadata.leader_for_partition(tp)
-        if leader is not None and leader >= 0:
-            by_leader[leader][tp.topic].append((tp.partition, LATEST))
     out: dict[TopicPartition, tuple[int, int]] = {}
-    for node, topics in by_leader.items():
+    for node, tps in by_leader(metadata, partitions).items():
+        topics: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for tp in tps:
+            topics[tp.topic].append((tp.partition, LATEST))
         ends: list[dict[TopicPartition, int]] = []
         for isolation in (READ_COMMITTED, READ_UNCOMMITTED):
             response = await client.send(node, OffsetRequest(-1, isolation, list(topics.items())))

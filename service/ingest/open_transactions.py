@@ -18,6 +18,8 @@ from aiokafka.cluster import ClusterMetadata
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import CompactArray, CompactString, Int16, Int32, Int64, Schema, TaggedFields
 
+from service.ingest.stable_offsets import topic_partitions
+
 API_KEY = 61
 NO_TRANSACTION = -1
 
@@ -81,15 +83,22 @@ class DescribeProducersRequest(Request[DescribeProducersRequest_v0]):  # type: i
     API_KEY = API_KEY
 
     def __init__(self, partitions: Iterable[TopicPartition]) -> None:
-        by_topic: dict[str, list[int]] = defaultdict(list)
-        for tp in partitions:
-            by_topic[tp.topic].append(tp.partition)
-        self._topics: list[tuple[str, list[int], dict[int, bytes]]] = [
-            (topic, sorted(parts), {}) for topic, parts in sorted(by_topic.items())
-        ]
+        self._topics = topic_partitions(partitions)
 
     def build(self, request_struct_class: type[DescribeProducersRequest_v0]) -> DescribeProducersRequest_v0:
         return request_struct_class(self._topics, {})
+
+
+def by_leader(
+    metadata: ClusterMetadata, partitions: Iterable[TopicPartition]
+) -> dict[int, list[TopicPartition]]:
+    """`partitions` by the node that leads each (those without a leader are left out)."""
+    out: dict[int, list[TopicPartition]] = defaultdict(list)
+    for tp in partitions:
+        leader = metadata.leader_for_partition(tp)
+        if leader is not None and leader >= 0:
+            out[leader].append(tp)
+    return out
 
 
 async def open_transactions(
@@ -98,13 +107,8 @@ async def open_transactions(
     """For each partition, the producer ids with a transaction open in it and the offset where
     each began ({partition: {producer id: start offset}}), from its leader. Partitions without
     a leader or answered with an error are left out."""
-    by_leader: dict[int, list[TopicPartition]] = defaultdict(list)
-    for tp in partitions:
-        leader = metadata.leader_for_partition(tp)
-        if leader is not None and leader >= 0:
-            by_leader[leader].append(tp)
     out: dict[TopicPartition, dict[int, int]] = {}
-    for node, tps in by_leader.items():
+    for node, tps in by_leader(metadata, partitions).items():
         response = await client.send(node, DescribeProducersRequest(tps))
         for topic, parts, _tags in response.topics:
             for index, error, _message, producers, _ptags in parts:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -95,18 +96,21 @@ class OffsetFetchRequest_v7(RequestStruct):  # type: ignore[misc]
     )
 
 
+def topic_partitions(tps: Iterable[TopicPartition]) -> list[tuple[str, list[int], dict[int, bytes]]]:
+    """`tps` as a flexible request's topics: (topic, its partition indexes, no tagged fields)."""
+    by_topic: dict[str, list[int]] = {}
+    for tp in tps:
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    return [(topic, parts, {}) for topic, parts in by_topic.items()]
+
+
 class StableOffsetFetchRequest(Request[OffsetFetchRequest_v7]):  # type: ignore[misc]
     API_KEY = 9
 
     def __init__(self, group_id: str, tps: list[TopicPartition], require_stable: bool = True) -> None:
-        by_topic: dict[str, list[int]] = {}
-        for tp in tps:
-            by_topic.setdefault(tp.topic, []).append(tp.partition)
         self._group_id = group_id
         self._require_stable = require_stable
-        self._topics: list[tuple[str, list[int], dict[int, bytes]]] = [
-            (t, ps, {}) for t, ps in by_topic.items()
-        ]
+        self._topics = topic_partitions(tps)
 
     def build(self, request_struct_class: type[OffsetFetchRequest_v7]) -> OffsetFetchRequest_v7:
         return request_struct_class(self._group_id, self._topics, self._require_stable, {})

@@ -95,6 +95,15 @@ async def _hang(
     await producer.commit_transaction()
 
 
+def _writer(
+    settings: KafkaSettings, tp_in: TopicPartition, output: str, replica: str, coordinator: object
+) -> PartitionWriter:
+    """The gateway's writer of request partition `tp_in`, in the group `<request topic>-group`,
+    writing `output`."""
+    group = settings.model_copy(update={"group_id": f"{tp_in.topic}-group"})
+    return PartitionWriter(tp_in, group, replica, _fetcher(coordinator), written_topics=lambda: [output])
+
+
 def _fetcher(coordinator: object) -> FetchCommitted:
     """A writer's stable offset read that takes an offset unstable for 1 s for hanging."""
 
@@ -151,14 +160,11 @@ async def test_a_writer_taking_over_ends_its_ids_hanging_transaction(
     coordinator: object,
 ) -> None:
     request, output = topics
-    writer_settings = settings.model_copy(update={"group_id": f"{request}-group"})
     tp_in, out = TopicPartition(request, 1), TopicPartition(output, 0)
     txn_id = f"{request}-group.{request}.1"  # the writer's own id (partition.transactional_id)
     await _hang(await started_transactional(settings, producers, txn_id), out, f"{request}-group", {tp_in: 7})
 
-    writer = PartitionWriter(
-        tp_in, writer_settings, "replica-b", _fetcher(coordinator), written_topics=lambda: [output]
-    )
+    writer = _writer(settings, tp_in, output, "replica-b", coordinator)
     try:
         snapshot = await asyncio.wait_for(writer.start(), 60)
     finally:
@@ -178,12 +184,9 @@ async def test_the_watch_has_a_live_writer_end_what_it_left_hanging(
     """The writer lived through the hang and does not write that partition again: the watch
     finds its last stable offset stuck and the writer's `mark` ends it; the writer goes on."""
     request, output = topics
-    writer_settings = settings.model_copy(update={"group_id": f"{request}-group"})
     tp_in, out = TopicPartition(request, 0), TopicPartition(output, 0)
 
-    writer = PartitionWriter(
-        tp_in, writer_settings, "replica-a", _fetcher(coordinator), written_topics=lambda: [output]
-    )
+    writer = _writer(settings, tp_in, output, "replica-a", coordinator)
     client = AIOKafkaClient(bootstrap_servers=kafka_bootstrap)
     stop, found = asyncio.Event(), []
     try:
@@ -227,17 +230,9 @@ async def test_the_id_holding_a_stuck_partition_is_found_and_only_its_writer_mar
     here), DescribeProducers names the producer id whose open transaction began at the stuck
     partition's last stable offset, and only the writer with that id marks it."""
     request, output = topics
-    writer_settings = settings.model_copy(update={"group_id": f"{request}-group"})
     out = TopicPartition(output, 0)
     writers = [
-        PartitionWriter(
-            TopicPartition(request, p),
-            writer_settings,
-            "replica-a",
-            _fetcher(coordinator),
-            written_topics=lambda: [output],
-        )
-        for p in (0, 1)
+        _writer(settings, TopicPartition(request, p), output, "replica-a", coordinator) for p in (0, 1)
     ]
     client = AIOKafkaClient(bootstrap_servers=kafka_bootstrap)
     stop, found = asyncio.Event(), []
