@@ -21,6 +21,9 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
+from service.admission.admit import Admission, Admitted, Record, Rejected
+from service.admission.registry import Registry
+from service.config.loader import parse_config
 from service.config.settings import AnthropicSettings
 from service.contracts.params import (
     CLIENT_TOOLS,
@@ -34,6 +37,7 @@ from service.contracts.params import (
     server_tools,
     tool_family,
 )
+from service.contracts.reasons import Reason
 from service.contracts.schemas import SchemaViolation, load_schema
 from service.contracts.sdk_schema import HEADER_FIELDS, sdk_fields
 from service.upstream.client import ClaudeClient
@@ -167,6 +171,42 @@ async def test_every_field_at_once_and_every_tool_and_content_block() -> None:
     assert body["messages"] == params["messages"]
     assert len(body["tools"]) == 22
     assert {b["type"] for b in body["messages"][0]["content"]} >= {"text", "image", "document", "tool_result"}
+
+
+async def test_a_name_given_twice_is_read_once_by_the_policy_and_the_call_alike() -> None:
+    """Last one wins, and the Claude call sends what the policy checked: a duplicate cannot pass
+    `allowed_models` and `max_tokens_cap` with one value and reach Claude with another."""
+    registry = Registry.build(
+        parse_config(
+            {
+                "partners": [
+                    {
+                        "id": "acme",
+                        "api_key": {"env": "K"},
+                        "allowed_models": [BASE["model"]],
+                        "max_tokens_cap": 50,
+                    },
+                    {"id": "globex", "api_key": {"env": "K"}},
+                ]
+            }
+        ),
+        environ={"K": "sk-test"},
+    )
+    value = (
+        b'{"request_id": "r-1", "partner": "globex", "params": {"model": "claude-opus-4-1", '
+        b'"max_tokens": 4000, "messages": [{"role": "user", "content": "hi"}], '
+        b'"model": "' + BASE["model"].encode() + b'", "max_tokens": 20}, '
+        b'"request_id": "r-2", "partner": "acme"}'
+    )
+    verdict = Admission(registry).admit(Record("claude.requests.acme", 0, 1, 0, b"k", value, ()))
+    assert isinstance(verdict, Admitted), verdict
+    assert (verdict.request_id, verdict.model, verdict.max_tokens) == ("r-2", BASE["model"], 20)
+    body = orjson.loads((await _sent_through_the_gateways_client(verdict.params)).content)
+    assert (body["model"], body["max_tokens"]) == (BASE["model"], 20)
+    first_wins = value.replace(b', "model": "' + BASE["model"].encode() + b'", "max_tokens": 20}', b"}")
+    refused = Admission(registry).admit(Record("claude.requests.acme", 0, 2, 0, b"k", first_wins, ()))
+    assert isinstance(refused, Rejected)
+    assert refused.reason is Reason.MODEL_NOT_ALLOWED
 
 
 def test_old_v1_requests_still_pass() -> None:
