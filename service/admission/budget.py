@@ -15,7 +15,7 @@
   queue is full, and other partners are not held up. When the service
   stops, held requests raise `Draining` and are redelivered later.
 
-Where the counters live: with a `redis` section, in Redis, one hash per
+Where the counters live (`budget_ledger.py`): with a `redis` section, in Redis, one hash per
 partner and period (`{prefix}:budget:{partner}:day:2026-11-24` and
 `...:month:2026-11`, the prefix in braces as a Redis Cluster hash tag; fields
 `tokens` and `nusd`, nano-USD integers; expiring a day after the period
@@ -36,15 +36,22 @@ stays counted until its period ends: budgets err on the side of the bill.
 from __future__ import annotations
 
 import asyncio
-import calendar
 import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 from service.admission.admit import Admitted, Deferred, Rejected
+from service.admission.budget_ledger import (
+    LedgerAnswer,
+    LocalLedger,
+    Period,
+    RedisLedger,
+    Reservation,
+    Unit,
+    periods,
+)
 from service.admission.budget_sync import OutageSpend
 from service.admission.pricing import NANO_PER_USD, Amount, estimate
 from service.config.redis_health import REDIS_ERRORS, RedisHealth
@@ -59,7 +66,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = [  # Amount and NANO_PER_USD live in pricing.py; importers of this module still see them
+# Amount and NANO_PER_USD live in pricing.py, the ledgers in budget_ledger.py: importers of this
+# module still see them
+__all__ = [
     "NANO_PER_USD",
     "Amount",
     "Budgets",
@@ -69,210 +78,7 @@ __all__ = [  # Amount and NANO_PER_USD live in pricing.py; importers of this mod
     "Reservation",
     "periods",
 ]
-PeriodName = Literal["day", "month"]
-Unit = Literal["tokens", "usd"]
 _UNITS: tuple[Unit, ...] = ("tokens", "usd")
-_GRACE_S = 86_400.0
-
-_RESERVE = """
-local tok = tonumber(ARGV[1])
-local usd = tonumber(ARGV[2])
-local used = {}
-local refused, unit = 0, 0
-for i = 1, #KEYS do
-  local t = tonumber(redis.call('HGET', KEYS[i], 'tokens') or '0')
-  local u = tonumber(redis.call('HGET', KEYS[i], 'nusd') or '0')
-  used[2 * i - 1] = t
-  used[2 * i] = u
-  local base = 2 + (i - 1) * 3
-  local tl, ul = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-  if refused == 0 then
-    if tl >= 0 and t + tok > tl then refused, unit = i, 1
-    elseif ul >= 0 and u + usd > ul then refused, unit = i, 2 end
-  end
-end
-if refused == 0 then
-  for i = 1, #KEYS do
-    used[2 * i - 1] = redis.call('HINCRBY', KEYS[i], 'tokens', ARGV[1])
-    used[2 * i] = redis.call('HINCRBY', KEYS[i], 'nusd', ARGV[2])
-    redis.call('PEXPIRE', KEYS[i], ARGV[2 + (i - 1) * 3 + 3])
-  end
-end
-local out = {refused, unit}
-for j = 1, #used do out[#out + 1] = used[j] end
-return out
-"""
-
-_ADJUST = """
-local out = {}
-for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    out[#out + 1] = redis.call('HINCRBY', KEYS[i], 'tokens', ARGV[1])
-    out[#out + 1] = redis.call('HINCRBY', KEYS[i], 'nusd', ARGV[2])
-  else
-    out[#out + 1] = 0
-    out[#out + 1] = 0
-  end
-end
-return out
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Period:
-    name: PeriodName
-    label: str
-    """`2026-11-24` for a day, `2026-11` for a month (UTC)."""
-    tokens_limit: int | None
-    nusd_limit: int | None
-    ends_at: float
-    """Unix time the period ends."""
-
-    def limit(self, unit: Unit) -> int | None:
-        return self.tokens_limit if unit == "tokens" else self.nusd_limit
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """What one admitted request holds in its partner's budget until it is settled."""
-
-    partner_id: str
-    model: str
-    periods: tuple[Period, ...]
-    amount: Amount
-    shared: bool
-    """Made in Redis (else in process)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerAnswer:
-    ok: bool
-    used: tuple[Amount, ...]
-    """Per period, after the reservation (or as found, when refused)."""
-    refused: tuple[int, Unit] | None = None
-    """Index of the period and the unit that refused."""
-
-
-# -- periods ---------------------------------------------------------------------------
-
-
-def periods(budget: BudgetSettings, now: float) -> tuple[Period, ...]:
-    """The periods with a cap, current at `now` (UTC)."""
-    t = time.gmtime(now)
-    out: list[Period] = []
-    if budget.tokens_per_day is not None or budget.usd_per_day is not None:
-        day_start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0))
-        out.append(
-            Period(
-                "day",
-                time.strftime("%Y-%m-%d", t),
-                budget.tokens_per_day,
-                _nano(budget.usd_per_day),
-                day_start + 86_400.0,
-            )
-        )
-    if budget.tokens_per_month is not None or budget.usd_per_month is not None:
-        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
-        out.append(
-            Period(
-                "month",
-                time.strftime("%Y-%m", t),
-                budget.tokens_per_month,
-                _nano(budget.usd_per_month),
-                float(calendar.timegm((year, month, 1, 0, 0, 0))),
-            )
-        )
-    return tuple(out)
-
-
-def _nano(usd: float | None) -> int | None:
-    return None if usd is None else round(usd * NANO_PER_USD)
-
-
-# -- ledgers ---------------------------------------------------------------------------
-
-
-class LocalLedger:
-    """Budget counters in process: lost on restart, not shared between replicas."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._used: dict[tuple[str, str, str], tuple[Amount, float]] = {}
-
-    def used(self, partner_id: str, period: Period) -> Amount:
-        entry = self._used.get((partner_id, period.name, period.label))
-        return entry[0] if entry is not None else Amount(0, 0)
-
-    def reserve(self, partner_id: str, ps: Sequence[Period], amount: Amount) -> LedgerAnswer:
-        self._expire()
-        used = tuple(self.used(partner_id, p) for p in ps)
-        for i, (p, u) in enumerate(zip(ps, used, strict=True)):
-            if p.tokens_limit is not None and u.tokens + amount.tokens > p.tokens_limit:
-                return LedgerAnswer(False, used, (i, "tokens"))
-            if p.nusd_limit is not None and u.nusd + amount.nusd > p.nusd_limit:
-                return LedgerAnswer(False, used, (i, "usd"))
-        after = tuple(Amount(u.tokens + amount.tokens, u.nusd + amount.nusd) for u in used)
-        for p, a in zip(ps, after, strict=True):
-            self._used[(partner_id, p.name, p.label)] = (a, p.ends_at)
-        return LedgerAnswer(True, after)
-
-    def adjust(self, partner_id: str, ps: Sequence[Period], delta: Amount) -> tuple[Amount, ...]:
-        out = []
-        for p in ps:
-            key = (partner_id, p.name, p.label)
-            if key not in self._used:
-                out.append(Amount(0, 0))
-                continue
-            u = self._used[key][0]
-            a = Amount(u.tokens + delta.tokens, u.nusd + delta.nusd)
-            self._used[key] = (a, p.ends_at)
-            out.append(a)
-        return tuple(out)
-
-    def mirror(self, partner_id: str, ps: Sequence[Period], used: Sequence[Amount]) -> None:
-        """Take over the values read from Redis (the fallback while Redis is unreachable)."""
-        for p, u in zip(ps, used, strict=True):
-            self._used[(partner_id, p.name, p.label)] = (u, p.ends_at)
-
-    def _expire(self) -> None:
-        now = self._clock()
-        for key in [k for k, (_, ends_at) in self._used.items() if ends_at + _GRACE_S < now]:
-            del self._used[key]
-
-
-class RedisLedger:
-    """Budget counters in Redis: shared, durable, changed only by atomic scripts."""
-
-    def __init__(self, redis: Any, key_prefix: str, clock: Callable[[], float] = time.time) -> None:
-        self._tag = "{" + key_prefix + "}"  # one hash slot: the scripts also run on Redis Cluster
-        self._clock = clock
-        self.redis = redis
-        self._reserve = redis.register_script(_RESERVE)
-        self._adjust = redis.register_script(_ADJUST)
-
-    def key(self, partner_id: str, period: Period) -> str:
-        return f"{self._tag}:budget:{partner_id}:{period.name}:{period.label}"
-
-    async def reserve(self, partner_id: str, ps: Sequence[Period], amount: Amount) -> LedgerAnswer:
-        now = self._clock()
-        args: list[int] = [amount.tokens, amount.nusd]
-        for p in ps:
-            ttl_ms = max(1000, int((p.ends_at + _GRACE_S - now) * 1000))
-            args += [_or_minus_one(p.tokens_limit), _or_minus_one(p.nusd_limit), ttl_ms]
-        raw = await self._reserve(keys=[self.key(partner_id, p) for p in ps], args=args)
-        refused, unit = int(raw[0]), int(raw[1])
-        used = tuple(Amount(int(raw[2 + 2 * i]), int(raw[3 + 2 * i])) for i in range(len(ps)))
-        if refused:
-            return LedgerAnswer(False, used, (refused - 1, "tokens" if unit == 1 else "usd"))
-        return LedgerAnswer(True, used)
-
-    async def adjust(self, partner_id: str, ps: Sequence[Period], delta: Amount) -> tuple[Amount, ...]:
-        raw = await self._adjust(keys=[self.key(partner_id, p) for p in ps], args=[delta.tokens, delta.nusd])
-        return tuple(Amount(int(raw[2 * i]), int(raw[2 * i + 1])) for i in range(len(ps)))
-
-
-def _or_minus_one(value: int | None) -> int:
-    return -1 if value is None else value
 
 
 # -- the front ----------------------------------------------------------------------------

@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from service.admission.budget_ledger import GRACE_S
+
 if TYPE_CHECKING:
-    from service.admission.budget import Amount, Period, RedisLedger
+    from service.admission.budget_ledger import Period, RedisLedger
+    from service.admission.pricing import Amount
 
 log = logging.getLogger(__name__)
-
-_GRACE_S = 86_400.0
 
 # KEYS = budget hashes; ARGV = tokens, nusd, then a TTL in ms per key. Adds, creating a missing key.
 _ADD = """
@@ -63,11 +64,11 @@ class OutageSpend:
         now = self._clock()
         pushed = 0
         for key, (tokens, nusd, p) in list(self._pending.items()):
-            if p.ends_at + _GRACE_S < now:
+            if p.ends_at + GRACE_S < now:
                 del self._pending[key]  # the period's counters are gone: nothing to add to
                 continue
             if tokens or nusd:
-                ttl_ms = max(1000, int((p.ends_at + _GRACE_S - now) * 1000))
+                ttl_ms = max(1000, int((p.ends_at + GRACE_S - now) * 1000))
                 await self._script(keys=[ledger.key(key[0], p)], args=[tokens, nusd, ttl_ms])
             current = self._pending.get(key)
             if current is not None and current[:2] == (tokens, nusd):
