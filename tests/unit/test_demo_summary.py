@@ -1,7 +1,7 @@
-"""`make demo`'s summary (scripts/demo.py): a well-formed request dead-lettered `outcome_unknown`
-is expected exactly when the simulator did its call and dropped the connection; any other
-difference from the demo's expectation is reported, and only missing or duplicated outcomes
-fail the demo."""
+"""`make demo`'s summary (scripts/demo.py, scripts/demo_report.py): a well-formed request
+dead-lettered `outcome_unknown` is expected exactly when the simulator did its call and dropped
+the connection; any other difference from the demo's expectation is reported, and only missing
+or duplicated outcomes fail the demo."""
 
 from __future__ import annotations
 
@@ -14,16 +14,23 @@ import pytest
 from tests.support.kafka import ROOT, kafka_local
 
 
-@pytest.fixture(scope="module")
-def demo() -> ModuleType:
-    sys.modules.setdefault("kafka_local", kafka_local())  # demo.py imports it as a sibling script
-    spec = importlib.util.spec_from_file_location("_gateway_demo", ROOT / "scripts" / "demo.py")
+def _load(name: str, file: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / file)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def demo() -> ModuleType:
+    """demo.py, with the sibling scripts it imports (kafka_local, demo_report)."""
+    sys.modules.setdefault("kafka_local", kafka_local())
+    if "demo_report" not in sys.modules:
+        _load("demo_report", "demo_report.py")
+    return _load("_gateway_demo", "demo.py")
 
 
 def _run(demo: ModuleType, dropped: set[str], capsys: pytest.CaptureFixture[str]) -> tuple[bool, str]:
@@ -36,7 +43,7 @@ def _run(demo: ModuleType, dropped: set[str], capsys: pytest.CaptureFixture[str]
     got.by_key["acme-0001"].append(demo.Outcome("acme", "response", {"request_id": "acme-0001"}))
     got.by_key["acme-0002"].append(demo.Outcome("acme", "deadletter", {"reason": "outcome_unknown"}))
     got.by_key["bad-json-1"].append(demo.Outcome("acme", "deadletter", {"reason": "malformed_json"}))
-    ok = demo.summarise(traffic, got, dropped)
+    ok = demo.summarise(traffic, got, ["acme"], dropped)
     return ok, capsys.readouterr().out
 
 
