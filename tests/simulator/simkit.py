@@ -1,24 +1,13 @@
-"""Helpers shared by the simulator tests: a fake clock, request bodies and headers."""
+"""Helpers shared by the simulator tests: a fake clock (tests/support/clock.py), request bodies, headers."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from tests.support.clock import FakeClock as FakeClock  # re-exported: the simulator tests import it here
+
 API_VERSION = "2023-06-01"
 MODEL = "claude-haiku-4-5"  # not deprecated in the installed SDK (which warns on deprecated ones)
-
-
-class FakeClock:
-    """A clock that only moves when told to."""
-
-    def __init__(self, start: float = 1_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def body(**overrides: Any) -> dict[str, Any]:

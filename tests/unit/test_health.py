@@ -21,14 +21,7 @@ from service.config.loader import parse_config
 from service.telemetry.http import HealthServer
 from service.telemetry.logs import MASK, JsonFormatter, redact, register_secrets
 from service.telemetry.metrics import Metrics
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 async def _get(port: int, path: str) -> tuple[int, Any]:
@@ -59,7 +52,7 @@ async def test_healthz_answers_while_the_heartbeat_is_recent(serve: Callable[...
     assert server.port
     status, body = await _get(server.port, "/healthz")
     assert (status, body["status"]) == (200, "ok")
-    clock.now += 11  # no tick for longer than stale_after_s
+    clock.advance(11)  # no tick for longer than stale_after_s
     status, body = await _get(server.port, "/healthz")
     assert (status, body["status"]) == (503, "stalled")
     assert body["heartbeat_age_s"] == pytest.approx(11)

@@ -11,14 +11,7 @@ from service.config.settings import LimitSettings
 from service.scheduling.buckets import TokenBucket
 from service.scheduling.limiter import NOT_CALLED, Cost, LocalLimiter, Usage, parse_ratelimit_headers
 from service.scheduling.pools import DEFAULT_CLASS, LimitConfig, PauseScope
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.support.clock import FakeClock
 
 
 def test_bucket_refills_continuously_to_capacity() -> None:
@@ -44,23 +37,23 @@ def test_a_cost_above_capacity_waits_for_a_full_bucket_then_goes_negative() -> N
     )
 )
 def test_limiter_never_grants_more_than_capacity_plus_refill(steps: list[tuple[float, int]]) -> None:
-    clock = Clock()
-    start = clock.t
+    clock = FakeClock()
+    start = clock.now
     limiter = LocalLimiter(LimitSettings(rpm=120, itpm=5_000), {}, clock=clock)
     granted_requests = 0
     granted_input = 0
     for advance, tokens in steps:
-        clock.t += advance
+        clock.advance(advance)
         if limiter.try_acquire("p", Cost(tokens, 0)).ok:
             granted_requests += 1
             granted_input += tokens
-    elapsed = clock.t - start
+    elapsed = clock.now - start
     assert granted_requests <= 120 + elapsed * 2 + 1e-9
     assert granted_input <= 5_000 + elapsed * 5_000 / 60 + 1e-6
 
 
 def test_partner_limit_binds_before_the_org_and_says_so() -> None:
-    clock = Clock()
+    clock = FakeClock()
     limiter = LocalLimiter(LimitSettings(rpm=600), {"a": LimitSettings(rpm=2)}, clock=clock)
     assert limiter.try_acquire("a", Cost(1, 1)).ok
     assert limiter.try_acquire("a", Cost(1, 1)).ok
@@ -71,7 +64,7 @@ def test_partner_limit_binds_before_the_org_and_says_so() -> None:
 
 
 def test_settlement_refunds_unused_reservation() -> None:
-    clock = Clock()
+    clock = FakeClock()
     limiter = LocalLimiter(LimitSettings(itpm=1000, otpm=1000), {}, clock=clock)
     assert limiter.try_acquire("p", Cost(400, 800)).ok
     assert not limiter.try_acquire("p", Cost(400, 800)).ok
@@ -83,7 +76,7 @@ def test_settlement_refunds_unused_reservation() -> None:
 
 
 def test_unknown_outcome_keeps_the_reservation() -> None:
-    clock = Clock()
+    clock = FakeClock()
     limiter = LocalLimiter(LimitSettings(otpm=1000), {}, clock=clock)
     limiter.try_acquire("p", Cost(1, 600))
     limiter.settle("p", Cost(1, 600), None)
@@ -94,7 +87,7 @@ ANY = Cost(1, 1)
 
 
 def test_headers_clamp_the_org_bucket_but_never_raise_it() -> None:
-    clock = Clock()
+    clock = FakeClock()
     limiter = LocalLimiter(LimitSettings(rpm=100, itpm=100_000), {}, clock=clock)
     limiter.observe_headers(
         "p",
@@ -116,7 +109,7 @@ def test_headers_clamp_the_org_bucket_but_never_raise_it() -> None:
 def test_a_lower_reported_limit_is_the_keys_workspace_not_the_org() -> None:
     """ANTHROPIC.md: the headers report the most restrictive limit in effect, so a key in a
     smaller workspace reports its workspace's figures: they must not shrink the org pool."""
-    clock = Clock()
+    clock = FakeClock()
     limiter = LocalLimiter(LimitSettings(rpm=1000), {}, clock=clock)
     limiter.observe_headers(
         "p",
@@ -127,7 +120,7 @@ def test_a_lower_reported_limit_is_the_keys_workspace_not_the_org() -> None:
 
 
 def test_a_larger_reported_limit_is_logged_and_kept_out_unless_allowed(caplog: object) -> None:
-    clock = Clock()
+    clock = FakeClock()
     headers = {"anthropic-ratelimit-requests-limit": "5000", "anthropic-ratelimit-requests-remaining": "4990"}
     limiter = LocalLimiter(LimitSettings(rpm=1000), {}, clock=clock)
     limiter.observe_headers("p", ANY, headers)
@@ -137,12 +130,12 @@ def test_a_larger_reported_limit_is_logged_and_kept_out_unless_allowed(caplog: o
         LimitConfig(pools={DEFAULT_CLASS: LimitSettings(rpm=1000)}, follow_header_limits=True), clock=clock
     )
     follow.observe_headers("p", ANY, headers)
-    clock.t += 60
+    clock.advance(60)
     assert follow.levels()[("org", "rpm")] == 5000
 
 
 def test_a_429_pause_holds_only_its_scope() -> None:
-    clock = Clock()
+    clock = FakeClock()
     config = LimitConfig(
         pools={DEFAULT_CLASS: LimitSettings(rpm=1000), "opus": LimitSettings(rpm=100)},
         partners={"a": LimitSettings(), "b": LimitSettings(), "c": LimitSettings()},
@@ -158,12 +151,12 @@ def test_a_429_pause_holds_only_its_scope() -> None:
     d = limiter.try_acquire("c", Cost(1, 1, "opus"))
     assert (d.ok, d.scope, d.wait_s) == (False, "org", 5)
     assert limiter.try_acquire("c", ANY).ok  # the default pool is not paused
-    clock.t += 3
+    clock.advance(3)
     assert limiter.try_acquire("a", ANY).ok
 
 
 def test_model_classes_draw_on_their_own_pool() -> None:
-    clock = Clock()
+    clock = FakeClock()
     config = LimitConfig(pools={DEFAULT_CLASS: LimitSettings(rpm=10), "haiku": LimitSettings(rpm=2)})
     limiter = LocalLimiter(config, clock=clock)
     haiku = Cost(1, 1, config.model_class("claude-haiku-4-5"))
@@ -178,7 +171,7 @@ def test_model_classes_draw_on_their_own_pool() -> None:
 
 
 def test_a_call_never_made_refunds_the_request_too() -> None:
-    clock = Clock()
+    clock = FakeClock()
     limiter = LocalLimiter(LimitSettings(rpm=10, otpm=1000), {}, clock=clock)
     assert limiter.try_acquire("p", Cost(1, 600)).ok
     limiter.settle("p", Cost(1, 600), NOT_CALLED)
@@ -194,7 +187,7 @@ def test_parse_headers_ignores_garbage() -> None:
 
 
 def test_headers_update_the_pool_the_call_drew_on() -> None:
-    clock = Clock()
+    clock = FakeClock()
     config = LimitConfig(pools={DEFAULT_CLASS: LimitSettings(rpm=1000), "haiku": LimitSettings(rpm=500)})
     limiter = LocalLimiter(config, clock=clock)
     headers = {"anthropic-ratelimit-requests-limit": "500", "anthropic-ratelimit-requests-remaining": "120"}

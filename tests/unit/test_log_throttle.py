@@ -4,7 +4,7 @@ after the condition cleared."""
 from __future__ import annotations
 
 from service.telemetry.logs import Throttle
-from tests.simulator.simkit import FakeClock
+from tests.support.clock import FakeClock
 
 
 def test_first_warning_at_once_then_once_per_interval() -> None:

@@ -22,18 +22,11 @@ from service.config.loader import parse_config
 from service.config.settings import PartnerSettings
 from service.contracts import operator_replay
 from service.contracts.reasons import Reason
+from tests.support.clock import FakeClock
 
 ENV = {"K": "sk", "S": "secret"}
 T0 = 1_764_000_000_000
 TOPIC = "claude.requests.acme"
-
-
-class Clock:
-    def __init__(self, t: float = T0 / 1000) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def _partner(**kw: object) -> PartnerSettings:
@@ -118,7 +111,7 @@ def test_local_store_is_bounded_and_evicts_the_largest_partners_next_due() -> No
 
 
 async def test_guard_applies_only_to_signed_or_deduped_partners() -> None:
-    guard = ReplayGuard(LocalReplayStore(), clock=Clock())
+    guard = ReplayGuard(LocalReplayStore(), clock=FakeClock(T0 / 1000))
     plain, deduped = _partner(), _partner(dedupe=True)
     o1, o2 = Origin("t", 0, 1), Origin("t", 0, 2)
     assert await guard.first_seen(plain, "r", o1) is None
@@ -129,18 +122,18 @@ async def test_guard_applies_only_to_signed_or_deduped_partners() -> None:
 
 
 async def test_guard_without_append_time_counts_on_the_wall_clock_at_reading() -> None:
-    clock = Clock()
+    clock = FakeClock(T0 / 1000)
     guard = ReplayGuard(LocalReplayStore(), clock=clock)
     ps = _partner(dedupe=True, replay_window_s=30)
     assert await guard.first_seen(ps, "r", Origin("t", 0, 1)) is None
-    clock.t += 30
+    clock.advance(30)
     assert await guard.first_seen(ps, "r", Origin("t", 0, 2)) == "t/0/1"
-    clock.t += 0.001
+    clock.advance(0.001)
     assert await guard.first_seen(ps, "r", Origin("t", 0, 3)) is None
 
 
 async def test_guard_holds_a_sighting_while_its_signature_is_valid_even_past_the_window() -> None:
-    guard = ReplayGuard(LocalReplayStore(), clock=Clock())
+    guard = ReplayGuard(LocalReplayStore(), clock=FakeClock(T0 / 1000))
     ps = _partner(dedupe=True, replay_window_s=5)
     valid_until = T0 + 60_000  # signed at T0, max_skew_s 60
     first = await guard.first_seen(ps, "r", Origin("t", 0, 1), appended_ms=T0, valid_until_ms=valid_until)
@@ -152,7 +145,9 @@ async def test_guard_holds_a_sighting_while_its_signature_is_valid_even_past_the
 # -- admission: the signature and the replay check on one clock ---------------------------------
 
 
-def _admission(clock: Clock, *, window_s: float | None = None, operator_key: Path | None = None) -> Admission:
+def _admission(
+    clock: FakeClock, *, window_s: float | None = None, operator_key: Path | None = None
+) -> Admission:
     acme: dict[str, object] = {"id": "acme", "api_key": {"env": "K"}, "signing": SIGNED}
     if window_s is not None:
         acme["replay_window_s"] = window_s
@@ -192,7 +187,7 @@ def _record(
 
 
 async def test_signed_copy_is_a_replay_but_a_redelivery_is_not() -> None:
-    adm = _admission(Clock())
+    adm = _admission(FakeClock(T0 / 1000))
     first = _record(10, T0)
     assert isinstance(await adm.admit_and_reserve(first), Admitted)
     assert isinstance(await adm.admit_and_reserve(first), Admitted), "Kafka redelivered the same offset"
@@ -209,11 +204,11 @@ async def test_a_copy_appended_in_time_but_read_after_the_window_is_a_replay() -
     """The lagging consumer: the original and a copy are appended within `max_skew_s` of the
     signature; the gateway reads the original long after, and the copy later still (the
     partner was paused, deferred by its budget, or the consumer lagged) than the window."""
-    clock = Clock()
+    clock = FakeClock(T0 / 1000)
     adm = _admission(clock)  # max_skew_s 60, window 120 s
-    clock.t = (T0 + 500_000) / 1000  # read 500 s after it was appended: LogAppendTime keeps it fresh
+    clock.now = (T0 + 500_000) / 1000  # read 500 s after it was appended: LogAppendTime keeps it fresh
     assert isinstance(await adm.admit_and_reserve(_record(1, T0, appended_ms=T0 + 20)), Admitted)
-    clock.t += 3_600  # an hour later, the copy from the backlog
+    clock.advance(3_600)  # an hour later, the copy from the backlog
     copy = _record(2, T0, appended_ms=T0 + 40_000)
     verdict = await adm.admit_and_reserve(copy)
     assert isinstance(verdict, Rejected)
@@ -222,9 +217,9 @@ async def test_a_copy_appended_in_time_but_read_after_the_window_is_a_replay() -
 
 
 async def test_a_copy_appended_after_the_signature_expired_is_stale_and_a_fresh_one_is_remembered() -> None:
-    clock = Clock()
+    clock = FakeClock(T0 / 1000)
     adm = _admission(clock, window_s=120)
-    clock.t = (T0 + 900_000) / 1000
+    clock.now = (T0 + 900_000) / 1000
     assert isinstance(await adm.admit_and_reserve(_record(1, T0, appended_ms=T0)), Admitted)
     stale = await adm.admit_and_reserve(_record(2, T0, appended_ms=T0 + 60_001))
     assert isinstance(stale, Rejected)
@@ -237,14 +232,14 @@ async def test_a_copy_appended_after_the_signature_expired_is_stale_and_a_fresh_
 
 
 async def test_on_a_create_time_topic_the_reading_time_is_the_clock() -> None:
-    clock = Clock()
+    clock = FakeClock(T0 / 1000)
     adm = _admission(clock)
     assert isinstance(await adm.admit_and_reserve(_record(1, T0)), Admitted)
-    clock.t += 59
+    clock.advance(59)
     copy = await adm.admit_and_reserve(_record(2, T0))
     assert isinstance(copy, Rejected)
     assert copy.reason is Reason.REPLAY
-    clock.t += 2  # 61 s after signing, read by the gateway's clock: stale before any replay check
+    clock.advance(2)  # 61 s after signing, read by the gateway's clock: stale before any replay check
     stale = await adm.admit_and_reserve(_record(3, T0))
     assert isinstance(stale, Rejected)
     assert stale.reason is Reason.STALE_TIMESTAMP
@@ -252,16 +247,16 @@ async def test_on_a_create_time_topic_the_reading_time_is_the_clock() -> None:
 
 async def test_an_operator_replay_read_late_is_accepted_once_and_its_copy_refused(tmp_path: Path) -> None:
     (tmp_path / "ops1").write_text("operator-secret")
-    clock = Clock()
+    clock = FakeClock(T0 / 1000)
     adm = _admission(clock, operator_key=tmp_path / "ops1")
     assert isinstance(await adm.admit_and_reserve(_record(1, T0, appended_ms=T0)), Admitted)
     marked_at = T0 + 7_200_000  # two hours later an operator replays the dead letter
     mark = operator_replay.sign("operator-secret", "ops1", TOPIC, "r-1", "dlq/0/3", _value("r-1"), marked_at)
     header = ((operator_replay.HEADER, mark.encode()),)
-    clock.t = (marked_at + 200_000) / 1000  # read 200 s after the mark (max_age_s 300)
+    clock.now = (marked_at + 200_000) / 1000  # read 200 s after the mark (max_age_s 300)
     replayed = _record(5, T0, appended_ms=marked_at + 1_000, extra=header)
     assert isinstance(await adm.admit_and_reserve(replayed), Admitted)
-    clock.t = (marked_at + 290_000) / 1000
+    clock.now = (marked_at + 290_000) / 1000
     copy = await adm.admit_and_reserve(_record(6, T0, appended_ms=marked_at + 2_000, extra=header))
     assert isinstance(copy, Rejected)
     assert copy.reason is Reason.REPLAY
@@ -269,7 +264,7 @@ async def test_an_operator_replay_read_late_is_accepted_once_and_its_copy_refuse
 
 
 async def test_a_rejected_request_does_not_burn_its_id() -> None:
-    adm = _admission(Clock())
+    adm = _admission(FakeClock(T0 / 1000))
     bad = _record(1, T0)
     bad = Record(bad.topic, 0, 1, bad.timestamp, bad.key, bad.value, bad.headers[:2])  # no signature
     verdict = await adm.admit_and_reserve(bad)

@@ -30,6 +30,7 @@ from service.response_cache.entry import CorruptEntry, Entry, decode, encode
 from service.response_cache.key import cache_key, canonical, scope_of
 from service.response_cache.store import ENTRY_OVERHEAD_BYTES, NO_ROOM, STORED, LocalStore, Put, RedisStore
 from service.telemetry.metrics import Metrics
+from tests.support.clock import FakeClock
 
 PARAMS: dict[str, Any] = {
     "model": "claude-haiku-4-5",
@@ -39,14 +40,6 @@ PARAMS: dict[str, Any] = {
     "stop_sequences": ["\n\nHuman:"],
     "metadata": {"user_id": "u-1"},
 }
-
-
-class Clock:
-    def __init__(self, t: float = 1_800_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 # -- the key -----------------------------------------------------------------------------
@@ -176,7 +169,7 @@ def test_entry_freshness_is_bounded_by_expiry_and_the_readers_ttl() -> None:
 
 
 async def test_local_lru_is_bounded_by_bytes_and_evicts_the_least_recently_used() -> None:
-    clock = Clock(1000.0)
+    clock = FakeClock(1000.0)
     store = LocalStore(clock)
     cap = 3 * (100 + ENTRY_OVERHEAD_BYTES)
     for k in "abc":
@@ -197,13 +190,13 @@ async def test_local_lru_is_bounded_by_bytes_and_evicts_the_least_recently_used(
 
 
 async def test_local_lru_expires_entries_and_replaces_a_key() -> None:
-    clock = Clock(1000.0)
+    clock = FakeClock(1000.0)
     store = LocalStore(clock)
     await store.put("a", b"old", 1000, 1010, 10_000)
     await store.put("a", b"new!", 1000, 1010, 10_000)
     assert await store.get("a") == b"new!"
     assert store.held_bytes == 4 + ENTRY_OVERHEAD_BYTES
-    clock.t = 1010.0
+    clock.now = 1010.0
     assert await store.get("a") is None
     assert store.held_bytes == 0
 
@@ -228,9 +221,9 @@ def _admitted(
     return Admitted(registry.by_id[pid], rid, copy.deepcopy(params or PARAMS), {"trace": rid}, 10)
 
 
-def _cache(settings: GatewaySettings, clock: Clock | None = None) -> tuple[ResponseCache, Metrics]:
+def _cache(settings: GatewaySettings, clock: FakeClock | None = None) -> tuple[ResponseCache, Metrics]:
     metrics = Metrics()
-    clock = clock or Clock()
+    clock = clock or FakeClock(1_800_000_000.0)
     return ResponseCache(settings, LocalStore(clock), metrics, clock=clock), metrics
 
 
@@ -280,7 +273,7 @@ async def test_a_stored_answer_is_a_hit_for_the_same_params_of_the_same_partner(
 
 async def test_a_sharing_group_reads_each_others_entries_within_the_readers_ttl() -> None:
     settings = _settings(response_cache={"share": [["acme", "globex"]]})
-    clock = Clock()
+    clock = FakeClock(1_800_000_000.0)
     cache, _ = _cache(settings, clock)
     lookup = await cache.lookup(_admitted(settings, "acme"))
     assert lookup is not None
@@ -288,7 +281,7 @@ async def test_a_sharing_group_reads_each_others_entries_within_the_readers_ttl(
     hit = await cache.lookup(_admitted(settings, "globex"))
     assert hit is not None
     assert hit.entry is not None
-    clock.t += 61
+    clock.advance(61)
     stale = await cache.lookup(_admitted(settings, "globex"))
     assert stale is not None
     assert stale.entry is None, "older than globex's own ttl_s (60)"
