@@ -120,7 +120,14 @@ class Pipeline:
                 return
         origin = Origin(rec.topic, rec.partition, rec.offset, rec.timestamp, rec.key, rec.value, rec.headers)
         with self.tracing.span("admission"):
-            verdict = await self.admission.admit_checked(rec, verified=back)
+            try:
+                verdict = await self.admission.admit_checked(rec, verified=back)
+            except (Draining, Revoked, Fenced, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - logged by _fault; a bug must not stop the partition
+                pid = self.admission.registry.partner_id_for_topic(rec.topic)
+                dl = self._fault("admission", exc, rec, pid, None, origin)
+                verdict = Rejected(pid, dl.reason, dl.detail)
         self.tracing.annotate(
             partner=verdict.partner_id if isinstance(verdict, Rejected) else verdict.partner.id,
             request_id=verdict.request_id,
@@ -152,22 +159,21 @@ class Pipeline:
             and inherited is None
             and self.router.route(self.settings.batches, verdict.urgency, timings.received_at) == "batch"
         ):
-            await self._to_batch(verdict, rec, sink, timings.received_at)
+            try:
+                await self._to_batch(verdict, rec, sink, timings.received_at)
+            except (Draining, Revoked, Fenced, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - logged by _fault; a bug must not lose the request
+                dl = self._fault("batch_handoff", exc, rec, pid, verdict.request_id, origin)
+                await self.emit.dead_letter(sink, dl, model=verdict.model)
             return
         self.metrics.batch.routed.labels(pid, "realtime").inc()
         try:
             outcome = await self._call(verdict, timings, sink)
         except (Draining, Revoked, Fenced, asyncio.CancelledError):
             raise  # not called, or left to the partition's next owner
-        except Exception as exc:  # a bug must not lose the request: dead-letter it
-            log.exception(
-                "unexpected error while calling upstream",
-                extra={**_log_ctx(rec, verdict.request_id), "partner": pid},
-            )
-            self.metrics.internal_errors.labels(pid, "call").inc()
-            dl = DeadLetter(
-                pid, Reason.INTERNAL_ERROR, f"gateway error: {type(exc).__name__}", origin, verdict.request_id
-            )
+        except Exception as exc:  # noqa: BLE001 - logged by _fault; a bug must not lose the request
+            dl = self._fault("call", exc, rec, pid, verdict.request_id, origin)
             await self.emit.dead_letter(sink, dl, model=verdict.model)
             return
         if isinstance(outcome, _Failed):
@@ -190,6 +196,18 @@ class Pipeline:
             )
             return
         await self._respond(outcome, timings, origin, sink, lookup)
+
+    def _fault(
+        self, where: str, exc: Exception, rec: RecordLike, pid: str, request_id: str | None, origin: Origin
+    ) -> DeadLetter:
+        """A fault of the gateway itself while handling `rec` (`where`: admission, batch_handoff,
+        call), logged with its traceback and counted: the record's `internal_error` dead letter, so
+        the partition goes on past it. Call it from the `except` block."""
+        log.exception(f"unexpected error ({where})", extra={**_log_ctx(rec, request_id), "partner": pid})
+        self.metrics.internal_errors.labels(pid, where).inc()
+        return DeadLetter(
+            pid, Reason.INTERNAL_ERROR, f"gateway error: {type(exc).__name__}", origin, request_id
+        )
 
     async def _to_batch(self, adm: Admitted, rec: RecordLike, sink: Sink, now: float) -> None:
         """Hand the request to the batch path: the pending record and this offset's finish

@@ -1,13 +1,13 @@
 """Turn a raw Kafka record into an admitted request or a rejection with a reason.
 
 Checks run cheapest first and the first failure decides: size (value, key
-and headers), decoding, schema (`contracts/params.py`), signature (`signature.py`),
-identity, model policy, `max_tokens` cap, the model's `max_tokens` maximum and the
-partner's params policy (`policy.py`), then any `extra_checks`. Those are synchronous (run in
-a worker thread for a large value: `IN_THREAD_BYTES`); `admit_and_reserve` then runs the two
-that may need Redis: the replay check
-(`replay.py`) and the budget reservation (`budget.py`). The pipeline settles
-or releases the reservation once the call is done (`settle`, `release`).
+and headers), decoding, nesting (`contracts/nesting.py`), schema (`contracts/params.py`),
+signature (`signature.py`), identity, model policy, `max_tokens` cap, the model's `max_tokens`
+maximum and the partner's params policy (`policy.py`), then any `extra_checks`. Those are
+synchronous (run in a worker thread for a large value: `IN_THREAD_BYTES`); `admit_and_reserve`
+then runs the two that may need Redis: the replay check (`replay.py`) and the budget reservation
+(`budget.py`). The pipeline settles or releases the reservation once the call is done (`settle`,
+`release`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from service.admission.registry import Partner, Registry
 from service.admission.replay import Origin, ReplayGuard, replay_window_s
 from service.admission.signature import SignatureError, SignatureVerifier
 from service.batches.routing import REALTIME, Urgency, UrgencyError, parse_urgency
+from service.contracts.nesting import too_deep
 from service.contracts.params import check_request
 from service.contracts.reasons import Reason
 from service.contracts.schemas import SchemaViolation, compiled
@@ -265,6 +266,9 @@ class Admission:
                 )
             return Rejected(pid, Reason.MALFORMED_JSON, f"invalid JSON: {exc}")
         request_id = _request_id_of(doc)
+        deep = too_deep(doc, value)
+        if deep is not None:
+            return Rejected(pid, Reason.SCHEMA_VIOLATION, f"request.v1 schema: {deep}", request_id)
         try:
             check_request(doc)
         except SchemaViolation as exc:

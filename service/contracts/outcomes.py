@@ -131,6 +131,18 @@ MAX_HEADERS = 64
 """Original headers listed in a dead letter; later ones are only counted (`headers_count`)."""
 MAX_HEADER_NAME_BYTES = 256
 MAX_KEY_BYTES = 4 * 1024
+MAX_DETAIL_CHARS = 4096
+"""A dead letter's `detail`, at most (a longer one is cut, saying how much was cut): it may quote
+the partner's input (a refused field's name), which must not make the dead letter too large to
+publish."""
+
+
+def bounded_detail(detail: str) -> str:
+    """`detail` as a dead letter carries it: at most `MAX_DETAIL_CHARS`, cut with a note."""
+    if len(detail) <= MAX_DETAIL_CHARS:
+        return detail
+    note = f"... ({len(detail):,} characters, cut)"
+    return detail[: MAX_DETAIL_CHARS - len(note)] + note
 
 
 def _digest(data: bytes) -> str:
@@ -251,7 +263,7 @@ def encode_deadletter(
         "request_id": dl.request_id,
         "partner": dl.partner,
         "reason": dl.reason.value,
-        "detail": dl.detail,
+        "detail": bounded_detail(dl.detail),
         "retryable": dl.reason in RETRYABLE_REASONS,
         "attempts": dl.attempts,
         "upstream": upstream,

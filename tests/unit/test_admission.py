@@ -12,6 +12,7 @@ import pytest
 from service.admission.admit import IN_THREAD_BYTES, Admission, Admitted, Record, Rejected
 from service.admission.registry import Registry
 from service.config.loader import parse_config
+from service.contracts.nesting import MAX_DEPTH
 from service.contracts.reasons import Reason
 from service.simulator.tokens import count_input_tokens
 
@@ -158,3 +159,39 @@ async def test_records_behind_a_large_one_wait_for_it_in_their_partition(
     )
     assert all(isinstance(v, Admitted) for v in verdicts)
     assert finished == ["1:1", "0:1", "0:2"]
+
+
+def _nested(depth: int, where: str) -> bytes:
+    """A request whose tool schema or tool input holds arrays nested `depth` deep."""
+    deep = "[" * depth + "]" * depth
+    params: dict[str, object] = {"model": "claude-haiku-4-5", "max_tokens": 10}
+    if where == "tool_schema":
+        params["messages"] = [{"role": "user", "content": "hi"}]
+        params["tools"] = [{"name": "t", "input_schema": {"type": "object", "x": "DEEP"}}]
+    else:
+        use = {"type": "tool_use", "id": "toolu_1", "name": "t", "input": {"x": "DEEP"}}
+        params["messages"] = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [use]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}]},
+        ]
+        params["tools"] = [{"name": "t", "input_schema": {"type": "object"}}]
+    return orjson.dumps({"request_id": "r-deep", "params": params}).replace(b'"DEEP"', deep.encode())
+
+
+@pytest.mark.parametrize(
+    ("where", "above"),
+    [("tool_schema", 5), ("tool_input", 7)],  # levels above the nested arrays
+)
+def test_nesting_beyond_the_limit_is_refused_naming_the_place(where: str, above: int) -> None:
+    """orjson reads 1,024 levels but writes about 254, and admission writes each tool again (the
+    estimate): a request 253 levels deep raised there, and stopped its partition at every start."""
+    adm = _admission(max_request_bytes=64 * 1024)
+    fits = adm.admit(_rec(_nested(MAX_DEPTH - above, where)))
+    assert isinstance(fits, Admitted), fits
+    for depth in (MAX_DEPTH - above + 1, 253, 1_000):
+        verdict = adm.admit(_rec(_nested(depth, where)))
+        assert isinstance(verdict, Rejected)
+        assert (verdict.reason, verdict.request_id) == (Reason.SCHEMA_VIOLATION, "r-deep")
+        place = "tools[0].input_schema.x[0]" if where == "tool_schema" else "messages[1].content[0].input"
+        assert f"nested more than {MAX_DEPTH} levels deep at params.{place}" in verdict.detail

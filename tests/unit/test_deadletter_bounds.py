@@ -8,7 +8,11 @@ from typing import Any
 
 import orjson
 
+from service.admission.admit import Admission, Record, Rejected
+from service.admission.registry import Registry
+from service.config.loader import parse_config
 from service.contracts.outcomes import (
+    MAX_DETAIL_CHARS,
     MAX_HEADER_BYTES,
     MAX_HEADER_NAME_BYTES,
     MAX_HEADER_VALUE_BYTES,
@@ -121,3 +125,35 @@ def test_ordinary_headers_are_kept_whole() -> None:
     ]
     assert "headers_truncated" not in doc["original"]
     assert "key_truncated" not in doc["original"]
+
+
+def test_a_detail_quoting_huge_input_is_cut_so_the_dead_letter_stays_publishable() -> None:
+    """A refused field's name is quoted in the detail (repr: one DEL byte becomes four
+    characters): a 260 KB name made a dead letter over the broker's limit, so the record was
+    quarantined with no outcome. The detail is cut, saying so; a short one is kept as it is."""
+    admission = Admission(
+        Registry.build(
+            parse_config({"partners": [{"id": "acme", "api_key": {"env": "K"}}]}), environ={"K": "x"}
+        )
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    doc = {
+        "request_id": "r-1",
+        "params": {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": messages},
+    }
+    doc["\x7f" * 260_000] = 1
+    value = orjson.dumps(doc)
+    verdict = admission.admit(Record("claude.requests.acme", 0, 1, None, b"r-1", value))
+    assert isinstance(verdict, Rejected)
+    assert len(verdict.detail) > 1_000_000
+    origin = Origin("claude.requests.acme", 0, 1, None, b"r-1", value)
+    dl = DeadLetter("acme", verdict.reason, verdict.detail, origin, "r-1")
+    encoded = encode_deadletter(dl, failed_at=0, max_original_bytes=0)
+    assert len(encoded) < 64 * 1024
+    out = orjson.loads(encoded)
+    validate("deadletter", out)
+    assert len(out["detail"]) == MAX_DETAIL_CHARS
+    assert out["detail"].startswith("request.v1 schema: ")
+    assert out["detail"].endswith(f"({len(verdict.detail):,} characters, cut)")
+    short = DeadLetter("acme", Reason.SCHEMA_VIOLATION, "params.max_tokens must be a JSON integer", origin)
+    assert orjson.loads(encode_deadletter(short, failed_at=0, max_original_bytes=0))["detail"] == short.detail

@@ -81,6 +81,10 @@ def _outcome(sink: MemorySink) -> str:
     return "response" if ".responses." in outcomes[0].topic else str(doc["reason"])
 
 
+async def _ok_handler(_: httpx2.Request) -> httpx2.Response:
+    return httpx2.Response(200, content=orjson.dumps(BODY), headers=JSON)
+
+
 async def _no_json(_: httpx2.Request) -> httpx2.Response:
     return httpx2.Response(200, content=b"<html>upstream proxy error</html>", headers=JSON)
 
@@ -236,4 +240,33 @@ async def test_itpm_is_settled_with_cache_creation_and_without_cache_reads() -> 
     after = _levels(scheduler)
     assert before[("org", "itpm")] - after[("org", "itpm")] == 50 + 400
     assert before[("org", "otpm")] - after[("org", "otpm")] == 10
+    await scheduler.aclose()
+
+
+async def test_a_fault_while_admitting_is_dead_lettered_and_the_next_record_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No record can stop the service: admission raising (a bug, say an encoder refusing what the
+    parser took) dead-letters that record `internal_error`, counted by stage, and the next one is
+    answered. Before, the exception reached the ingest loop, which stopped without committing, so
+    the same record stopped every restart."""
+    pipeline, scheduler = _pipeline(_ok_handler)
+    admit = pipeline.admission.admit
+
+    def faulty(rec: Any, *, verified: bool = False) -> Any:
+        if rec.offset == 0:
+            raise TypeError("Recursion limit reached")
+        return admit(rec, verified=verified)
+
+    monkeypatch.setattr(pipeline.admission, "admit", faulty)
+    outcomes = []
+    for i in range(2):
+        sink = MemorySink(i)
+        await asyncio.wait_for(pipeline.handle(_record(i), sink), 5)
+        outcomes.append(_outcome(sink))
+    assert outcomes == ["internal_error", "response"]
+    faults = pipeline.metrics.registry.get_sample_value(
+        "gateway_internal_errors_total", {"partner": "acme", "where": "admission"}
+    )
+    assert faults == 1
     await scheduler.aclose()
