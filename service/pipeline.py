@@ -126,7 +126,7 @@ class Pipeline:
                 raise
             except Exception as exc:  # noqa: BLE001 - logged by _fault; a bug must not stop the partition
                 pid = self.admission.registry.partner_id_for_topic(rec.topic)
-                dl = self._fault("admission", exc, rec, pid, None, origin)
+                dl = self._fault("admission", exc, origin, pid, None)
                 verdict = Rejected(pid, dl.reason, dl.detail)
         self.tracing.annotate(
             partner=verdict.partner_id if isinstance(verdict, Rejected) else verdict.partner.id,
@@ -164,7 +164,7 @@ class Pipeline:
             except (Draining, Revoked, Fenced, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001 - logged by _fault; a bug must not lose the request
-                dl = self._fault("batch_handoff", exc, rec, pid, verdict.request_id, origin)
+                dl = self._fault("batch_handoff", exc, origin, pid, verdict.request_id)
                 await self.emit.dead_letter(sink, dl, model=verdict.model)
             return
         self.metrics.batch.routed.labels(pid, "realtime").inc()
@@ -173,7 +173,7 @@ class Pipeline:
         except (Draining, Revoked, Fenced, asyncio.CancelledError):
             raise  # not called, or left to the partition's next owner
         except Exception as exc:  # noqa: BLE001 - logged by _fault; a bug must not lose the request
-            dl = self._fault("call", exc, rec, pid, verdict.request_id, origin)
+            dl = self._fault("call", exc, origin, pid, verdict.request_id)
             await self.emit.dead_letter(sink, dl, model=verdict.model)
             return
         if isinstance(outcome, _Failed):
@@ -198,16 +198,16 @@ class Pipeline:
         await self._respond(outcome, timings, origin, sink, lookup)
 
     def _fault(
-        self, where: str, exc: Exception, rec: RecordLike, pid: str, request_id: str | None, origin: Origin
+        self, where: str, exc: Exception, origin: Origin, pid: str, request_id: str | None
     ) -> DeadLetter:
-        """A fault of the gateway itself while handling `rec` (`where`: admission, batch_handoff,
-        call), logged with its traceback and counted: the record's `internal_error` dead letter, so
-        the partition goes on past it. Call it from the `except` block."""
-        log.exception(f"unexpected error ({where})", extra={**_log_ctx(rec, request_id), "partner": pid})
+        """A fault of the gateway itself while handling a record (`where`: admission, batch_handoff,
+        call, respond), logged with its traceback and counted: the record's `internal_error` dead
+        letter, so the partition goes on past it. Call it from the `except` block."""
+        at = {"topic": origin.topic, "partition": origin.partition, "offset": origin.offset}
+        log.exception(f"unexpected error ({where})", extra={**at, "request_id": request_id, "partner": pid})
         self.metrics.internal_errors.labels(pid, where).inc()
-        return DeadLetter(
-            pid, Reason.INTERNAL_ERROR, f"gateway error: {type(exc).__name__}", origin, request_id
-        )
+        detail = f"gateway error: {type(exc).__name__}"
+        return DeadLetter(pid, Reason.INTERNAL_ERROR, detail, origin, request_id)
 
     async def _to_batch(self, adm: Admitted, rec: RecordLike, sink: Sink, now: float) -> None:
         """Hand the request to the batch path: the pending record and this offset's finish
@@ -398,19 +398,6 @@ class Pipeline:
         cost = quote(self.settings.models.get(adm.model), usage, price_version=price_version(self.settings))
         await self.admission.settle(adm, cost.amount)  # billed, whether or not published
         completed_at = time.time()
-        value = encode_response(
-            partner=pid,
-            request_id=adm.request_id,
-            message_body=body,
-            attempts=ok.attempts,
-            upstream_request_id=ok.result.request_id,
-            timings=timings,
-            completed_at=completed_at,
-            request_timestamp_ms=origin.timestamp_ms,
-            metadata=adm.metadata,
-            unknown_retry=ok.unknown_retry,
-            cost=cost.doc(),
-        )
         self.metrics.billed(pid, adm.model, cost)  # billed, whether or not published
         metered = Metered(
             pid,
@@ -424,6 +411,24 @@ class Pipeline:
             ok.attempts,
             billed_at=completed_at,
         )
+        try:
+            value = encode_response(
+                partner=pid,
+                request_id=adm.request_id,
+                message_body=body,
+                attempts=ok.attempts,
+                upstream_request_id=ok.result.request_id,
+                timings=timings,
+                completed_at=completed_at,
+                request_timestamp_ms=origin.timestamp_ms,
+                metadata=adm.metadata,
+                unknown_retry=ok.unknown_retry,
+                cost=cost.doc(),
+            )
+        except Exception as exc:  # noqa: BLE001 - logged by _fault; billed: dead-lettered with its metering
+            dl = self._fault("respond", exc, origin, pid, adm.request_id)
+            await self.emit.dead_letter(sink, dl, model=adm.model, metered=metered)
+            return
         published = await self.emit.response(
             sink, pid, adm.request_id, value, origin, body=body, attempts=ok.attempts, metered=metered
         )

@@ -270,3 +270,32 @@ async def test_a_fault_while_admitting_is_dead_lettered_and_the_next_record_answ
     )
     assert faults == 1
     await scheduler.aclose()
+
+
+async def test_an_answer_the_gateway_cannot_write_is_dead_lettered_with_its_metering() -> None:
+    """Claude's answer nested deeper than orjson writes (a tool input 300 levels deep): the call
+    was billed, so the record is dead-lettered `internal_error` with its metering record, and the
+    partition goes on (before, the encoder's error stopped the service at that record)."""
+    deep = b"[" * 300 + b"]" * 300
+    use = orjson.dumps(
+        {**BODY, "content": [{"type": "tool_use", "id": "toolu_1", "name": "t", "input": {"x": "D"}}]}
+    )
+    calls = 0
+
+    async def handler(_: httpx2.Request) -> httpx2.Response:
+        nonlocal calls
+        calls += 1
+        content = use.replace(b'"D"', deep) if calls == 1 else orjson.dumps(BODY)
+        return httpx2.Response(200, content=content, headers=JSON)
+
+    pipeline, scheduler = _pipeline(handler)
+    sinks = [MemorySink(i) for i in range(2)]
+    for i, sink in enumerate(sinks):
+        await asyncio.wait_for(pipeline.handle(_record(i), sink), 5)
+    assert [_outcome(s) for s in sinks] == ["internal_error", "response"]
+    assert [m.topic for m in sinks[0].published].count("claude.usage") == 1  # billed: metered
+    faults = pipeline.metrics.registry.get_sample_value(
+        "gateway_internal_errors_total", {"partner": "acme", "where": "respond"}
+    )
+    assert (faults, calls) == (1, 2)
+    await scheduler.aclose()
