@@ -16,6 +16,7 @@ budget action after the commit.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -39,6 +40,8 @@ from service.contracts.outcomes import (
 from service.contracts.reasons import Reason
 from service.egress.metering import Metered, metering_message
 from service.ingest.sending import OutMessage
+
+log = logging.getLogger(__name__)
 
 RETRYABLE_ERRORS = frozenset({"api_error", "overloaded_error", "rate_limit_error", "timeout_error"})
 _ERROR_REASONS = {
@@ -83,20 +86,34 @@ def _response(
     metered = Metered(
         h.partner, h.request_id, model, usage, cost, origin_of(h), "batch", None, h.submissions, now
     )
-    value = encode_response(
-        partner=h.partner,
-        request_id=h.request_id,
-        message_body=message,
-        attempts=h.submissions,
-        upstream_request_id=None,
-        timings=Timings(received_at=h.routed_at),
-        completed_at=now,
-        request_timestamp_ms=h.timestamp_ms,
-        metadata=h.metadata,
-        cost=cost.doc(),
-        served_by=served_by(batch_id),
-    )
     usage_topic = gs.kafka.usage_topic
+    try:
+        value = encode_response(
+            partner=h.partner,
+            request_id=h.request_id,
+            message_body=message,
+            attempts=h.submissions,
+            upstream_request_id=None,
+            timings=Timings(received_at=h.routed_at),
+            completed_at=now,
+            request_timestamp_ms=h.timestamp_ms,
+            metadata=h.metadata,
+            cost=cost.doc(),
+            served_by=served_by(batch_id),
+        )
+    except orjson.JSONEncodeError as exc:  # nested deeper than orjson writes: billed, so metered
+        log.exception(
+            "a batch result could not be written", extra={"partner": h.partner, "batch_id": batch_id}
+        )
+        dl = DeadLetter(
+            h.partner, Reason.INTERNAL_ERROR, f"gateway error: {type(exc).__name__}", origin_of(h),
+            h.request_id, h.submissions,
+        )  # fmt: skip
+        messages = [
+            *dead_letter(gs, dl, now, h.trace),
+            metering_message(usage_topic, metered, "deadletter", dl.reason.value),
+        ]
+        return Decision(messages, "deadletter", cost=cost)
     if len(value) > gs.kafka.producer_max_request_bytes - 4096:
         reason = Reason.RESPONSE_TOO_LARGE
         dl = DeadLetter(

@@ -283,3 +283,29 @@ def test_a_batch_outcome_carries_the_requests_trace_context(
     )
     plain = decide(gs, Router(Turnaround(gs.batches)), untraced, result, "msgbatch_1", NOW)
     assert all(k not in ("traceparent", "tracestate") for k, _ in plain.messages[0].headers)
+
+
+def test_a_result_the_gateway_cannot_write_is_dead_lettered_and_metered() -> None:
+    """A succeeded result nested deeper than orjson writes (a tool input 300 levels deep, read
+    from the results JSONL): billed at batch price, so a dead letter `internal_error` and its
+    metering record, instead of an error out of the worker at every try of that batch."""
+    deep: list[object] = []
+    for _ in range(300):
+        deep = [deep]
+    use = {"type": "tool_use", "id": "toolu_1", "name": "t", "input": {"x": deep}}
+    message = {"id": "msg_1", "model": "claude-haiku-4-5", "content": [use], "usage": {"input_tokens": 9}}
+    gs = _settings()
+    d = decide(
+        gs,
+        Router(Turnaround(gs.batches)),
+        _handoff(),
+        {"type": "succeeded", "message": message},
+        "msgbatch_1",
+        NOW,
+    )
+    assert (d.action, d.kind) == ("deadletter", "succeeded")
+    assert d.cost is not None  # settled as billed
+    assert [m.topic for m in d.messages] == [gs.deadletter_topic("acme"), gs.kafka.usage_topic]
+    dead = orjson.loads(d.messages[0].value)
+    assert (dead["reason"], dead["detail"]) == ("internal_error", "gateway error: TypeError")
+    assert orjson.loads(d.messages[1].value)["request_id"] == "r-1"
