@@ -1,7 +1,7 @@
 """Turn a raw Kafka record into an admitted request or a rejection with a reason.
 
 Checks run cheapest first and the first failure decides: size (value, key
-and headers), decoding, nesting (`contracts/nesting.py`), schema (`contracts/params.py`),
+and headers), decoding, shape (`contracts/shape.py`), schema (`contracts/params.py`),
 signature (`signature.py`), identity, model policy, `max_tokens` cap, the model's `max_tokens`
 maximum and the partner's params policy (`policy.py`), then any `extra_checks`. Those are
 synchronous (run in a worker thread for a large value: `IN_THREAD_BYTES`); `admit_and_reserve`
@@ -28,10 +28,10 @@ from service.admission.registry import Partner, Registry
 from service.admission.replay import Origin, ReplayGuard, replay_window_s
 from service.admission.signature import SignatureError, SignatureVerifier
 from service.batches.routing import REALTIME, Urgency, UrgencyError, parse_urgency
-from service.contracts.nesting import too_deep
 from service.contracts.params import check_request
 from service.contracts.reasons import Reason
 from service.contracts.schemas import SchemaViolation, compiled
+from service.contracts.shape import MAX_HEADERS, too_deep
 
 if TYPE_CHECKING:
     from service.admission.budget import Budgets, Reservation
@@ -244,6 +244,10 @@ class Admission:
         ps = partner.settings
         if not ps.enabled:
             return Rejected(pid, Reason.PARTNER_DISABLED, f"partner {pid!r} is disabled")
+        if len(rec.headers) > MAX_HEADERS:  # before anything reads them through
+            return Rejected(
+                pid, Reason.OVERSIZE, f"message has {len(rec.headers):,} headers; at most {MAX_HEADERS:,}"
+            )
         value = rec.value
         if value is None or not value:
             return Rejected(pid, Reason.MALFORMED_JSON, "empty message value (no JSON document)")

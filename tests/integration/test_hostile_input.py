@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from service.app import Gateway
-from service.contracts.nesting import MAX_DEPTH
 from service.contracts.schemas import validate
+from service.contracts.shape import MAX_DEPTH
 from service.simulator import SimulatorConfig, SimulatorServer
 from service.telemetry.metrics import Metrics
 from tests.support.gateway import World, collect, committed_offsets, make_world

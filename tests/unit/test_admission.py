@@ -12,8 +12,8 @@ import pytest
 from service.admission.admit import IN_THREAD_BYTES, Admission, Admitted, Record, Rejected
 from service.admission.registry import Registry
 from service.config.loader import parse_config
-from service.contracts.nesting import MAX_DEPTH
 from service.contracts.reasons import Reason
+from service.contracts.shape import MAX_DEPTH, MAX_HEADERS
 from service.simulator.tokens import count_input_tokens
 
 ENV = {"ACME_KEY": "sk-acme-secret", "GLOBEX_KEY": "sk-globex-secret"}
@@ -195,3 +195,28 @@ def test_nesting_beyond_the_limit_is_refused_naming_the_place(where: str, above:
         assert (verdict.reason, verdict.request_id) == (Reason.SCHEMA_VIOLATION, "r-deep")
         place = "tools[0].input_schema.x[0]" if where == "tool_schema" else "messages[1].content[0].input"
         assert f"nested more than {MAX_DEPTH} levels deep at params.{place}" in verdict.detail
+
+
+class _Unread(tuple[tuple[str, bytes | None], ...]):
+    """Headers that must not be read through (only counted)."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("the headers were read through")
+
+
+def test_more_headers_than_the_limit_are_refused_before_anything_reads_them() -> None:
+    """320,000 empty headers (a 0.9 MB record the broker takes) held the event loop ~350 ms:
+    the size check, the signature and the operator replay each read them through."""
+    value = _req()
+    fits = _admission().admit(
+        Record("claude.requests.acme", 0, 1, 1, b"k", value, (("a", None),) * MAX_HEADERS)
+    )
+    assert isinstance(fits, Admitted)
+    for n in (MAX_HEADERS + 1, 320_000):
+        headers = _Unread((("a", None),) * n)
+        verdict = _admission().admit(Record("claude.requests.acme", 0, 1, 1, b"k", value, headers))
+        assert isinstance(verdict, Rejected)
+        assert (verdict.reason, verdict.detail) == (
+            Reason.OVERSIZE,
+            f"message has {n:,} headers; at most {MAX_HEADERS:,}",
+        )

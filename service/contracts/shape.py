@@ -1,12 +1,18 @@
-"""How deeply a request's JSON may nest: `MAX_DEPTH` levels of objects and arrays.
+"""How large a request's structure may be: `MAX_DEPTH` levels of objects and arrays, and
+`MAX_HEADERS` Kafka headers.
 
-orjson reads documents nested up to 1,024 levels, but writes at most about 254, and the gateway
-writes parts of every request again (the input estimate dumps each tool and unknown block, the
-response cache digests the params, the batch path wraps them in a batch). A request nested
-between the two limits was read, then raised while being written: no outcome, and the partition
-stopped at that record on every start. So admission refuses, as a `schema_violation` naming the
-place, any document nested deeper than `MAX_DEPTH`: far more than any real tool schema or tool
-input uses, and far below what every later step can write (they add a few levels at most).
+**Nesting.** orjson reads documents nested up to 1,024 levels, but writes at most about 254, and
+the gateway writes parts of every request again (the input estimate dumps each tool and unknown
+block, the response cache digests the params, the batch path wraps them in a batch). A request
+nested between the two limits was read, then raised while being written: no outcome, and the
+partition stopped at that record on every start. So admission refuses, as a `schema_violation`
+naming the place, any document nested deeper than `MAX_DEPTH`: far more than any real tool schema
+or tool input uses, and far below what every later step can write (they add a few levels at most).
+
+**Headers.** Each step that looks for a header by name (trace context, signature, operator replay)
+reads the list through: 320,000 empty headers (a 0.9 MB record the broker takes) held the event
+loop about 350 ms. Admission refuses more than `MAX_HEADERS` as `oversize`, and the trace context is
+looked for among the first `MAX_HEADERS` only (`telemetry/tracecontext.py`), as it is read before.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Any
 
 MAX_DEPTH = 128
 """Levels of objects and arrays in a request, the document itself being the first."""
+MAX_HEADERS = 1_000
+"""Kafka headers on a request record (real clients send a handful: trace context, signature)."""
 _SHOWN = 6
 """Leading steps of the path named in the refusal (the rest is elided)."""
 
