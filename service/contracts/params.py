@@ -7,10 +7,12 @@ top, each with its reason (docs/request-contract.md lists them for partners):
 - `REFUSED`: fields the SDK takes that the gateway refuses;
 - `TRANSPORT_OPTIONS`: arguments of `create()` that are not part of the request body;
 - `REMOVED`: fields older contracts (and older SDKs) took that the current API does not;
-- `OVERLAYS`: constraints narrower than the SDK's type (`max_tokens` is at least 1, ...).
+- `OVERLAYS`: constraints narrower than the SDK's type (`max_tokens` is at least 1, ...);
+- `HEADER_FIELDS`: fields the SDK sends as HTTP headers, whose values HTTP must be able to carry.
 
-`check_request` runs before the schema, so a partner who sends one of those fields, or a
-`max_tokens` that is not a positive JSON integer, reads a sentence naming the field and why.
+`check_request` runs before the schema, so a partner who sends one of those fields, a
+`max_tokens` that is not a positive JSON integer, or a header field HTTP cannot carry, reads a
+sentence naming the field and why.
 """
 
 from __future__ import annotations
@@ -42,6 +44,23 @@ REMOVED: dict[str, str] = {
     for name in ("temperature", "top_p", "top_k")
 }
 MIN_MAX_TOKENS = 1
+HEADER_FIELDS: dict[str, str] = {
+    "user_profile_id": "anthropic-user-profile-id",
+    "workspace_id": "anthropic-workspace-id",
+}
+"""Fields of `create()` the SDK sends as HTTP headers rather than in the JSON body."""
+MAX_HEADER_FIELD_CHARS = 256
+HEADER_VALUE_PATTERN = r"^[\x21-\x7e]+$"
+"""What a `HEADER_FIELDS` value may be: printable ASCII without spaces (RFC 9110's `VCHAR`),
+1 to `MAX_HEADER_FIELD_CHARS` characters. Every such string is a valid HTTP header value,
+written as the same bytes whatever encoding the HTTP client uses; h11, which writes the request,
+takes more (any byte but NUL and whitespace, with spaces and tabs only between others:
+`h11._abnf.field_value`), but no id needs more. Anthropic's ids (`wrkspc_011CZkZaBF1tNoB5wlCeusgy`,
+`uprof_...`) are of this form. Without it a value with a line break, a NUL or only a space
+passed admission and failed every attempt to write the request, and a 100 KB one reached the
+API and came back 400."""
+_HEADER_VALUE = re.compile(HEADER_VALUE_PATTERN)  # used with fullmatch: `$` would pass a final "\n"
+_CHAR_NAMES = {"\n": "line feed", "\r": "carriage return", "\t": "tab", "\x00": "NUL", " ": "space"}
 OVERLAYS: dict[str, dict[str, Any]] = {
     "model": {"minLength": 1, "maxLength": 128},
     "max_tokens": {
@@ -53,8 +72,21 @@ OVERLAYS: dict[str, dict[str, Any]] = {
         ),
     },
     "messages": {"minItems": 1},
+    **{
+        name: {
+            "minLength": 1,
+            "maxLength": MAX_HEADER_FIELD_CHARS,
+            "pattern": HEADER_VALUE_PATTERN,
+            "description": (
+                f"Sent as the HTTP header {header}: 1 to {MAX_HEADER_FIELD_CHARS} printable ASCII "
+                "characters, without spaces or control characters, as Anthropic's ids are."
+            ),
+        }
+        for name, header in HEADER_FIELDS.items()
+    },
 }
-"""Narrower than the SDK's types, as the request contract v1 always was."""
+"""Narrower than the SDK's types, as the request contract v1 always was (and, for the header
+fields, what HTTP can carry)."""
 
 SERVER_TOOLS = frozenset({"web_search", "web_fetch", "code_execution", "tool_search_tool"})
 """Tool families Anthropic runs (and bills) itself; a partner's `policy.server_tools` lists
@@ -116,9 +148,32 @@ def max_tokens_problem(value: Any) -> str | None:
     return f"params.max_tokens must be a JSON integer such as 1024; got {_describe(value)}"
 
 
+def header_field_problem(name: str, value: Any) -> str | None:
+    """Why `value` cannot be `params.<name>`, a field the SDK sends as an HTTP header, or None.
+    A value that is not a string is left to the schema. The value itself is not quoted."""
+    if not isinstance(value, str) or (
+        len(value) <= MAX_HEADER_FIELD_CHARS and _HEADER_VALUE.fullmatch(value) is not None
+    ):
+        return None
+    rule = (
+        f"params.{name} must be 1 to {MAX_HEADER_FIELD_CHARS} printable ASCII characters, without "
+        f"spaces or control characters (it is sent as the HTTP header {HEADER_FIELDS[name]}); "
+    )
+    if not value:
+        return rule + "it is empty"
+    if len(value) > MAX_HEADER_FIELD_CHARS:
+        return rule + f"it is {len(value)} characters long"
+    at = next(i for i, ch in enumerate(value) if _HEADER_VALUE.fullmatch(ch) is None)
+    ch = value[at]
+    kind = "non-ASCII character" if ord(ch) > 0x7F else "character"
+    named = f" ({_CHAR_NAMES[ch]})" if ch in _CHAR_NAMES else ""
+    return rule + f"it has the {kind} U+{ord(ch):04X}{named} at index {at}"
+
+
 def check_request(doc: Any) -> None:
     """Validate a request document; raise `SchemaViolation` with a sentence a partner can act
-    on. Refused fields and `max_tokens` are checked first, by name; the schema then checks the rest."""
+    on. Refused fields, `max_tokens` and the header fields are checked first, by name; the schema
+    then checks the rest."""
     params = doc.get("params") if isinstance(doc, dict) else None
     if isinstance(params, dict):
         for name in params:
@@ -127,6 +182,10 @@ def check_request(doc: Any) -> None:
                 raise SchemaViolation(f"params.{name} is refused: {why}")
         if "max_tokens" in params:
             problem = max_tokens_problem(params["max_tokens"])
+            if problem is not None:
+                raise SchemaViolation(problem)
+        for name in HEADER_FIELDS:
+            problem = header_field_problem(name, params.get(name))
             if problem is not None:
                 raise SchemaViolation(problem)
     validate("request", doc)

@@ -35,15 +35,12 @@ from anthropic.types.message_count_tokens_params import MessageCountTokensParams
 from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
 from pydantic import BaseModel
 
+from service.contracts.params import HEADER_FIELDS as HEADER_FIELDS  # the gateway checks their values
+
 Schema = dict[str, Any]
 SDK_PARAMS: Any = MessageCreateParamsNonStreaming
 """The TypedDict the schema is derived from (non-streaming: `stream` may only be false)."""
 SDK_COUNT_TOKENS_PARAMS: Any = MessageCountTokensParams
-HEADER_FIELDS: dict[str, str] = {
-    "user_profile_id": "anthropic-user-profile-id",
-    "workspace_id": "anthropic-workspace-id",
-}
-"""Fields of `create()` the SDK sends as HTTP headers rather than in the JSON body."""
 DEFINITIONS_PREFIX = "#/definitions/"
 _DISCRIMINATORS = ("type", "role")
 _ARRAYS = (

@@ -7,6 +7,7 @@ message text. Each class of the SDK has a tested mapping:
     ├── APIError
     │   ├── APIStatusError ── one subclass per HTTP status (400 ... 529)
     │   ├── APIConnectionError ── APITimeoutError        -> retry
+    │   │   (but a request the HTTP client could not write  -> dead letter, `invalid_request`)
     │   ├── APIResponseValidationError                   -> retry (a garbled answer)
     │   └── APIWebhookValidationError                    -> not a Messages outcome: dead letter
     ├── RetryableError                                   -> retry
@@ -16,14 +17,22 @@ A 400 is the partner's request content (`invalid_request`, with Claude's message
 `InvalidParams`: the SDK refusing the arguments before it sends anything (a `TypeError` or
 `ValueError` from `create()`, e.g. an unknown keyword or a `max_tokens` too large to answer
 without streaming).
+
+So is a request the HTTP client refused to write (an `APIConnectionError` wrapping a
+`LocalProtocolError`, e.g. a header value with a line break): nothing was sent, and the same
+request would fail the same way every time. Its detail names the header (and the params field
+it comes from) but never quotes a header's value: they carry the partner's API key.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import anthropic
 
+from service.contracts.params import HEADER_FIELDS
 from service.contracts.reasons import Reason
 
 # error_code values meaning money, not rate: waiting a minute does not help.
@@ -106,6 +115,8 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, anthropic.APITimeoutError):
         return Failure(True, Reason.RETRIES_EXHAUSTED, "timeout")
     if isinstance(exc, anthropic.APIConnectionError):
+        if _unwritable(exc) is not None:
+            return Failure(False, Reason.INVALID_REQUEST, UNWRITABLE)
         return Failure(True, Reason.RETRIES_EXHAUSTED, "connection")
     if isinstance(exc, anthropic.APIResponseValidationError):
         return Failure(True, Reason.RETRIES_EXHAUSTED, "invalid_response", status=exc.status_code)
@@ -119,6 +130,25 @@ def classify(exc: BaseException) -> Failure:
 
 
 _NOT_SENT = ("ConnectError", "ConnectTimeout", "PoolTimeout", "UnsupportedProtocol", "LocalProtocolError")
+_LOCAL_PROTOCOL_ERROR = "LocalProtocolError"
+"""The class the HTTP stack raises when it refuses to write a request (h11's, wrapped by httpcore2's,
+wrapped by httpx2's, which the SDK wraps in `APIConnectionError`): not a connection failure."""
+UNWRITABLE = "unwritable_request"
+"""The label of a request the HTTP client refused to write."""
+_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
+"""A header value h11 writes (`h11._abnf.field_value`), used with fullmatch."""
+_FIELD_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+"""A header name h11 writes (`h11._abnf.token`)."""
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it was raised from or during, outermost first, each once."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
 
 
 def may_have_been_sent(exc: BaseException) -> bool:
@@ -127,14 +157,39 @@ def may_have_been_sent(exc: BaseException) -> bool:
     Only a failure to connect (or to get a pooled connection) proves the request was
     never sent; a read timeout or a dropped connection after sending does not: its
     outcome is unknown. Judged by the httpx2 exception class the SDK wrapped."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if type(cause).__name__ in _NOT_SENT:
-            return False
-        cause = cause.__cause__ or cause.__context__
-    return True
+    return not any(type(cause).__name__ in _NOT_SENT for cause in _causes(exc))
+
+
+def _unwritable(exc: BaseException) -> BaseException | None:
+    """The `LocalProtocolError` `exc` was raised from, if the HTTP client refused to write the
+    request (judged by class, as `may_have_been_sent` is), else None."""
+    return next((c for c in _causes(exc) if type(c).__name__ == _LOCAL_PROTOCOL_ERROR), None)
+
+
+def _unwritable_detail(exc: BaseException) -> str:
+    """Why the request of `exc` could not be written, naming the headers HTTP cannot carry (and
+    the params field each comes from) without their values: one of them is the API key."""
+    cause = _unwritable(exc)
+    what = type(cause).__name__ if cause is not None else type(exc).__name__
+    detail = f"the request could not be sent: the HTTP client refused to write it ({what})"
+    request = getattr(exc, "request", None)
+    raw = getattr(getattr(request, "headers", None), "raw", None) or []
+    fields = {header: name for name, header in HEADER_FIELDS.items()}
+    bad_values: list[str] = []
+    bad_names = 0
+    for name, value in raw:
+        if not isinstance(name, bytes) or _FIELD_NAME.fullmatch(name) is None:
+            bad_names += 1
+        elif not isinstance(value, bytes) or _FIELD_VALUE.fullmatch(value) is None:
+            header = name.decode("ascii").lower()
+            bad_values.append(f"{header} (params.{fields[header]})" if header in fields else header)
+    if len(bad_values) == 1:
+        detail += f": the value of header {bad_values[0]} is not a valid HTTP header value"
+    elif bad_values:
+        detail += f": the values of headers {', '.join(bad_values)} are not valid HTTP header values"
+    if bad_names:
+        detail += f"; {bad_names} header name{'s are' if bad_names > 1 else ' is'} not valid HTTP"
+    return detail + "; nothing reached Claude"
 
 
 def _classify_status(exc: anthropic.APIStatusError) -> Failure:
@@ -172,6 +227,8 @@ def status_class(status: int | None) -> str:
 
 def describe(failure: Failure, exc: BaseException) -> str:
     """A dead letter's detail for a failed call (the API's message cut to 300 characters)."""
+    if failure.label == UNWRITABLE:
+        return _unwritable_detail(exc)
     if isinstance(exc, anthropic.APIStatusError):
         msg = (exc.api_message or "")[:300]
         return f"HTTP {exc.status_code} {exc.type or ''}: {msg}".strip()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import h11
 import httpx2
 import orjson
 import pytest
@@ -27,19 +28,22 @@ from service.config.loader import parse_config
 from service.config.settings import AnthropicSettings
 from service.contracts.params import (
     CLIENT_TOOLS,
+    HEADER_FIELDS,
+    MAX_HEADER_FIELD_CHARS,
     REFUSED,
     REMOVED,
     SERVER_TOOLS,
     TRANSPORT_OPTIONS,
     check_request,
+    header_field_problem,
     params_schema,
     refused_reason,
     server_tools,
     tool_family,
 )
 from service.contracts.reasons import Reason
-from service.contracts.schemas import SchemaViolation, load_schema
-from service.contracts.sdk_schema import HEADER_FIELDS, sdk_fields
+from service.contracts.schemas import SchemaViolation, load_schema, validate
+from service.contracts.sdk_schema import sdk_fields
 from service.upstream.client import ClaudeClient
 from tests.support.params import (
     BASE,
@@ -288,6 +292,78 @@ def test_deeper_mistakes_name_their_place(params: dict[str, Any], says: str) -> 
     with pytest.raises(SchemaViolation) as info:
         check_request(_doc({**BASE, **params}))
     assert says in str(info.value)
+
+
+# -- the fields the SDK sends as HTTP headers hold what HTTP can carry ----------------------------------
+
+UNSENDABLE = {  # a value the SDK would put in a header: what the refusal says
+    "line feed": ("a\nb", "the character U+000A (line feed) at index 1"),
+    "carriage return": ("a\rb", "the character U+000D (carriage return) at index 1"),
+    "NUL": ("a\x00b", "the character U+0000 (NUL) at index 1"),
+    "a space only": (" ", "the character U+0020 (space) at index 0"),
+    "a final line feed": ("wrkspc_01\n", "U+000A (line feed) at index 9"),
+    "a space inside": ("wrkspc 01", "U+0020 (space) at index 6"),
+    "a tab": ("wrkspc_01\t", "the character U+0009 (tab) at index 9"),
+    "DEL": ("wrkspc_\x7f", "the character U+007F at index 7"),
+    "non-ASCII": ("wrkspc_\u00e9", "the non-ASCII character U+00E9 at index 7"),
+    "empty": ("", "it is empty"),
+    "100 KB": ("w" * 100_000, "it is 100000 characters long"),
+    "one too many": (
+        "w" * (MAX_HEADER_FIELD_CHARS + 1),
+        f"it is {MAX_HEADER_FIELD_CHARS + 1} characters long",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADER_FIELDS))
+@pytest.mark.parametrize("case", sorted(UNSENDABLE))
+def test_a_header_field_http_cannot_carry_is_refused_by_name(name: str, case: str) -> None:
+    """Such a value used to pass, then fail every attempt to write the request (h11 refuses it),
+    read as a connection failure: a `retries_exhausted` dead letter after 6 attempts."""
+    value, says = UNSENDABLE[case]
+    with pytest.raises(SchemaViolation) as info:
+        check_request(_doc({**BASE, name: value}))
+    message = str(info.value)
+    assert message.startswith(f"params.{name} must be 1 to 256 printable ASCII characters, "), message
+    assert f"(it is sent as the HTTP header {HEADER_FIELDS[name]})" in message
+    assert message.endswith(says)
+    assert len(message) < 300  # the value is not quoted
+    with pytest.raises(SchemaViolation, match=rf"^data\.params\.{name} must "):  # the schema alone too
+        validate("request", _doc({**BASE, name: value}))
+
+
+def test_a_header_field_http_cannot_carry_is_a_schema_violation_at_admission() -> None:
+    registry = Registry.build(
+        parse_config({"partners": [{"id": "acme", "api_key": {"env": "K"}}]}), {"K": "k"}
+    )
+    for offset, (name, value) in enumerate([("workspace_id", "a\nb"), ("user_profile_id", "a\x00b")]):
+        raw = orjson.dumps({"request_id": f"r-{offset}", "params": {**BASE, name: value}})
+        verdict = Admission(registry).admit(Record("claude.requests.acme", 0, offset, 0, b"k", raw, ()))
+        assert isinstance(verdict, Rejected), verdict
+        assert verdict.reason is Reason.SCHEMA_VIOLATION
+        assert verdict.detail.startswith(f"request.v1 schema: params.{name} must be "), verdict.detail
+        assert HEADER_FIELDS[name] in verdict.detail
+
+
+@pytest.mark.parametrize("name", sorted(HEADER_FIELDS))
+def test_every_header_field_value_the_contract_admits_http_can_carry(name: str) -> None:
+    """Whatever passes admission, h11 (which writes the request) takes as a header value; an
+    Anthropic id passes. One character at a time: admitted exactly when printable ASCII."""
+    admitted = [
+        SAMPLES[name],
+        "wrkspc_011CZkZaBF1tNoB5wlCeusgy",
+        "".join(map(chr, range(0x21, 0x7F))),
+        "w" * MAX_HEADER_FIELD_CHARS,
+        *map(chr, range(0x21, 0x7F)),
+    ]
+    for value in admitted:
+        check_request(_doc({**BASE, name: value}))
+        h11.Request(
+            method="POST", target="/v1/messages", headers=[("host", "x"), (HEADER_FIELDS[name], value)]
+        )
+    for code in [*range(0x100), 0x2028, 0xFEFF]:
+        admits = header_field_problem(name, chr(code)) is None
+        assert admits == (0x21 <= code <= 0x7E), hex(code)
 
 
 def test_every_tool_the_sdk_types_is_known_as_a_server_or_a_client_tool() -> None:

@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import inspect
 import re
+import socket
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import anthropic
+import h11
 import httpx2
 import orjson
 import pytest
 
+from service.admission.admit import Admission
+from service.admission.registry import Registry
+from service.config.loader import parse_config
+from service.contracts.params import HEADER_FIELDS
 from service.contracts.reasons import Reason
-from service.upstream.errors import Failure, classify
+from service.pipeline import Pipeline
+from service.scheduling.scheduler import Scheduler
+from service.telemetry.metrics import Metrics
+from service.upstream.client import ClaudeClient
+from service.upstream.errors import UNWRITABLE, Failure, classify, describe, may_have_been_sent
+from tests.support.sink import MemorySink
 
 PARAMS = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -198,3 +209,140 @@ def _literal_error_code(cls: type) -> str | None:
 def test_foreign_exceptions_are_refused() -> None:
     with pytest.raises(TypeError):
         classify(ValueError("not ours"))
+
+
+# -- a request the HTTP client cannot write: nothing was sent, and it never will be -------------------
+
+KEY = "sk-ant-secret-key-0123"
+
+
+@pytest.fixture
+def listening() -> Iterator[str]:
+    """A base URL whose port accepts connections (into the kernel's backlog) and never answers:
+    h11 refuses a bad header before writing a byte, so nothing has to answer."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def _causes(exc: BaseException | None) -> list[BaseException]:
+    out = []
+    while exc is not None and len(out) < 10:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("workspace_id", "a\nb"),
+        ("workspace_id", "a\rb"),
+        ("user_profile_id", "a\x00b"),
+        ("workspace_id", " "),
+    ],
+)
+async def test_a_header_http_cannot_carry_is_an_invalid_request_not_a_connection_failure(
+    listening: str, field: str, value: str
+) -> None:
+    """The real HTTP stack (h11 under httpcore2 under httpx2) refuses to write the request; the SDK
+    says APIConnectionError. It used to be retried as a connection failure, six times, then
+    dead-lettered `retries_exhausted` (retryable) with "connection: APIConnectionError"."""
+    client = anthropic.AsyncAnthropic(api_key=KEY, base_url=listening, max_retries=0)
+    try:
+        with pytest.raises(anthropic.APIConnectionError) as info:
+            await client.messages.create(**PARAMS, **{field: value})  # type: ignore[arg-type]
+    finally:
+        await client.close()
+    exc = info.value
+    assert type(exc) is anthropic.APIConnectionError
+    assert [type(c) for c in _causes(exc)[1:2]] == [httpx2.LocalProtocolError]  # what the SDK wraps
+    assert any(isinstance(c, h11.LocalProtocolError) for c in _causes(exc))
+    failure = classify(exc)
+    assert failure == Failure(False, Reason.INVALID_REQUEST, UNWRITABLE)
+    assert not may_have_been_sent(exc)
+    detail = describe(failure, exc)
+    assert detail == (
+        "the request could not be sent: the HTTP client refused to write it (LocalProtocolError): "
+        f"the value of header {HEADER_FIELDS[field]} (params.{field}) is not a valid HTTP header value; "
+        "nothing reached Claude"
+    )
+    assert KEY not in detail
+    assert repr(value.encode()) not in detail  # h11's own message quotes the value: never copied
+
+
+async def test_an_api_key_http_cannot_carry_is_named_and_never_quoted(listening: str) -> None:
+    key = KEY + "\n"
+    client = anthropic.AsyncAnthropic(api_key=key, base_url=listening, max_retries=0)
+    try:
+        with pytest.raises(anthropic.APIConnectionError) as info:
+            await client.messages.create(**PARAMS)  # type: ignore[arg-type]
+    finally:
+        await client.close()
+    assert KEY in str(info.value.__cause__)  # h11 quotes it
+    failure = classify(info.value)
+    assert (failure.retryable, failure.reason) == (False, Reason.INVALID_REQUEST)
+    detail = describe(failure, info.value)
+    assert re.search(
+        r": the value of header (authorization|x-api-key) is not a valid HTTP header value;", detail
+    )
+    assert KEY not in detail
+    assert "sk-" not in detail
+
+
+async def test_a_request_the_transport_refuses_to_write_is_not_retried() -> None:
+    """Whatever the transport: an httpx2 LocalProtocolError is the client's refusal, not the
+    network's (a RemoteProtocolError, the server's fault, is still retried)."""
+
+    def refuse(request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.LocalProtocolError(f"Illegal header value {KEY!r}", request=request)
+
+    def garble(request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.RemoteProtocolError("peer closed connection", request=request)
+
+    refused = await _raised(refuse)
+    assert type(refused) is anthropic.APIConnectionError
+    failure = classify(refused)
+    assert failure == Failure(False, Reason.INVALID_REQUEST, UNWRITABLE)
+    assert not may_have_been_sent(refused)
+    detail = describe(failure, refused)
+    assert detail == (
+        "the request could not be sent: the HTTP client refused to write it (LocalProtocolError); "
+        "nothing reached Claude"
+    )
+    garbled = await _raised(garble)
+    assert classify(garbled) == Failure(True, Reason.RETRIES_EXHAUSTED, "connection")
+    assert may_have_been_sent(garbled)
+
+
+async def test_through_the_pipeline_one_attempt_and_an_invalid_request_dead_letter() -> None:
+    settings = parse_config(
+        {
+            "retry": {"max_attempts": 6, "base_delay_s": 0.001, "max_delay_s": 0.001},
+            "partners": [{"id": "acme", "api_key": {"env": "K"}}],
+        }
+    )
+    registry = Registry.build(settings, environ={"K": KEY})
+    calls: list[httpx2.Request] = []
+
+    def refuse(request: httpx2.Request) -> httpx2.Response:
+        calls.append(request)
+        raise httpx2.LocalProtocolError(f"Illegal header value {KEY!r}", request=request)
+
+    claude = ClaudeClient(
+        settings.anthropic, http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(refuse))
+    )
+    claude.sync_keys(registry.api_keys())
+    pipeline = Pipeline(settings, Admission(registry), Scheduler(settings), claude, Metrics())
+
+    class Record:
+        topic, partition, offset, timestamp, key = "claude.requests.acme", 0, 7, 1_700_000_000_000, b"r1"
+        headers: list[tuple[str, bytes]] = []
+        value = orjson.dumps({"request_id": "r1", "params": PARAMS})
+
+    sink = MemorySink(7)
+    await pipeline.handle(Record(), sink)
+    assert len(calls) == 1
+    (dead,) = [orjson.loads(m.value) for m in sink.published if "deadletter" in m.topic]
+    assert (dead["reason"], dead["retryable"], dead["attempts"]) == ("invalid_request", False, 1)
+    assert dead["detail"].startswith("the request could not be sent: the HTTP client refused to write it")
+    assert KEY not in orjson.dumps(dead).decode()
