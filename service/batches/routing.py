@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 from service.config.batching import BatchSettings
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})", re.IGNORECASE)
+"""RFC 3339's `date-time` (section 5.6; `T` and `Z` in either case, or a space for `T`): ISO 8601's
+other forms (week dates, no seconds, basic format), which `datetime.fromisoformat` also reads,
+are refused."""
 
 Route = Literal["realtime", "batch"]
 CLASSES = ("realtime", "batch", "auto")
@@ -53,12 +59,14 @@ def parse_urgency(doc: Mapping[str, Any], default_class: str) -> Urgency:
         return Urgency(cls, None)
     if not isinstance(raw, str) or len(raw) > 64:
         raise UrgencyError("respond_by must be an RFC 3339 time with a zone, e.g. 2026-12-01T18:00:00Z")
+    if _RFC3339.fullmatch(raw) is None:
+        if _RFC3339.fullmatch(raw + "Z") is not None:
+            raise UrgencyError(f"respond_by {raw!r} has no zone (add Z or an offset)")
+        raise UrgencyError(f"respond_by {raw!r} is not an RFC 3339 time, e.g. 2026-12-01T18:00:00Z")
     try:
-        when = datetime.fromisoformat(raw)
-    except ValueError:
+        when = datetime.fromisoformat(raw.upper())
+    except ValueError:  # a month 13, a second 60
         raise UrgencyError(f"respond_by {raw!r} is not an RFC 3339 time") from None
-    if when.tzinfo is None:
-        raise UrgencyError(f"respond_by {raw!r} has no zone (add Z or an offset)")
     return Urgency(cls, when.timestamp())
 
 

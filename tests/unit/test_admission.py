@@ -69,6 +69,12 @@ def test_good_request_is_admitted_with_conservative_estimate() -> None:
         (orjson.dumps({"request_id": "r", "params": {}}), "claude.requests.acme", Reason.SCHEMA_VIOLATION),
         (orjson.dumps({"params": {}}), "claude.requests.acme", Reason.SCHEMA_VIOLATION),
         (_req(max_tokens="many"), "claude.requests.acme", Reason.SCHEMA_VIOLATION),
+        (_req().replace(b"{", b'{"schema_version":1.0,', 1), "claude.requests.acme", Reason.SCHEMA_VIOLATION),
+        (
+            _req().replace(b"{", b'{"schema_version":true,', 1),
+            "claude.requests.acme",
+            Reason.SCHEMA_VIOLATION,
+        ),
         (_req(model="gpt-4"), "claude.requests.acme", Reason.UNKNOWN_MODEL),
         (_req(), "claude.requests.globex", Reason.PARTNER_DISABLED),
         (_req(), "claude.requests.initech", Reason.UNKNOWN_PARTNER),

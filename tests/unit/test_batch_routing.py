@@ -55,6 +55,8 @@ def test_urgency_defaults_to_the_partner_class_and_reads_rfc3339() -> None:
     u = parse_urgency({"service_class": "batch", "respond_by": "2026-12-01T01:00:00Z"}, "realtime")
     assert (u.service_class, u.respond_by) == ("batch", NOW + 3600)
     assert parse_urgency({"respond_by": "2026-12-01T02:00:00+01:00"}, "auto").respond_by == NOW + 3600
+    for lenient in ("2026-12-01t01:00:00z", "2026-12-01 01:00:00.000000001Z", "2026-12-01T00:30:00-00:30"):
+        assert parse_urgency({"respond_by": lenient}, "auto").respond_by == pytest.approx(NOW + 3600)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +68,13 @@ def test_urgency_defaults_to_the_partner_class_and_reads_rfc3339() -> None:
         {"respond_by": "2026-12-01T01:00:00"},  # no zone
         {"respond_by": 1796144400},
         {"respond_by": "2" * 100},
+        # ISO 8601 forms that are not RFC 3339 (datetime.fromisoformat reads them all)
+        {"respond_by": "2026-W49-2T01:00:00Z"},  # a week date
+        {"respond_by": "20261201T010000Z"},  # basic format
+        {"respond_by": "2026-12-01T01:00Z"},  # no seconds
+        {"respond_by": "2026-12-01T01Z"},
+        {"respond_by": "2026-12-01T01:00:00+0100"},  # offset without a colon
+        {"respond_by": "2026-13-01T01:00:00Z"},  # month 13
     ],
 )
 def test_malformed_urgency_is_refused_with_a_sentence(doc: dict[str, object]) -> None:
