@@ -16,7 +16,10 @@ be known (a 429, a budget overrun), nor overcount by orders of magnitude (false
 - A PDF counts its pages (each also billed as an image at the model's largest size) and
   the text its content streams can draw; a PDF whose streams cannot be read counts
   `document_page_text_tokens` a page; a document whose size cannot be known here (URL,
-  file id, unreadable) counts `unknown_document_tokens`.
+  file id, unreadable) counts `unknown_document_tokens`. The PDFs of a request share one
+  inflate budget (`media.InflateBudget`: 8 MB, 4 MB a PDF): a PDF whose content streams
+  inflate past it (a zip bomb) is not read further and counts `document_page_text_tokens`
+  a page, as one that cannot be read.
 - Tools count their definitions and the system prompt Anthropic adds for them; a server
   tool (web search, web fetch, code execution) counts `max_uses` (else
   `server_tool_uses`) uses of `server_tool_tokens_per_use` (or `max_content_tokens`).
@@ -32,7 +35,7 @@ from typing import Any
 import orjson
 
 from service.config.settings import EstimateSettings
-from service.contracts.media import image_size, pdf_facts
+from service.contracts.media import InflateBudget, image_size, pdf_facts
 
 MESSAGE_TOKENS = 4
 """Framing per message (role and separators)."""
@@ -46,6 +49,8 @@ class _Estimator:
         high = any(m in model for m in settings.high_res_models)
         self.max_edge = settings.high_res_max_long_edge_px if high else settings.image_max_long_edge_px
         self.max_image = settings.high_res_max_tokens if high else settings.image_max_tokens
+        self.pdf_budget = InflateBudget()
+        """What the request's PDFs may still inflate, together."""
 
     def text(self, value: str) -> int:
         return math.ceil(len(value.encode("utf-8", "surrogatepass")) / self.cpt)
@@ -107,7 +112,7 @@ class _Estimator:
         if kind == "content":
             return extra + self.content(source.get("content"))
         if kind == "base64" and isinstance(data, str):
-            facts = pdf_facts(data)
+            facts = pdf_facts(data, self.pdf_budget, text=False)
             if facts is not None:
                 if facts.content_bytes is None:
                     text = facts.pages * self.s.document_page_text_tokens

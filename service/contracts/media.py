@@ -5,8 +5,12 @@ cheaply and without trusting it (admission estimates from it, the simulator bill
   only the few bytes it reads (a JPEG is walked marker by marker, jumping over the
   segments in between), never the whole image.
 - `pdf_facts`: the pages of a PDF and an upper bound of the text its pages draw (the bytes
-  of its content streams, inflated), with bounded work: at most `MAX_INFLATED_BYTES` are
-  inflated, and whatever cannot be read is reported unknown, not guessed low.
+  of its content streams, inflated), with bounded work: the PDFs of one request inflate at
+  most `REQUEST_INFLATED_BYTES` together (an `InflateBudget`), one PDF at most
+  `MAX_INFLATED_BYTES`, a chunk at a time, so a stream that inflates to gigabytes costs
+  what the budget allows and is never held whole. A PDF whose content streams do not fit
+  is reported `over_budget`, its content unknown like whatever cannot be read: unknown,
+  not guessed low, and no more work is spent on it.
 
 Anything malformed answers None (unknown): the caller then reserves its conservative default.
 """
@@ -20,7 +24,12 @@ import zlib
 from dataclasses import dataclass
 
 MAX_JPEG_MARKERS = 1_000
-MAX_INFLATED_BYTES = 64 * 1024 * 1024
+MAX_INFLATED_BYTES = 4 * 1024 * 1024
+"""The most one PDF's object and content streams are inflated to (images and fonts are not
+inflated): a 300-page PDF of dense text has about 2 MB of content streams."""
+REQUEST_INFLATED_BYTES = 8 * 1024 * 1024
+"""The most the PDFs of one request are inflated to, together: about 12 ms of inflating,
+the most a request's PDFs cost admission (which runs on the event loop below 64 KB)."""
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers carry the size
 
 
@@ -105,14 +114,30 @@ def _jpeg(b: _B64) -> tuple[int, int] | None:
     return None
 
 
+@dataclass(slots=True)
+class InflateBudget:
+    """What the PDFs of one request may still inflate, together: `pdf_facts` takes at most
+    `MAX_INFLATED_BYTES` of it for one PDF and counts what it inflated in `inflated`."""
+
+    left: int = REQUEST_INFLATED_BYTES
+    inflated: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class PdfFacts:
     pages: int
     content_bytes: int | None
-    """Bytes of the page content streams, inflated (None: some could not be read): an upper
-    bound of the text the pages draw."""
+    """Bytes of the page content streams, inflated (None: some could not be read, or were
+    not, `over_budget`): an upper bound of the text the pages draw."""
     text_chars: int
-    """Characters in the strings the content streams show (inside BT ... ET): the text."""
+    """Characters in the strings the content streams show (inside BT ... ET): the text
+    (0 when not asked for, `pdf_facts(text=False)`)."""
+    inflated: int = 0
+    """Bytes its streams were inflated to, reading it: the work it cost (at most
+    `MAX_INFLATED_BYTES` + 1)."""
+    over_budget: bool = False
+    """Its content streams were not all read: they inflate to more than the budget left, so
+    `content_bytes` is None (the estimate then counts its text by page)."""
 
 
 _PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
@@ -126,8 +151,14 @@ _NOT_CONTENT = re.compile(
     rb"/Subtype\s*/Image|/FontFile|/Length[123]\s|/N\s+\d|/Type\s*/(?:XRef|Metadata|EmbeddedFile|CMap)"
 )
 _OBJSTM = re.compile(rb"/Type\s*/ObjStm")
+_INFLATE_CHUNK = 256 * 1024
 _TEXT_OPERATOR = re.compile(rb"\b(BT|ET)\b")
-_HEX_STRING = re.compile(rb"<([0-9A-Fa-f\s]*)>")
+_STRING = re.compile(rb"\(([^()\\]*)\)|(\()|<(?!<)([0-9A-Fa-f\s]*)>")
+"""The next string: a literal without parentheses or backslashes inside (whole), the `(` of
+any other literal, or a hex string (`<` not `<<`: a dictionary)."""
+_LITERAL_STOP = re.compile(rb"(?P<pairs>(?:\([^()\\]*\))+)|(?P<open>\(+)|(?P<close>\)+)|(?P<escape>\\)")
+"""Inside a literal, the next: balanced parentheses without any inside, `(`s, `)`s or an escape."""
+_WHITESPACE = b" \t\n\r\f\v"
 
 
 def _text_objects(content: bytes) -> list[bytes]:
@@ -145,82 +176,172 @@ def _text_objects(content: bytes) -> list[bytes]:
 
 def _shown_chars(content: bytes) -> int:
     """Characters of the literal strings (balanced parentheses, backslash escapes) and hex
-    strings in the content's text objects."""
+    strings in the content's text objects. Regexes jump from one string to the next (a
+    string without parentheses or escapes inside in one step) and, inside the others, from
+    one run of parentheses or backslash to the next: the bytes between are counted by their
+    positions, not one by one."""
     chars = 0
     for body in _text_objects(content):
-        i, n = 0, len(body)
-        while i < n:
-            c = body[i]
-            if c == 0x28:  # '(': a literal string, parentheses nest
-                depth, i = 1, i + 1
-                while i < n and depth:
-                    c = body[i]
-                    if c == 0x5C:  # backslash: the next byte is one character
-                        i += 1
-                    elif c == 0x28:
-                        depth += 1
-                    elif c == 0x29:
-                        depth -= 1
-                        if not depth:
-                            break
-                    chars += 1
-                    i += 1
-            elif c == 0x3C and i + 1 < n and body[i + 1] != 0x3C:  # '<' not '<<': a hex string
-                m = _HEX_STRING.match(body, i)
-                if m is not None:
-                    chars += len(re.sub(rb"\s", b"", m.group(1))) // 2
-                    i = m.end() - 1
-            i += 1
+        i = 0
+        while (m := _STRING.search(body, i)) is not None:
+            plain, opened, digits = m.groups()
+            if plain is not None:
+                chars += len(plain)
+                i = m.end()
+            elif opened is not None:
+                shown, i = _literal(body, m.end())
+                chars += shown
+            else:
+                chars += len(digits.translate(None, _WHITESPACE)) // 2
+                i = m.end()
     return chars
 
 
-def pdf_facts(data: str) -> PdfFacts | None:
-    """Pages and content-stream bytes of a base64 PDF, or None when it is not a readable PDF."""
+def _literal(body: bytes, i: int) -> tuple[int, int]:
+    """(characters, where it ends) of the literal string opened just before `i`: each byte
+    counts one, an escape (a backslash and the byte after it) one, the closing `)` none; an
+    unclosed string runs to the end of `body`."""
+    depth = 1
+    chars = 0
+    while (m := _LITERAL_STOP.search(body, i)) is not None:
+        j, k = m.span()
+        chars += j - i
+        kind = m.lastgroup
+        if kind == "escape":  # it and the byte after it are one character
+            chars += 1
+            i = j + 2
+        elif kind == "pairs":  # every byte a character, the depth unchanged
+            chars += k - j
+            i = k
+        elif kind == "open":  # as many as there are: they nest
+            depth += k - j
+            chars += k - j
+            i = k
+        elif k - j < depth:  # ')', none closing the string
+            depth -= k - j
+            chars += k - j
+            i = k
+        else:  # the depth-th ')' closes it
+            return chars + depth - 1, j + depth
+    return chars + max(0, len(body) - i), len(body)
+
+
+class _OverBudget(Exception):
+    """A stream inflates to more than what is left of the budget."""
+
+
+class _Share:
+    """One PDF's part of a request's `InflateBudget`: at most `MAX_INFLATED_BYTES` of what
+    is left of it."""
+
+    def __init__(self, budget: InflateBudget) -> None:
+        self.budget = budget
+        self.room = min(budget.left, MAX_INFLATED_BYTES)
+        self.spent = 0
+
+    def inflate(self, body: bytes, keep: bool) -> tuple[int, bytes]:
+        """(size, the bytes when `keep`) of a FlateDecode stream, inflated a chunk at a
+        time and counted as they come, never past the room left: one byte more raises
+        _OverBudget (and nothing more is inflated). Raises zlib.error if it is not zlib."""
+        inflater = zlib.decompressobj()
+        parts: list[bytes] = []
+        size = 0
+        tail = body
+        while not inflater.eof:
+            if self.spent > self.room:
+                raise _OverBudget
+            want = min(_INFLATE_CHUNK, self.room - self.spent + 1)
+            out = inflater.decompress(tail, want)
+            size += len(out)
+            self.spent += len(out)
+            self.budget.inflated += len(out)
+            self.budget.left = max(0, self.budget.left - len(out))
+            if self.spent > self.room:
+                raise _OverBudget
+            if keep:
+                parts.append(out)
+            tail = inflater.unconsumed_tail
+            if len(out) < want:  # room to spare: all its input read (a truncated stream ends so)
+                break
+        return size, b"".join(parts)
+
+
+def pdf_facts(data: str, budget: InflateBudget | None = None, *, text: bool = True) -> PdfFacts | None:
+    """Pages and content-stream bytes of a base64 PDF, or None when it is not a readable PDF
+    (or when its object streams, which may hold its pages, do not fit in the budget).
+
+    It inflates at most `MAX_INFLATED_BYTES` of `budget` (by default a budget of its own):
+    object streams first (they may hold the pages), then content streams, a chunk at a
+    time; images, fonts and the other streams that draw no text are not inflated. When a
+    stream does not fit in what is left it stops there: `over_budget`, `content_bytes` None.
+    `text`: count the characters shown (`text_chars`; the simulator bills them, admission
+    does not need them).
+    """
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         return None
     if not raw.startswith(b"%PDF-"):
         return None
+    share = _Share(InflateBudget(MAX_INFLATED_BYTES) if budget is None else budget)
     pages = len(_PAGE.findall(raw))
-    content = shown = 0
+    object_streams: list[tuple[bytes, bytes]] = []
+    contents: list[tuple[bytes, bytes]] = []
     unreadable = False
-    budget = MAX_INFLATED_BYTES
     pos = 0
     while (m := _STREAM.search(raw, pos)) is not None:
-        window = raw[max(0, m.start() - _HEADER_BYTES) : m.start()]
-        header = window[window.rfind(b" obj") + 1 :]
+        # its dictionary: from its object's ` obj`, within _HEADER_BYTES and after the last stream
+        lo = max(pos, m.start() - _HEADER_BYTES)
+        obj = raw.rfind(b" obj", lo, m.start())
+        header = raw[obj + 1 if obj >= 0 else lo : m.start()]
         end = raw.find(b"endstream", m.end())
         if end < 0:
             unreadable = True
             break
         pos = end + len(b"endstream")
-        body = raw[m.end() : end]
         if b"/Encrypt" in header:
             unreadable = True
-            continue
+        elif _OBJSTM.search(header):
+            object_streams.append((header, raw[m.end() : end]))
+        elif not _NOT_CONTENT.search(header):
+            contents.append((header, raw[m.end() : end]))
+    for header, body in object_streams:
         if b"/FlateDecode" in header:
             try:
-                inflater = zlib.decompressobj()
-                body = inflater.decompress(body, budget)
+                body = share.inflate(body, keep=True)[1]
             except zlib.error:
                 unreadable = True
                 continue
-            budget -= len(body)
-            if budget <= 0:
-                unreadable = True
-                break
+            except _OverBudget:
+                return None  # its pages cannot be counted
         elif b"/Filter" in header:
             if not _NOT_CONTENT.search(header):
-                unreadable = True  # another filter: its text cannot be bounded here
+                unreadable = True
             continue
-        if _OBJSTM.search(header):
-            pages += len(_PAGE.findall(body))
-        elif not _NOT_CONTENT.search(header):
+        pages += len(_PAGE.findall(body))
+    content = shown = 0
+    over_budget = False
+    for header, body in contents:
+        if b"/FlateDecode" in header:
+            try:
+                size, body = share.inflate(body, keep=text)
+            except zlib.error:
+                unreadable = True
+                continue
+            except _OverBudget:
+                over_budget = True
+                break
+            content += size
+        elif b"/Filter" in header:
+            unreadable = True  # another filter: its text cannot be bounded here
+            continue
+        else:
             content += len(body)
+        if text:
             shown += _shown_chars(body)
     counted = [int(a or b) for a, b in _PAGES_COUNT.findall(raw)]
     pages = max([pages, *counted])
     if pages == 0:
         return None
-    return PdfFacts(pages, None if unreadable or b"/Encrypt" in raw else content, shown)
+    known = not (unreadable or over_budget or b"/Encrypt" in raw)
+    return PdfFacts(pages, content if known else None, shown, share.spent, over_budget)

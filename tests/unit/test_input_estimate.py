@@ -11,14 +11,18 @@ The simulator (service/simulator/media.py) bills what the estimate is measured a
 from __future__ import annotations
 
 import base64
+import functools
+import tracemalloc
 import zlib
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.admission import estimate
 from service.admission.estimate import estimate_input_tokens
 from service.config.settings import EstimateSettings
+from service.contracts import media
 from service.contracts.media import image_size, pdf_facts
 from service.simulator.tokens import count_input_tokens
 
@@ -212,3 +216,150 @@ def test_never_below_what_is_billed_where_the_size_is_knowable(
             {"name": "t", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}
         ]
     assert est(params) >= count_input_tokens(params)
+
+
+# Hostile PDFs: the work of reading them is bounded per request, and what is not read is
+# counted from the pages (a hostile-input probe: a 52 KB request whose one FlateDecode
+# stream inflates to 40 MB held admission 6 to 10 s on the event loop and reserved 13.3M
+# input tokens; a request of five of them cost 41 s of CPU).
+
+PAGE = E.image_max_tokens + E.document_page_text_tokens
+"""What a page of a PDF whose text is not read counts on a model that is not high-res."""
+
+
+def stream(entries: bytes, data: bytes) -> bytes:
+    return b"<< /Length %d %s >>\nstream\n" % (len(data), entries) + data + b"\nendstream"
+
+
+def raw_pdf(*objs: bytes) -> str:
+    out = b"%PDF-1.5\n" + b"".join(b"%d 0 obj\n" % (n + 1) + o + b"\nendobj\n" for n, o in enumerate(objs))
+    return b64(out + b"%%EOF\n")
+
+
+@functools.cache
+def bomb() -> str:
+    """The probe's PDF: one page and 39 KB of zlib that inflates to 40 MB, text operators
+    around 20M unclosed hex strings."""
+    content = b"BT " + b"<0" * 20_000_000 + b" ET"
+    return raw_pdf(b"<< /Type /Page >>", stream(b"/Filter /FlateDecode", zlib.compress(content, 9)))
+
+
+def pdf_request(*datas: str) -> dict[str, object]:
+    docs = [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": d}}
+        for d in datas
+    ]
+    return {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": docs}]}
+
+
+Read = list[tuple["media.InflateBudget | None", "media.PdfFacts | None"]]
+
+
+@pytest.fixture
+def read_pdfs(monkeypatch: pytest.MonkeyPatch) -> Read:
+    """(budget, facts) of each PDF the estimate reads."""
+    seen: Read = []
+
+    def spy(
+        data: str, budget: media.InflateBudget | None = None, *, text: bool = True
+    ) -> media.PdfFacts | None:
+        facts = media.pdf_facts(data, budget, text=text)
+        seen.append((budget, facts))
+        return facts
+
+    monkeypatch.setattr(estimate, "pdf_facts", spy)
+    return seen
+
+
+def test_a_zip_bomb_is_read_no_further_than_the_budget() -> None:
+    facts = pdf_facts(bomb())
+    assert facts is not None
+    assert facts.over_budget
+    assert facts.content_bytes is None
+    assert facts.inflated == media.MAX_INFLATED_BYTES + 1  # one byte past what a PDF may inflate
+    assert (facts.pages, facts.text_chars) == (1, 0)  # what was not read is not scanned either
+
+
+def test_a_zip_bomb_is_estimated_from_its_pages_without_being_held() -> None:
+    """Never inflated whole, not even to the budget: a chunk at a time, counted, dropped."""
+    params = pdf_request(bomb())
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    try:
+        tokens = est(params)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        if started:
+            tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024  # was 88 MB: the 40 MB inflated, then copied
+    assert tokens == 4 + PAGE  # was 13,334,940: its 40 MB / 3
+    assert count_input_tokens(params) <= tokens  # still at least what is billed
+
+
+def test_the_pdfs_of_a_request_share_one_budget(read_pdfs: Read) -> None:
+    params = pdf_request(*[bomb()] * 5)
+    tokens = est(params)
+    budgets = {id(b) for b, _ in read_pdfs}
+    assert len(read_pdfs) == 5
+    assert len(budgets) == 1
+    budget = read_pdfs[0][0]
+    assert isinstance(budget, media.InflateBudget)
+    assert budget.left == 0
+    inflated = [f.inflated for _, f in read_pdfs if isinstance(f, media.PdfFacts) and f.over_budget]
+    assert len(inflated) == 5
+    assert budget.inflated == sum(inflated)
+    assert max(inflated) <= media.MAX_INFLATED_BYTES + 1
+    assert budget.inflated <= media.REQUEST_INFLATED_BYTES + 5  # each stops one byte past
+    assert tokens == 4 + 5 * PAGE
+    assert count_input_tokens(params) <= tokens
+
+
+def test_a_pdf_after_a_bomb_is_still_read(read_pdfs: Read) -> None:
+    """One PDF takes at most MAX_INFLATED_BYTES of the request's budget: the next one is read."""
+    legit = pdf(["Quarterly report. " * 150, "Figures (see table) " * 100])
+    both = est(pdf_request(bomb(), legit))
+    assert both == est(pdf_request(bomb())) + est(pdf_request(legit)) - 4
+    facts = read_pdfs[1][1]
+    assert isinstance(facts, media.PdfFacts)
+    assert facts.content_bytes is not None
+    assert not facts.over_budget
+
+
+def test_pages_in_object_streams_are_counted_before_the_content() -> None:
+    """Object streams may hold the page objects: they are read first, so a content stream
+    that spends the budget cannot hide them (the text then counts by page)."""
+    pages = zlib.compress(b"<< /Type /Page /Parent 2 0 R >>\n" * 50)
+    data = raw_pdf(
+        stream(b"/Filter /FlateDecode", zlib.compress(b"BT " + b"(x) Tj " * 1_000_000 + b"ET", 9)),
+        stream(b"/Type /ObjStm /N 50 /First 0 /Filter /FlateDecode", pages),
+    )
+    facts = pdf_facts(data)
+    assert facts is not None
+    assert facts.pages == 50
+    assert facts.over_budget
+    params = pdf_request(data)
+    assert est(params) == 4 + 50 * PAGE
+    assert count_input_tokens(params) <= est(params)
+
+
+def test_an_object_stream_past_the_budget_leaves_the_pages_unknown() -> None:
+    """Its pages cannot be counted: the document counts as one of unknown size (it counted
+    3M pages, 4.8 billion tokens, after inflating 54 MB)."""
+    objects = zlib.compress(b"<< /Type /Page >> " * 3_000_000, 9)
+    data = raw_pdf(stream(b"/Type /ObjStm /N 1 /First 0 /Filter /FlateDecode", objects))
+    assert pdf_facts(data) is None
+    assert est(pdf_request(data)) == 4 + E.unknown_document_tokens
+
+
+def test_the_text_shown_is_counted_string_by_string() -> None:
+    """Literal strings (nested parentheses, escapes) and hex strings inside BT ... ET."""
+    content = b"BT (a\\(b) Tj <48 65> Tj [(x(y)z) -20 (w)] TJ << /A 1 >> ET (outside) Tj BT (unclosed"
+    facts = pdf_facts(raw_pdf(b"<< /Type /Page >>", stream(b"", content)))
+    assert facts is not None
+    assert facts.text_chars == 3 + 2 + 5 + 1
+    assert facts.content_bytes == len(content) + 1  # with the end of line before `endstream`
+    counted = pdf_facts(raw_pdf(b"<< /Type /Page >>", stream(b"", content)), text=False)
+    assert counted is not None
+    assert (counted.content_bytes, counted.text_chars) == (len(content) + 1, 0)  # not scanned
