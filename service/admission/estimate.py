@@ -22,7 +22,8 @@ be known (a 429, a budget overrun), nor overcount by orders of magnitude (false
   a page, as one that cannot be read.
 - Tools count their definitions and the system prompt Anthropic adds for them; a server
   tool (web search, web fetch, code execution) counts `max_uses` (else
-  `server_tool_uses`) uses of `server_tool_tokens_per_use` (or `max_content_tokens`).
+  `server_tool_uses`; at most `server_tool_max_uses`) uses of `server_tool_tokens_per_use`
+  (or `max_content_tokens`).
 - Every message adds a few tokens of framing.
 """
 
@@ -130,7 +131,8 @@ class _Estimator:
             kind = tool.get("type") if isinstance(tool, Mapping) else None
             if isinstance(kind, str) and kind.startswith(_SERVER_TOOLS):
                 assert isinstance(tool, Mapping)
-                uses = _positive_int(tool.get("max_uses")) or self.s.server_tool_uses
+                asked = _positive_int(tool.get("max_uses")) or self.s.server_tool_uses
+                uses = min(asked, self.s.server_tool_max_uses)
                 per_use = _positive_int(tool.get("max_content_tokens")) or self.s.server_tool_tokens_per_use
                 total += uses * per_use
         return total

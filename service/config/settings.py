@@ -181,6 +181,9 @@ class EstimateSettings(_Frozen):
     """Uses assumed for a server tool (web search, web fetch) without `max_uses`."""
     server_tool_tokens_per_use: int = Field(default=20_000, gt=0)
     """Input tokens one server tool use adds (search results, a fetched page)."""
+    server_tool_max_uses: int = Field(default=100, gt=0)
+    """`max_uses` counted at most: a limit set far beyond any call's use (2**64, say) would reserve
+    more than any budget or ITPM bucket holds, and stall every partner's calls until it settled."""
 
 
 class SigningSettings(_Frozen):

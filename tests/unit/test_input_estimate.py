@@ -183,6 +183,24 @@ def test_tools_and_server_tools_are_counted() -> None:
     assert count_input_tokens(search) <= est(search)
 
 
+def test_a_max_uses_beyond_any_call_is_counted_up_to_the_cap() -> None:
+    """`max_uses` of 2**64 was estimated at ~1.8e19 tokens: more than any ITPM bucket holds, every
+    partner's calls waited until that one settled. It counts `server_tool_max_uses` at most."""
+    base = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+
+    def search(max_uses: int) -> dict[str, object]:
+        return {
+            **base,
+            "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": max_uses}],
+        }
+
+    at_cap = est(search(E.server_tool_max_uses))
+    assert est(search(E.server_tool_max_uses - 1)) == at_cap - E.server_tool_tokens_per_use
+    for beyond in (E.server_tool_max_uses + 1, 2**64 - 1):  # the same but for its digits in the definition
+        assert at_cap <= est(search(beyond)) <= at_cap + 10
+    assert at_cap < E.server_tool_max_uses * E.server_tool_tokens_per_use + 10_000
+
+
 text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=3000)
 
 
