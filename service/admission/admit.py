@@ -31,7 +31,7 @@ from service.batches.routing import REALTIME, Urgency, UrgencyError, parse_urgen
 from service.contracts.params import check_request
 from service.contracts.reasons import Reason
 from service.contracts.schemas import SchemaViolation, compiled
-from service.contracts.shape import MAX_HEADERS, too_deep
+from service.contracts.shape import MAX_REQUEST_HEADERS, too_deep
 
 if TYPE_CHECKING:
     from service.admission.budget import Budgets, Reservation
@@ -244,9 +244,11 @@ class Admission:
         ps = partner.settings
         if not ps.enabled:
             return Rejected(pid, Reason.PARTNER_DISABLED, f"partner {pid!r} is disabled")
-        if len(rec.headers) > MAX_HEADERS:  # before anything reads them through
+        if len(rec.headers) > MAX_REQUEST_HEADERS:  # before anything reads them through
             return Rejected(
-                pid, Reason.OVERSIZE, f"message has {len(rec.headers):,} headers; at most {MAX_HEADERS:,}"
+                pid,
+                Reason.OVERSIZE,
+                f"message has {len(rec.headers):,} headers; at most {MAX_REQUEST_HEADERS:,}",
             )
         value = rec.value
         if value is None or not value:

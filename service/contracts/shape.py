@@ -1,5 +1,5 @@
 """How large a request's structure may be: `MAX_DEPTH` levels of objects and arrays, and
-`MAX_HEADERS` Kafka headers.
+`MAX_REQUEST_HEADERS` Kafka headers.
 
 **Nesting.** orjson reads documents nested up to 1,024 levels, but writes at most about 254, and
 the gateway writes parts of every request again (the input estimate dumps each tool and unknown
@@ -11,8 +11,8 @@ or tool input uses, and far below what every later step can write (they add a fe
 
 **Headers.** Each step that looks for a header by name (trace context, signature, operator replay)
 reads the list through: 320,000 empty headers (a 0.9 MB record the broker takes) held the event
-loop about 350 ms. Admission refuses more than `MAX_HEADERS` as `oversize`, and the trace context is
-looked for among the first `MAX_HEADERS` only (`telemetry/tracecontext.py`), as it is read before.
+loop about 350 ms. Admission refuses more than `MAX_REQUEST_HEADERS` as `oversize`, and the trace context is
+looked for among the first `MAX_REQUEST_HEADERS` only (`telemetry/tracecontext.py`), as it is read before.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 MAX_DEPTH = 128
 """Levels of objects and arrays in a request, the document itself being the first."""
-MAX_HEADERS = 1_000
+MAX_REQUEST_HEADERS = 1_000
 """Kafka headers on a request record (real clients send a handful: trace context, signature)."""
 _SHOWN = 6
 """Leading steps of the path named in the refusal (the rest is elided)."""

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
-from service.contracts.shape import MAX_HEADERS
+from service.contracts.shape import MAX_REQUEST_HEADERS
 
 TRACE_HEADERS: Final = ("traceparent", "tracestate")
 TRACESTATE_MAX_CHARS: Final = 512
@@ -45,8 +45,8 @@ _TRACESTATE_SCAN_BYTES: Final = TRACESTATE_MAX_MEMBERS * 1024
 
 def named_values(headers: Headers, name: str) -> Iterator[bytes]:
     """The non-null values of the headers called `name` (ASCII, case-insensitive), in order, among
-    the first `MAX_HEADERS` (a record with more is refused at admission: contracts/shape.py)."""
-    for k, v in headers[:MAX_HEADERS]:
+    the first `MAX_REQUEST_HEADERS` (a record with more is refused at admission: contracts/shape.py)."""
+    for k, v in headers[:MAX_REQUEST_HEADERS]:
         if v is not None and isinstance(k, str) and len(k) == len(name) and k.lower() == name:
             yield v
 

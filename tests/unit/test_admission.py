@@ -13,7 +13,7 @@ from service.admission.admit import IN_THREAD_BYTES, Admission, Admitted, Record
 from service.admission.registry import Registry
 from service.config.loader import parse_config
 from service.contracts.reasons import Reason
-from service.contracts.shape import MAX_DEPTH, MAX_HEADERS
+from service.contracts.shape import MAX_DEPTH, MAX_REQUEST_HEADERS
 from service.simulator.tokens import count_input_tokens
 
 ENV = {"ACME_KEY": "sk-acme-secret", "GLOBEX_KEY": "sk-globex-secret"}
@@ -215,14 +215,14 @@ def test_more_headers_than_the_limit_are_refused_before_anything_reads_them() ->
     the size check, the signature and the operator replay each read them through."""
     value = _req()
     fits = _admission().admit(
-        Record("claude.requests.acme", 0, 1, 1, b"k", value, (("a", None),) * MAX_HEADERS)
+        Record("claude.requests.acme", 0, 1, 1, b"k", value, (("a", None),) * MAX_REQUEST_HEADERS)
     )
     assert isinstance(fits, Admitted)
-    for n in (MAX_HEADERS + 1, 320_000):
+    for n in (MAX_REQUEST_HEADERS + 1, 320_000):
         headers = _Unread((("a", None),) * n)
         verdict = _admission().admit(Record("claude.requests.acme", 0, 1, 1, b"k", value, headers))
         assert isinstance(verdict, Rejected)
         assert (verdict.reason, verdict.detail) == (
             Reason.OVERSIZE,
-            f"message has {n:,} headers; at most {MAX_HEADERS:,}",
+            f"message has {n:,} headers; at most {MAX_REQUEST_HEADERS:,}",
         )
