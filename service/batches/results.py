@@ -86,7 +86,6 @@ def _response(
     metered = Metered(
         h.partner, h.request_id, model, usage, cost, origin_of(h), "batch", None, h.submissions, now
     )
-    usage_topic = gs.kafka.usage_topic
     try:
         value = encode_response(
             partner=h.partner,
@@ -109,29 +108,32 @@ def _response(
             h.partner, Reason.INTERNAL_ERROR, f"gateway error: {type(exc).__name__}", origin_of(h),
             h.request_id, h.submissions,
         )  # fmt: skip
-        messages = [
-            *dead_letter(gs, dl, now, h.trace),
-            metering_message(usage_topic, metered, "deadletter", dl.reason.value),
-        ]
-        return Decision(messages, "deadletter", cost=cost)
+        return _billed_dead_letter(gs, h, dl, metered, now)
     if len(value) > gs.kafka.producer_max_request_bytes - 4096:
-        reason = Reason.RESPONSE_TOO_LARGE
         dl = DeadLetter(
             h.partner,
-            reason,
+            Reason.RESPONSE_TOO_LARGE,
             f"the batch result ({len(value)} bytes) is over the producer's size limit",
             origin_of(h),
             h.request_id,
             h.submissions,
             response={"value": b"", "value_size": len(value), "usage": usage},
         )
-        messages = [
-            *dead_letter(gs, dl, now, h.trace),
-            metering_message(usage_topic, metered, "deadletter", reason.value),
-        ]
-        return Decision(messages, "deadletter", cost=cost)
+        return _billed_dead_letter(gs, h, dl, metered, now)
     msg = OutMessage(gs.response_topic(h.partner), h.request_id.encode(), value, (*JSON, *h.trace))
-    return Decision([msg, metering_message(usage_topic, metered)], "response", cost=cost)
+    return Decision([msg, metering_message(gs.kafka.usage_topic, metered)], "response", cost=cost)
+
+
+def _billed_dead_letter(
+    gs: GatewaySettings, h: Handoff, dl: DeadLetter, metered: Metered, now: float
+) -> Decision:
+    """A billed result that cannot be a response: its dead letter and its metering record; the
+    budget is settled with what it cost."""
+    messages = [
+        *dead_letter(gs, dl, now, h.trace),
+        metering_message(gs.kafka.usage_topic, metered, "deadletter", dl.reason.value),
+    ]
+    return Decision(messages, "deadletter", cost=metered.cost)
 
 
 def dead_letter(
