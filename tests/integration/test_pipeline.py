@@ -18,7 +18,7 @@ import pytest
 from service.app import Gateway
 from service.contracts.schemas import validate
 from service.simulator import SimulatorConfig, SimulatorServer
-from tests.support.gateway import World, collect, committed_offsets, make_world, produce, request
+from tests.support.gateway import World, collect, committed_offsets, make_world, produce, request, spread
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +92,34 @@ async def test_thousand_requests_from_three_partners_each_get_exactly_one_outcom
     # everything finished, so everything is committed
     committed = await committed_offsets(three, f"{three.tag}-gateway")
     assert sum(committed.values()) == 1000
+
+
+CODECS = ("gzip", "snappy", "lz4", "zstd")
+
+
+async def test_requests_in_compressed_batches_are_all_answered_with_compressed_outcomes(
+    three: World,
+) -> None:
+    """Partners' producers compress (Kafka's Java producer and librdkafka offer all four codecs),
+    and `values-production.yaml` writes outcomes with `producer_compression: zstd`: every
+    request, in batches of each codec, gets its one response; none is dead-lettered as a batch
+    that cannot be inflated, and the gateway starts with each codec for its own writes."""
+    messages = spread(three, 40 * len(CODECS), "codec")
+    async with SimulatorServer(_sim_config(three)) as plain:
+        for i, codec in enumerate(CODECS):
+            _, stop, task = await _run_gateway(three, plain.url, kafka={"producer_compression": codec})
+            try:
+                group = messages[i * 40 : (i + 1) * 40]
+                await produce(three.bootstrap, group, compression=codec)
+                out = await collect(three, (i + 1) * 40, timeout_s=120, settle_s=0.5)
+            finally:
+                stop.set()
+                await task
+            assert out.reasons() == {}, f"{codec}: {out.reasons()}"
+            assert len(out.responses) == (i + 1) * 40
+    assert sorted(out.request_ids()) == sorted(f"codec-{i}" for i in range(40 * len(CODECS)))
+    assert set(out.request_ids().values()) == {1}
+    assert sum(plain.stats()["calls_by_key"].values()) == 40 * len(CODECS)
 
 
 async def test_malformed_inputs_are_dead_lettered_with_their_reasons(

@@ -184,10 +184,15 @@ def spread(world: World, n: int, prefix: str, **fields: Any) -> list[Message]:
     return out
 
 
-async def produce(bootstrap: str, messages: Sequence[Message]) -> None:
-    """Send (topic, key, value[, headers]) messages and wait until all are acknowledged."""
+async def produce(bootstrap: str, messages: Sequence[Message], compression: str | None = None) -> None:
+    """Send (topic, key, value[, headers]) messages and wait until all are acknowledged, in
+    record batches compressed with `compression` (gzip, snappy, lz4, zstd) if given."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=8 * 1024 * 1024
+        bootstrap_servers=bootstrap,
+        linger_ms=5,
+        acks="all",
+        max_request_size=8 * 1024 * 1024,
+        compression_type=compression,
     )
     await producer.start()
     try:
