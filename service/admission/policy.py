@@ -12,7 +12,7 @@ from service.contracts.reasons import Reason
 
 if TYPE_CHECKING:
     from service.admission.registry import Partner
-    from service.config.settings import ModelPrice
+    from service.config.prices import ModelPrice
 
 
 def check_params(partner: Partner, params: dict[str, Any], price: ModelPrice) -> tuple[Reason, str] | None:

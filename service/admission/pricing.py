@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from service.config.settings import ModelPrice
+from service.config.prices import ModelPrice
 
 if TYPE_CHECKING:
     from service.config.settings import GatewaySettings

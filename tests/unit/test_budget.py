@@ -17,7 +17,8 @@ from service.admission.budget import Budgets, LocalLedger, Reservation, periods
 from service.admission.pricing import NANO_PER_USD, Amount, actual, estimate
 from service.admission.registry import Registry
 from service.config.loader import parse_config
-from service.config.settings import BudgetSettings, GatewaySettings, ModelPrice
+from service.config.prices import ModelPrice
+from service.config.settings import BudgetSettings, GatewaySettings
 from service.contracts.reasons import Reason
 from service.scheduling.scheduler import Draining
 from service.telemetry.audit import Audit

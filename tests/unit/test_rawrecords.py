@@ -84,9 +84,7 @@ def test_aiokafka_itself_raises_on_a_header_name_that_is_not_utf8() -> None:
         list(records.next_batch())
 
 
-@pytest.mark.parametrize(
-    "compression", [0, 1, 2, 3, 4], ids=["plain", "gzip", "snappy", "lz4", "zstd"]
-)
+@pytest.mark.parametrize("compression", [0, 1, 2, 3, 4], ids=["plain", "gzip", "snappy", "lz4", "zstd"])
 def test_bad_records_are_reported_in_place_and_the_rest_is_read(compression: int) -> None:
     data = batch(10, [bad(0), good(1), bad(2), bad(3), good(4)], compression=compression)
     data += batch(15, [good(5)])
