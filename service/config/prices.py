@@ -35,27 +35,32 @@ class ModelPrice(Frozen):
     """Per 1,000 `usage.server_tool_use.web_fetch_requests` (Anthropic: no charge beyond tokens)."""
 
 
+def _price(input_usd: float, output_usd: float, max_output_tokens: int) -> ModelPrice:
+    """A model's Anthropic list prices: cache writes 1.25x (5 minutes) and 2x (1 hour) of the
+    input price, cache reads 0.1x (ANTHROPIC.md, "Pricing multipliers")."""
+    return ModelPrice(
+        input_per_mtok_usd=input_usd,
+        output_per_mtok_usd=output_usd,
+        cache_write_per_mtok_usd=round(input_usd * 1.25, 9),
+        cache_read_per_mtok_usd=round(input_usd / 10, 9),
+        max_output_tokens=max_output_tokens,
+    )
+
+
+_LIST_PRICES: dict[tuple[str, ...], tuple[float, float, int]] = {
+    # ids (the alias, then its snapshot): input and output USD per million tokens, and the
+    # documented maximum max_tokens, from Anthropic's public pricing and models pages
+    ("claude-opus-4-5", "claude-opus-4-5-20251101"): (5, 25, 64_000),
+    ("claude-opus-4-1", "claude-opus-4-1-20250805"): (15, 75, 32_000),
+    ("claude-sonnet-4-5", "claude-sonnet-4-5-20250929"): (3, 15, 64_000),
+    ("claude-haiku-4-5", "claude-haiku-4-5-20251001"): (1, 5, 64_000),
+}
+"""Models whose list prices Anthropic publishes. The SDK's newer ids (claude-opus-4-6 on) are
+not listed: their prices are not published in this project's sources, and a guessed price
+would bill partners wrongly. The operator adds them (`models:` in the config; the whole table
+is then the config's); until then they are refused `unknown_model`, before any call."""
+
+
 def default_models() -> dict[str, ModelPrice]:
-    return {
-        "claude-opus-4-1": ModelPrice(
-            input_per_mtok_usd=15,
-            output_per_mtok_usd=75,
-            cache_write_per_mtok_usd=18.75,
-            cache_read_per_mtok_usd=1.5,
-            max_output_tokens=32_000,
-        ),
-        "claude-sonnet-4-5": ModelPrice(
-            input_per_mtok_usd=3,
-            output_per_mtok_usd=15,
-            cache_write_per_mtok_usd=3.75,
-            cache_read_per_mtok_usd=0.3,
-            max_output_tokens=64_000,
-        ),
-        "claude-haiku-4-5": ModelPrice(
-            input_per_mtok_usd=1,
-            output_per_mtok_usd=5,
-            cache_write_per_mtok_usd=1.25,
-            cache_read_per_mtok_usd=0.1,
-            max_output_tokens=64_000,
-        ),
-    }
+    """The built-in table: `_LIST_PRICES`, every alias and snapshot id priced alike."""
+    return {model_id: _price(*prices) for ids, prices in _LIST_PRICES.items() for model_id in ids}
