@@ -292,13 +292,16 @@ class Pipeline:
                 failure = classify(exc)
                 span.failed(failure)
                 answered = isinstance(exc, anthropic.APIStatusError)
+                over: str | None = None
                 if isinstance(exc, anthropic.APIStatusError):
                     # answered: nothing billed for an error; the headers still tell the budget
                     self.scheduler.release(grant, Usage(0, 0))
                     self.scheduler.observe_headers(grant, exc.response.headers)
                     m.observe_ratelimit_headers(exc.response.headers)
-                    if failure.rate_limited:  # pauses the org pool or only this key's scope
-                        self.scheduler.rate_limited(grant, exc.response.headers, failure.retry_after_s)
+                    if failure.rate_limited:  # bigger than the limit itself, or: pause the org pool
+                        over = self.scheduler.over_limit(grant, exc.response.headers)  # or its key's scope
+                        if over is None:
+                            self.scheduler.rate_limited(grant, exc.response.headers, failure.retry_after_s)
                 else:
                     self.scheduler.release(grant, None)  # maybe billed: keep the reservation
                 m.upstream_latency.labels(pid, adm.model).observe(elapsed)
@@ -306,6 +309,10 @@ class Pipeline:
                 m.upstream_calls.labels(pid, status_class(failure.status), code).inc()
                 if failure.status == 429:
                     m.upstream_429.inc()
+                if over is not None:  # no wait helps: the request itself must change
+                    span.decided("fail")
+                    f = Failure(False, Reason.OVER_RATE_LIMIT, "over_rate_limit", 429, failure.error_type)
+                    return _Failed(f, attempt, f"{over}; lower it, or raise the limit", adm)
                 if not answered and may_have_been_sent(exc):
                     # it may have reached Claude and been billed: the partner's policy decides
                     if adm.partner.settings.on_unknown == "deadletter" or unknown_retry is not None:

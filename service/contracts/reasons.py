@@ -43,6 +43,9 @@ class Reason(StrEnum):
     UPSTREAM_TOO_LARGE = "upstream_too_large"
     UPSTREAM_SPEND_LIMIT = "upstream_spend_limit"
     UPSTREAM_REJECTED = "upstream_rejected"
+    OVER_RATE_LIMIT = "over_rate_limit"
+    """Claude answered 429 for a request that needs more of a per-minute limit than the limit
+    itself (`max_tokens` above the output-tokens limit, say): no wait lets it through."""
     RETRIES_EXHAUSTED = "retries_exhausted"
     OUTCOME_UNKNOWN = "outcome_unknown"
     RESPONSE_TOO_LARGE = "response_too_large"

@@ -101,6 +101,38 @@ def scope_of_429(headers: Mapping[str, str], pool: LimitSettings, amounts: Mappi
     return "key" if not readings else "org"
 
 
+_DIMENSION_NAMES = {"rpm": "requests", "itpm": "input tokens", "otpm": "output tokens"}
+
+
+def over_limit(headers: Mapping[str, str], pool: LimitSettings, amounts: Mapping[str, float]) -> str | None:
+    """Why a 429 will come back whatever the wait, or None: the request alone needs more of a
+    per-minute limit than the limit itself (ANTHROPIC.md: a token bucket refills only up to
+    its limit, and OTPM is counted from `max_tokens` when a request starts).
+
+    - Output tokens: `max_tokens` above the reported limit. It is exact, so this holds
+      whatever else was short.
+    - Input tokens: the estimate above the reported limit while the bucket was full (its
+      `remaining` within rounding of the limit) and no other dimension short. The estimate
+      runs high, so the full bucket is the evidence that the request itself did not fit.
+
+    Pausing the pool for such a 429 would stop every partner on it and help nobody."""
+    readings = read(headers, pool)
+    short = [r for r in readings if r.remaining is not None and r.remaining < _need(r.dim, amounts)]
+    for r in readings:
+        if r.limit is None or r.dim == "rpm":
+            continue
+        need = amounts.get(r.dim, 0.0)
+        full = r.remaining is not None and r.remaining >= r.limit - 2 * TOKEN_ROUNDING
+        if need > r.limit and (r.dim == "otpm" or (full and short == [r])):
+            what = "max_tokens" if r.dim == "otpm" else "the estimated input"
+            whose = "workspace" if r.relation == "below" else "organization"
+            return (
+                f"{what} ({need:.0f}) is more than the {_DIMENSION_NAMES[r.dim]} per minute limit "
+                f"({r.limit:.0f}) of the key's {whose}: Claude refuses it at any time"
+            )
+    return None
+
+
 def _need(dim: str, amounts: Mapping[str, float]) -> float:
     amount = max(1.0, amounts.get(dim, 1.0))
     return amount if dim == "rpm" else max(0.0, amount - TOKEN_ROUNDING)

@@ -33,7 +33,7 @@ from service.config.settings import GatewaySettings
 from service.scheduling.fairness import FairShares, Flow
 from service.scheduling.limiter import NOT_CALLED, Cost, Limiter, LocalLimiter, Usage
 from service.scheduling.pools import LimitConfig, PauseScope
-from service.scheduling.ratelimits import scope_of_429
+from service.scheduling.ratelimits import over_limit, scope_of_429
 
 __all__ = ["NOT_CALLED", "Cost", "Draining", "Grant", "Scheduler", "Usage"]
 
@@ -192,14 +192,22 @@ class Scheduler:
         """An answer's rate-limit headers, for the pool the call drew on."""
         self.limiter.observe_headers(grant.partner_id, grant.cost, headers)
 
+    def over_limit(self, grant: Grant, headers: Mapping[str, str]) -> str | None:
+        """A 429 that no wait ends (`ratelimits.over_limit`): why, or None. Nothing is paused."""
+        pool = self.limits.pool(grant.cost.model_class)
+        return over_limit(headers, pool, self._amounts(grant))
+
+    @staticmethod
+    def _amounts(grant: Grant) -> dict[str, float]:
+        return dict(zip(("rpm", "itpm", "otpm"), grant.cost.amounts(), strict=True))
+
     def rate_limited(
         self, grant: Grant, headers: Mapping[str, str], retry_after_s: float | None
     ) -> tuple[PauseScope, float]:
         """A 429: pause the scope it is about (the org pool, or the key's scope), at most
         `rate_limits.max_pause_s`. Returns the scope and the pause."""
         pool = self.limits.pool(grant.cost.model_class)
-        amounts = dict(zip(("rpm", "itpm", "otpm"), grant.cost.amounts(), strict=True))
-        kind = scope_of_429(headers, pool, amounts)
+        kind = scope_of_429(headers, pool, self._amounts(grant))
         seconds = min(DEFAULT_PAUSE_S if retry_after_s is None else retry_after_s, self._max_pause_s)
         until = self._clock() + seconds
         if kind == "org":

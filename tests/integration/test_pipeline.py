@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -191,6 +192,46 @@ async def test_rate_limits_and_server_errors_are_retried_until_success(three: Wo
         if s.name.endswith("_total")
     }
     assert {"server_error", "overloaded", "rate_limited"} <= set(retries)
+
+
+async def test_a_request_bigger_than_a_per_minute_limit_fails_at_once_and_pauses_no_one(
+    three: World,
+) -> None:
+    """ANTHROPIC.md: OTPM is counted from `max_tokens` when a request starts, and a bucket holds
+    at most its limit: a request asking for more than the organisation's whole output limit is
+    refused (429) at any time. Its 429 must not pause the pool (every partner would wait out
+    `retry-after`, 60 s) nor be retried: one call, an `over_rate_limit` dead letter, and the
+    other partners' requests answered as if it had not come."""
+    cfg = _sim_config(three, limits={"rpm": None, "itpm": None, "otpm": 8_000})
+    async with SimulatorServer(cfg) as sim:
+        _, stop, task = await _run_gateway(three, sim.url)
+        try:
+            big = [(three.request_topic("acme"), b"big", request("big", max_tokens=16_000))]
+            await produce(three.bootstrap, big)
+            first = await collect(three, 1, timeout_s=60)
+            sent = time.monotonic()
+            ids = [f"{p}-s{i}" for p in ("globex", "initech") for i in range(5)]
+            small = [(three.request_topic(rid.split("-")[0]), None, request(rid)) for rid in ids]
+            await produce(three.bootstrap, small)
+            out = await collect(three, 11, timeout_s=60)
+            waited_s = time.monotonic() - sent
+        finally:
+            stop.set()
+            await task
+        stats = sim.stats()
+    [dead] = first.dead_letters
+    validate("deadletter", dead)
+    assert (dead["request_id"], dead["reason"], dead["retryable"], dead["attempts"]) == (
+        "big",
+        "over_rate_limit",
+        False,
+        1,
+    )
+    assert "max_tokens (16000)" in dead["detail"], dead["detail"]
+    assert "output tokens per minute limit (8000)" in dead["detail"], dead["detail"]
+    assert sorted(d["request_id"] for d in out.responses) == sorted(ids)
+    assert waited_s < 20, f"the others waited {waited_s:.1f} s: the pool was paused"
+    assert stats["status_counts"].get("429") == 1
 
 
 async def test_non_retryable_upstream_errors_are_dead_lettered(three: World, sim: SimulatorServer) -> None:

@@ -17,7 +17,7 @@ import pytest
 from service.config.loader import parse_config
 from service.config.settings import GatewaySettings, LimitSettings
 from service.scheduling.pools import PauseScope
-from service.scheduling.ratelimits import scope_of_429
+from service.scheduling.ratelimits import over_limit, scope_of_429
 from service.scheduling.scheduler import Cost, Grant, Scheduler, Usage
 from service.upstream.errors import parse_retry_after
 from tests.support import vtime
@@ -96,6 +96,46 @@ def test_the_headers_tell_a_workspace_429_from_an_orgs() -> None:
     }
     assert scope_of_429(tokens, pool, amounts) == "org"  # 1,000 (rounded) cannot hold 2,000
     assert scope_of_429({}, pool, amounts) == "key"  # no evidence: never freeze everyone on a guess
+
+
+def _tokens(dim: str, limit: int, remaining: int) -> dict[str, str]:
+    return {
+        f"anthropic-ratelimit-{dim}-tokens-limit": str(limit),
+        f"anthropic-ratelimit-{dim}-tokens-remaining": str(remaining),
+        "anthropic-ratelimit-requests-limit": "600",
+        "anthropic-ratelimit-requests-remaining": "599",
+    }
+
+
+def test_a_429_for_a_request_bigger_than_a_limit_itself_is_told_from_an_empty_bucket() -> None:
+    """ANTHROPIC.md: OTPM is counted from `max_tokens` when a request starts and the buckets
+    refill only up to their limit, so a request needing more than the limit is refused at any
+    time; pausing the pool for it would stop every partner and help nobody."""
+    pool = LimitSettings(rpm=600, itpm=1_000_000, otpm=8_000)
+    # max_tokens above the output limit: over, whatever the bucket holds now
+    for remaining in (8_000, 3_000, 0):
+        why = over_limit(_tokens("output", 8_000, remaining), pool, {"rpm": 1, "itpm": 50, "otpm": 16_000})
+        assert why is not None
+        assert "max_tokens (16000)" in why, why
+        assert "(8000)" in why, why
+    assert over_limit(_tokens("output", 8_000, 0), pool, {"rpm": 1, "itpm": 50, "otpm": 8_000}) is None
+    # a workspace's own lower limit is named as such
+    why = over_limit(_tokens("output", 4_000, 4_000), pool, {"rpm": 1, "itpm": 50, "otpm": 6_000})
+    assert why is not None
+    assert "workspace" in why
+    # input: bigger than the limit, refused with the bucket full
+    big = {"rpm": 1, "itpm": 1_300_000, "otpm": 100}
+    why = over_limit(_tokens("input", 1_000_000, 1_000_000), pool, big)
+    assert why is not None
+    assert "estimated input (1300000)" in why
+    # ...but not when the bucket was not full (the estimate runs high: a wait may let it in)
+    assert over_limit(_tokens("input", 1_000_000, 400_000), pool, big) is None
+    # ...nor when another dimension was short too
+    rpm_short = {**_tokens("input", 1_000_000, 1_000_000), "anthropic-ratelimit-requests-remaining": "0"}
+    assert over_limit(rpm_short, pool, big) is None
+    # an ordinary 429 and one without headers
+    assert over_limit(_tokens("input", 1_000_000, 1_000), pool, {"rpm": 1, "itpm": 2_000, "otpm": 9}) is None
+    assert over_limit({}, pool, big) is None
 
 
 async def _grant(sched: Scheduler, pid: str, model: str = "claude-sonnet-4-5") -> Grant:
