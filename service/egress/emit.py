@@ -45,6 +45,8 @@ MAX_ORIGINAL_BYTES = 512 * 1024
 FALLBACK_ORIGINAL_BYTES = 16 * 1024
 RESPONSE_KEPT_BYTES = (256 * 1024, 16 * 1024, 0)
 MAX_DEADLETTER_KEY_BYTES = 1024
+E2E_MAX_CLOCK_AHEAD_S = 300.0
+"""A request timestamped further ahead of this clock is not observed end to end."""
 JSON_HEADERS: tuple[tuple[str, bytes], ...] = (("content-type", b"application/json"),)
 
 
@@ -248,8 +250,15 @@ class Emitter:
         )
 
     def observe_e2e(self, pid: str, origin: Origin) -> None:
-        if origin.timestamp_ms is not None:
-            self.metrics.end_to_end.labels(pid).observe(max(0.0, time.time() - origin.timestamp_ms / 1000))
+        """The request record's age at its outcome. A timestamp of 0 or -1 (no time: a record
+        converted from Kafka's old message format) or far ahead of this clock tells no latency,
+        and observing it would put ~1.8e9 s (or 0) in the histogram and fire the latency alert."""
+        ts = origin.timestamp_ms
+        if ts is None or ts <= 0:
+            return
+        age = time.time() - ts / 1000
+        if age >= -E2E_MAX_CLOCK_AHEAD_S:
+            self.metrics.end_to_end.labels(pid).observe(max(0.0, age))
 
 
 def _response_doc(value: bytes, body: Mapping[str, Any]) -> dict[str, Any]:

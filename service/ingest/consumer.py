@@ -35,7 +35,7 @@ from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter
 from service.contracts.reasons import Reason
 from service.egress.publisher import Publisher
-from service.ingest.fetch import Fetched, Undecodable, fetch, until_stopped
+from service.ingest.fetch import Fetched, Undecodable, fetch, position, until_stopped
 from service.ingest.ownership import Ownership, RecordSink
 from service.ingest.partition import Fenced, Revoked
 from service.pipeline import Pipeline
@@ -148,8 +148,13 @@ class IngestLoop:
                 fetched = await until_stopped(consumer, stop, fetch(consumer, timeout_ms=100), Fetched())
                 if fetched:
                     self.broker_seen_at = time.monotonic()
-                for tp, entries in _by_partition(fetched).items():
+                by_tp = _by_partition(fetched)
+                for tp, entries in by_tp.items():
                     self._dispatch(tp, entries)
+                # no await since the fetch: every record returned is dispatched. A fetch of
+                # markers alone returns nothing: every partition is looked at once a second
+                every = time.monotonic() >= self._next_observe
+                self._pass_gaps(self.consumer.assignment() if every else by_tp)
                 self.ownership.replace_failed()
                 self._sync_pauses()
                 now = time.monotonic()
@@ -221,6 +226,16 @@ class IngestLoop:
                 for later in range(rec.offset + 1, rec.last_offset + 1):  # a whole unreadable batch
                     writer.skip(later)
             self._spawn(tp, sink, pid, rec)
+
+    def _pass_gaps(self, tps: Iterable[TopicPartition]) -> None:
+        """Let each ready partition's commit point pass the offsets the consumer moved over
+        without returning a record (a partner's transaction markers, its aborted records)."""
+        consumer = self.consumer
+        for tp in tps:
+            writer = self.ownership.writer(tp)
+            at = None if writer is None else position(consumer, tp)
+            if writer is not None and at is not None:
+                writer.passed(at)
 
     def _spawn(
         self, tp: TopicPartition, sink: RecordSink, pid: str, rec: ConsumerRecord | Undecodable

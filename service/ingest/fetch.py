@@ -206,6 +206,16 @@ def _state(consumer: AIOKafkaConsumer, tp: TopicPartition) -> Any:
     return assignment.state_value(tp)
 
 
+def position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The consumer's position on `tp` (the next offset it returns), or None when it has none.
+    aiokafka moves it past each record returned and past transaction markers, aborted
+    transactions' records and compacted gaps it read over, never past a record not returned."""
+    state = _state(consumer, tp)
+    if state is None or not state.has_valid_position:
+        return None
+    return int(state.position)
+
+
 def _partition_data(response: Any, tp: TopicPartition) -> tuple[bytes, list[tuple[int, int]] | None] | None:
     """The record set and aborted transactions of `tp` in a Fetch response (the layouts aiokafka's
     fetcher reads), or None when the broker answered with an error."""

@@ -205,6 +205,19 @@ class PartitionLedger:
         self._next = offset + 1
         self._pending.append(offset)
 
+    def pass_to(self, position: int) -> bool:
+        """The consumer's position, once every record below it was given here (`start`): the
+        offsets between the last record and it hold nothing to answer (transaction markers,
+        records of aborted transactions, compacted gaps), so the commit point may pass them.
+        Without this the committed offset stays below a partner's last transaction marker and
+        the partition's lag never reaches 0. Returns whether the commit point moves now
+        (nothing unfinished; not on a partition with no commit point yet)."""
+        if position <= self._next:
+            return False
+        known = self._next >= 0
+        self._next = position
+        return known and not self._pending
+
     def finished_before(self, offset: int) -> bool:
         """The previous owner published this record's outcome: skip it."""
         return offset in self._inherited_done

@@ -119,6 +119,8 @@ class PartitionWriter(TickWriter):
         self.failure: BaseException | None = None
         self._closing = False
         self._ours_while_stopping: Callable[[], bool] | None = None
+        self._passed = False
+        """The commit point moved past offsets holding no record (`passed`) since the last tick."""
         self._left_unknown: set[tuple[int, int]] = set()
         """(offset, attempts) of our claims left on purpose to the next owner: their last
         call's outcome was unknown and their partner's policy allows one extra call (`leave`)."""
@@ -310,6 +312,13 @@ class PartitionWriter(TickWriter):
         refused (the caller makes a smaller outcome), or `Fenced`."""
         await self._submit(Item(offset, messages=messages, finish=True), hurry=not linger)
 
+    def passed(self, position: int) -> None:
+        """The consumer's position on this partition, every record below it dispatched: the
+        commit point passes what lies between (`PartitionLedger.pass_to`). With nothing else
+        to commit, a tick commits it within `eos_heartbeat_s`."""
+        if self.ledger is not None and self.state is State.OWNED and self.ledger.pass_to(position):
+            self._passed = True
+
     def skip(self, offset: int) -> None:
         """A record the previous owner finished: counted done without any call or outcome."""
         assert self.ledger is not None
@@ -351,11 +360,10 @@ class PartitionWriter(TickWriter):
                 self._wake.clear()
                 await self._resolve_in_turn()  # if it failed: verified, its items again
                 beat = (
-                    self._eos
-                    and self.claims_in_flight > 0
-                    and time.monotonic() - self._last_tick >= heartbeat_s
-                )
+                    self._passed or (self._eos and self.claims_in_flight > 0)
+                ) and time.monotonic() - self._last_tick >= heartbeat_s
                 if self._sendable() or beat:
+                    self._passed = False  # every tick commits the latest commit point
                     await self._tick()
                 else:
                     await self._end_idle()

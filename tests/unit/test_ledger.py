@@ -110,6 +110,32 @@ def test_a_new_owner_skips_what_was_finished_and_sees_what_was_claimed() -> None
     assert new.inherited_claim(2) is None
 
 
+def test_the_commit_point_passes_offsets_that_hold_no_record_once_all_before_are_finished() -> None:
+    """Records 10 and 11, then a transaction marker (12) and an aborted transaction (13-15)
+    and its marker (16): the consumer's position is 17 and no record below it is left."""
+    ledger = PartitionLedger(Snapshot(10))
+    ledger.start(10)
+    ledger.start(11)
+    assert not ledger.pass_to(17)  # 10 and 11 are not finished: the commit point waits
+    assert ledger.snapshot("me", 0).commit == 10
+    ledger.apply([10], [], 1)
+    assert ledger.snapshot("me", 0).commit == 11
+    ledger.apply([11], [], 2)
+    assert ledger.snapshot("me", 0).commit == 17
+    assert ledger.low_watermark == 17
+    assert not ledger.pass_to(17)  # no further: nothing moves
+    assert not ledger.pass_to(12)  # a position behind (a seek back) never moves it back
+    assert ledger.snapshot("me", 0).commit == 17
+    assert ledger.pass_to(20)  # idle, and the position moved on: a commit is due
+    assert ledger.snapshot("me", 0).commit == 20
+    assert not ledger.accept(19)
+    assert ledger.accept(20)
+    # no commit point yet (an empty group): the first record sets one, not the position
+    fresh = PartitionLedger(Snapshot(-1))
+    assert not fresh.pass_to(5)
+    assert fresh.accept(5)
+
+
 def test_a_stale_fetch_below_the_restored_commit_is_not_work() -> None:
     ledger = PartitionLedger(Snapshot(50))
     assert not ledger.accept(49)

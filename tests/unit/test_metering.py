@@ -10,6 +10,7 @@ cut down; quarantine; and the usage topic refusing the record (the outcome still
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -309,3 +310,25 @@ def test_topics_ensure_creates_the_usage_topic_once() -> None:
     assert len(usage) == 1
     assert usage[0].topic_configs == {"retention.ms": str(7 * 86_400_000)}
     assert len(topics) == 2 * 3 + 1
+
+
+def test_end_to_end_latency_skips_records_that_carry_no_time() -> None:
+    """A record timestamped 0 or -1 (converted from the old message format, or a producer that
+    sets none) or far ahead of this clock tells no latency: observing it would put ~1.8e9 s in
+    the histogram (and fire `ClaudeGatewayEndToEndLatencyHigh`) or hide the wait as 0."""
+    emitter, metrics, _ = _emitter()
+
+    def origin(ts: int | None) -> Origin:
+        return Origin("claude.requests.acme", 0, 0, ts, None, b"{}")
+
+    now_ms = int(time.time() * 1000)
+    for ts in (None, 0, -1, now_ms + 3_600_000):
+        emitter.observe_e2e("acme", origin(ts))
+    count = "gateway_end_to_end_latency_seconds_count"
+    assert metrics.registry.get_sample_value(count, {"partner": "acme"}) in (None, 0.0)
+    emitter.observe_e2e("acme", origin(now_ms - 2_000))
+    emitter.observe_e2e("acme", origin(now_ms + 1_000))  # a little clock skew: counted as 0
+    assert metrics.registry.get_sample_value(count, {"partner": "acme"}) == 2
+    total = metrics.registry.get_sample_value("gateway_end_to_end_latency_seconds_sum", {"partner": "acme"})
+    assert total is not None
+    assert 2.0 <= total < 10.0

@@ -1,0 +1,131 @@
+"""What partners' producers really do, on the real broker: write in transactions (some aborted,
+some left open a while) and see partitions added to their request topic while the gateway runs.
+
+A read_committed consumer never returns an aborted transaction's records, and every committed
+or aborted transaction leaves a marker that takes an offset of its own. So the last offset of
+a transactional partner's partition holds no record: the group's committed offset must still
+reach the end of the partition (lag 0), or `kafka-consumer-groups`, `gateway_consumer_lag` and
+KEDA's lag trigger (which scales to zero only at lag 0) show work that is not there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+
+from service.simulator import SimulatorServer
+from tests.support.gateway import World, collect, make_world, request
+from tests.support.outcomes import calls_of, sim_config, start_gateway, stop_gateway
+
+pytestmark = pytest.mark.integration
+
+
+async def _lag(world: World) -> dict[TopicPartition, int]:
+    """End offset minus the gateway group's committed offset, per request partition."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=world.bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=world.bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(f"{world.tag}-gateway")
+        tps = [tp for tp in committed if tp.topic.startswith(world.request_prefix)]
+        ends = await consumer.end_offsets(tps)
+        return {tp: ends[tp] - committed[tp].offset for tp in tps}
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def _until_no_lag(world: World, timeout_s: float = 15.0) -> dict[TopicPartition, int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lag = await _lag(world)
+        if (lag and not any(lag.values())) or time.monotonic() > deadline:
+            return lag
+        await asyncio.sleep(0.5)
+
+
+@pytest.mark.parametrize("exactly_once", [True, False], ids=["exactly_once", "at_least_once"])
+async def test_a_transactional_partner_is_answered_once_per_committed_request_and_leaves_no_lag(
+    kafka_bootstrap: str, tmp_path: Path, exactly_once: bool
+) -> None:
+    world = await make_world(kafka_bootstrap, tmp_path, ["acme"], partitions=1)
+    topic = world.request_topic("acme")
+    async with SimulatorServer(sim_config(world)) as sim:
+        _, stop, task = await start_gateway(world, sim.url, kafka={"exactly_once": exactly_once})
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"{world.tag}-p")
+        await producer.start()
+        try:
+            async with producer.transaction():
+                for i in range(3):
+                    await producer.send(topic, request(f"c-{i}"), key=f"c-{i}".encode())
+            await producer.begin_transaction()
+            for i in range(3):
+                await producer.send(topic, request(f"a-{i}"), key=f"a-{i}".encode())
+            await producer.abort_transaction()
+            first = await collect(world, 3, timeout_s=60)
+            # the abort marker is the partition's last offset: the commit point passes it
+            after_abort = await _until_no_lag(world)
+            await producer.begin_transaction()  # left open: nothing past it may be answered
+            for i in range(3):
+                await producer.send(topic, request(f"o-{i}"), key=f"o-{i}".encode())
+            await producer.flush()
+            await asyncio.sleep(3)
+            while_open = await collect(world, 3, timeout_s=5)
+            await producer.commit_transaction()
+            out = await collect(world, 6, timeout_s=60)
+            after_commit = await _until_no_lag(world)
+        finally:
+            await producer.stop()
+            await stop_gateway(stop, task)
+        calls = calls_of(sim, "acme")
+    assert sorted(first.request_ids()) == [f"c-{i}" for i in range(3)]
+    assert set(after_abort.values()) == {0}, f"lag after the aborted transaction: {after_abort}"
+    assert sorted(while_open.request_ids()) == [f"c-{i}" for i in range(3)]
+    assert Counter(out.request_ids()) == Counter({f"{p}-{i}": 1 for p in "co" for i in range(3)})
+    assert set(after_commit.values()) == {0}, f"lag after the last commit: {after_commit}"
+    assert sorted(calls) == sorted(f"{p}-{i}" for p in "co" for i in range(3)), "aborted ones called"
+    assert all(c["all"] == 1 for c in calls.values()), calls
+
+
+async def test_partitions_added_to_a_request_topic_are_read_while_running(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    world = await make_world(kafka_bootstrap, tmp_path, ["acme"], partitions=1)
+    topic = world.request_topic("acme")
+    async with SimulatorServer(sim_config(world)) as sim:
+        _, stop, task = await start_gateway(world, sim.url)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, request("p0-0"), partition=0)
+            assert (await collect(world, 1, timeout_s=60)).total == 1
+            admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+            await admin.start()
+            try:
+                await admin.create_partitions({topic: NewPartitions(total_count=4)})
+            finally:
+                await admin.close()
+            for _ in range(50):  # the partner's producer learns of them from its metadata
+                await producer.client.force_metadata_update()
+                if len(producer.client.cluster.partitions_for_topic(topic) or ()) == 4:
+                    break
+                await asyncio.sleep(0.2)
+            for p in range(4):
+                await producer.send_and_wait(topic, request(f"p{p}-1"), partition=p)
+            out = await collect(world, 5, timeout_s=60)
+            lag = await _until_no_lag(world)
+        finally:
+            await producer.stop()
+            await stop_gateway(stop, task)
+        calls = calls_of(sim, "acme")
+    assert Counter(out.request_ids()) == Counter(["p0-0", *(f"p{p}-1" for p in range(4))])
+    assert len(lag) == 4, lag
+    assert set(lag.values()) == {0}, lag
+    assert all(c["all"] == 1 for c in calls.values()), calls
