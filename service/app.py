@@ -215,6 +215,18 @@ class Gateway:
                     values.append(ref.resolve())
         register_secrets(values)
 
+    def _outcome_topics(self) -> set[str]:
+        """The response and dead-letter topics of the request topics consumed now (of their
+        partners, or of the topic's suffix for a topic no partner has: its `unknown_partner`
+        dead letters go there)."""
+        s, registry = self.settings, self.registry
+        out: set[str] = set()
+        for topic in self.ingest.consumer.subscription():
+            if topic != s.realtime_topic():  # requests back from the batch path: their partners'
+                pid = registry.partner_id_for_topic(topic)
+                out |= {s.response_topic(pid), s.deadletter_topic(pid)}
+        return out
+
     def reload(self, settings: GatewaySettings) -> None:
         """Apply new settings and secrets to the next message: partners, policy, budgets,
         Anthropic keys, signing keys. Raises `RegistryError` (and changes nothing) when a
@@ -290,6 +302,7 @@ class Gateway:
                     stop,
                     self.settings.kafka,
                     known_topics=self.ingest.consumer._client.cluster.topics,
+                    outcome_topics=self._outcome_topics,
                 ),
                 name="topics",
             )

@@ -34,6 +34,8 @@ log = logging.getLogger("service.lifecycle")
 FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 30.0
 DISCOVERY_S = 5.0
+MAX_TOPICS_NAMED = 20
+"""A warning about missing topics names at most this many (and says how many there are)."""
 
 
 async def bootstrap(settings: KafkaSettings) -> None:
@@ -89,12 +91,15 @@ async def watch_topics(
     every_s: float = DISCOVERY_S,
     repeat_s: float = REPEAT_S,
     known_topics: Callable[[], set[str]] | None = None,
+    outcome_topics: Callable[[], set[str]] | None = None,
 ) -> None:
     """Every `every_s`, ask the brokers for metadata (`refresh`: a new partner topic is then
     consumed within seconds, not at `kafka.metadata_max_age_ms`), and warn, at most every
     `repeat_s`, while no topic matches `{request_topic_prefix}.+`, or `known_topics` (all the
-    brokers' topics) lacks `kafka.usage_topic`."""
+    brokers' topics) lacks `kafka.usage_topic` or one of the `outcome_topics` (the response
+    and dead-letter topics the request topics consumed need)."""
     no_topic, no_usage_topic = Throttle(repeat_s), Throttle(repeat_s)
+    no_outcome_topic = Throttle(repeat_s)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
@@ -113,6 +118,8 @@ async def watch_topics(
                         "hint": "create it (claude-gateway topics ensure), or check kafka.usage_topic",
                     },
                 )
+        if known_topics is not None and outcome_topics is not None:
+            _warn_missing_outcome_topics(sorted(outcome_topics() - known_topics()), no_outcome_topic)
         if subscription():
             if no_topic.warned:
                 log.info("request topics found", extra={"topics": len(subscription())})
@@ -125,6 +132,22 @@ async def watch_topics(
                     "hint": "create the partners' request topics, or check kafka.request_topic_prefix",
                 },
             )
+
+
+def _warn_missing_outcome_topics(missing: list[str], throttle: Throttle) -> None:
+    if not missing:
+        throttle.clear()
+    elif throttle.due():
+        log.warning(
+            "outcome topics do not exist: the outcomes of requests read from the matching request "
+            "topics wait for them, and so does everything after them on each partition",
+            extra={
+                "topics": missing[:MAX_TOPICS_NAMED],
+                "missing": len(missing),
+                "hint": "create them (claude-gateway topics ensure), or remove the request topic "
+                "if no partner should send there",
+            },
+        )
 
 
 async def report_slow_stop(stop: asyncio.Event, after_s: float) -> None:

@@ -145,6 +145,7 @@ class Ownership:
             return []
         keep = set(assigned)
         gone = [tp for tp in self.writers if tp not in keep]
+        existing = self._existing_topics()
         for tp in gone:
             writer = self.writers.pop(tp)
             self.ready.discard(tp)
@@ -152,7 +153,7 @@ class Ownership:
             if starting is not None:
                 starting.cancel()
             self._retaking.pop(tp, None)
-            self.retire(writer)
+            self.retire(writer, deleted=existing is not None and tp.topic not in existing)
         with contextlib.suppress(IllegalStateError):
             self._consumer().pause(*assigned)  # until each writer is ready
         for tp in assigned:
@@ -241,6 +242,8 @@ class Ownership:
         if self.writers.get(tp) is not writer:
             self.retire(writer)
             return
+        if snapshot.commit > 0 and await self._beyond_the_end(tp, snapshot.commit):
+            snapshot = writer.read_from_start()
         consumer = self._consumer()
         # no longer assigned (aiokafka asserts): the next rebalance decides
         with contextlib.suppress(IllegalStateError, AssertionError):
@@ -262,16 +265,51 @@ class Ownership:
                 },
             )
 
-    def retire(self, writer: PartitionWriter, stopping: bool = False) -> None:
+    async def _beyond_the_end(self, tp: TopicPartition, commit: int) -> bool:
+        """The committed offset lies past the partition's last stable offset, which no commit
+        of ours ever does: the topic was deleted and created again (or its log truncated)
+        with this group's commit left in place. Its records from the start were never read."""
+        with contextlib.suppress(Exception):
+            ends = await asyncio.wait_for(self._consumer().end_offsets([tp]), 10.0)
+            end = ends.get(tp)
+            if end is not None and commit > end:
+                log.error(
+                    "the committed offset is beyond the partition's end: its topic was created "
+                    "again or its log truncated; reading it from the start",
+                    extra={"topic": tp.topic, "partition": tp.partition, "committed": commit, "end": end},
+                )
+                return True
+        return False
+
+    async def _deleted(self, topic: str) -> bool:
+        """Still absent from fresh metadata (a topic is absent while it is deleted, not while
+        its partitions elect leaders)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._consumer()._client.force_metadata_update(), 10.0)
+            existing = self._existing_topics()
+            return existing is not None and topic not in existing
+        return False
+
+    def _existing_topics(self) -> set[str] | None:
+        """The topics in the consumer's metadata (refreshed by the rebalance that calls
+        `on_assigned`), or None when it cannot say."""
+        with contextlib.suppress(Exception):
+            return set(self._consumer()._client.cluster.topics())
+        return None
+
+    def retire(self, writer: PartitionWriter, stopping: bool = False, deleted: bool = False) -> None:
         """The partition is someone else's (or will be: we are `stopping`): cancel work not
-        claimed, let claimed calls finish."""
+        claimed, let claimed calls finish. `deleted`: its topic was absent from the metadata.
+        Once fresh metadata confirms it, nothing more is committed for it (a topic created
+        again under the name would get this log's commit point, and its first records would be
+        taken as read), and its calls' outcomes have nowhere to go."""
         writer.hand_off(self._assigned_here(writer.tp) if stopping else None)
         sinks = self.sinks.pop(writer.tp, {})
         for sink, task in sinks.values():
             if not sink.claiming:
                 task.cancel()
         pending = [t for s, t in sinks.values() if s.claiming and not t.done()]
-        task = asyncio.get_running_loop().create_task(self._close_after(writer, pending))
+        task = asyncio.get_running_loop().create_task(self._close_after(writer, pending, deleted))
         self.retiring.add(task)
         self._retiring_by_tp[writer.tp] = task
         task.add_done_callback(self.retiring.discard)
@@ -284,11 +322,24 @@ class Ownership:
 
         return assigned
 
-    async def _close_after(self, writer: PartitionWriter, pending: list[asyncio.Task[None]]) -> None:
+    async def _close_after(
+        self, writer: PartitionWriter, pending: list[asyncio.Task[None]], maybe_deleted: bool
+    ) -> None:
         try:
+            settings = self._settings()
+            if maybe_deleted and await self._deleted(writer.tp.topic):
+                log.warning(
+                    "a request topic was deleted: its partition's writer stops without committing",
+                    extra={"topic": writer.tp.topic, "partition": writer.tp.partition},
+                )
+                await writer.close(0.0)
+                return
             if pending:
-                await asyncio.wait(pending, timeout=self._settings().anthropic.timeout_s + 5)
-            await writer.close()
+                await asyncio.wait(pending, timeout=settings.anthropic.timeout_s + 5)
+            # bounded: a partition whose topic is gone never commits, and its writer (a producer,
+            # a task) would otherwise stay until the process exits. A new owner fences it sooner
+            # (its transactions fail, and close ends at once).
+            await writer.close(settings.runtime.drain_timeout_s)
         finally:
             if self._retiring_by_tp.get(writer.tp) is asyncio.current_task():
                 del self._retiring_by_tp[writer.tp]

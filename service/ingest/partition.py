@@ -148,6 +148,13 @@ class PartitionWriter(TickWriter):
         )
         return snapshot
 
+    def read_from_start(self) -> Snapshot:
+        """The committed state is of a log that is gone (`Ownership._beyond_the_end`): start
+        with none, before any record (the partition is read from its beginning)."""
+        snapshot = Snapshot(-1, owner=self.owner)
+        self.ledger = PartitionLedger(snapshot)
+        return snapshot
+
     async def _open_producer(self) -> None:
         await self._turns.open()  # init_transactions: bumps the epochs, fences the previous owner
 

@@ -1,5 +1,6 @@
-"""What partners' producers really do, on the real broker: write in transactions (some aborted,
-some left open a while) and see partitions added to their request topic while the gateway runs.
+"""What partners' producers and operators really do, on the real broker: write in transactions
+(some aborted, some left open a while), add partitions to a request topic while the gateway runs,
+delete a request topic and create it again, leave a group commit past a partition's end.
 
 A read_committed consumer never returns an aborted transaction's records, and every committed
 or aborted transaction leaves a marker that takes an offset of its own. So the last offset of
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 
 from service.simulator import SimulatorServer
 from tests.support.gateway import World, collect, make_world, request
@@ -129,3 +130,75 @@ async def test_partitions_added_to_a_request_topic_are_read_while_running(
     assert len(lag) == 4, lag
     assert set(lag.values()) == {0}, lag
     assert all(c["all"] == 1 for c in calls.values()), calls
+
+
+async def test_a_request_topic_deleted_and_created_again_is_read_from_its_start(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """An operator deletes a partner's request topic and creates it again while the gateway
+    runs. The broker drops the group's offsets with the topic, but the partition's writer, still
+    holding the old log's commit point (10), committed it onto the new topic when it came back:
+    its first 10 requests were taken as read, with no outcome and no log line."""
+    world = await make_world(kafka_bootstrap, tmp_path, ["acme", "globex"], partitions=1)
+    topic = world.request_topic("acme")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    async with SimulatorServer(sim_config(world)) as sim:
+        _, stop, task = await start_gateway(world, sim.url, kafka={"metadata_max_age_ms": 1000})
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for i in range(10):
+                await producer.send_and_wait(topic, request(f"old-{i}"))
+            assert (await collect(world, 10, timeout_s=60)).total == 10
+            await admin.delete_topics([topic])
+            await asyncio.sleep(8)  # the group sees it gone and rebalances
+            await admin.create_topics([NewTopic(topic, 1, 1)])
+            await asyncio.sleep(2)
+            for i in range(13):
+                await producer.send_and_wait(topic, request(f"new-{i}"))
+            await producer.send_and_wait(world.request_topic("globex"), request("globex-1"))
+            out = await collect(world, 10 + 13 + 1, timeout_s=90)
+            lag = await _until_no_lag(world)
+        finally:
+            await producer.stop()
+            await admin.close()
+            await stop_gateway(stop, task)
+        calls = calls_of(sim, "acme")
+    new = sorted((r for r in out.request_ids() if r and r.startswith("new-")), key=lambda r: int(r[4:]))
+    assert new == [f"new-{i}" for i in range(13)], out.request_ids()
+    assert set(lag.values()) == {0}, lag
+    assert all(c["all"] == 1 for c in calls.values()), calls
+
+
+async def test_a_commit_left_beyond_a_partitions_end_is_not_taken_for_read_records(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The group's commit for a partition lies past its end (the topic was created again while
+    no gateway ran and an old commit came back, or the log was truncated): the records there
+    were never read. The gateway says so and reads the partition from its start."""
+    world = await make_world(kafka_bootstrap, tmp_path, ["acme"], partitions=1)
+    topic, tp = world.request_topic("acme"), TopicPartition(world.request_topic("acme"), 0)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for i in range(3):
+            await producer.send_and_wait(topic, request(f"r-{i}"))
+    finally:
+        await producer.stop()
+    stale = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"{world.tag}-gateway")
+    await stale.start()
+    try:
+        stale.assign([tp])
+        await stale.commit({tp: 10})
+    finally:
+        await stale.stop()
+    async with SimulatorServer(sim_config(world)) as sim:
+        _, stop, task = await start_gateway(world, sim.url)
+        try:
+            out = await collect(world, 3, timeout_s=60)
+            lag = await _until_no_lag(world)
+        finally:
+            await stop_gateway(stop, task)
+    assert sorted(out.request_ids()) == [f"r-{i}" for i in range(3)]
+    assert lag == {tp: 0}, lag
