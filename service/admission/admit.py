@@ -238,12 +238,17 @@ class Admission:
         if partner is None:
             pid = registry.partner_id_for_topic(rec.topic)
             return Rejected(
-                pid, Reason.UNKNOWN_PARTNER, f"topic {rec.topic!r} belongs to no configured partner"
+                pid,
+                Reason.UNKNOWN_PARTNER,
+                f"topic {rec.topic!r} belongs to no configured partner",
+                _request_id_in(rec.value),
             )
         pid = partner.id
         ps = partner.settings
         if not ps.enabled:
-            return Rejected(pid, Reason.PARTNER_DISABLED, f"partner {pid!r} is disabled")
+            return Rejected(
+                pid, Reason.PARTNER_DISABLED, f"partner {pid!r} is disabled", _request_id_in(rec.value)
+            )
         if len(rec.headers) > MAX_REQUEST_HEADERS:  # before anything reads them through
             return Rejected(
                 pid,
@@ -369,6 +374,22 @@ def _log_append_time(rec: RecordLike) -> int | None:
     if getattr(rec, "timestamp_type", 0) == 1 and rec.timestamp is not None:
         return rec.timestamp
     return None
+
+
+_REQUEST_ID_READ_MAX_BYTES = 1 << 20
+"""A refused record's `request_id` is read (for the partner to match its dead letter) from a
+value up to this size; a larger one's is not looked for."""
+
+
+def _request_id_in(value: bytes | None) -> str | None:
+    """The `request_id` of a record refused before it is read (its partner is unknown or
+    disabled), if its value is a JSON object that has a valid one."""
+    if not value or len(value) > _REQUEST_ID_READ_MAX_BYTES:
+        return None
+    try:
+        return _request_id_of(orjson.loads(value))
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _request_id_of(doc: object) -> str | None:

@@ -88,6 +88,18 @@ def test_bad_input_is_rejected_with_its_reason(value: bytes | None, topic: str, 
     assert verdict.partner_id == topic.rsplit(".", 1)[1]
 
 
+@pytest.mark.parametrize("topic", ["claude.requests.globex", "claude.requests.initech"])
+def test_a_request_refused_before_it_is_read_still_names_its_request_id(topic: str) -> None:
+    """A disabled or unknown partner's dead letters carry the request's id when its value has a
+    valid one, so that the partner (or its operator) can match them; none from a bad value."""
+    adm = _admission()
+    assert adm.admit(_rec(_req(), topic)).request_id == "r-1"  # type: ignore[union-attr]
+    for value in (b"{not json", b"[1]", orjson.dumps({"request_id": 7}), None, b" " * (2 << 20)):
+        verdict = adm.admit(_rec(value, topic))
+        assert isinstance(verdict, Rejected)
+        assert verdict.request_id is None
+
+
 def test_identity_claim_of_another_partner() -> None:
     value = orjson.dumps({"request_id": "r-9", "partner": "globex", "params": orjson.loads(_req())["params"]})
     verdict = _admission().admit(_rec(value))
