@@ -182,6 +182,8 @@ async def test_running_process_reloads_on_sighup_and_on_file_change(world: World
 
             proc.send_signal(signal.SIGHUP)  # nothing changed: reloads all the same
             await until(lambda: '"trigger":"signal"' in log_path.read_text(), 10)
+            # and applied: a file written before that reload read it would ride in it
+            await until(lambda: '"event":"configuration reloaded"' in log_path.read_text(), 10)
 
             cfg["partners"][0]["enabled"] = True
             config.write_text(yaml.safe_dump(cfg))  # no signal: the watcher notices the file
