@@ -72,7 +72,11 @@ class Gateway:
         self.redis = redis_client(settings.redis) if settings.redis is not None else None
         # one view of Redis' health for the limiter, the budgets and the replay store
         busy = self.metrics.redis_pool_busy.inc
-        self.redis_health = RedisHealth(self.redis, on_busy=busy) if self.redis is not None else None
+        self.redis_health = (
+            RedisHealth(self.redis, on_busy=busy, probe_key="{" + settings.redis.key_prefix + "}:health")
+            if self.redis is not None and settings.redis is not None
+            else None
+        )
         self.budgets = Budgets(
             lambda: self.registry,
             shared=RedisLedger(self.redis, settings.redis.key_prefix) if settings.redis else None,

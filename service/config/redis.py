@@ -5,10 +5,29 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.credentials import CredentialProvider
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.config.redis_health import RedisPoolBusy
+from service.config.secrets import SecretRef
 from service.config.settings import RedisSettings
+from service.telemetry.logs import register_secrets
+
+
+class _SecretPassword(CredentialProvider):
+    """The password read from its reference each time a connection authenticates: a rotated
+    secret file is picked up by the next connection, without a restart."""
+
+    def __init__(self, ref: SecretRef) -> None:
+        self._ref = ref
+
+    def get_credentials(self) -> tuple[str]:
+        password = self._ref.resolve().get_secret_value()
+        register_secrets([password])  # a new one is masked in logs like the first
+        return (password,)
+
+    async def get_credentials_async(self) -> tuple[str]:
+        return self.get_credentials()
 
 
 class _Pool(aioredis.BlockingConnectionPool):
@@ -32,10 +51,11 @@ def redis_client(settings: RedisSettings) -> aioredis.Redis:
     """A client over a bounded pool that makes callers wait for a connection, not fail,
     under a burst (redis-py's default pool raises `MaxConnectionsError` instead), for at most
     `pool_timeout_s`; each call's answer is awaited for at most `timeout_s`."""
-    password = settings.password.resolve().get_secret_value() if settings.password else None
+    if settings.password is not None:
+        settings.password.resolve()  # fail at start on a missing secret, as before
     pool = _Pool.from_url(
         settings.url,
-        password=password,
+        credential_provider=_SecretPassword(settings.password) if settings.password else None,
         max_connections=settings.max_connections,
         timeout=settings.pool_timeout_s,
         socket_timeout=settings.timeout_s,

@@ -52,8 +52,12 @@ class RedisHealth:
         slow_strikes: int = 3,
         probe_interval_s: float = 1.0,
         on_busy: Callable[[], None] | None = None,
+        probe_key: str | None = None,
     ) -> None:
         self._client = client
+        self._probe_key = probe_key
+        """Where the probe writes: a Redis that answers PING but refuses writes (OOM under
+        `noeviction`, a read-only replica after a failover) stays down instead of flapping."""
         self._on_busy = on_busy
         self.busy = 0
         """Calls that waited in vain for a free connection of the pool (`RedisPoolBusy`)."""
@@ -137,8 +141,12 @@ class RedisHealth:
         while self.state == "down":
             await asyncio.sleep(self._probe_interval_s)
             try:
-                await self._client.ping()
-            except REDIS_ERRORS:
+                if self._probe_key is None:
+                    await self._client.ping()
+                else:
+                    await self._client.set(self._probe_key, "1", px=60_000)
+            except REDIS_ERRORS as exc:
+                self.last_error = type(exc).__name__
                 continue
             self.state = "healthy"
             self._strikes = 0
