@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import redis.asyncio as aioredis
 from redis.credentials import CredentialProvider
@@ -18,15 +19,17 @@ class _SecretPassword(CredentialProvider):
     """The password read from its reference each time a connection authenticates: a rotated
     secret file is picked up by the next connection, without a restart."""
 
-    def __init__(self, ref: SecretRef) -> None:
+    def __init__(self, ref: SecretRef, username: str | None) -> None:
         self._ref = ref
+        self._username = username
+        """An ACL user named in `redis.url` (`redis://user@host`): it authenticates as that user."""
 
-    def get_credentials(self) -> tuple[str]:
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
         password = self._ref.resolve().get_secret_value()
         register_secrets([password])  # a new one is masked in logs like the first
-        return (password,)
+        return (password,) if not self._username else (self._username, password)
 
-    async def get_credentials_async(self) -> tuple[str]:
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
         return self.get_credentials()
 
 
@@ -51,11 +54,16 @@ def redis_client(settings: RedisSettings) -> aioredis.Redis:
     """A client over a bounded pool that makes callers wait for a connection, not fail,
     under a burst (redis-py's default pool raises `MaxConnectionsError` instead), for at most
     `pool_timeout_s`; each call's answer is awaited for at most `timeout_s`."""
+    url, credentials = settings.url, None
     if settings.password is not None:
         settings.password.resolve()  # fail at start on a missing secret, as before
+        parts = urlparse(url)
+        credentials = _SecretPassword(settings.password, unquote(parts.username or "") or None)
+        # redis-py refuses a user or password from the URL beside a credential provider
+        url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     pool = _Pool.from_url(
-        settings.url,
-        credential_provider=_SecretPassword(settings.password) if settings.password else None,
+        url,
+        credential_provider=credentials,
         max_connections=settings.max_connections,
         timeout=settings.pool_timeout_s,
         socket_timeout=settings.timeout_s,

@@ -94,3 +94,25 @@ async def test_a_rotated_redis_password_is_used_by_the_next_connection(
             await client.get("k")
     finally:
         await client.aclose()
+
+
+async def test_an_acl_user_named_in_the_url_authenticates_as_that_user(
+    own_redis: str, tmp_path: Path
+) -> None:
+    """`redis.url: redis://gateway@host` with the password in `redis.password`: the connection
+    authenticates as that ACL user (`AUTH gateway <password>`), not as the default user."""
+    secret = tmp_path / "redis-password"
+    secret.write_text("gateway-password-0123")
+    admin = aioredis.from_url(own_redis)
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", "gateway", "on", ">gateway-password-0123", "~*", "+@all"
+        )
+    finally:
+        await admin.aclose()
+    url = own_redis.replace("redis://", "redis://gateway@", 1)
+    client = redis_client(RedisSettings(url=url, password=SecretRef(file=secret), timeout_s=0.5))
+    try:
+        assert await client.execute_command("ACL", "WHOAMI") == b"gateway"
+    finally:
+        await client.aclose()
