@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import pytest
 
@@ -14,19 +15,25 @@ from service.lifecycle import report_slow_stop, watch_topics
 USAGE = "acme.usage"
 
 
-async def test_a_missing_usage_topic_is_warned_about_until_it_exists(
+async def _warned_while_missing(
     caplog: pytest.LogCaptureFixture,
-) -> None:
+    warning: str,
+    topics: set[str],
+    missing: str,
+    **kw: Callable[[], set[str]],
+) -> list[logging.LogRecord]:
+    """Run `watch_topics` over the brokers' `topics` (the request topic `req.acme` consumed):
+    `warning` must repeat while `missing` is absent and stop once it exists. Returns the
+    warnings said."""
     caplog.set_level(logging.WARNING, logger="service.lifecycle")
     settings = KafkaSettings(bootstrap_servers="127.0.0.1:9", group_id="g", usage_topic=USAGE)
-    topics: set[str] = {"req.acme"}
     stop = asyncio.Event()
 
     async def refresh() -> None:
         return None
 
     def warnings() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if r.getMessage().startswith("the usage topic does not exist")]
+        return [r for r in caplog.records if r.getMessage().startswith(warning)]
 
     task = asyncio.create_task(
         watch_topics(
@@ -37,6 +44,7 @@ async def test_a_missing_usage_topic_is_warned_about_until_it_exists(
             every_s=0.01,
             repeat_s=0.05,
             known_topics=lambda: topics,
+            **kw,
         )
     )
     try:
@@ -45,58 +53,35 @@ async def test_a_missing_usage_topic_is_warned_about_until_it_exists(
                 break
             await asyncio.sleep(0.01)
         assert len(warnings()) >= 2, "repeated while missing"
-        assert getattr(warnings()[0], "topic", None) == USAGE
-        topics.add(USAGE)
+        topics.add(missing)
         await asyncio.sleep(0.1)
-        said = len(warnings())
+        said = warnings()
         await asyncio.sleep(0.2)
-        assert len(warnings()) == said, "silent once it exists"
+        assert len(warnings()) == len(said), "silent once it exists"
+        return said
     finally:
         stop.set()
         await asyncio.wait_for(task, 2)
+
+
+async def test_a_missing_usage_topic_is_warned_about_until_it_exists(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    said = await _warned_while_missing(caplog, "the usage topic does not exist", {"req.acme"}, USAGE)
+    assert getattr(said[0], "topic", None) == USAGE
 
 
 async def test_missing_outcome_topics_are_named_until_they_exist(caplog: pytest.LogCaptureFixture) -> None:
     """A partner's dead-letter (or response) topic that does not exist, on a broker that does not
     create topics (production), holds its partition's outcomes for good: say which topics."""
-    caplog.set_level(logging.WARNING, logger="service.lifecycle")
-    settings = KafkaSettings(bootstrap_servers="127.0.0.1:9", group_id="g", usage_topic=USAGE)
-    topics: set[str] = {"req.acme", USAGE, "resp.acme"}
-    stop = asyncio.Event()
-
-    async def refresh() -> None:
-        return None
-
-    def warnings() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if r.getMessage().startswith("outcome topics do not exist")]
-
-    task = asyncio.create_task(
-        watch_topics(
-            lambda: {"req.acme"},
-            refresh,
-            stop,
-            settings,
-            every_s=0.01,
-            repeat_s=0.05,
-            known_topics=lambda: topics,
-            outcome_topics=lambda: {"resp.acme", "dl.acme"},
-        )
+    said = await _warned_while_missing(
+        caplog,
+        "outcome topics do not exist",
+        {"req.acme", USAGE, "resp.acme"},
+        "dl.acme",
+        outcome_topics=lambda: {"resp.acme", "dl.acme"},
     )
-    try:
-        for _ in range(200):
-            if len(warnings()) >= 2:
-                break
-            await asyncio.sleep(0.01)
-        assert len(warnings()) >= 2, "repeated while missing"
-        assert getattr(warnings()[0], "topics", None) == ["dl.acme"]
-        topics.add("dl.acme")
-        await asyncio.sleep(0.1)
-        said = len(warnings())
-        await asyncio.sleep(0.2)
-        assert len(warnings()) == said, "silent once it exists"
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 2)
+    assert getattr(said[0], "topics", None) == ["dl.acme"]
 
 
 async def test_a_slow_stop_says_what_each_task_waits_on(caplog: pytest.LogCaptureFixture) -> None:
