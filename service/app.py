@@ -24,6 +24,7 @@ from service.admission.replay import LocalReplayStore, RedisReplayStore, ReplayG
 from service.batches.routing import Router, Turnaround
 from service.batches.worker import BatchContext, BatchWorker
 from service.config.redis import redis_client
+from service.config.redis_epoch import RedisEpoch
 from service.config.redis_health import RedisHealth
 from service.config.settings import GatewaySettings
 from service.egress.publisher import Publisher
@@ -71,22 +72,19 @@ class Gateway:
         self.audit = Audit(settings.kafka.audit_topic, self.publisher)
         self.redis = redis_client(settings.redis) if settings.redis is not None else None
         # one view of Redis' health for the limiter, the budgets and the replay store
-        busy = self.metrics.redis_pool_busy.inc
-        self.redis_health = (
-            RedisHealth(self.redis, on_busy=busy, probe_key="{" + settings.redis.key_prefix + "}:health")
-            if self.redis is not None and settings.redis is not None
-            else None
-        )
+        self.redis_health = _redis_health(self.redis, settings, self.metrics)
+        epoch = self.redis_health.epoch if self.redis_health is not None else None
+        ledger = RedisLedger(self.redis, settings.redis.key_prefix, epoch=epoch) if settings.redis else None
         self.budgets = Budgets(
             lambda: self.registry,
-            shared=RedisLedger(self.redis, settings.redis.key_prefix) if settings.redis else None,
+            shared=ledger,
             metrics=self.metrics,
             audit=self.audit,
             health=self.redis_health,
         )
         replay = ReplayGuard(
             LocalReplayStore(settings.runtime.replay_cache_max_entries),
-            RedisReplayStore(self.redis, settings.redis.key_prefix) if settings.redis else None,
+            RedisReplayStore(self.redis, settings.redis.key_prefix, epoch) if settings.redis else None,
             health=self.redis_health,
         )
         self.admission = Admission(self.registry, replay=replay, budgets=self.budgets)
@@ -114,6 +112,10 @@ class Gateway:
         )
         self.console = Console(self, settings.admin.token.resolve() if settings.admin else None)
         self.pipeline.pauses = self.console.pauses  # pause/drain from the console: held, not dead-lettered
+        if epoch is not None:  # what each replica writes back into a Redis that lost its data
+            epoch.on_lost("budget counters", self.budgets.write_back)
+            epoch.on_lost("replay sightings", replay.write_back)
+            epoch.on_lost("pauses", self.console.pauses.write_back)
         self.broker_silence_limit_s = broker_silence_limit_s
         self.metrics.on_scrape(self._refresh_gauges)
         for partner in settings.partners:
@@ -287,6 +289,7 @@ class Gateway:
                 stack.push_async_callback(self.redis.aclose)
             if self.redis_health is not None:
                 stack.push_async_callback(self.redis_health.aclose)
+                await self.redis_health.start()  # the data epoch, watched
             stack.push_async_callback(self.budgets.aclose)  # before Redis closes: a last push
             stack.push_async_callback(self.scheduler.aclose)
             if isinstance(self.limiter, RedisLimiter):
@@ -337,6 +340,16 @@ class Gateway:
             found=self.metrics.eos_hanging.inc,
             stuck_now=self.metrics.eos_stuck.set,
         )
+
+
+def _redis_health(redis: Any, settings: GatewaySettings, metrics: Metrics) -> RedisHealth | None:
+    """One view of Redis' health and data epoch for the limiter, the budgets, the replay
+    store and the pauses."""
+    if redis is None or settings.redis is None:
+        return None
+    tag = "{" + settings.redis.key_prefix + "}"
+    epoch = RedisEpoch(redis, f"{tag}:epoch", on_lost=metrics.redis_data_lost.inc)
+    return RedisHealth(redis, on_busy=metrics.redis_pool_busy.inc, probe_key=f"{tag}:health", epoch=epoch)
 
 
 async def _ensure_usage_topic(settings: GatewaySettings) -> None:

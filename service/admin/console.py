@@ -67,7 +67,8 @@ class Console:
         self.gateway = gateway
         self._token = token
         prefix = gateway.settings.redis.key_prefix if gateway.settings.redis else "claude-gateway"
-        self.pauses = Pauses(gateway.redis, prefix)
+        epoch = gateway.redis_health.epoch if gateway.redis_health is not None else None
+        self.pauses = Pauses(gateway.redis, prefix, epoch)
         self.tallies = Tallies(gateway.metrics, gateway.redis, prefix)
         self.replicas = Replicas(gateway.ingest.owner, self._describe, gateway.redis, prefix)
 

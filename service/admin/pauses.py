@@ -16,7 +16,9 @@ partition's next owner reads them again.
 With a `redis` section the state is shared by every replica and survives
 restarts (`{prefix}:admin:partners`, one hash field per held partner); each
 replica applies what it reads every `poll_s`. Without Redis it is this
-replica's own and is lost on restart.
+replica's own and is lost on restart. A Redis that lost its data
+(`service/config/redis_epoch.py`) resumes no one: the state is read with the
+data epoch, and every replica writes its holds back first.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import Any, Literal
 
 import orjson
 from redis.exceptions import RedisError
+
+from service.config.redis_epoch import RedisEpoch, RedisEpochChanged
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,11 @@ class _Gate:
 class Pauses:
     """The held partners of this replica (mirrored from Redis when one is configured)."""
 
-    def __init__(self, redis: Any | None = None, key_prefix: str = "claude-gateway") -> None:
+    def __init__(
+        self, redis: Any | None = None, key_prefix: str = "claude-gateway", epoch: RedisEpoch | None = None
+    ) -> None:
         self._redis = redis
+        self._epoch = epoch
         self._key = "{" + key_prefix + "}:admin:partners"
         self.holds: dict[str, Hold] = {}
         self._gates: dict[str, _Gate] = {}
@@ -130,7 +137,7 @@ class Pauses:
         if self._redis is None:
             return
         try:
-            raw: Mapping[bytes | str, bytes | str] = await self._redis.hgetall(self._key)
+            raw: Mapping[bytes | str, bytes | str] = await self._read()
         except _REDIS_ERRORS as exc:
             if self.store_error is None:
                 log.warning(
@@ -153,6 +160,29 @@ class Pauses:
             if self.holds.get(pid) != hold:
                 log.info("partner held by another replica", extra={"partner": pid, "mode": hold.mode})
                 self.apply(pid, hold)
+
+    async def _read(self) -> Mapping[bytes | str, bytes | str]:
+        """The shared holds; read with the data epoch, which must be this replica's (an emptied
+        Redis holds no one: the holds are written back before they are read again)."""
+        assert self._redis is not None
+        if self._epoch is None:
+            return await self._redis.hgetall(self._key)  # type: ignore[no-any-return]
+        for _ in range(2):
+            await self._epoch.current()
+            async with self._redis.pipeline(transaction=True) as pipe:
+                seen, raw = await pipe.get(self._epoch.key).hgetall(self._key).execute()
+            if not self._epoch.differs(seen):
+                return raw  # type: ignore[no-any-return]
+            await self._epoch.lost()
+        raise RedisEpochChanged("the redis data epoch kept changing")
+
+    async def write_back(self) -> int:
+        """Redis lost its data: hold again, on every replica, the partners held here."""
+        if self._redis is None:
+            return 0
+        for pid, hold in list(self.holds.items()):
+            await self._redis.hsetnx(self._key, pid, orjson.dumps(asdict(hold)))
+        return len(self.holds)
 
     async def run(self, stop: asyncio.Event, poll_s: float = 1.0) -> None:
         """Sync until `stop` is set."""

@@ -309,6 +309,12 @@ class Budgets:
         else:
             await self._push()
 
+    async def write_back(self) -> int:
+        """Redis lost its data: raise its counters to this replica's last reading of them."""
+        if self.shared is None:
+            return 0
+        return await self.outage.write_back(self.shared, self.local)
+
     async def _push(self) -> None:
         if self.shared is None or not self.outage:
             return

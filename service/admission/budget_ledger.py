@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from service.admission.pricing import NANO_PER_USD, Amount
+from service.config.redis_epoch import RedisEpoch, register
 from service.config.settings import BudgetSettings
 
 PeriodName = Literal["day", "month"]
@@ -178,6 +179,10 @@ class LocalLedger:
             out.append(a)
         return tuple(out)
 
+    def entries(self) -> list[tuple[str, str, str, Amount, float]]:
+        """Every counter held: partner, period name and label, amount, when the period ends."""
+        return [(pid, name, label, a, end) for (pid, name, label), (a, end) in self._used.items()]
+
     def mirror(self, partner_id: str, ps: Sequence[Period], used: Sequence[Amount]) -> None:
         """Take over the values read from Redis (the fallback while Redis is unreachable)."""
         for p, u in zip(ps, used, strict=True):
@@ -192,15 +197,30 @@ class LocalLedger:
 class RedisLedger:
     """Budget counters in Redis: shared, durable, changed only by atomic scripts."""
 
-    def __init__(self, redis: Any, key_prefix: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        key_prefix: str,
+        clock: Callable[[], float] = time.time,
+        epoch: RedisEpoch | None = None,
+    ) -> None:
         self._tag = "{" + key_prefix + "}"  # one hash slot: the scripts also run on Redis Cluster
         self._clock = clock
         self.redis = redis
-        self._reserve = redis.register_script(_RESERVE)
-        self._adjust = redis.register_script(_ADJUST)
+        self.epoch = epoch
+        """Scripts that count run only while Redis holds this epoch (`redis_epoch.py`)."""
+        self._reserve = self.script(_RESERVE)
+        self._adjust = self.script(_ADJUST)
+
+    def script(self, body: str) -> Any:
+        """A script that counts: guarded by the epoch when there is one."""
+        return register(self.redis, body, self.epoch)
 
     def key(self, partner_id: str, period: Period) -> str:
-        return f"{self._tag}:budget:{partner_id}:{period.name}:{period.label}"
+        return self.key_of(partner_id, period.name, period.label)
+
+    def key_of(self, partner_id: str, name: str, label: str) -> str:
+        return f"{self._tag}:budget:{partner_id}:{name}:{label}"
 
     async def reserve(self, partner_id: str, ps: Sequence[Period], amount: Amount) -> LedgerAnswer:
         now = self._clock()

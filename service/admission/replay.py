@@ -34,7 +34,8 @@ Redis (one Lua script per check: a hash of sightings per partner, a sorted set
 of when each may be dropped, the partner's reading clock), so they hold across
 replicas and restarts. If Redis is down the local store still answers (the gap:
 a replay to another replica during the outage); the shared Redis health
-(`service/config/redis_health.py`) says when, and when it is back.
+(`service/config/redis_health.py`) says when, and when it is back. If Redis comes back
+empty (`service/config/redis_epoch.py`), every replica writes its local sightings back.
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from service.config.redis_epoch import RedisEpoch, register
 from service.config.redis_health import REDIS_ERRORS, RedisHealth
 from service.config.settings import PartnerSettings
 from service.telemetry.logs import Throttle
@@ -80,6 +82,21 @@ redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 return ARGV[2]
 """
+
+# KEYS = hash, drop set, clock; ARGV = clock, TTL ms, then (request id, sighting, drop at)...
+_WRITE_BACK = """
+local clock = tonumber(redis.call('GET', KEYS[3])) or 0
+if tonumber(ARGV[1]) > clock then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2]) end
+for i = 3, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+_WRITE_BACK_CHUNK = 500
 
 
 def replay_window_s(ps: PartnerSettings) -> float | None:
@@ -205,6 +222,11 @@ class LocalReplayStore:
         self.record(partner_id, request_id, Sighting(origin, expires_ms), at_ms=at_ms, keep_ms=keep_ms)
         return None
 
+    def held(self) -> Iterator[tuple[str, int, list[tuple[str, Sighting, int]]]]:
+        """Per partner: its reading clock and its sightings (request id, sighting, drop at)."""
+        for pid, p in self._partners.items():
+            yield pid, p.clock_ms, [(rid, s, drop_at) for rid, (s, drop_at) in p.seen.items()]
+
     def _evict(self) -> None:
         while self._count > self._max:
             largest = max(self._partners.values(), key=lambda p: len(p.seen))
@@ -226,10 +248,25 @@ class RedisReplayStore:
     reading clock `{prefix}:sightings:{partner}:clock` (the prefix in braces: a Redis
     Cluster hash tag, as the other gateway keys)."""
 
-    def __init__(self, redis: Any, key_prefix: str) -> None:
+    def __init__(self, redis: Any, key_prefix: str, epoch: RedisEpoch | None = None) -> None:
         self.redis = redis
         self._tag = "{" + key_prefix + "}"
-        self._script = redis.register_script(_CHECK_AND_SET)
+        self._script = register(redis, _CHECK_AND_SET, epoch)
+
+    async def write_back(self, local: LocalReplayStore) -> int:
+        """Redis lost its data: write this replica's sightings back, keeping any held there
+        since (not a guarded script: it runs while the epoch is being replaced)."""
+        script = self.redis.register_script(_WRITE_BACK)
+        written = 0
+        for pid, clock_ms, rows in local.held():
+            for start in range(0, max(1, len(rows)), _WRITE_BACK_CHUNK):
+                chunk = rows[start : start + _WRITE_BACK_CHUNK]
+                args: list[str | int] = [clock_ms, IDLE_EXPIRY_MS]
+                for rid, sighting, drop_at in chunk:
+                    args += [rid, sighting.encode(), drop_at]
+                await script(keys=self.keys(pid), args=args)
+                written += len(chunk)
+        return written
 
     def keys(self, partner_id: str) -> list[str]:
         base = f"{self._tag}:sightings:{partner_id}"
@@ -275,6 +312,10 @@ class ReplayGuard:
         self._owns_health = health is None
         self.health = health or (RedisHealth(shared.redis) if shared is not None else None)
         self._clock = clock
+
+    async def write_back(self) -> int:
+        """Redis lost its data: write this replica's sightings back."""
+        return 0 if self.shared is None else await self.shared.write_back(self.local)
 
     async def aclose(self) -> None:
         """Stop the health probe this guard started (a health passed in belongs to its owner)."""

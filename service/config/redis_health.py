@@ -15,6 +15,10 @@ timeouts in a row (no answer in between) declare it down. While down, every
 user of Redis runs on its local state and a probe PINGs every
 `probe_interval_s`; when Redis answers again, listeners hear it (the budgets
 then add the spend they recorded locally to the shared counters).
+
+Whether Redis still holds the gateway's data (a restart without persistence empties it) is
+the epoch's concern (`redis_epoch.py`): a recovered Redis is checked for it before the
+listeners hear that it is back.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any, Literal
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from service.config.redis_epoch import RedisEpoch
 from service.telemetry.logs import Throttle
 
 log = logging.getLogger(__name__)
@@ -53,8 +58,12 @@ class RedisHealth:
         probe_interval_s: float = 1.0,
         on_busy: Callable[[], None] | None = None,
         probe_key: str | None = None,
+        epoch: RedisEpoch | None = None,
     ) -> None:
         self._client = client
+        self.epoch = epoch
+        """The data epoch, watched from `start()` (None: not watched)."""
+        self._watch: asyncio.Task[None] | None = None
         self._probe_key = probe_key
         """Where the probe writes: a Redis that answers PING but refuses writes (OOM under
         `noeviction`, a read-only replica after a failover) stays down instead of flapping."""
@@ -74,6 +83,16 @@ class RedisHealth:
     @property
     def down(self) -> bool:
         return self.state == "down"
+
+    async def start(self) -> None:
+        """Adopt the data epoch (when Redis answers) and watch it."""
+        if self.epoch is None or self._watch is not None:
+            return
+        try:
+            await self.epoch.check()
+        except REDIS_ERRORS as exc:
+            self.failed(exc)
+        self._watch = asyncio.get_running_loop().create_task(self.epoch.watch(lambda: self.down))
 
     def subscribe(self, listener: Listener) -> None:
         """`listener(True)` when Redis goes down, `listener(False)` when it is back."""
@@ -145,6 +164,8 @@ class RedisHealth:
                     await self._client.ping()
                 else:
                     await self._client.set(self._probe_key, "1", px=60_000)
+                if self.epoch is not None:  # back, but with the data? (restored before going on)
+                    await self.epoch.check()
             except REDIS_ERRORS as exc:
                 self.last_error = type(exc).__name__
                 continue
@@ -154,11 +175,13 @@ class RedisHealth:
             self._notify(False)
 
     async def aclose(self) -> None:
-        for task in [self._probe, *self._tasks]:
+        for task in [self._probe, self._watch, *self._tasks]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.epoch is not None:
+            await self.epoch.aclose()
 
 
 async def _logged(awaitable: Awaitable[None]) -> None:

@@ -154,6 +154,13 @@ class Metrics:
             "1 while Redis is down: limits, budgets and replay checks fall back to local state.",
             registry=r,
         )
+        self.redis_data_lost = Counter(
+            "gateway_redis_data_lost",
+            "Times this replica found Redis without the gateway's data (restarted empty, flushed, "
+            "failed over to a replica without it) and wrote back its budget counters, replay "
+            "sightings and pauses.",
+            registry=r,
+        )
         self.redis_pool_busy = Counter(
             "gateway_redis_pool_busy",
             "Redis calls that found every pooled connection in use for redis.pool_timeout_s (a burst, "

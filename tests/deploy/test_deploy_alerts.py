@@ -262,6 +262,22 @@ UNIT_TESTS: list[dict[str, Any]] = [
         ],
     },
     {
+        # Redis emptied at minute 6: both replicas find it; critical at once, quiet before.
+        "interval": "1m",
+        "input_series": [
+            {"series": 'gateway_redis_data_lost_total{pod="gw-0"}', "values": "0x5 1x30"},
+            {"series": 'gateway_redis_data_lost_total{pod="gw-1"}', "values": "0x5 1x30"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "4m", "alertname": "ClaudeGatewayRedisDataLost", "exp_alerts": []},
+            {
+                "eval_time": "8m",
+                "alertname": "ClaudeGatewayRedisDataLost",
+                "exp_alerts": [{"exp_labels": {"severity": "critical"}}],
+            },
+        ],
+    },
+    {
         # 100 USD left, spending 1 USD a minute: under an hour left from minute 41.
         "interval": "1m",
         "input_series": [

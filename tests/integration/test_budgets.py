@@ -3,7 +3,8 @@
 - A partner with a small USD budget is cut off at the request whose reservation no longer fits
   (so what is left is less than one reservation), while another partner is not affected.
 - The counters live in Redis: a restarted gateway still refuses, and a reload that raises the
-  budget lets the partner through again without a restart.
+  budget lets the partner through again without a restart. A Redis that loses the gateway's
+  data gets the counters back from the replica's copy: the partner stays cut off.
 - `on_exhausted: defer` holds requests instead of dead-lettering them; the partner's partitions
   are paused once its queue is full, and a reload raising the budget releases everything.
 """
@@ -80,6 +81,15 @@ async def _one(world: World, rid: str, already: int) -> dict[str, Any]:
     raise AssertionError(f"no outcome for {rid}")
 
 
+async def _lose_redis_data(redis_url: str, prefix: str) -> None:
+    """Every key of the gateway's prefix gone, as after a restart of a Redis that kept nothing."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.delete(*[k async for k in client.scan_iter(match=f"{{{prefix}}}:*")])
+    finally:
+        await client.aclose()
+
+
 async def test_small_budget_cuts_off_at_the_right_request_and_survives_a_restart(
     world: World, redis_url: str
 ) -> None:
@@ -126,6 +136,14 @@ async def test_small_budget_cuts_off_at_the_right_request_and_survives_a_restart
             globex = [d for d in out.responses if d["partner"] == "globex"]
             assert len(globex) == 20, "the other partner is unaffected"
             assert not [d for d in out.dead_letters if d["partner"] == "globex"]
+
+            # Redis loses the gateway's data (restarted without persistence): the replica writes
+            # its copy of the counters back, and acme stays cut off
+            await _lose_redis_data(redis_url, prefix)
+            doc = await _one(world, "after-redis-lost-its-data", outcomes)
+            outcomes += 1
+            assert doc.get("reason") == "budget_exhausted", "the budget restarted from zero"
+            assert metric(gateway.metrics.registry, "gateway_redis_data_lost_total") == 1
         finally:
             stop.set()
             await asyncio.wait_for(task, 60)

@@ -18,21 +18,17 @@ from urllib.parse import urlparse
 import pytest
 import redis.asyncio as aioredis
 
-from service.admission.budget import Budgets, RedisLedger, Reservation, periods
-from service.admission.pricing import actual
-from service.admission.registry import Registry
-from service.config.loader import parse_config
+from service.admission.budget import Budgets, RedisLedger, periods
 from service.config.redis import redis_client
 from service.config.redis_health import RedisHealth, RedisPoolBusy
 from service.config.settings import LimitSettings, RedisSettings
 from service.scheduling.limiter import Cost
 from service.scheduling.redis_limiter import RedisLimiter
 from tests.support.polling import until
+from tests.support.spend import DAY_KEY, NOON, budgeted_registry, spend
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
-
-NOON = 1_795_521_600.0  # 2026-11-24T12:00:00Z
 
 
 @pytest.fixture
@@ -47,51 +43,21 @@ def _settings(url: str) -> RedisSettings:
     return RedisSettings(url=url, key_prefix=f"t-{uuid.uuid4().hex[:8]}", timeout_s=0.2)
 
 
-def _registry() -> Registry:
-    settings = parse_config(
-        {"partners": [{"id": "acme", "api_key": {"env": "K"}, "budget": {"tokens_per_day": 10_000_000}}]}
-    )
-    return Registry.build(settings, environ={"K": "sk"})
-
-
-class _Adm:
-    """What `Budgets.reserve` reads of an admitted request."""
-
-    def __init__(self, est: int, max_tokens: int) -> None:
-        self.request_id, self.model, self.est_input_tokens, self.max_tokens = (
-            "r",
-            "claude-haiku-4-5",
-            est,
-            max_tokens,
-        )
-        self.params: dict[str, object] = {"model": self.model, "max_tokens": max_tokens}
-
-
-async def _spend(budgets: Budgets, registry: Registry, n: int) -> int:
-    """n calls reserving 1,000 tokens and billed 300 each: returns the tokens billed."""
-    price = registry.settings.models["claude-haiku-4-5"]
-    for _ in range(n):
-        res = await budgets.reserve(registry.by_id["acme"], _Adm(900, 100), wait=False)  # type: ignore[arg-type]
-        assert isinstance(res, Reservation)
-        await budgets.settle(res, actual(price, {"input_tokens": 200, "output_tokens": 100}))
-    return n * 300
-
-
 async def test_spend_during_an_outage_reaches_the_shared_ledger(proxy: TcpProxy, redis_url: str) -> None:
     rs = _settings(proxy.url)
     client = redis_client(rs)
     health = RedisHealth(client, probe_interval_s=0.2)
-    registry = _registry()
+    registry = budgeted_registry()
     ledger = RedisLedger(client, rs.key_prefix, clock=lambda: NOON)
     budgets = Budgets(lambda: registry, shared=ledger, health=health, clock=lambda: NOON)
     direct = aioredis.Redis.from_url(redis_url)
-    key = f"{{{rs.key_prefix}}}:budget:acme:day:2026-11-24"
+    key = f"{{{rs.key_prefix}}}:{DAY_KEY}"
     try:
-        billed = await _spend(budgets, registry, 5)
+        billed = await spend(budgets, registry, 5)
         assert int(await direct.hget(key, "tokens") or 0) == billed
 
         await proxy.stop()  # the outage
-        billed += await _spend(budgets, registry, 7)
+        billed += await spend(budgets, registry, 7)
         assert health.down
         assert budgets.degraded
         assert int(await direct.hget(key, "tokens") or 0) == 5 * 300, "Redis did not see the outage spend"
@@ -100,7 +66,7 @@ async def test_spend_during_an_outage_reaches_the_shared_ledger(proxy: TcpProxy,
         await until(lambda: not health.down)
         await until(lambda: not budgets.outage)
         assert int(await direct.hget(key, "tokens") or 0) == billed
-        billed += await _spend(budgets, registry, 2)  # and Redis keeps counting from there
+        billed += await spend(budgets, registry, 2)  # and Redis keeps counting from there
         assert int(await direct.hget(key, "tokens") or 0) == billed
         day = periods(registry.by_id["acme"].settings.budget, NOON)[0]
         assert budgets.local.used("acme", day).tokens == billed  # the mirror keeps what Redis has
