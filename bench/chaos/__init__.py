@@ -16,7 +16,9 @@ bench/chaos/traffic.py.
 
 - `--mode chaos` (default 10,000 requests): kill -9 of a random replica every 3-7 s, each
   restarted a second later; a scale from 3 replicas to 4 (at 30% of the traffic) and down to 2
-  (at 70%, graceful); one broker restart at 50% (SIGTERM, start with the data kept).
+  (at 70%, graceful); one broker restart at 50% (SIGTERM, start with the data kept); one
+  FLUSHALL of Redis at 40% (`--redis-wipes`), as a Redis restarted without persistence: the
+  replicas must find it (`redis_losses_found`, their log lines) and go on.
   A quarter of the requests (`--batch-share`, 0 turns it off) can wait: `service_class:
   batch` or `auto` with a deadline two hours away, so the gateways (`batches.enabled`, short
   timings) put them in Message Batches, which the simulator takes 2-6 s to process

@@ -22,11 +22,13 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
+import redis.asyncio as aioredis
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
@@ -48,6 +50,8 @@ from bench.chaos.verify import (
 SIM_RPM = 60_000  # the org limit, in the simulator and in the gateways' limiter: far above the traffic
 GROUP = "chaos-gateway"
 AIM_WAIT_S = 3.0
+REDIS_LOST_LINE = "redis lost the gateway's data"
+"""What a replica logs when it finds Redis emptied (service/config/redis_epoch.py)."""
 """How long a kill aimed at the batch worker waits for a batch in progress upstream."""
 
 #: The gateways' `batches:` with batch traffic: batches form within a second (of at most 40
@@ -104,6 +108,7 @@ class Run:
         self.fleet: Fleet | None = None
         self.reader: OutcomeReader | None = None
         self.broker_restarts = 0
+        self.redis_wipes = 0
         self.on_unknown = on_unknown_supported()
         self.batch_share = options.effective_batch_share
         self._aim = random.Random(f"{options.seed}-aim")  # apart: the timeline stays the seed's
@@ -211,6 +216,8 @@ class Run:
             }
             if self.on_unknown:
                 partner["on_unknown"] = p.on_unknown
+            if p.budget_usd_per_day is not None:
+                partner["budget"] = {"usd_per_day": p.budget_usd_per_day}
             partners.append(partner)
         return {
             "kafka": {
@@ -256,6 +263,8 @@ class Run:
         events.append((0.30 * d, f"scale to {o.scale_up_to}", lambda: fleet.scale_to(o.scale_up_to)))
         for k in range(o.broker_restarts):
             events.append(((0.5 + 0.1 * k) * d, "broker restart", self._restart_broker))
+        for k in range(o.redis_wipes):
+            events.append(((0.4 + 0.05 * k) * d, "redis wipe (FLUSHALL)", self._wipe_redis))
         events.append((0.70 * d, f"scale to {o.scale_down_to}", lambda: fleet.scale_to(o.scale_down_to)))
         return sorted(events, key=lambda e: e[0])
 
@@ -321,6 +330,14 @@ class Run:
         took = await self.broker.restart()
         self.broker_restarts += 1
         self.event(f"broker back on {self.broker.bootstrap} after {took:.1f}s")
+
+    async def _wipe_redis(self) -> None:
+        client = aioredis.Redis.from_url(self.redis.url)
+        try:
+            await client.flushall()
+        finally:
+            await client.aclose()
+        self.redis_wipes += 1
 
     async def _play(self, began: float, total: int) -> None:
         if self.o.mode == "rebalance":
@@ -414,6 +431,8 @@ class Run:
             "trace_context_lost": figures["trace_context_lost"],
             "kills": self.fleet.kills,
             "broker_restarts": self.broker_restarts,
+            "redis_wipes": self.redis_wipes,
+            "redis_losses_found": _lines_with(self.dir.glob("gateway-*.log"), REDIS_LOST_LINE),
             "batch_share": self.batch_share,
             **{k: figures[k] for k in BATCH_HEADLINE},
             "batches_created": int(sim_batches.get("created") or 0),
@@ -487,6 +506,7 @@ def passed(result: dict[str, Any]) -> bool:
     real-time request in a batch, and batches were indeed created."""
     bad = result["lost"] or result["duplicate_outcomes"] or result["called_twice_unexplained"]
     bad = bad or result.get("trace_context_lost", 0)
+    bad = bad or (result.get("redis_wipes", 0) > 0 and not result.get("redis_losses_found"))
     if result["mode"] == "rebalance":
         bad = bad or result["called_twice"] or result.get("outcome_unknown_unexplained", 0)
         bad = bad or result.get("stops_leaving_calls", 0)
@@ -496,6 +516,15 @@ def passed(result: dict[str, Any]) -> bool:
         if result["mode"] == "rebalance":
             bad = bad or result["batch_billed_twice"]
     return not bad and result["requests"] > 0
+
+
+def _lines_with(logs: Iterable[Path], text: str) -> int:
+    """Lines of the replicas' logs that contain `text`."""
+    found = 0
+    for path in logs:
+        with path.open(errors="replace") as f:
+            found += sum(text in line for line in f)
+    return found
 
 
 async def run_chaos(options: ChaosOptions) -> dict[str, Any]:

@@ -55,6 +55,9 @@ class ChaosOptions:
     max_kills: int | None = None
     restart_delay_s: float = 1.0
     broker_restarts: int = 1
+    redis_wipes: int = 1
+    """FLUSHALL of Redis at 40% (then 45%, ...), as a Redis restarted without persistence: the
+    replicas must notice (`redis_losses_found`) and go on (chaos mode only)."""
     fault_scale: float = 1.0
     """Multiplies `FAULTS` (1.0 = 20% of the calls fail on purpose)."""
     partitions: int = 3
@@ -139,6 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-kills", type=int, help="stop killing after this many")
     parser.add_argument("--restart-delay", type=float, default=d.restart_delay_s)
     parser.add_argument("--broker-restarts", type=int, default=d.broker_restarts)
+    parser.add_argument(
+        "--redis-wipes", type=int, default=d.redis_wipes, help="FLUSHALLs of Redis (a restart without data)"
+    )
     parser.add_argument("--fault-scale", type=float, default=d.fault_scale, help="1.0 = 20%% faults")
     parser.add_argument("--partitions", type=int, default=d.partitions, help="per topic")
     parser.add_argument("--outcome-timeout", type=float, default=d.outcome_timeout_s)
@@ -191,6 +197,7 @@ def from_args(args: argparse.Namespace) -> ChaosOptions:
         max_kills=args.max_kills,
         restart_delay_s=args.restart_delay,
         broker_restarts=args.broker_restarts,
+        redis_wipes=args.redis_wipes,
         fault_scale=args.fault_scale,
         partitions=args.partitions,
         outcome_timeout_s=args.outcome_timeout,

@@ -53,11 +53,13 @@ class PartnerPlan:
     share: float  # of the requests
     weight: float
     on_unknown: str  # "deadletter" or "retry"
+    budget_usd_per_day: float | None = None
+    """Never reached: the budget counters in Redis are kept through the chaos (and a Redis wipe)."""
 
 
 PARTNERS = (
     PartnerPlan("alpha", share=0.40, weight=3, on_unknown="deadletter"),
-    PartnerPlan("bravo", share=0.35, weight=2, on_unknown="deadletter"),
+    PartnerPlan("bravo", share=0.35, weight=2, on_unknown="deadletter", budget_usd_per_day=1_000_000.0),
     PartnerPlan("charlie", share=0.25, weight=1, on_unknown="retry"),
 )
 MODELS = (("claude-haiku-4-5", 0.5), ("claude-sonnet-4-5", 0.35), ("claude-opus-4-1", 0.15))

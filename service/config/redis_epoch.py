@@ -166,7 +166,10 @@ class RedisEpoch:
                 raise  # Redis failed again: the next check or call retries the whole recovery
             except Exception:  # a restorer's bug must not stop the others
                 log.exception("restoring after redis lost its data failed", extra={"what": what})
-        log.warning("written back into redis after it lost its data", extra={"restored": restored})
+        log.warning(
+            "written back into redis after it lost its data",
+            extra={what.replace(" ", "_"): n for what, n in restored.items()},
+        )
         await asyncio.sleep(self.grace_s)  # the other replicas write theirs back meanwhile
         self.value = now
 

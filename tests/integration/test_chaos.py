@@ -56,7 +56,7 @@ async def test_chaos_short_kills_a_broker_restart_and_scaling(tmp_path: Path) ->
     """600 requests over 15 s, a quarter of them for Message Batches (which take 1-3 s,
     12% of their entries errored or expired): 2 kill -9 (each restarted), aimed at the
     batch worker when there is one, half the replica starts armed with a batch-worker
-    failpoint, a broker restart, 3 -> 4 -> 2 replicas."""
+    failpoint, a broker restart, Redis emptied (FLUSHALL), 3 -> 4 -> 2 replicas."""
     options = _short(
         "chaos",
         tmp_path,
@@ -77,6 +77,8 @@ async def test_chaos_short_kills_a_broker_restart_and_scaling(tmp_path: Path) ->
     print(json.dumps(result))
     assert result["kills"] == 2
     assert result["broker_restarts"] == 1
+    assert result["redis_wipes"] == 1
+    assert result["redis_losses_found"] >= 1, "no replica noticed that redis lost its data"
     assert result["requests"] == 600
     verdict = {
         k: result[k] for k in ("lost", "duplicate_outcomes", "called_twice_unexplained", "trace_context_lost")
