@@ -193,3 +193,35 @@ async def test_a_replica_starting_on_an_empty_or_a_kept_redis_reports_no_loss(se
         assert b_epoch.value == a.epoch.value
         await a.epoch.check()
         assert (a.epoch.losses, b_epoch.losses) == (0, 0)
+
+
+async def test_a_write_back_that_redis_interrupts_is_done_again_and_the_loss_counted_once(
+    server: _Server,
+) -> None:
+    async with _replicas(server.url, n=1) as (prefix, (a,)):
+        calls: list[str] = []
+
+        async def flaky() -> int:
+            calls.append("write back")
+            if len(calls) == 1:
+                raise ConnectionError("redis went away mid-restore")
+            await a.client.set("{" + prefix + "}:restored", "1")
+            return 1
+
+        a.epoch.on_lost("flaky", flaky)
+        await a.health.aclose()  # no watch: this test drives the checks
+        before = a.epoch.value
+        admin = aioredis.Redis.from_url(server.url)
+        try:
+            await admin.flushall()
+            with pytest.raises(ConnectionError):
+                await a.epoch.check()
+            assert a.epoch.value == before, "an unfinished recovery adopted the new epoch"
+            await a.epoch.check()
+            assert await admin.get("{" + prefix + "}:restored") == b"1"
+            assert a.epoch.value not in (None, before)
+            assert (a.epoch.losses, len(calls)) == (1, 2)
+            await a.epoch.check()  # and nothing more once recovered
+            assert (a.epoch.losses, len(calls)) == (1, 2)
+        finally:
+            await admin.aclose()
