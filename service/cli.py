@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from service import gc_policy
 from service.admission.registry import Registry, RegistryError
 from service.config import advice
+from service.config.kafka import client_kwargs
 from service.config.loader import ConfigError, env_overrides, load_config
 from service.config.reload import ConfigWatcher
 from service.config.secrets import SecretRef, SecretResolutionError
@@ -130,6 +131,7 @@ def _config_check(path: str, *, resolve: bool) -> int:
         if resolve:
             Registry.build(settings)
             _resolve_service_secrets(settings)
+            _load_kafka_tls(settings)
     except (ConfigError, RegistryError) as exc:
         print(f"config check failed: {exc}", file=sys.stderr)
         return 1
@@ -163,6 +165,15 @@ def _resolve_service_secrets(settings: GatewaySettings) -> None:
                 errors.append(f"{name} ({ref.describe()}): {exc}")
     if errors:
         raise ConfigError("cannot load service secrets:\n  " + "\n  ".join(errors))
+
+
+def _load_kafka_tls(settings: GatewaySettings) -> None:
+    """The Kafka TLS files load (CA, certificate, key); raises `ConfigError` naming them."""
+    if settings.kafka.security_protocol in ("SSL", "SASL_SSL"):
+        try:
+            client_kwargs(settings.kafka)
+        except SecretResolutionError as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 def _operator_keys(settings: GatewaySettings) -> dict[str, SecretRef]:
@@ -212,7 +223,9 @@ async def _serve(path: str, tracer_provider: TracerProvider | None = None) -> in
     from service.app import Gateway
 
     environ = dict(os.environ)
-    gateway = Gateway(load_config(path, environ), tracer_provider=tracer_provider)
+    settings = load_config(path, environ)
+    client_kwargs(settings.kafka)  # the Kafka TLS files and SASL password load, before anything starts
+    gateway = Gateway(settings, tracer_provider=tracer_provider)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # config file and partner secret files: polled every 2 s, and reloaded at once on SIGHUP

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
+import aiokafka.client
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -14,8 +16,9 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 from aiokafka.helpers import create_ssl_context
 
 from service.config import txn_sender
-from service.config.secrets import SecretRef
+from service.config.secrets import SecretRef, SecretResolutionError
 from service.config.settings import KafkaSettings
+from service.telemetry.logs import register_secrets
 
 
 class _FileOrEnvTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
@@ -29,6 +32,47 @@ class _FileOrEnvTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
         return self._ref.resolve().get_secret_value()
 
 
+_PASSWORD_REFS: dict[str, SecretRef] = {}
+"""A SASL password a client was built with -> where it is kept (its file or variable)."""
+_aiokafka_create_conn = aiokafka.client.create_conn
+
+
+async def _create_conn(*args: Any, **kwargs: Any) -> Any:
+    """aiokafka's `create_conn`, with the SASL password read again from where it is kept.
+
+    aiokafka keeps the password a client was built with for every connection it opens later,
+    so after a rotation (the broker's credential changed, then the Secret's file) a replica
+    stayed refused (`SaslAuthenticationFailed`) from its next reconnection on, for good: a
+    broker restart, a re-authentication the broker enforces (`connections.max.reauth.ms`).
+    Now each new connection reads the file, as the Redis password and the OAUTHBEARER token
+    are read. aiokafka has no hook for it (tests/unit/test_kafka_client.py checks the call)."""
+    ref = _PASSWORD_REFS.get(kwargs.get("sasl_plain_password") or "")
+    if ref is not None:
+        with contextlib.suppress(SecretResolutionError):  # unreadable right now: the last one
+            fresh = ref.resolve().get_secret_value()
+            register_secrets([fresh])  # masked in logs like the first
+            kwargs["sasl_plain_password"] = fresh
+    return await _aiokafka_create_conn(*args, **kwargs)
+
+
+aiokafka.client.create_conn = _create_conn
+
+
+def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
+    """The TLS context, or a `SecretResolutionError` naming the files (Python's own error for
+    a missing file names none): a start-up failure like a missing secret, not a traceback."""
+    try:
+        ctx: ssl.SSLContext = create_ssl_context(
+            cafile=settings.ssl_cafile, certfile=settings.ssl_certfile, keyfile=settings.ssl_keyfile
+        )
+    except (OSError, ssl.SSLError) as exc:
+        files = {f"kafka.{n}": getattr(settings, n) for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")}
+        named = ", ".join(f"{n}={v}" for n, v in files.items() if v) or "the system's CA certificates"
+        raise SecretResolutionError(f"cannot load the Kafka TLS files ({named}): {exc}") from exc
+    ctx.check_hostname = settings.ssl_check_hostname
+    return ctx
+
+
 def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
     """Arguments shared by the consumer, the producer and the admin client."""
     kwargs: dict[str, Any] = {
@@ -38,11 +82,7 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
         "metadata_max_age_ms": settings.metadata_max_age_ms,
     }
     if settings.security_protocol in ("SSL", "SASL_SSL"):
-        ctx = create_ssl_context(
-            cafile=settings.ssl_cafile, certfile=settings.ssl_certfile, keyfile=settings.ssl_keyfile
-        )
-        ctx.check_hostname = settings.ssl_check_hostname
-        kwargs["ssl_context"] = ctx
+        kwargs["ssl_context"] = _ssl_context(settings)
     if settings.sasl_mechanism is not None:
         kwargs["sasl_mechanism"] = settings.sasl_mechanism
         if settings.sasl_mechanism == "OAUTHBEARER":
@@ -51,7 +91,9 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
         else:
             assert settings.sasl_password is not None
             kwargs["sasl_plain_username"] = settings.sasl_username
-            kwargs["sasl_plain_password"] = settings.sasl_password.resolve().get_secret_value()
+            password = settings.sasl_password.resolve().get_secret_value()
+            _PASSWORD_REFS[password] = settings.sasl_password  # read again for each connection
+            kwargs["sasl_plain_password"] = password
     return kwargs
 
 

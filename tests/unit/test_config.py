@@ -219,6 +219,18 @@ def test_config_check_service_secrets(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "redis.password (env:NO_SUCH_REDIS_PASSWORD_VAR)" in err
 
 
+def test_config_check_loads_the_kafka_tls_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing CA file, or one that holds no certificate, fails the check (it said `ok`, and
+    the gateway then stopped at start with a traceback)."""
+    not_a_cert = tmp_path / "ca.pem"
+    not_a_cert.write_text("not a certificate\n")
+    for cafile in ("/nonexistent/kafka-ca.pem", str(not_a_cert)):
+        cfg = {"kafka": {"security_protocol": "SSL", "ssl_cafile": cafile}, "partners": []}
+        assert main(["config", "check", _write(tmp_path, cfg)]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot load the Kafka TLS files (kafka.ssl_cafile={cafile})" in err
+
+
 def test_config_check_invalid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write(
         tmp_path, {"partners": [{"id": "acme", "api_key": {"env": "X"}, "budget": {"usd_per_day": 0}}]}

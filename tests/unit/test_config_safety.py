@@ -232,6 +232,10 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
         ("partners: [\n", "is not valid YAML at line"),
         ("runtime: {http_port: 1, http_port: 2}\npartners: []\n", "duplicate key 'http_port'"),
         ("partners:\n  - id: acme\n    api_key: {env: ACME_KEY_NOT_SET}\n", "ACME_KEY_NOT_SET is not set"),
+        (  # Python's FileNotFoundError names no file: a traceback ending in it, before
+            "kafka: {security_protocol: SSL, ssl_cafile: /nonexistent/kafka-ca.pem}\npartners: []\n",
+            "cannot load the Kafka TLS files (kafka.ssl_cafile=/nonexistent/kafka-ca.pem)",
+        ),
     ],
 )
 def test_run_reports_every_start_up_failure_as_one_json_line(tmp_path: Path, text: str, error: str) -> None:
