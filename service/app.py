@@ -23,6 +23,7 @@ from service.admission.registry import Registry
 from service.admission.replay import LocalReplayStore, RedisReplayStore, ReplayGuard
 from service.batches.routing import Router, Turnaround
 from service.batches.worker import BatchContext, BatchWorker
+from service.config.kafka import connect_failure
 from service.config.redis import redis_client
 from service.config.redis_epoch import RedisEpoch
 from service.config.redis_health import RedisHealth
@@ -120,6 +121,8 @@ class Gateway:
         self.metrics.on_scrape(self._refresh_gauges)
         for partner in settings.partners:
             self.metrics.init_partner(partner.id)
+        self.kafka_not_reached: str | None = None
+        """Why the first contact with Kafka failed, until it succeeds (readiness says it)."""
         self.http: HealthServer | None = None
         if serve_http:
             rt = settings.runtime
@@ -174,12 +177,20 @@ class Gateway:
         if self.ingest.draining:
             return False, "draining: the gateway is stopping"
         if not self.ingest.joined:
+            if self.kafka_not_reached is not None:
+                return False, f"Kafka not reached yet: {self.kafka_not_reached}"
             return False, "not in the consumer group yet: joining"
         silent = self.ingest.broker_silent_s()
         if silent is None or silent > self.broker_silence_limit_s:
             never = "never" if silent is None else f"not for {silent:.0f}s"
-            return False, f"the Kafka broker has answered {never} (limit {self.broker_silence_limit_s:.0f}s)"
+            failure = connect_failure(self.settings.kafka.bootstrap_servers)
+            why = "" if failure is None else f"; last connection error: {failure.cause}"
+            limit = f"limit {self.broker_silence_limit_s:.0f}s"
+            return False, f"the Kafka broker has answered {never} ({limit}){why}"
         return True, "ok"
+
+    def _kafka_not_reached(self, cause: str) -> None:
+        self.kafka_not_reached = cause
 
     def status(self) -> dict[str, Any]:
         """Details for /readyz beside the verdict."""
@@ -278,9 +289,10 @@ class Gateway:
                 log.info("http endpoint listening", extra={"port": self.http.port})
             stack.push_async_callback(self.claude.aclose)
             # the first contact with Kafka: retried with backoff while it does not answer
-            if not await until_kafka_answers(stop, self.settings.kafka):
+            if not await until_kafka_answers(stop, self.settings.kafka, on_failure=self._kafka_not_reached):
                 log.info("stopped before Kafka answered")
                 return
+            self.kafka_not_reached = None
             stack.push_async_callback(self.publisher.stop)  # also what a failed start opened
             await self.publisher.start()
             await self.audit.start()

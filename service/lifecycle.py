@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 
-from service.config.kafka import client_kwargs
+from service.config.kafka import client_kwargs, connect_failure
 from service.config.settings import KafkaSettings
 from service.telemetry.logs import REPEAT_S, Throttle
 
@@ -54,9 +54,12 @@ async def until_kafka_answers(
     start: Callable[[KafkaSettings], Awaitable[None]] = bootstrap,
     first_delay_s: float = FIRST_DELAY_S,
     max_delay_s: float = MAX_DELAY_S,
+    on_failure: Callable[[str], None] | None = None,
 ) -> bool:
     """Call `start` (by default: `bootstrap`) until it succeeds (True) or `stop` is set first
-    (False). The gateway's own clients start once this answered."""
+    (False). The gateway's own clients start once this answered. `on_failure(cause)` hears
+    why each attempt failed (the cause of the connection's failure, with a hint when it is a
+    setting: a refused SASL login, an untrusted certificate)."""
     delay = first_delay_s
     attempt = 0
     while not stop.is_set():
@@ -67,11 +70,21 @@ async def until_kafka_answers(
                 log.info("Kafka answered", extra={"attempts": attempt})
             return True
         except KafkaError as exc:
-            log.warning(
-                "Kafka unreachable at start; retrying",
+            failure = connect_failure(settings.bootstrap_servers)
+            cause, hint = (type(exc).__name__, None) if failure is None else failure[:2]
+            certain = failure is not None and failure.certain  # a setting to fix, not an outage
+            if on_failure is not None:
+                on_failure(cause if hint is None else f"{cause} ({hint})")
+            log.log(
+                logging.ERROR if certain else logging.WARNING,
+                "Kafka refused the gateway at start; retrying"
+                if certain
+                else "Kafka unreachable at start; retrying",
                 extra={
                     "bootstrap_servers": settings.bootstrap_servers,
                     "error": type(exc).__name__,
+                    "cause": cause,
+                    "hint": hint,
                     "attempt": attempt,
                     "retry_in_s": round(delay, 1),
                 },

@@ -6,19 +6,25 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiokafka.client
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import (
+    KafkaConnectionError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
+    for_code,
+)
 from aiokafka.helpers import create_ssl_context
 
 from service.config import txn_sender
 from service.config.secrets import SecretRef, SecretResolutionError
 from service.config.settings import KafkaSettings
-from service.telemetry.logs import register_secrets
+from service.telemetry.logs import redact, register_secrets
 
 
 class _FileOrEnvTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
@@ -37,6 +43,58 @@ _PASSWORD_REFS: dict[str, SecretRef] = {}
 _aiokafka_create_conn = aiokafka.client.create_conn
 
 
+class ConnectFailure(NamedTuple):
+    """Why the last connection to a broker failed."""
+
+    cause: str
+    hint: str | None
+    """Which setting to check, when the cause may be the configuration's."""
+    certain: bool
+    """The configuration is the cause (a refused login, an untrusted certificate), not a
+    broker that is down or restarting."""
+
+
+CONNECT_FAILURES: dict[str, ConnectFailure] = {}
+"""The last failure of a connection to each `host:port`, while it fails: aiokafka logs the
+cause once and raises a bare `KafkaConnectionError` ("Unable to bootstrap"), so a refused
+password or an untrusted certificate looked like Kafka being down."""
+_SASL_HINT = (
+    "the broker refused the SASL login: check kafka.sasl_mechanism, kafka.sasl_username and the "
+    "password's file"
+)
+_CERT_HINT = (
+    "the broker's TLS certificate is not trusted: check kafka.ssl_cafile and kafka.ssl_check_hostname"
+)
+_TLS_HINT = "the TLS handshake failed: is the port a TLS listener? check kafka.security_protocol"
+
+
+def _failure(cause: BaseException, tls: bool) -> ConnectFailure:
+    text = redact(f"{type(cause).__name__}: {cause}"[:300])
+    if isinstance(cause, SaslAuthenticationFailed | UnsupportedSaslMechanismError):
+        return ConnectFailure(text, _SASL_HINT, True)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return ConnectFailure(text, _CERT_HINT, True)
+    if tls and isinstance(cause, ssl.SSLError | ConnectionResetError):  # a plaintext listener resets
+        return ConnectFailure(text, _TLS_HINT, False)
+    return ConnectFailure(text, None, False)
+
+
+def connect_failure(bootstrap_servers: str) -> ConnectFailure | None:
+    """The last connection failure to one of `bootstrap_servers` (`host:port,...`), if any."""
+    for server in bootstrap_servers.split(","):
+        failure = CONNECT_FAILURES.get(server.strip())
+        if failure is not None:
+            return failure
+    return None
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The error under aiokafka's wrapping (a TLS failure arrives as the connection's cause)."""
+    while exc.__cause__ is not None and isinstance(exc, KafkaConnectionError):
+        exc = exc.__cause__
+    return exc
+
+
 async def _create_conn(*args: Any, **kwargs: Any) -> Any:
     """aiokafka's `create_conn`, with the SASL password read again from where it is kept.
 
@@ -52,7 +110,15 @@ async def _create_conn(*args: Any, **kwargs: Any) -> Any:
             fresh = ref.resolve().get_secret_value()
             register_secrets([fresh])  # masked in logs like the first
             kwargs["sasl_plain_password"] = fresh
-    return await _aiokafka_create_conn(*args, **kwargs)
+    where = f"{args[0]}:{args[1]}" if len(args) >= 2 else "?"
+    try:
+        conn = await _aiokafka_create_conn(*args, **kwargs)
+    except Exception as exc:
+        tls = kwargs.get("security_protocol") in ("SSL", "SASL_SSL")
+        CONNECT_FAILURES[where] = _failure(_cause(exc), tls)
+        raise
+    CONNECT_FAILURES.pop(where, None)
+    return conn
 
 
 aiokafka.client.create_conn = _create_conn

@@ -53,6 +53,37 @@ async def test_kafka_unreachable_at_start_is_retried_then_stopped(
     await asyncio.wait_for(task, 10)  # returns, no exception
 
 
+async def test_a_tls_client_on_a_plaintext_listener_is_told_why_not_only_unreachable(
+    kafka_bootstrap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`security_protocol: SSL` against a PLAINTEXT listener: the broker resets the handshake;
+    the gateway says so and which setting to check, in its log and its readiness (before:
+    "Kafka unreachable", `KafkaConnectionError`, no cause, as for a broker that is down)."""
+    world = World(kafka_bootstrap, "ttls", ["acme"], {"acme": "k"}, tmp_path)
+    (tmp_path / "acme.key").write_text("sk-ant-acme-key")
+    gateway = Gateway(world.settings("http://127.0.0.1:1", kafka={"security_protocol": "SSL"}))
+    stop = asyncio.Event()
+    caplog.set_level(logging.WARNING, logger="service.lifecycle")
+    task = asyncio.create_task(gateway.run(stop))
+    try:
+        deadline = time.monotonic() + 20
+        told: list[logging.LogRecord] = []
+        while time.monotonic() < deadline and not told:
+            told = [r for r in caplog.records if getattr(r, "hint", None)]
+            await asyncio.sleep(0.1)
+        assert told, [r.getMessage() for r in caplog.records]
+        assert told[0].getMessage() == "Kafka unreachable at start; retrying"  # a reset may be a restart
+        assert "check kafka.security_protocol" in str(getattr(told[0], "hint", ""))
+        assert str(getattr(told[0], "cause", "")).startswith("ConnectionResetError")
+        ready, reason = gateway.readiness()
+        assert not ready
+        assert reason.startswith("Kafka not reached yet: ")
+        assert "kafka.security_protocol" in reason
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
 async def test_no_matching_topic_is_said_and_a_new_topic_is_found_within_seconds(
     kafka_bootstrap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
