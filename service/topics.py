@@ -26,7 +26,15 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from service.batches.store import batch_topics
-from service.config.kafka import client_kwargs, create_missing, create_topics, default_replication, running
+from service.config.kafka import (
+    client_kwargs,
+    create_missing,
+    create_topics,
+    default_replication,
+    describe_failure,
+    running,
+)
+from service.config.secrets import SecretResolutionError
 from service.config.settings import GatewaySettings
 
 DAY_MS = 86_400_000
@@ -137,9 +145,8 @@ def run(args: argparse.Namespace, settings: GatewaySettings) -> int:
                 dry_run=args.dry_run,
             )
         )
-    except KafkaError as exc:  # a refused topic (no right to create it, ...) or no broker
-        error = {"error": type(exc).__name__, "detail": str(exc)}
-        sys.stderr.write(orjson.dumps(error).decode() + "\n")
+    except (KafkaError, SecretResolutionError) as exc:  # a refused topic, no broker, TLS files
+        sys.stderr.write(orjson.dumps(describe_failure(exc, settings.kafka)).decode() + "\n")
         return 1
     for row in rows:
         sys.stdout.write(orjson.dumps(row).decode() + "\n")

@@ -88,6 +88,18 @@ def connect_failure(bootstrap_servers: str) -> ConnectFailure | None:
     return None
 
 
+def describe_failure(exc: Exception, settings: KafkaSettings) -> dict[str, str]:
+    """A command's one-line error for a Kafka error (or TLS files that do not load), with the
+    cause of the connection's failure and a hint at the setting when there is one."""
+    out = {"error": type(exc).__name__, "detail": str(exc)}
+    failure = connect_failure(settings.bootstrap_servers)
+    if failure is not None:
+        out["cause"] = failure.cause
+        if failure.hint is not None:
+            out["hint"] = failure.hint
+    return out
+
+
 def _cause(exc: BaseException) -> BaseException:
     """The error under aiokafka's wrapping (a TLS failure arrives as the connection's cause)."""
     while exc.__cause__ is not None and isinstance(exc, KafkaConnectionError):

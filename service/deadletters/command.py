@@ -11,7 +11,9 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from aiokafka.errors import KafkaError
 
+from service.config.kafka import describe_failure
 from service.config.secrets import SecretResolutionError
 from service.config.settings import GatewaySettings
 from service.contracts.reasons import Reason
@@ -102,12 +104,21 @@ def _selection(args: argparse.Namespace, settings: GatewaySettings) -> Selection
 
 
 def run(args: argparse.Namespace, settings: GatewaySettings) -> int:
-    """Exit status: 0 done, 2 a usage or configuration problem."""
+    """Exit status: 0 done, 1 Kafka failed (one JSON line on stderr), 2 a usage or
+    configuration problem."""
     try:
         sel = _selection(args, settings)
     except ValueError as exc:
         print(f"claude-gateway dlq: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _run(args, settings, sel)
+    except (KafkaError, SecretResolutionError) as exc:  # no broker, a refused login, TLS files
+        sys.stderr.write(orjson.dumps(describe_failure(exc, settings.kafka)).decode() + "\n")
+        return 1
+
+
+def _run(args: argparse.Namespace, settings: GatewaySettings, sel: Selection) -> int:
     if args.dlq_command == "show":
         letters = asyncio.run(dead_letters(settings, sel))
         _emit(summarize(letters))

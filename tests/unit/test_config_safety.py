@@ -16,6 +16,7 @@ from service.cli import main
 from service.config import advice
 from service.config.loader import ConfigError, env_overrides, load_config, parse_config
 from service.version import version
+from tests.support.redis import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "sk-ant-api03-Zq8vR2mN4pL6kT9wX1yB3cD5fG7hJ0"
@@ -250,6 +251,21 @@ def test_run_reports_every_start_up_failure_as_one_json_line(tmp_path: Path, tex
     assert error in event["error"]
     assert SECRET not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args", [["dlq", "show"], ["topics", "ensure"]], ids=["dlq show", "topics ensure"])
+def test_commands_that_cannot_reach_kafka_say_so_in_one_line(tmp_path: Path, args: list[str]) -> None:
+    """`dlq show` printed a traceback when no broker answered (`topics ensure` did not)."""
+    kafka = f"kafka: {{bootstrap_servers: '127.0.0.1:{free_port()}'}}\n"
+    text = kafka + "partners:\n  - id: acme\n    api_key: {env: K}\n"
+    done = _run([*args, "--config", str(_write(tmp_path, text))], env={"K": SECRET})
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [orjson.loads(line) for line in done.stderr.splitlines() if line.startswith('{"error"')]
+    assert len(errors) == 1, done.stderr
+    assert errors[0]["error"] == "KafkaConnectionError"
+    assert errors[0]["cause"].startswith("ConnectionRefusedError")
+    assert SECRET not in done.stderr
 
 
 def test_the_simulator_is_a_subcommand() -> None:
