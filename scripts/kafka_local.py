@@ -54,7 +54,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 DEFAULT_VERSION = "4.4.0"
@@ -481,7 +481,12 @@ def _launch(
     die_with_parent: bool,
     heap: str,
     keep_data: bool = False,
+    properties: str | None = None,
+    format_args: Sequence[str] = (),
 ) -> str:
+    """Start the broker of `d` and wait until it serves on `port` (its PLAINTEXT listener).
+    `properties`: its server.properties (default `_server_properties`); `format_args`: more
+    arguments of the storage format (`--add-scram ...`); tests/support/secure_kafka.py uses both."""
     data, logs = d / "data", d / "logs"
     for sub in (data, logs):
         if not keep_data:
@@ -490,7 +495,9 @@ def _launch(
     for name in ("bootstrap",) if keep_data else ("broker.out", "bootstrap"):
         (d / name).unlink(missing_ok=True)
     props = d / "server.properties"
-    props.write_text(_server_properties(data, port, controller_port))
+    if properties is None:
+        properties = _server_properties(data, port, controller_port)
+    props.write_text(properties)
     (d / "heap").write_text(f"{heap}\n")
     log4j = d / "log4j2.properties"
     log4j.write_text(_LOG4J2)
@@ -503,7 +510,7 @@ def _launch(
         f"{libs}/*",
     ]
     if not keep_data:
-        _format(d, java, jvm_common, props)
+        _format(d, java, jvm_common, props, format_args)
 
     with (d / "broker.out").open("ab") as out:
         proc = subprocess.Popen(  # noqa: S603
@@ -532,10 +539,10 @@ def _launch(
     raise KafkaLocalError(f"the Kafka broker did not serve on {HOST}:{port} within {timeout_s:.0f}s:\n{tail}")
 
 
-def _format(d: Path, java: str, jvm_common: list[str], props: Path) -> None:
+def _format(d: Path, java: str, jvm_common: list[str], props: Path, extra: Sequence[str] = ()) -> None:
     fmt = subprocess.run(  # noqa: S603
         [java, "-Xmx256m", "-XX:TieredStopAtLevel=1", *jvm_common, "kafka.tools.StorageTool",
-         "format", "--cluster-id", _cluster_id(), "--config", str(props), "--standalone"],
+         "format", "--cluster-id", _cluster_id(), "--config", str(props), "--standalone", *extra],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if fmt.returncode != 0:
