@@ -224,7 +224,7 @@ class LocalReplayStore:
 
     def held(self) -> Iterator[tuple[str, int, list[tuple[str, Sighting, int]]]]:
         """Per partner: its reading clock and its sightings (request id, sighting, drop at)."""
-        for pid, p in self._partners.items():
+        for pid, p in list(self._partners.items()):  # checks go on while the rows are written
             yield pid, p.clock_ms, [(rid, s, drop_at) for rid, (s, drop_at) in p.seen.items()]
 
     def _evict(self) -> None:

@@ -80,12 +80,13 @@ def _failure(cause: BaseException, tls: bool) -> ConnectFailure:
 
 
 def connect_failure(bootstrap_servers: str) -> ConnectFailure | None:
-    """The last connection failure to one of `bootstrap_servers` (`host:port,...`), if any."""
+    """The last connection failure to one of `bootstrap_servers` (`host:port,...`), else the
+    latest to any broker (they advertise addresses of their own), if any."""
     for server in bootstrap_servers.split(","):
         failure = CONNECT_FAILURES.get(server.strip())
         if failure is not None:
             return failure
-    return None
+    return next(reversed(CONNECT_FAILURES.values()), None)
 
 
 def describe_failure(exc: Exception, settings: KafkaSettings) -> dict[str, str]:
@@ -127,6 +128,7 @@ async def _create_conn(*args: Any, **kwargs: Any) -> Any:
         conn = await _aiokafka_create_conn(*args, **kwargs)
     except Exception as exc:
         tls = kwargs.get("security_protocol") in ("SSL", "SASL_SSL")
+        CONNECT_FAILURES.pop(where, None)  # the latest last
         CONNECT_FAILURES[where] = _failure(_cause(exc), tls)
         raise
     CONNECT_FAILURES.pop(where, None)

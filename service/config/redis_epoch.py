@@ -79,7 +79,6 @@ class RedisEpoch:
         self._on_lost = on_lost
         self.losses = 0
         """Times this replica found the data gone."""
-        self.lost_at: float | None = None
         self._reported: str | None = None
         self._restorers: list[tuple[str, Restorer]] = []
         self._recovery: asyncio.Task[None] | None = None
@@ -149,7 +148,6 @@ class RedisEpoch:
         if self._reported != before:  # once per loss, even if a restore fails and is retried
             self._reported = before
             self.losses += 1
-            self.lost_at = time.time()
             if self._on_lost is not None:
                 self._on_lost()
             log.error(
