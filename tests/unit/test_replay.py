@@ -271,3 +271,16 @@ async def test_a_rejected_request_does_not_burn_its_id() -> None:
     assert isinstance(verdict, Rejected)
     assert verdict.reason is Reason.MISSING_SIGNATURE
     assert isinstance(await adm.admit_and_reserve(_record(2, T0)), Admitted)
+
+
+def test_the_sightings_held_can_be_listed_while_new_partners_are_checked() -> None:
+    """The write-back into an emptied Redis awaits between partners while checks go on: a new
+    partner's first sighting must not break the listing ('dictionary changed size')."""
+    store = LocalReplayStore()
+    store.record("acme", "r1", Sighting("t/0/1", 2_000), at_ms=1_000, keep_ms=1_000)
+    store.record("globex", "g1", Sighting("t/1/1", 2_000), at_ms=1_000, keep_ms=1_000)
+    listed = []
+    for pid, _clock, rows in store.held():
+        listed.append((pid, [rid for rid, _, _ in rows]))
+        store.record("initech", "i1", Sighting("t/2/1", 2_000), at_ms=1_000, keep_ms=1_000)
+    assert listed == [("acme", ["r1"]), ("globex", ["g1"])]
