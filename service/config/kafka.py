@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -52,6 +53,8 @@ class ConnectFailure(NamedTuple):
     certain: bool
     """The configuration is the cause (a refused login, an untrusted certificate), not a
     broker that is down or restarting."""
+    at: float
+    """`time.monotonic()` of the failure."""
 
 
 CONNECT_FAILURES: dict[str, ConnectFailure] = {}
@@ -68,33 +71,39 @@ _CERT_HINT = (
 _TLS_HINT = "the TLS handshake failed: is the port a TLS listener? check kafka.security_protocol"
 
 
+FRESH_S = 120.0
+"""A failure older than this says nothing of now (a broker that left long ago)."""
+
+
 def _failure(cause: BaseException, tls: bool) -> ConnectFailure:
-    text = redact(f"{type(cause).__name__}: {cause}"[:300])
+    text, now = redact(f"{type(cause).__name__}: {cause}"[:300]), time.monotonic()
     if isinstance(cause, SaslAuthenticationFailed | UnsupportedSaslMechanismError):
-        return ConnectFailure(text, _SASL_HINT, True)
+        return ConnectFailure(text, _SASL_HINT, True, now)
     if isinstance(cause, ssl.SSLCertVerificationError):
-        return ConnectFailure(text, _CERT_HINT, True)
+        return ConnectFailure(text, _CERT_HINT, True, now)
     if tls and isinstance(cause, ssl.SSLError | ConnectionResetError):  # a plaintext listener resets
-        return ConnectFailure(text, _TLS_HINT, False)
-    return ConnectFailure(text, None, False)
+        return ConnectFailure(text, _TLS_HINT, False, now)
+    return ConnectFailure(text, None, False, now)
 
 
 def connect_failure(bootstrap_servers: str) -> ConnectFailure | None:
     """The last connection failure to one of `bootstrap_servers` (`host:port,...`), else the
-    latest to any broker (they advertise addresses of their own), if any."""
+    latest to any broker (they advertise addresses of their own), within `FRESH_S`."""
+    since = time.monotonic() - FRESH_S
     for server in bootstrap_servers.split(","):
         failure = CONNECT_FAILURES.get(server.strip())
-        if failure is not None:
+        if failure is not None and failure.at >= since:
             return failure
-    return next(reversed(CONNECT_FAILURES.values()), None)
+    latest = next(reversed(CONNECT_FAILURES.values()), None)
+    return latest if latest is not None and latest.at >= since else None
 
 
 def describe_failure(exc: Exception, settings: KafkaSettings) -> dict[str, str]:
-    """A command's one-line error for a Kafka error (or TLS files that do not load), with the
-    cause of the connection's failure and a hint at the setting when there is one."""
+    """A command's one-line error for a Kafka error (or TLS files that do not load); for a
+    connection error, the cause of the connection's failure and a hint at the setting."""
     out = {"error": type(exc).__name__, "detail": str(exc)}
     failure = connect_failure(settings.bootstrap_servers)
-    if failure is not None:
+    if failure is not None and isinstance(exc, KafkaConnectionError):
         out["cause"] = failure.cause
         if failure.hint is not None:
             out["hint"] = failure.hint

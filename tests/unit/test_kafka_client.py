@@ -8,6 +8,7 @@ calls the module's `create_conn` with the password as a keyword, for the bootstr
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,23 @@ async def test_an_unreadable_file_keeps_the_last_password(tmp_path: Path, seen: 
         await client.close()
     assert seen
     assert seen[-1]["sasl_plain_password"] == "first-password-0a1b"
+
+
+def test_a_failure_is_told_only_for_connection_errors_and_while_fresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The failures are kept per process: one left by another broker (or another test) must not
+    be told beside an authorization error, nor once it is old."""
+    from aiokafka.errors import TopicAuthorizationFailedError
+
+    settings = KafkaSettings.model_validate({"bootstrap_servers": "127.0.0.1:1"})
+    failure = kafka.ConnectFailure("ConnectionRefusedError: x", None, False, time.monotonic() - 10)
+    monkeypatch.setattr(kafka, "CONNECT_FAILURES", {"10.0.0.9:9092": failure})
+    refused = kafka.describe_failure(TopicAuthorizationFailedError("denied"), settings)
+    assert "cause" not in refused
+    unreachable = kafka.describe_failure(KafkaConnectionError("Unable to bootstrap"), settings)
+    assert unreachable["cause"] == "ConnectionRefusedError: x"
+    old = failure._replace(at=time.monotonic() - kafka.FRESH_S - 1)
+    monkeypatch.setattr(kafka, "CONNECT_FAILURES", {"10.0.0.9:9092": old})
+    assert kafka.connect_failure(settings.bootstrap_servers) is None
+    assert "cause" not in kafka.describe_failure(KafkaConnectionError("Unable to bootstrap"), settings)
