@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import aiokafka.client
+import aiokafka.conn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -39,6 +40,24 @@ class _FileOrEnvTokenProvider(AbstractTokenProvider):  # type: ignore[misc]
         return self._ref.resolve().get_secret_value()
 
 
+class _OAuthAuthenticator(aiokafka.conn.OAuthAuthenticator):  # type: ignore[misc]
+    """aiokafka's OAUTHBEARER step, but a refused token fails the login. The broker refuses one
+    (expired, malformed, wrong signature) with an RFC 7628 error challenge, `{"status":
+    "invalid_token"}`, in a SaslAuthenticate answer without an error code; aiokafka ignored it
+    and logged 'Authenticated via OAUTHBEARER', then read the broker's next answer as metadata:
+    no brokers, thousands of errors a minute, readiness 'joining' with no cause (found by a
+    probe on Kafka 4.4; tests/unit/test_kafka_client.py)."""
+
+    async def step(self, payload: bytes | None) -> Any:
+        if self._token_sent and payload:
+            raise SaslAuthenticationFailed(
+                f"the broker refused the OAUTHBEARER token: {payload.decode('utf-8', 'replace')[:200]}"
+            )
+        return await super().step(payload)
+
+
+aiokafka.conn.OAuthAuthenticator = _OAuthAuthenticator
+
 _PASSWORD_REFS: dict[str, SecretRef] = {}
 """A SASL password a client was built with -> where it is kept (its file or variable)."""
 _aiokafka_create_conn = aiokafka.client.create_conn
@@ -63,11 +82,27 @@ cause once and raises a bare `KafkaConnectionError` ("Unable to bootstrap"), so 
 password or an untrusted certificate looked like Kafka being down."""
 _SASL_HINT = (
     "the broker refused the SASL login: check kafka.sasl_mechanism, kafka.sasl_username and the "
-    "password's file"
+    "password's file (OAUTHBEARER: the token in kafka.sasl_oauth_token, its exp)"
 )
 _CERT_HINT = (
     "the broker's TLS certificate is not trusted: check kafka.ssl_cafile and kafka.ssl_check_hostname"
 )
+_CLIENT_CERT_HINT = (
+    "the broker refused the gateway's TLS client certificate: check kafka.ssl_certfile and "
+    "kafka.ssl_keyfile (signed by a CA the broker's truststore holds)"
+)
+_CLIENT_CERT_ALERTS = frozenset(
+    {
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV1_ALERT_ACCESS_DENIED",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    }
+)
+"""TLS alerts the broker sends when it refuses the client certificate (`ssl.client.auth=required`)."""
 _TLS_HINT = "the TLS handshake failed: is the port a TLS listener? check kafka.security_protocol"
 
 
@@ -81,6 +116,9 @@ def _failure(cause: BaseException, tls: bool) -> ConnectFailure:
         return ConnectFailure(text, _SASL_HINT, True, now)
     if isinstance(cause, ssl.SSLCertVerificationError):
         return ConnectFailure(text, _CERT_HINT, True, now)
+    refused_cert = getattr(cause, "reason", None) in _CLIENT_CERT_ALERTS
+    if tls and isinstance(cause, ssl.SSLError) and refused_cert:
+        return ConnectFailure(text, _CLIENT_CERT_HINT, True, now)
     if tls and isinstance(cause, ssl.SSLError | ConnectionResetError):  # a plaintext listener resets
         return ConnectFailure(text, _TLS_HINT, False, now)
     return ConnectFailure(text, None, False, now)

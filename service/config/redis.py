@@ -33,6 +33,22 @@ class _SecretPassword(CredentialProvider):
         return self.get_credentials()
 
 
+class _SharedContextSSLConnection(aioredis.SSLConnection):
+    """redis-py's TLS connection, with one TLS context for the whole pool: redis-py builds one
+    per connection (`ssl.create_default_context()` loads the system CA store, ~50 ms of the
+    event loop each), so a cold burst over `rediss://` blocked the loop for seconds and its
+    calls timed out (Redis declared down at start)."""
+
+    _shared: Any = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        cls = type(self)
+        if cls._shared is None:
+            cls._shared = self.ssl_context
+        self.ssl_context = cls._shared
+
+
 class _Pool(aioredis.BlockingConnectionPool):
     """redis-py's blocking pool, but a wait for a free connection that times out raises
     `RedisPoolBusy`, not the `ConnectionError` a refused connection raises: a burst is not
@@ -69,4 +85,6 @@ def redis_client(settings: RedisSettings) -> aioredis.Redis:
         socket_timeout=settings.timeout_s,
         socket_connect_timeout=settings.timeout_s,
     )
+    if pool.connection_class is aioredis.SSLConnection:  # rediss://: one TLS context per pool
+        pool.connection_class = type("_PoolSSLConnection", (_SharedContextSSLConnection,), {})
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it

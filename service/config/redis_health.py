@@ -33,7 +33,23 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from service.config.redis_epoch import RedisEpoch
-from service.telemetry.logs import Throttle
+from service.telemetry.logs import Throttle, redact
+
+
+def describe(exc: BaseException) -> dict[str, str]:
+    """The log fields of a failed Redis call: its class, its message (a refused login and an
+    untrusted TLS certificate were a bare `ConnectionError`, like a Redis that is down) and a
+    hint at the setting when the configuration is the likely cause."""
+    text = str(exc)
+    out = {"error": type(exc).__name__, "cause": redact(text[:300])}
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        out["hint"] = "the Redis TLS certificate is not trusted: check ssl_ca_certs in redis.url"
+    elif type(exc).__name__ == "AuthenticationError" or "WRONGPASS" in text or "NOAUTH" in text:
+        out["hint"] = "Redis refused the login: check the user in redis.url and redis.password"
+    elif "SSL" in text or "reset by peer" in text:
+        out["hint"] = "TLS failed: is redis.url's scheme (redis:// or rediss://) the port's?"
+    return out
+
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +154,7 @@ class RedisHealth:
         self.state = "down"
         log.warning(
             "redis unreachable: limits, budgets and replay checks fall back to local state",
-            extra={"error": type(exc).__name__},
+            extra=describe(exc),
         )
         self._notify(True)
         if self._probe is None or self._probe.done():

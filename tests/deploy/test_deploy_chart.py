@@ -499,3 +499,13 @@ def test_notes_render_and_warn_about_risky_setups(
         "claude-gateway-redis",
     ):
         assert name in production
+
+
+def test_a_redis_url_may_carry_tls_options(helm: Any) -> None:
+    """A private CA for a TLS Redis (Memorystore, ElastiCache in-transit encryption) is given in
+    the URL's query (redis-py passes it to its TLS connection); the schema refused any query."""
+    url = "rediss://gateway@redis:6380/0?ssl_ca_certs=/etc/redis-ca/ca.crt"
+    rendered = helm.template(values={"redis": {"enabled": True, "url": url}}).ok()
+    config = yaml.safe_load(rendered.config_map()["data"]["config.yaml"])
+    assert config["redis"]["url"] == url
+    assert helm.template(values={"redis": {"enabled": True, "url": url + " x"}}).returncode != 0

@@ -105,3 +105,42 @@ def test_a_failure_is_told_only_for_connection_errors_and_while_fresh(
     monkeypatch.setattr(kafka, "CONNECT_FAILURES", {"10.0.0.9:9092": old})
     assert kafka.connect_failure(settings.bootstrap_servers) is None
     assert "cause" not in kafka.describe_failure(KafkaConnectionError("Unable to bootstrap"), settings)
+
+
+class _Token:
+    async def token(self) -> str:
+        return "eyJhbGciOiJub25lIn0.eyJzdWIiOiJnYXRld2F5In0."
+
+
+async def test_a_refused_oauthbearer_token_fails_the_login() -> None:
+    """The broker refuses an expired or malformed token with an RFC 7628 challenge and no error
+    code; aiokafka took it for a success (then read the next answer as metadata)."""
+    import aiokafka.conn
+    from aiokafka.errors import SaslAuthenticationFailed
+
+    def authenticator() -> Any:  # what aiokafka's connection builds for OAUTHBEARER
+        return aiokafka.conn.OAuthAuthenticator(sasl_oauth_token_provider=_Token())
+
+    ok = authenticator()
+    first = await ok.step(None)
+    assert first is not None
+    assert first[0].startswith(b"n,,\x01auth=Bearer ")
+    assert await ok.step(b"") is None  # the broker's empty answer: logged in
+    refused = authenticator()
+    await refused.step(None)
+    with pytest.raises(SaslAuthenticationFailed, match="invalid_token"):
+        await refused.step(b'{"status":"invalid_token"}')
+
+
+def test_a_refused_client_certificate_is_told_as_such() -> None:
+    import ssl
+
+    alert = ssl.SSLError(1, "[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate")
+    alert.reason = "SSLV3_ALERT_BAD_CERTIFICATE"
+    failure = kafka._failure(alert, tls=True)
+    assert failure.certain
+    assert failure.hint is not None
+    assert "kafka.ssl_certfile" in failure.hint
+    other = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    other.reason = "WRONG_VERSION_NUMBER"
+    assert not kafka._failure(other, tls=True).certain
