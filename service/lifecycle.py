@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 
-from service.config.kafka import client_kwargs, connect_failure
+from service.config.kafka import ConnectFailure, client_kwargs, connect_failure
 from service.config.settings import KafkaSettings
 from service.telemetry.logs import REPEAT_S, Throttle
 
@@ -71,20 +72,20 @@ async def until_kafka_answers(
             return True
         except KafkaError as exc:
             failure = connect_failure(settings.bootstrap_servers)
-            cause, hint = (type(exc).__name__, None) if failure is None else failure[:2]
-            certain = failure is not None and failure.certain  # a setting to fix, not an outage
+            if failure is None:  # no connection failed: the error itself is all there is
+                failure = ConnectFailure(type(exc).__name__, None, False, time.monotonic())
             if on_failure is not None:
-                on_failure(cause if hint is None else f"{cause} ({hint})")
+                on_failure(failure.cause if failure.hint is None else f"{failure.cause} ({failure.hint})")
             log.log(
-                logging.ERROR if certain else logging.WARNING,
+                logging.ERROR if failure.certain else logging.WARNING,  # a setting to fix, not an outage
                 "Kafka refused the gateway at start; retrying"
-                if certain
+                if failure.certain
                 else "Kafka unreachable at start; retrying",
                 extra={
                     "bootstrap_servers": settings.bootstrap_servers,
                     "error": type(exc).__name__,
-                    "cause": cause,
-                    "hint": hint,
+                    "cause": failure.cause,
+                    "hint": failure.hint,
                     "attempt": attempt,
                     "retry_in_s": round(delay, 1),
                 },
