@@ -28,6 +28,7 @@ from service.admission.registry import Registry, RegistryError
 from service.config import advice
 from service.config.kafka import client_kwargs
 from service.config.loader import ConfigError, env_overrides, load_config
+from service.config.redis import redis_client
 from service.config.reload import ConfigWatcher
 from service.config.secrets import SecretRef, SecretResolutionError
 from service.config.settings import GatewaySettings
@@ -131,7 +132,7 @@ def _config_check(path: str, *, resolve: bool) -> int:
         if resolve:
             Registry.build(settings)
             _resolve_service_secrets(settings)
-            _load_kafka_tls(settings)
+            _load_tls_files(settings)
     except (ConfigError, RegistryError) as exc:
         print(f"config check failed: {exc}", file=sys.stderr)
         return 1
@@ -167,13 +168,16 @@ def _resolve_service_secrets(settings: GatewaySettings) -> None:
         raise ConfigError("cannot load service secrets:\n  " + "\n  ".join(errors))
 
 
-def _load_kafka_tls(settings: GatewaySettings) -> None:
-    """The Kafka TLS files load (CA, certificate, key); raises `ConfigError` naming them."""
-    if settings.kafka.security_protocol in ("SSL", "SASL_SSL"):
-        try:
+def _load_tls_files(settings: GatewaySettings) -> None:
+    """The Kafka and Redis TLS files load (CA, certificate, key); raises `ConfigError` naming
+    them."""
+    try:
+        if settings.kafka.security_protocol in ("SSL", "SASL_SSL"):
             client_kwargs(settings.kafka)
-        except SecretResolutionError as exc:
-            raise ConfigError(str(exc)) from exc
+        if settings.redis is not None:
+            redis_client(settings.redis)  # reads nothing but its TLS files: no connection yet
+    except SecretResolutionError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _operator_keys(settings: GatewaySettings) -> dict[str, SecretRef]:

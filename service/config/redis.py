@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlparse
 
 import redis.asyncio as aioredis
 from redis.credentials import CredentialProvider
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.config.redis_health import RedisPoolBusy
-from service.config.secrets import SecretRef
+from service.config.secrets import SecretRef, SecretResolutionError
 from service.config.settings import RedisSettings
 from service.telemetry.logs import register_secrets
 
@@ -87,4 +88,23 @@ def redis_client(settings: RedisSettings) -> aioredis.Redis:
     )
     if pool.connection_class is aioredis.SSLConnection:  # rediss://: one TLS context per pool
         pool.connection_class = type("_PoolSSLConnection", (_SharedContextSSLConnection,), {})
+        _load_tls_files(pool, settings.url)
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+
+
+_TLS_FILES = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
+
+
+def _load_tls_files(pool: aioredis.ConnectionPool, url: str) -> None:
+    """The pool's TLS context, built now: the files named in `redis.url`'s query are read at
+    start and a missing or bad one is a `SecretResolutionError` naming them, like Kafka's
+    (redis-py read them at the first connection: every call then failed and Redis was
+    declared down, with Python's error, which names no file)."""
+    context = pool.connection_class(**pool.connection_kwargs).ssl_context
+    try:
+        context.get()
+    except (OSError, ssl.SSLError) as exc:
+        query = dict(parse_qsl(urlparse(url).query))
+        named = ", ".join(f"{k}={query[k]}" for k in _TLS_FILES if query.get(k))
+        named = named or "the system's CA certificates"
+        raise SecretResolutionError(f"cannot load the Redis TLS files ({named}): {exc}") from exc

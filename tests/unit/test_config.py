@@ -219,7 +219,7 @@ def test_config_check_service_secrets(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "redis.password (env:NO_SUCH_REDIS_PASSWORD_VAR)" in err
 
 
-def test_config_check_loads_the_kafka_tls_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_check_loads_the_tls_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A missing CA file, or one that holds no certificate, fails the check (it said `ok`, and
     the gateway then stopped at start with a traceback)."""
     not_a_cert = tmp_path / "ca.pem"
@@ -229,6 +229,9 @@ def test_config_check_loads_the_kafka_tls_files(tmp_path: Path, capsys: pytest.C
         assert main(["config", "check", _write(tmp_path, cfg)]) == 1
         err = capsys.readouterr().err
         assert f"cannot load the Kafka TLS files (kafka.ssl_cafile={cafile})" in err
+    redis = {"url": "rediss://127.0.0.1:6380/0?ssl_ca_certs=/nonexistent/redis-ca.pem"}
+    assert main(["config", "check", _write(tmp_path, {"redis": redis, "partners": []})]) == 1
+    assert "cannot load the Redis TLS files (ssl_ca_certs=/nonexistent/redis-ca.pem)" in capsys.readouterr().err
 
 
 def test_config_check_invalid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -237,6 +237,10 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
             "kafka: {security_protocol: SSL, ssl_cafile: /nonexistent/kafka-ca.pem}\npartners: []\n",
             "cannot load the Kafka TLS files (kafka.ssl_cafile=/nonexistent/kafka-ca.pem)",
         ),
+        (  # it ran on local state, Redis declared down, each failure naming no file
+            "redis: {url: 'rediss://127.0.0.1:1/0?ssl_ca_certs=/nonexistent/redis-ca.pem'}\npartners: []\n",
+            "cannot load the Redis TLS files (ssl_ca_certs=/nonexistent/redis-ca.pem)",
+        ),
     ],
 )
 def test_run_reports_every_start_up_failure_as_one_json_line(tmp_path: Path, text: str, error: str) -> None:
