@@ -21,8 +21,9 @@ from service.admission.budget import Budgets, RedisLedger
 from service.admission.pricing import price_version
 from service.admission.registry import Registry
 from service.admission.replay import LocalReplayStore, RedisReplayStore, ReplayGuard
+from service.batches.pending import BatchContext
 from service.batches.routing import Router, Turnaround
-from service.batches.worker import BatchContext, BatchWorker
+from service.batches.worker import BatchWorker
 from service.config.kafka import connect_failure
 from service.config.redis import redis_client
 from service.config.redis_epoch import RedisEpoch

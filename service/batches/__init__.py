@@ -2,7 +2,7 @@
 
 `routing.py` decides per request; the pipeline hands a batch-bound request to the
 pending topic in the transaction that finishes its input offset; the worker
-(`worker.py`) forms batches, records each durably before and after creating it
+(`worker.py`, `pending.py`) forms batches, records each durably before and after creating it
 (`records.py`), polls, and publishes every result exactly once (`results.py`).
 See docs/batches.md.
 """

@@ -2,7 +2,7 @@
 
 Each step is durable before the next starts:
 
-1. the intent (members, reservations) is in the state topic (`worker.py`);
+1. the intent (members, reservations) is in the state topic (`pending.py`);
 2. `batches.create`, then one transaction records the batch id. Creates are made one
    at a time, in the order the intents were recorded (`PendingOwner.creating_lock`),
    so a crash leaves at most one create whose id was not recorded: the first intent
@@ -45,7 +45,7 @@ from service.ingest import failpoints
 from service.upstream.errors import may_have_been_sent
 
 if TYPE_CHECKING:
-    from service.batches.worker import BatchContext, PendingOwner
+    from service.batches.pending import BatchContext, PendingOwner
 
 log = logging.getLogger(__name__)
 

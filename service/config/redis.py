@@ -87,22 +87,23 @@ def redis_client(settings: RedisSettings) -> aioredis.Redis:
         socket_connect_timeout=settings.timeout_s,
     )
     if pool.connection_class is aioredis.SSLConnection:  # rediss://: one TLS context per pool
-        pool.connection_class = type("_PoolSSLConnection", (_SharedContextSSLConnection,), {})
-        _load_tls_files(pool, settings.url)
+        shared = type("_PoolSSLConnection", (_SharedContextSSLConnection,), {})
+        pool.connection_class = shared
+        _load_tls_files(shared(**pool.connection_kwargs), settings.url)
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
 
 
 _TLS_FILES = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
 
 
-def _load_tls_files(pool: aioredis.ConnectionPool, url: str) -> None:
-    """The pool's TLS context, built now: the files named in `redis.url`'s query are read at
-    start and a missing or bad one is a `SecretResolutionError` naming them, like Kafka's
-    (redis-py read them at the first connection: every call then failed and Redis was
-    declared down, with Python's error, which names no file)."""
-    context = pool.connection_class(**pool.connection_kwargs).ssl_context
+def _load_tls_files(connection: aioredis.SSLConnection, url: str) -> None:
+    """The pool's TLS context, built now by its first connection object (not connected): the
+    files named in `redis.url`'s query are read at start, and a missing or bad one is a
+    `SecretResolutionError` naming them, like Kafka's (redis-py read them at the first
+    connection: every call then failed, with Python's error naming no file, and Redis was
+    declared down)."""
     try:
-        context.get()
+        connection.ssl_context.get()
     except (OSError, ssl.SSLError) as exc:
         query = dict(parse_qsl(urlparse(url).query))
         named = ", ".join(f"{k}={query[k]}" for k in _TLS_FILES if query.get(k))

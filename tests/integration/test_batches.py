@@ -28,6 +28,7 @@ from tests.support.gateway import (
     request,
     spread,
     trace_context_lost,
+    until_no_lag,
 )
 from tests.support.outcomes import start_gateway, stop_gateway
 from tests.support.process import exit_code, start_process
@@ -125,10 +126,14 @@ async def test_requests_take_the_path_their_urgency_allows_and_get_one_answer(wo
         try:
             await produce(world.bootstrap, messages)
             out = await collect(world, n, timeout_s=90, settle_s=2.0)
+            # idle: the batch worker's group has passed the marker after the last handoff
+            lag = await until_no_lag(world, f"{world.tag}-gateway.batches", _batches(world)["pending_topic"])
         finally:
             await stop_gateway(stop, task)
         _exactly_once(out, set(expected), sim, world)
         stats = sim.stats()
+    assert lag, "the batch worker's group committed nothing"
+    assert set(lag.values()) == {0}, f"the batch worker's lag while idle: {lag}"
     assert out.dead_letters == [], out.reasons()
     served = {r["request_id"]: (r.get("served_by") or {}).get("path", "realtime") for r in out.responses}
     assert served == expected, "auto follows the deadline, batch and realtime are obeyed"

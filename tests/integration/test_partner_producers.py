@@ -12,7 +12,6 @@ KEDA's lag trigger (which scales to zero only at lag 0) show work that is not th
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,35 +20,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 
 from service.simulator import SimulatorServer
-from tests.support.gateway import World, collect, make_world, request
+from tests.support.gateway import collect, make_world, request, until_no_lag
 from tests.support.outcomes import calls_of, sim_config, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.integration
-
-
-async def _lag(world: World) -> dict[TopicPartition, int]:
-    """End offset minus the gateway group's committed offset, per request partition."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=world.bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=world.bootstrap)
-    await admin.start()
-    await consumer.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(f"{world.tag}-gateway")
-        tps = [tp for tp in committed if tp.topic.startswith(world.request_prefix)]
-        ends = await consumer.end_offsets(tps)
-        return {tp: ends[tp] - committed[tp].offset for tp in tps}
-    finally:
-        await consumer.stop()
-        await admin.close()
-
-
-async def _until_no_lag(world: World, timeout_s: float = 15.0) -> dict[TopicPartition, int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        lag = await _lag(world)
-        if (lag and not any(lag.values())) or time.monotonic() > deadline:
-            return lag
-        await asyncio.sleep(0.5)
 
 
 @pytest.mark.parametrize("exactly_once", [True, False], ids=["exactly_once", "at_least_once"])
@@ -72,7 +46,7 @@ async def test_a_transactional_partner_is_answered_once_per_committed_request_an
             await producer.abort_transaction()
             first = await collect(world, 3, timeout_s=60)
             # the abort marker is the partition's last offset: the commit point passes it
-            after_abort = await _until_no_lag(world)
+            after_abort = await until_no_lag(world)
             await producer.begin_transaction()  # left open: nothing past it may be answered
             for i in range(3):
                 await producer.send(topic, request(f"o-{i}"), key=f"o-{i}".encode())
@@ -81,7 +55,7 @@ async def test_a_transactional_partner_is_answered_once_per_committed_request_an
             while_open = await collect(world, 3, timeout_s=5)
             await producer.commit_transaction()
             out = await collect(world, 6, timeout_s=60)
-            after_commit = await _until_no_lag(world)
+            after_commit = await until_no_lag(world)
         finally:
             await producer.stop()
             await stop_gateway(stop, task)
@@ -121,7 +95,7 @@ async def test_partitions_added_to_a_request_topic_are_read_while_running(
             for p in range(4):
                 await producer.send_and_wait(topic, request(f"p{p}-1"), partition=p)
             out = await collect(world, 5, timeout_s=60)
-            lag = await _until_no_lag(world)
+            lag = await until_no_lag(world)
         finally:
             await producer.stop()
             await stop_gateway(stop, task)
@@ -159,7 +133,7 @@ async def test_a_request_topic_deleted_and_created_again_is_read_from_its_start(
                 await producer.send_and_wait(topic, request(f"new-{i}"))
             await producer.send_and_wait(world.request_topic("globex"), request("globex-1"))
             out = await collect(world, 10 + 13 + 1, timeout_s=90)
-            lag = await _until_no_lag(world)
+            lag = await until_no_lag(world)
         finally:
             await producer.stop()
             await admin.close()
@@ -197,7 +171,7 @@ async def test_a_commit_left_beyond_a_partitions_end_is_not_taken_for_read_recor
         _, stop, task = await start_gateway(world, sim.url)
         try:
             out = await collect(world, 3, timeout_s=60)
-            lag = await _until_no_lag(world)
+            lag = await until_no_lag(world)
         finally:
             await stop_gateway(stop, task)
     assert sorted(out.request_ids()) == [f"r-{i}" for i in range(3)]

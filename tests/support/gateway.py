@@ -291,6 +291,37 @@ def trace_context_lost(messages: Sequence[Message], out: Outcomes) -> list[str]:
     return lost
 
 
+async def group_lag(
+    world: World, group: str | None = None, prefix: str | None = None
+) -> dict[TopicPartition, int]:
+    """End offset minus `group`'s committed offset (the gateway's by default), per partition
+    of the topics named from `prefix` (the request topics by default)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=world.bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=world.bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group or f"{world.tag}-gateway")
+        tps = [tp for tp in committed if tp.topic.startswith(prefix or world.request_prefix)]
+        ends = await consumer.end_offsets(tps)
+        return {tp: ends[tp] - committed[tp].offset for tp in tps}
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def until_no_lag(
+    world: World, group: str | None = None, prefix: str | None = None, timeout_s: float = 15.0
+) -> dict[TopicPartition, int]:
+    """`group_lag` once it is 0 everywhere, or as it is at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lag = await group_lag(world, group, prefix)
+        if (lag and not any(lag.values())) or time.monotonic() > deadline:
+            return lag
+        await asyncio.sleep(0.5)
+
+
 async def committed_offsets(world: World, group: str) -> dict[TopicPartition, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=world.bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()

@@ -231,7 +231,8 @@ def test_config_check_loads_the_tls_files(tmp_path: Path, capsys: pytest.Capture
         assert f"cannot load the Kafka TLS files (kafka.ssl_cafile={cafile})" in err
     redis = {"url": "rediss://127.0.0.1:6380/0?ssl_ca_certs=/nonexistent/redis-ca.pem"}
     assert main(["config", "check", _write(tmp_path, {"redis": redis, "partners": []})]) == 1
-    assert "cannot load the Redis TLS files (ssl_ca_certs=/nonexistent/redis-ca.pem)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot load the Redis TLS files (ssl_ca_certs=/nonexistent/redis-ca.pem)" in err
 
 
 def test_config_check_invalid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""A batch worker's pending partition revoked while it records an intent (service/batches/worker.py).
+"""A batch worker's pending partition revoked while it records an intent (service/batches/pending.py).
 
 Seen in chaos seed 14: the intent transaction committed as the batches group rebalanced, the
 owner was stopped meanwhile, and `form` then started a tracker on the stopped owner. That
@@ -16,8 +16,8 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
-from service.batches import worker
-from service.batches.worker import PendingOwner, _Member, _Taken
+from service.batches import pending, worker
+from service.batches.pending import PendingOwner, _Member, _Taken
 from service.config.loader import parse_config
 
 TP = TopicPartition("t.gateway.batch-pending", 0)
@@ -41,7 +41,7 @@ def _owner(monkeypatch: pytest.MonkeyPatch, revoked_during_transaction: bool) ->
     )
     owner = PendingOwner(ctx, TP)
     _Tracker.started, _Tracker.intents = [], 0
-    monkeypatch.setattr(worker, "Tracker", _Tracker)
+    monkeypatch.setattr(pending, "Tracker", _Tracker)
 
     async def take(_gs: Any) -> _Taken:
         taken = _Taken(last_offset=5)
