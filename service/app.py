@@ -26,6 +26,7 @@ from service.batches.routing import Router, Turnaround
 from service.batches.worker import BatchWorker
 from service.config.kafka import connect_failure
 from service.config.redis import redis_client
+from service.config.redis_audit import RedisAudit
 from service.config.redis_epoch import RedisEpoch
 from service.config.redis_health import RedisHealth
 from service.config.settings import GatewaySettings
@@ -362,7 +363,10 @@ def _redis_health(redis: Any, settings: GatewaySettings, metrics: Metrics) -> Re
         return None
     tag = "{" + settings.redis.key_prefix + "}"
     epoch = RedisEpoch(redis, f"{tag}:epoch", on_lost=metrics.redis_data_lost.inc)
-    return RedisHealth(redis, on_busy=metrics.redis_pool_busy.inc, probe_key=f"{tag}:health", epoch=epoch)
+    audit = RedisAudit(redis, may_evict=metrics.redis_may_evict.set, evicted=metrics.redis_evicted_keys.inc)
+    return RedisHealth(
+        redis, on_busy=metrics.redis_pool_busy.inc, probe_key=f"{tag}:health", epoch=epoch, audit=audit
+    )
 
 
 async def _ensure_usage_topic(settings: GatewaySettings) -> None:

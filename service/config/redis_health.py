@@ -32,6 +32,7 @@ from typing import Any, Literal
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from service.config.redis_audit import RedisAudit
 from service.config.redis_epoch import RedisEpoch
 from service.telemetry.logs import Throttle, redact
 
@@ -75,11 +76,15 @@ class RedisHealth:
         on_busy: Callable[[], None] | None = None,
         probe_key: str | None = None,
         epoch: RedisEpoch | None = None,
+        audit: RedisAudit | None = None,
     ) -> None:
         self._client = client
         self.epoch = epoch
         """The data epoch, watched from `start()` (None: not watched)."""
         self._watch: asyncio.Task[None] | None = None
+        self.audit = audit
+        """Redis' eviction setting and evictions, checked from `start()` (None: not checked)."""
+        self._auditing: asyncio.Task[None] | None = None
         self._probe_key = probe_key
         """Where the probe writes: a Redis that answers PING but refuses writes (OOM under
         `noeviction`, a read-only replica after a failover) stays down instead of flapping."""
@@ -101,7 +106,9 @@ class RedisHealth:
         return self.state == "down"
 
     async def start(self) -> None:
-        """Adopt the data epoch (when Redis answers) and watch it."""
+        """Adopt the data epoch (when Redis answers) and watch it; audit the eviction setting."""
+        if self.audit is not None and self._auditing is None:
+            self._auditing = asyncio.get_running_loop().create_task(self.audit.run())
         if self.epoch is None or self._watch is not None:
             return
         try:
@@ -191,7 +198,7 @@ class RedisHealth:
             self._notify(False)
 
     async def aclose(self) -> None:
-        for task in [self._probe, self._watch, *self._tasks]:
+        for task in [self._probe, self._watch, self._auditing, *self._tasks]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

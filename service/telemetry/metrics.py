@@ -161,6 +161,18 @@ class Metrics:
             "sightings and pauses.",
             registry=r,
         )
+        self.redis_may_evict = Gauge(
+            "gateway_redis_may_evict",
+            "1 while Redis has a maxmemory and a maxmemory-policy other than noeviction: it may "
+            "drop budget counters, replay sightings or pauses when full, without a trace.",
+            registry=r,
+        )
+        self.redis_evicted_keys = Counter(
+            "gateway_redis_evicted_keys",
+            "Keys Redis evicted (its INFO evicted_keys, as it rose while this replica watched): "
+            "the gateway's may be among them.",
+            registry=r,
+        )
         self.redis_pool_busy = Counter(
             "gateway_redis_pool_busy",
             "Redis calls that found every pooled connection in use for redis.pool_timeout_s (a burst, "

@@ -278,6 +278,28 @@ UNIT_TESTS: list[dict[str, Any]] = [
         ],
     },
     {
+        # Redis set to evict at minute 3, evicting from minute 20 after it was set back at 10.
+        "interval": "1m",
+        "input_series": [
+            {"series": 'gateway_redis_may_evict{pod="gw-0"}', "values": "0x2 1x7 0x40"},
+            {"series": 'gateway_redis_evicted_keys_total{pod="gw-0"}', "values": "0x19 40x30"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "2m", "alertname": "ClaudeGatewayRedisEvicts", "exp_alerts": []},
+            {
+                "eval_time": "9m",
+                "alertname": "ClaudeGatewayRedisEvicts",
+                "exp_alerts": [{"exp_labels": {"severity": "critical"}}],
+            },
+            {"eval_time": "18m", "alertname": "ClaudeGatewayRedisEvicts", "exp_alerts": []},
+            {
+                "eval_time": "26m",
+                "alertname": "ClaudeGatewayRedisEvicts",
+                "exp_alerts": [{"exp_labels": {"severity": "critical"}}],
+            },
+        ],
+    },
+    {
         # 100 USD left, spending 1 USD a minute: under an hour left from minute 41.
         "interval": "1m",
         "input_series": [
