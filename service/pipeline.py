@@ -21,7 +21,7 @@ from typing import Any
 import anthropic
 
 from service.admin.pauses import Pauses
-from service.admission.admit import Admission, Admitted, Deferred, RecordLike, Rejected
+from service.admission.admit import Admission, Admitted, Deferred, RecordLike, Rejected, request_id_in
 from service.admission.pricing import billed, price_version, quote, unbilled
 from service.batches.records import BadHandoff, pending_message, read_handoff
 from service.batches.routing import Router, Turnaround
@@ -126,8 +126,9 @@ class Pipeline:
                 raise
             except Exception as exc:  # noqa: BLE001 - logged by _fault; a bug must not stop the partition
                 pid = self.admission.registry.partner_id_for_topic(rec.topic)
-                dl = self._fault("admission", exc, origin, pid, None)
-                verdict = Rejected(pid, dl.reason, dl.detail)
+                rid = request_id_in(rec.value)  # so the partner can still match its dead letter
+                dl = self._fault("admission", exc, origin, pid, rid)
+                verdict = Rejected(pid, dl.reason, dl.detail, rid)
         self.tracing.annotate(
             partner=verdict.partner_id if isinstance(verdict, Rejected) else verdict.partner.id,
             request_id=verdict.request_id,

@@ -241,13 +241,13 @@ class Admission:
                 pid,
                 Reason.UNKNOWN_PARTNER,
                 f"topic {rec.topic!r} belongs to no configured partner",
-                _request_id_in(rec.value),
+                request_id_in(rec.value),
             )
         pid = partner.id
         ps = partner.settings
         if not ps.enabled:
             return Rejected(
-                pid, Reason.PARTNER_DISABLED, f"partner {pid!r} is disabled", _request_id_in(rec.value)
+                pid, Reason.PARTNER_DISABLED, f"partner {pid!r} is disabled", request_id_in(rec.value)
             )
         if len(rec.headers) > MAX_REQUEST_HEADERS:  # before anything reads them through
             return Rejected(
@@ -381,7 +381,7 @@ _REQUEST_ID_READ_MAX_BYTES = 1 << 20
 value up to this size; a larger one's is not looked for."""
 
 
-def _request_id_in(value: bytes | None) -> str | None:
+def request_id_in(value: bytes | None) -> str | None:
     """The `request_id` of a record refused before it is read (its partner is unknown or
     disabled), if its value is a JSON object that has a valid one."""
     if not value or len(value) > _REQUEST_ID_READ_MAX_BYTES:

@@ -171,7 +171,17 @@ def decide(
 ) -> Decision:
     """The decision for one result (`{"type": ..., ...}`, the SDK's result as a dict)."""
     now = time.time() if now is None else now
-    return replace(_decide(gs, router, h, result, batch_id, now), kind=str(result.get("type") or "missing"))
+    kind = str(result.get("type") or "missing")
+    try:
+        return replace(_decide(gs, router, h, result, batch_id, now), kind=kind)
+    except Exception as exc:  # one result must not stop the batch's other results
+        # (a usage whose cost is beyond 64 bits, say): retrying cannot change it, so the member
+        # gets its outcome now and the batch goes on; its metering record could not be written
+        log.exception(
+            "a batch result could not be decided", extra={"partner": h.partner, "batch_id": batch_id}
+        )
+        detail = f"gateway error: {type(exc).__name__}"
+        return replace(_give_up(gs, h, Reason.INTERNAL_ERROR, detail, now), kind=kind)
 
 
 def _decide(

@@ -31,6 +31,10 @@ REQUEST_INFLATED_BYTES = 8 * 1024 * 1024
 """The most the PDFs of one request are inflated to, together: about 12 ms of inflating,
 the most a request's PDFs cost admission (which runs on the event loop below 64 KB)."""
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers carry the size
+MAX_PDF_PAGES = 1_000
+"""The most pages a PDF is counted as. Claude takes at most 100 (600 on 1M-context models) pages a
+request and refuses more (400, not billed); a `/Count` is the sender's word, so a 100-byte PDF may
+claim 10**30 pages, or a count of 5,000 digits that `int()` refuses (Python's 4,300-digit limit)."""
 
 
 class _B64:
@@ -266,6 +270,11 @@ class _Share:
         return size, b"".join(parts)
 
 
+def _count(digits: bytes) -> int:
+    """A `/Count`, at most `MAX_PDF_PAGES` (its digits are not converted past that)."""
+    return MAX_PDF_PAGES if len(digits) > len(str(MAX_PDF_PAGES)) else min(int(digits), MAX_PDF_PAGES)
+
+
 def pdf_facts(data: str, budget: InflateBudget | None = None, *, text: bool = True) -> PdfFacts | None:
     """Pages and content-stream bytes of a base64 PDF, or None when it is not a readable PDF
     (or when its object streams, which may hold its pages, do not fit in the budget).
@@ -339,8 +348,8 @@ def pdf_facts(data: str, budget: InflateBudget | None = None, *, text: bool = Tr
             content += len(body)
         if text:
             shown += _shown_chars(body)
-    counted = [int(a or b) for a, b in _PAGES_COUNT.findall(raw)]
-    pages = max([pages, *counted])
+    counted = [_count(a or b) for a, b in _PAGES_COUNT.findall(raw)]
+    pages = min(MAX_PDF_PAGES, max([pages, *counted]))
     if pages == 0:
         return None
     known = not (unreadable or over_budget or b"/Encrypt" in raw)

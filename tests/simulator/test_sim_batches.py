@@ -255,6 +255,34 @@ async def test_injected_entry_errors_are_seeded(make_sim: SimFactory, make_clien
     assert outcomes[0] == outcomes[1]
 
 
+async def test_an_entry_the_simulator_fails_on_errors_alone(
+    make_sim: SimFactory, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug on one entry (a usage beyond 64 bits once made `compact_json` raise) ended the
+    processor task: that batch never ended and every batch endpoint answered 500."""
+    from service.simulator.batches import processor
+
+    count = processor.count_input_tokens
+
+    def failing(p: dict[str, object]) -> int:
+        if "boom" in str(p["messages"]):
+            raise TypeError("Integer exceeds 64-bit range")
+        return count(p)
+
+    monkeypatch.setattr(processor, "count_input_tokens", failing)
+    sim = await make_sim(SimulatorConfig(seed=7, batches={"processing_s": 0.05}))
+    client = make_client(sim)
+    first = await client.messages.batches.create(
+        requests=[entry("ok-1"), entry("bad", text="boom"), entry("ok-2")]
+    )
+    done = await ended(client, first.id)
+    assert done.request_counts == counts(succeeded=2, errored=1)
+    errored = [line for line in await results(client, first.id) if line.result.type == "errored"]
+    assert [(line.custom_id, line.result.error.error.type) for line in errored] == [("bad", "api_error")]
+    second = await client.messages.batches.create(requests=[entry("next")])
+    assert (await ended(client, second.id)).request_counts == counts(succeeded=1)
+
+
 async def test_results_and_delete_before_the_end_are_refused(
     make_sim: SimFactory, make_client: ClientFactory
 ) -> None:

@@ -318,3 +318,23 @@ def test_a_result_the_gateway_cannot_write_is_dead_lettered_and_metered() -> Non
     dead = orjson.loads(d.messages[0].value)
     assert (dead["reason"], dead["detail"]) == ("internal_error", "gateway error: TypeError")
     assert orjson.loads(d.messages[1].value)["request_id"] == "r-1"
+
+
+def test_a_result_that_cannot_be_decided_ends_that_member_and_not_the_batch() -> None:
+    """A usage whose cost is beyond 64 bits (a simulator billing a PDF that claimed 10**15
+    pages): its dead letter and metering record raised too, the exception left `decide`, and
+    the whole batch was retried every few seconds forever, its other members never answered."""
+    message = {"id": "msg_1", "model": "claude-haiku-4-5", "content": [], "usage": {"input_tokens": 10**20}}
+    gs = _settings()
+    d = decide(
+        gs,
+        Router(Turnaround(gs.batches)),
+        _handoff(),
+        {"type": "succeeded", "message": message},
+        "msgbatch_1",
+        NOW,
+    )
+    assert (d.action, d.kind) == ("deadletter", "succeeded")
+    dead = orjson.loads(d.messages[0].value)
+    assert dead["reason"] == "internal_error"
+    assert dead["request_id"] == "r-1"

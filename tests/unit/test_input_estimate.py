@@ -23,7 +23,7 @@ from service.admission import estimate
 from service.admission.estimate import estimate_input_tokens
 from service.config.settings import EstimateSettings
 from service.contracts import media
-from service.contracts.media import image_size, pdf_facts
+from service.contracts.media import MAX_PDF_PAGES, image_size, pdf_facts
 from service.simulator.tokens import count_input_tokens
 
 E = EstimateSettings()
@@ -381,3 +381,18 @@ def test_the_text_shown_is_counted_string_by_string() -> None:
     counted = pdf_facts(raw_pdf(b"<< /Type /Page >>", stream(b"", content)), text=False)
     assert counted is not None
     assert (counted.content_bytes, counted.text_chars) == (len(content) + 1, 0)  # not scanned
+
+
+@pytest.mark.parametrize("digits", [4, 15, 30, 5000])
+def test_a_pdf_that_claims_countless_pages_counts_at_most_the_cap(digits: int) -> None:
+    """`/Count` is the sender's word: 10**15 pages priced beyond 64 bits (a batch retried
+    forever), 10**30 made an estimate no bucket holds, and 5,000 digits raised in `int()`
+    (an `internal_error` with no request id)."""
+    data = b64(b"%PDF-1.4\n1 0 obj<</Type/Pages/Count " + b"9" * digits + b">>endobj\n")
+    facts = pdf_facts(data)
+    assert facts is not None
+    assert facts.pages == MAX_PDF_PAGES
+    doc = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": data}}
+    params = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": [doc]}]}
+    assert est(params) <= MAX_PDF_PAGES * 3_000
+    assert count_input_tokens(params) <= MAX_PDF_PAGES * 3_000, "the simulator bills it so too"

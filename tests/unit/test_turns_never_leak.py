@@ -259,12 +259,15 @@ async def test_a_fault_while_admitting_is_dead_lettered_and_the_next_record_answ
         return admit(rec, verified=verified)
 
     monkeypatch.setattr(pipeline.admission, "admit", faulty)
-    outcomes = []
+    outcomes, sinks = [], []
     for i in range(2):
         sink = MemorySink(i)
         await asyncio.wait_for(pipeline.handle(_record(i), sink), 5)
         outcomes.append(_outcome(sink))
+        sinks.append(sink)
     assert outcomes == ["internal_error", "response"]
+    # the partner can match it: the request id is read from the record (it was null)
+    assert orjson.loads(sinks[0].published[0].value)["request_id"] == "r-0"
     faults = pipeline.metrics.registry.get_sample_value(
         "gateway_internal_errors_total", {"partner": "acme", "where": "admission"}
     )

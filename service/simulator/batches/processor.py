@@ -116,6 +116,18 @@ class BatchProcessor:
         return budget, max(0.0, next_s - now_s)
 
     def _decide(self, batch: Batch, position: int, config: SimulatorConfig) -> None:
+        """One entry's result. A failure of the simulator on it (a bug) ends that entry
+        `api_error`: it ended the task, and every batch endpoint answered 500 until a restart."""
+        try:
+            self._decide_entry(batch, position, config)
+        except Exception:
+            log.exception("the simulator failed on a batch entry", extra={"batch_id": batch.id})
+            if batch.kinds[position] == PENDING:
+                text = "the simulator failed on this entry (see its log)"
+                batch.resolve(position, ERRORED, error_payload("api_error", text))
+                self.engine.stats.batches.unbilled(batch.custom_id_at(position), "errored", "api_error")
+
+    def _decide_entry(self, batch: Batch, position: int, config: SimulatorConfig) -> None:
         engine = self.engine
         stats = engine.stats.batches
         custom_id = batch.custom_id_at(position)
