@@ -20,7 +20,7 @@ from service.batches.records import (
     read_handoff,
     to_ranges,
 )
-from service.batches.results import decide
+from service.batches.results import Decision, decide
 from service.batches.routing import Router, Turnaround, UrgencyError, custom_id, parse_urgency
 from service.config.batching import BatchSettings
 from service.config.loader import parse_config
@@ -294,6 +294,17 @@ def test_a_batch_outcome_carries_the_requests_trace_context(
     assert all(k not in ("traceparent", "tracestate") for k, _ in plain.messages[0].headers)
 
 
+def _succeeded(gs: GatewaySettings, message: dict[str, object]) -> Decision:
+    return decide(
+        gs,
+        Router(Turnaround(gs.batches)),
+        _handoff(),
+        {"type": "succeeded", "message": message},
+        "msgbatch_1",
+        NOW,
+    )
+
+
 def test_a_result_the_gateway_cannot_write_is_dead_lettered_and_metered() -> None:
     """A succeeded result nested deeper than orjson writes (a tool input 300 levels deep, read
     from the results JSONL): billed at batch price, so a dead letter `internal_error` and its
@@ -304,14 +315,7 @@ def test_a_result_the_gateway_cannot_write_is_dead_lettered_and_metered() -> Non
     use = {"type": "tool_use", "id": "toolu_1", "name": "t", "input": {"x": deep}}
     message = {"id": "msg_1", "model": "claude-haiku-4-5", "content": [use], "usage": {"input_tokens": 9}}
     gs = _settings()
-    d = decide(
-        gs,
-        Router(Turnaround(gs.batches)),
-        _handoff(),
-        {"type": "succeeded", "message": message},
-        "msgbatch_1",
-        NOW,
-    )
+    d = _succeeded(gs, message)
     assert (d.action, d.kind) == ("deadletter", "succeeded")
     assert d.cost is not None  # settled as billed
     assert [m.topic for m in d.messages] == [gs.deadletter_topic("acme"), gs.kafka.usage_topic]
@@ -326,14 +330,7 @@ def test_a_result_that_cannot_be_decided_ends_that_member_and_not_the_batch() ->
     the whole batch was retried every few seconds forever, its other members never answered."""
     message = {"id": "msg_1", "model": "claude-haiku-4-5", "content": [], "usage": {"input_tokens": 10**20}}
     gs = _settings()
-    d = decide(
-        gs,
-        Router(Turnaround(gs.batches)),
-        _handoff(),
-        {"type": "succeeded", "message": message},
-        "msgbatch_1",
-        NOW,
-    )
+    d = _succeeded(gs, message)
     assert (d.action, d.kind) == ("deadletter", "succeeded")
     dead = orjson.loads(d.messages[0].value)
     assert dead["reason"] == "internal_error"
