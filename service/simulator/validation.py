@@ -5,8 +5,10 @@ SDK types them (`service/contracts/sdk_schema.py`): an unknown field is 400 "Ext
 not permitted", a value of the wrong type or shape is 400 naming its place. Before that, the
 checks the types cannot express run with messages in the style of the real API
 (`messages.0.role: ...`): `max_tokens` from 0 (prompt-cache pre-warming) to the limit, the
-order of turns, non-empty content, thinking's budget below `max_tokens`, no streaming. The
-model is checked last, against the configured list, with `NotFoundError`.
+order of turns, non-empty content, thinking's budget below `max_tokens`, no streaming. After
+the types, what the API refuses in a well-typed body (`semantics.py`: tool use pairing, images,
+cache_control, tool names, ...). The model is checked last, against the configured list, with
+`NotFoundError`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import fastjsonschema
 from service.contracts.schemas import Validator, compile_strict
 from service.contracts.sdk_schema import api_params_schema
 from service.simulator.errors import InvalidRequestError, NotFoundError
+from service.simulator.semantics import check_semantics
 
 Endpoint = Literal["messages", "count_tokens"]
 MESSAGES_FIELDS = frozenset(api_params_schema("messages")["properties"])
@@ -191,6 +194,7 @@ def validate_messages(body: Any, models: Collection[str], max_tokens_limit: int)
     if stream:
         raise _bad("stream: streaming is not supported by the simulator; send stream=false")
     _check_types(body, "messages")
+    check_semantics(body)
     if model not in models:
         raise NotFoundError(f"model: {model}")
     return model
@@ -211,6 +215,7 @@ def validate_count_tokens(body: Any, models: Collection[str]) -> str:
     if body.get("thinking") is not None:
         _check_thinking(body["thinking"], None)
     _check_types(body, "count_tokens")
+    check_semantics(body)
     if model not in models:
         raise NotFoundError(f"model: {model}")
     return model

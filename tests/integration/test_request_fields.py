@@ -28,7 +28,14 @@ from service.contracts.schemas import validate
 from service.simulator import SimulatorConfig, SimulatorServer
 from service.upstream.client import ClaudeClient, UpstreamResult
 from tests.support.gateway import World, collect, make_world, produce
-from tests.support.params import BASE, SAMPLES, tool_variants, user_block_variants, with_field
+from tests.support.params import (
+    BASE,
+    SAMPLES,
+    every_block_conversation,
+    tool_groups,
+    tool_variants,
+    with_field,
+)
 from tests.support.trust import metric
 
 pytestmark = pytest.mark.integration
@@ -82,11 +89,9 @@ async def test_every_sdk_field_answered_and_every_mistake_its_own_reason(world: 
     answered: dict[str, tuple[str, bytes]] = {
         f"field-{n}": (acme, _value(f"field-{n}", with_field(n))) for n in SAMPLES
     }
-    answered["all-fields"] = (
-        acme,
-        _value("all-fields", {**SAMPLES, "tools": [*SAMPLES["tools"], *tool_variants()]}),
-    )
-    blocks = {**BASE, "messages": [{"role": "user", "content": user_block_variants()}]}
+    for k, tools in enumerate(tool_groups([*SAMPLES["tools"], *tool_variants()])):  # names unique
+        answered[f"all-fields-{k}"] = (acme, _value(f"all-fields-{k}", {**SAMPLES, "tools": tools}))
+    blocks = {**BASE, "messages": every_block_conversation()}
     answered["all-blocks"] = (acme, _value("all-blocks", blocks))
     allowed = {**BASE, "service_tier": "standard_only", "speed": "standard", "inference_geo": "us"}
     answered["strict-allowed"] = (strict, _value("strict-allowed", allowed))

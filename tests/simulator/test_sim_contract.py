@@ -18,7 +18,14 @@ import pytest
 from service.simulator import SimulatorConfig, SimulatorServer
 from tests.simulator.conftest import SimFactory
 from tests.simulator.simkit import body, headers
-from tests.support.params import BASE, SAMPLES, tool_variants, user_block_variants, with_field
+from tests.support.params import (
+    BASE,
+    SAMPLES,
+    every_block_conversation,
+    tool_groups,
+    tool_variants,
+    with_field,
+)
 
 ClientFactory = Callable[[SimulatorServer], anthropic.AsyncAnthropic]
 
@@ -56,9 +63,11 @@ async def test_every_field_at_once_every_tool_and_every_content_block(
 ) -> None:
     sim = await make_sim()
     c = client(sim)
-    await _create(c, {**SAMPLES, "tools": [*SAMPLES["tools"], *tool_variants()]})
-    await _create(c, {**BASE, "messages": [{"role": "user", "content": user_block_variants()}]})
-    assert sim.stats()["status_counts"] == {"200": 2}
+    groups = tool_groups([*SAMPLES["tools"], *tool_variants()])  # tool names are unique in a request
+    for tools in groups:
+        await _create(c, {**SAMPLES, "tools": tools})
+    await _create(c, {**BASE, "messages": every_block_conversation()})
+    assert sim.stats()["status_counts"] == {"200": len(groups) + 1}
 
 
 async def test_a_field_of_the_old_contract_is_400_naming_it(

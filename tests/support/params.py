@@ -1,12 +1,18 @@
 """Ordinary values for every field of the request contract's `params`, as a partner writes them,
 and one minimal instance of every tool and every user content block the SDK types.
 
+The minimal instances are shapes for schema checks; what is sent to the simulator (or Claude)
+goes through `tool_groups` and `every_block_conversation`, which the real API takes: tool names
+unique within a request, each block in the turn it belongs to, a `tool_result` answering the
+`tool_use` just before it, an image whose bytes are the image its `media_type` says.
+
 `SAMPLES` must cover every field the schema admits (tests/unit/test_request_contract.py checks
 it), so a new SDK field needs a sample here before the suite passes.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 from typing import Any
 
@@ -103,3 +109,63 @@ def tool_variants() -> list[dict[str, Any]]:
 def user_block_variants() -> list[dict[str, Any]]:
     content = definitions()["UserMessageParam"]["properties"]["content"]
     return members(union_of(content))
+
+
+def tool_groups(tools: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`tools` in as few lists as hold each name once, in order: the API refuses a request whose
+    tools share a name ("tools: Tool names must be unique."), as the versions of one server tool
+    (`web_search_20250305`, `web_search_20260209`, ...) do."""
+    groups: list[list[dict[str, Any]]] = []
+    for tool in tools:
+        name = tool.get("name")
+        free = (g for g in groups if name is None or all(t.get("name") != name for t in g))
+        group = next(free, None)
+        if group is None:
+            group = []
+            groups.append(group)
+        group.append(tool)
+    return groups
+
+
+TINY_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+"""A 1x1 PNG, base64."""
+TINY_PDF = base64.b64encode(
+    b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\n"
+    b"2 0 obj\n<< /Type /Pages /Kids [3 0 R] /Count 1 >>\nendobj\n"
+    b"3 0 obj\n<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>\nendobj\n"
+    b"trailer\n<< /Root 1 0 R >>\n%%EOF\n"
+).decode()
+"""A one-page PDF, base64."""
+_FROM_CLAUDE = ("thinking", "redacted_thinking", "tool_use", "server_tool_use")
+
+
+def _from_claude(block: dict[str, Any]) -> bool:
+    """A block Claude writes (an assistant turn's): thinking, tool uses, server tool results."""
+    kind = str(block["type"])
+    return kind in _FROM_CLAUDE or (kind.endswith("_tool_result") and kind != "tool_result")
+
+
+def every_block_conversation() -> list[dict[str, Any]]:
+    """Messages holding every block of `user_block_variants`, each where the API takes it: what
+    Claude writes (thinking first) in an assistant turn, the rest in the user turn after it,
+    the `tool_result` first and answering the `tool_use`; the image and the PDF real files."""
+    claude: list[dict[str, Any]] = []
+    user: list[dict[str, Any]] = []
+    for block in user_block_variants():
+        if block["type"] == "tool_use":
+            block = {**block, "id": "toolu_every_block"}
+        elif block["type"] == "tool_result":
+            block = {**block, "tool_use_id": "toolu_every_block"}
+        elif block["type"] == "image":
+            block = {**block, "source": {"type": "base64", "media_type": "image/png", "data": TINY_PNG}}
+        elif block["type"] == "document" and block["source"].get("type") == "base64":
+            block = {**block, "source": {**block["source"], "data": TINY_PDF}}
+        (claude if _from_claude(block) else user).append(block)
+    user.sort(key=lambda b: b["type"] != "tool_result")
+    return [
+        {"role": "user", "content": "Use every kind of block."},
+        {"role": "assistant", "content": claude},
+        {"role": "user", "content": user},
+    ]
