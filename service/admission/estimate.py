@@ -41,6 +41,9 @@ from service.contracts.media import InflateBudget, image_size, pdf_facts
 MESSAGE_TOKENS = 4
 """Framing per message (role and separators)."""
 _SERVER_TOOLS = ("web_search", "web_fetch", "code_execution")
+MAX_CONTENT_TOKENS = 1_000_000
+"""The most one server tool use is counted as, whatever its `max_content_tokens`: what it brings
+back is read into the context, and no model's context holds more."""
 
 
 class _Estimator:
@@ -115,11 +118,16 @@ class _Estimator:
         if kind == "base64" and isinstance(data, str):
             facts = pdf_facts(data, self.pdf_budget, text=False)
             if facts is not None:
-                if facts.content_bytes is None:
-                    text = facts.pages * self.s.document_page_text_tokens
+                if facts.content_bytes is None:  # not all read: by page, but never below what was
+                    text = max(
+                        facts.pages * self.s.document_page_text_tokens,
+                        math.ceil(facts.content_read / self.cpt),
+                    )
                 else:
                     text = math.ceil(facts.content_bytes / self.cpt)
                 return extra + facts.pages * self.max_image + text
+            # not a PDF that can be read: the simulator bills such a block by its JSON
+            return extra + max(self.s.unknown_document_tokens, self.json(block))
         return extra + self.s.unknown_document_tokens
 
     def tools(self, tools: Any) -> int:
@@ -133,7 +141,10 @@ class _Estimator:
                 assert isinstance(tool, Mapping)
                 asked = _positive_int(tool.get("max_uses")) or self.s.server_tool_uses
                 uses = min(asked, self.s.server_tool_max_uses)
-                per_use = _positive_int(tool.get("max_content_tokens")) or self.s.server_tool_tokens_per_use
+                per_use = min(
+                    _positive_int(tool.get("max_content_tokens")) or self.s.server_tool_tokens_per_use,
+                    MAX_CONTENT_TOKENS,  # the sender's number: 2**63-1 made an estimate of 4.6e19
+                )
                 total += uses * per_use
         return total
 

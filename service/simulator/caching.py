@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from service.contracts.media import InflateBudget
 from service.simulator.tokens import CHARS_PER_TOKEN, MESSAGE_OVERHEAD_TOKENS, block_chars
 
 MIN_CACHEABLE_TOKENS = 1_024
@@ -95,6 +96,7 @@ def _points(body: Mapping[str, Any], model: str, total_tokens: int) -> list[_Poi
     """Every block boundary of the prompt: its prefix key, tokens and breakpoint TTL."""
     digest = hashlib.sha256(model.encode())
     chars = flat = messages = 0
+    budget = InflateBudget()  # the PDFs are read as `count_input_tokens` reads them: together
     points: list[_Point] = []
     for tag, block, starts_message in _blocks(body):
         plain = block
@@ -104,7 +106,7 @@ def _points(body: Mapping[str, Any], model: str, total_tokens: int) -> list[_Poi
         if tag == b"tool":
             chars += len(orjson.dumps(block))
         else:
-            c, f = block_chars(block, model)
+            c, f = block_chars(block, model, budget)
             chars, flat = chars + c, flat + f
         messages += starts_message
         tokens = -(-chars // CHARS_PER_TOKEN) + flat + MESSAGE_OVERHEAD_TOKENS * messages

@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from service.contracts.media import image_size, pdf_facts
+from service.contracts.media import InflateBudget, image_size, pdf_facts
 
 HIGH_RES_MODELS = ("opus-4-7", "opus-4-8")
 URL_IMAGE_SIZES = ((640, 480), (1024, 768), (1280, 720), (1920, 1080), (4032, 3024), (512, 512))
@@ -65,12 +65,13 @@ def image_source_tokens(source: Any, model: str) -> int:
     return _caps(model)[1]
 
 
-def pdf_tokens(source: Mapping[str, Any], model: str) -> int | None:
-    """Tokens of a document source that is a PDF (base64, URL or file), or None if it is not one."""
+def pdf_tokens(source: Mapping[str, Any], model: str, budget: InflateBudget | None = None) -> int | None:
+    """Tokens of a document source that is a PDF (base64, URL or file), or None if it is not one.
+    `budget`: what the request's PDFs may still inflate, together (as admission reads them)."""
     kind = source.get("type")
     page_image = _caps(model)[1]
     if kind == "base64" and isinstance(source.get("data"), str):
-        facts = pdf_facts(source["data"])
+        facts = pdf_facts(source["data"], budget)
         if facts is None:
             return None
         return facts.pages * page_image + math.ceil(facts.text_chars / 4)

@@ -25,14 +25,19 @@ from typing import Any
 
 import orjson
 
+from service.contracts.media import InflateBudget
 from service.simulator.media import image_source_tokens, pdf_tokens, tool_tokens
 
 CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 3
 
 
-def block_chars(block: Any, model: str) -> tuple[int, int]:
-    """(characters, flat tokens) of one content block."""
+def block_chars(block: Any, model: str, budget: InflateBudget | None = None) -> tuple[int, int]:
+    """(characters, flat tokens) of one content block. `budget`: what the request's PDFs may
+    still inflate together (one per request, as admission has: a PDF apiece let a 400 KB
+    request of 50 small PDFs inflate and scan 200 MB, 10 s on the simulator's event loop)."""
+    if budget is None:
+        budget = InflateBudget()
     if not isinstance(block, Mapping):
         return len(orjson.dumps(block)), 0
     kind = block.get("type")
@@ -51,8 +56,8 @@ def block_chars(block: Any, model: str) -> tuple[int, int]:
                 data = source.get("data")
                 return (len(data) if isinstance(data, str) else 0), 0
             if source.get("type") == "content":
-                return _content_chars(source.get("content"), model)
-            pdf = pdf_tokens(source, model)
+                return _content_chars(source.get("content"), model, budget)
+            pdf = pdf_tokens(source, model, budget)
             if pdf is not None:
                 return 0, pdf
         return len(orjson.dumps(block)), 0
@@ -60,12 +65,14 @@ def block_chars(block: Any, model: str) -> tuple[int, int]:
         name = block.get("name")
         return (len(name) if isinstance(name, str) else 0) + len(orjson.dumps(block.get("input"))), 0
     if kind == "tool_result":
-        return _content_chars(block.get("content"), model)
+        return _content_chars(block.get("content"), model, budget)
     return len(orjson.dumps(block)), 0
 
 
-def _content_chars(content: Any, model: str) -> tuple[int, int]:
+def _content_chars(content: Any, model: str, budget: InflateBudget | None = None) -> tuple[int, int]:
     """(characters, flat tokens) of a string or a list of blocks."""
+    if budget is None:
+        budget = InflateBudget()
     if content is None:
         return 0, 0
     if isinstance(content, str):
@@ -73,7 +80,7 @@ def _content_chars(content: Any, model: str) -> tuple[int, int]:
     if isinstance(content, Sequence):
         chars = flat = 0
         for block in content:
-            c, f = block_chars(block, model)
+            c, f = block_chars(block, model, budget)
             chars += c
             flat += f
         return chars, flat
@@ -83,11 +90,12 @@ def _content_chars(content: Any, model: str) -> tuple[int, int]:
 def count_input_tokens(body: Mapping[str, Any]) -> int:
     """Input tokens of a (validated) Messages request body, by the rule in the module docstring."""
     model = str(body.get("model") or "")
-    chars, flat = _content_chars(body.get("system"), model)
+    budget = InflateBudget()  # the request's PDFs inflate this much together
+    chars, flat = _content_chars(body.get("system"), model, budget)
     messages = body.get("messages") or ()
     for message in messages:
         if isinstance(message, Mapping):
-            c, f = _content_chars(message.get("content"), model)
+            c, f = _content_chars(message.get("content"), model, budget)
             chars += c
             flat += f
     tools = body.get("tools")
