@@ -126,6 +126,10 @@ class InflateBudget:
 
     left: int = REQUEST_INFLATED_BYTES
     inflated: int = 0
+    pages_left: int = REQUEST_INFLATED_BYTES // 2
+    """What the object streams, which may hold the pages, may still inflate: apart, so PDFs
+    whose content streams spent `left` leave the pages of the next ones countable (two small
+    bombs before a 100-page PDF made it unknown: 100k tokens estimated, 160k-478k billed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,9 +253,11 @@ class _Share:
     """One PDF's part of a request's `InflateBudget`: at most `MAX_INFLATED_BYTES` of what
     is left of it."""
 
-    def __init__(self, budget: InflateBudget) -> None:
+    def __init__(self, budget: InflateBudget, *, pages: bool = False) -> None:
         self.budget = budget
-        self.room = min(budget.left, MAX_INFLATED_BYTES)
+        self._pages = pages
+        """Draws on `budget.pages_left` (object streams), not `budget.left`."""
+        self.room = min(budget.pages_left if pages else budget.left, MAX_INFLATED_BYTES)
         self.spent = 0
 
     def inflate(self, body: bytes, keep: bool) -> tuple[int, bytes]:
@@ -270,7 +276,10 @@ class _Share:
             size += len(out)
             self.spent += len(out)
             self.budget.inflated += len(out)
-            self.budget.left = max(0, self.budget.left - len(out))
+            if self._pages:
+                self.budget.pages_left = max(0, self.budget.pages_left - len(out))
+            else:
+                self.budget.left = max(0, self.budget.left - len(out))
             if self.spent > self.room:
                 raise _OverBudget
             if keep:
@@ -336,7 +345,8 @@ def pdf_facts(data: str, budget: InflateBudget | None = None, *, text: bool = Tr
         return None
     if not raw.startswith(b"%PDF-"):
         return None
-    share = _Share(InflateBudget(MAX_INFLATED_BYTES) if budget is None else budget)
+    budget = InflateBudget(MAX_INFLATED_BYTES) if budget is None else budget
+    share, page_share = _Share(budget), _Share(budget, pages=True)
     pages = _pages(raw, 0)
     object_streams: list[tuple[bytes, bytes]] = []
     contents: list[tuple[bytes, bytes]] = []
@@ -361,7 +371,7 @@ def pdf_facts(data: str, budget: InflateBudget | None = None, *, text: bool = Tr
     for header, body in object_streams:
         if b"/FlateDecode" in header:
             try:
-                body = share.inflate(body, keep=True)[1]
+                body = page_share.inflate(body, keep=True)[1]
             except zlib.error:
                 unreadable = True
                 continue
@@ -399,4 +409,5 @@ def pdf_facts(data: str, budget: InflateBudget | None = None, *, text: bool = Tr
     if pages == 0:
         return None
     known = not (unreadable or over_budget or b"/Encrypt" in raw)
-    return PdfFacts(pages, content if known else None, shown, share.spent, over_budget, read)
+    inflated = share.spent + page_share.spent
+    return PdfFacts(pages, content if known else None, shown, inflated, over_budget, read)

@@ -157,3 +157,18 @@ def test_a_server_tool_that_asks_for_countless_tokens_counts_a_context_at_most()
     tools = [{"type": "web_fetch_20250910", "name": "web_fetch", "max_content_tokens": 2**63 - 1}]
     params = request("hi", tools=tools)
     assert est(params) <= E.server_tool_max_uses * MAX_CONTENT_TOKENS + 1_000
+
+
+def test_content_bombs_before_it_leave_a_pdfs_pages_countable() -> None:
+    """The pages of a PDF 1.5 are in its object streams, which must be inflated to count them:
+    two small PDFs whose content streams spent the request's budget left a 100-page PDF after
+    them unknown (100,000 tokens estimated; 100 pages are 160,000 as images alone)."""
+    spender = raw_pdf(PAGE, stream(b"/Filter /FlateDecode", zlib.compress(b"\0" * MAX_INFLATED_BYTES, 9)))
+    pages = b"".join(b"%d 0 obj << /Type /Page /Parent 1 0 R >> endobj " % (n + 2) for n in range(100))
+    objstm = raw_pdf(stream(b"/Type /ObjStm /N 100 /First 0 /Filter /FlateDecode", zlib.compress(pages, 9)))
+    facts = pdf_facts(objstm)
+    assert facts is not None
+    assert facts.pages == 100
+    alone = est(request([doc(spender), doc(spender)]))
+    with_it = est(request([doc(spender), doc(spender), doc(objstm)]))
+    assert with_it - alone >= 100 * E.image_max_tokens  # its pages counted, its text known empty
