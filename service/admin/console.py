@@ -52,6 +52,10 @@ COOKIE = "gateway_admin"
 ACTIONS: dict[str, Mode | None] = {"pause": "paused", "drain": "draining", "resume": None}
 AUDIT_EVENTS = {"pause": "partner_paused", "drain": "partner_drained", "resume": "partner_resumed"}
 REFUSED_DELAY_S = 0.5
+FORM_TIMEOUT_S = 10.0
+"""A form body (login, an action) must arrive within this: a client that stops sending holds
+nothing for long."""
+MAX_FORM_BYTES = 16 * 1024
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"
 _OPERATOR = re.compile(r"[^A-Za-z0-9@._ -]")
 
@@ -118,6 +122,16 @@ class Console:
         assert self._token is not None
         return _derive(self._token, b"csrf")
 
+    @staticmethod
+    async def _form(request: web.Request) -> Any:
+        if (request.content_length or 0) > MAX_FORM_BYTES:
+            raise web.HTTPRequestEntityTooLarge(MAX_FORM_BYTES, request.content_length or 0)
+        try:
+            async with asyncio.timeout(FORM_TIMEOUT_S):
+                return await request.post()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout() from None
+
     async def _refused(self, request: web.Request, what: str) -> None:
         log.warning("admin console: access refused", extra={"remote": request.remote, "what": what})
         await asyncio.sleep(REFUSED_DELAY_S)
@@ -141,15 +155,12 @@ class Console:
             return self._html(page.login(), status=401)
         state = await snapshot(self.gateway, self)
         refresh = request.query.get("refresh", "")
+        refresh_s = int(refresh) if refresh.isascii() and refresh.isdigit() and len(refresh) <= 6 else None
         notice = request.query.get("done", "")[:200]
-        return self._html(
-            page.render(
-                state, self._csrf(), refresh_s=int(refresh) if refresh.isdigit() else None, notice=notice
-            )
-        )
+        return self._html(page.render(state, self._csrf(), refresh_s=refresh_s, notice=notice))
 
     async def _login(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        form = await self._form(request)
         given = str(form.get("token", ""))
         token = self._token
         if token is None or not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
@@ -168,7 +179,10 @@ class Console:
         raise response
 
     async def _form_action(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        if not self._session_ok(request):  # before reading a body: an outsider's costs nothing
+            await self._refused(request, "form action")
+            return self._html(page.login("Log in again to act."), status=403)
+        form = await self._form(request)
         csrf = str(form.get("csrf", ""))
         if not self._session_ok(request) or not hmac.compare_digest(csrf.encode(), self._csrf().encode()):
             await self._refused(request, "form action")

@@ -20,9 +20,10 @@ It reports one JSON line per dead letter considered and a summary line.
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from pydantic import SecretStr
 
 from service.config.kafka import client_kwargs, running
+from service.config.secrets import SecretResolutionError
 from service.config.settings import GatewaySettings
 from service.contracts import operator_replay as contract
 from service.contracts.reasons import RETRYABLE_REASONS, Reason
@@ -136,13 +138,17 @@ def _iso(ms: int) -> str:
 
 
 async def _history(
-    settings: GatewaySettings, letters: list[Letter]
-) -> tuple[set[tuple[str, str]], dict[tuple[str, str], int]]:
-    """(partner, request id) pairs that have a response, and the last time each was replayed."""
+    settings: GatewaySettings, letters: list[Letter], keys: Mapping[str, str] | None = None
+) -> tuple[set[tuple[str, str]], dict[tuple[str, str], int], set[str]]:
+    """(partner, request id) pairs that have a response, the last time each was replayed, and
+    the dead letters (`topic/partition/offset`) replayed already. Only a replay mark that
+    `keys` (operator key id -> secret) verify counts: a partner can write its own request
+    topic, with any header and any record timestamp."""
     answered: set[tuple[str, str]] = set()
     replayed: dict[tuple[str, str], int] = {}
+    refs: set[str] = set()
     if not letters:
-        return answered, replayed
+        return answered, replayed, refs
     since = min(min(_original_ms(x), x.timestamp_ms) for x in letters)
     async with running(consumer(settings.kafka)) as c:
         for pid in sorted({x.partner for x in letters}):
@@ -153,13 +159,20 @@ async def _history(
         registry = {settings.request_topic(p): p.id for p in settings.partners}
         async for rec in read(c, topics, since):
             marks = [v for k, v in rec.headers if k == contract.HEADER]
-            if not marks:
+            if len(marks) != 1:
                 continue
             rid = _request_id(rec.value)
             owner = registry.get(rec.topic)
-            if rid is not None and owner is not None:
-                replayed[(owner, rid)] = max(replayed.get((owner, rid), 0), rec.timestamp)
-        return answered, replayed
+            mark = contract.parse(marks[0] or b"")
+            if rid is None or owner is None or mark is None:
+                continue
+            if keys is not None:
+                secret = keys.get(mark.key_id)
+                if secret is None or not contract.valid(mark, secret, rec.topic, rid, rec.value or b""):
+                    continue  # not the operators' mark: a partner's record, refused by the gateway
+            refs.add(mark.deadletter)
+            replayed[(owner, rid)] = max(replayed.get((owner, rid), 0), rec.timestamp)
+        return answered, replayed, refs
 
 
 def _original_ms(letter: Letter) -> int:
@@ -183,6 +196,7 @@ def plan(
     replayed: dict[tuple[str, str], int],
     emit: Emit,
     report: Report,
+    replayed_refs: frozenset[str] | set[str] = frozenset(),
 ) -> list[Letter]:
     """The dead letters to replay; every other one reported with why it is skipped."""
     newest: dict[tuple[str, str], Letter] = {}
@@ -200,8 +214,8 @@ def plan(
             why = "original_not_whole"
         elif (letter.partner, rid) in answered:
             why = "has_response"
-        elif replayed.get((letter.partner, rid), -1) >= letter.timestamp_ms:
-            why = "already_replayed"
+        elif letter.ref in replayed_refs or replayed.get((letter.partner, rid), -1) >= letter.timestamp_ms:
+            why = "already_replayed"  # by its dead letter: the clocks of the tool and the gateway differ
         if why in ("reason_not_selected", "request_id_not_selected"):
             continue  # not part of the selection: not reported
         report.considered += 1
@@ -240,8 +254,12 @@ async def replay(
 ) -> Report:
     report = Report()
     letters = await dead_letters(settings, sel)
-    answered, replayed = await _history(settings, letters)
-    chosen = plan(letters, sel, answered, replayed, emit, report)
+    keys = {key_id: secret.get_secret_value()}
+    for kid, ref in (settings.operator_replay.keys if settings.operator_replay else {}).items():
+        with contextlib.suppress(SecretResolutionError, ValueError):
+            keys.setdefault(kid, ref.resolve().get_secret_value())
+    answered, replayed, refs = await _history(settings, letters, keys)
+    chosen = plan(letters, sel, answered, replayed, emit, report, refs)
     if dry_run:
         for letter in chosen:
             emit({"action": "would_replay", **_ids(letter)})

@@ -27,6 +27,43 @@ from service.telemetry.metrics import Metrics
 
 Readiness = Callable[[], tuple[bool, str]]
 
+KEEPALIVE_S = 10.0
+"""A connection that sends no whole request line and headers within this is closed (aiohttp's
+default keeps an idle or half-sent connection open for an hour: a file descriptor each)."""
+MAX_CONNECTIONS = 512
+"""Connections served at once; more are closed at once, so that outsiders cannot use up the
+process's file descriptors (which Kafka, Redis and Claude connections need too)."""
+MAX_CONNECTIONS_PER_PEER = 32
+"""From one address: one client cannot take every slot (the kubelet's probes keep theirs)."""
+MAX_BODY_BYTES = 64 * 1024
+"""No route takes a body bigger than a login form (aiohttp's default is 1 MiB per request)."""
+
+
+def _cap_connections(server: web.Server, most: int, per_peer: int) -> None:
+    made, lost = server.connection_made, server.connection_lost
+    peers: dict[Any, int] = {}
+    peer_of: dict[Any, Any] = {}
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        made(handler, transport)
+        peer = (transport.get_extra_info("peername") or ("?",))[0]
+        peer_of[handler] = peer
+        peers[peer] = peers.get(peer, 0) + 1
+        if len(server.connections) > most or peers[peer] > per_peer:
+            # closed once the handler has started (closing it here ends it before it starts)
+            asyncio.get_running_loop().call_soon(handler.force_close)
+
+    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        lost(handler, exc)
+        peer = peer_of.pop(handler, None)
+        if peer is not None:
+            peers[peer] -= 1
+            if peers[peer] <= 0:
+                del peers[peer]
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+    server.connection_lost = connection_lost  # type: ignore[method-assign]
+
 
 class HealthServer:
     """`ready()` returns (is_ready, reason); `status()` extra fields for the /readyz body;
@@ -63,14 +100,18 @@ class HealthServer:
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError("HealthServer.start() called twice")
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/metrics", self._metrics_handler)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         if self._mount is not None:
             self._mount(app)  # the admin console's routes (service/admin/console.py)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE_S
+        )
         await self._runner.setup()
+        assert self._runner.server is not None
+        _cap_connections(self._runner.server, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER)
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
         server = site._server

@@ -233,3 +233,32 @@ async def _replayed_records(world: World) -> list[Any]:
         return out
     finally:
         await consumer.stop()
+
+
+async def test_a_partners_forged_replay_mark_does_not_hide_its_dead_letters(
+    world: World, tmp_path: Path
+) -> None:
+    """A partner writes its own request topic, with any header and any record timestamp: a
+    record carrying a made-up replay mark, written after a dead letter, made `dlq replay` skip
+    that dead letter as `already_replayed` (only marks the operators' keys verify count)."""
+    sim_cfg = SimulatorConfig.model_validate({"api_keys": world.keys, "seed": 1})
+    async with SimulatorServer(sim_cfg) as sim:
+        cfg = _config(world, sim.url, tokens_per_day=1)
+        cfg_file = tmp_path / "gateway.yaml"
+        cfg_file.write_text(yaml.safe_dump(cfg))
+        async with running(cfg):
+            await _send(world, [_signed(world, "victim-1"), _signed(world, "victim-2")])
+            first = await collect(world, expected=2, timeout_s=60)
+            assert first.reasons() == {"budget_exhausted": 2}
+            producer = AIOKafkaProducer(bootstrap_servers=world.bootstrap, acks="all")
+            await producer.start()
+            try:
+                forged = [(REPLAY_HEADER, b"ops1:1:x/0/0:" + b"0" * 64)]
+                await producer.send_and_wait(world.request_topic("acme"), request("victim-1"), headers=forged)
+            finally:
+                await producer.stop()
+            await collect(world, expected=3, timeout_s=30)
+        code, lines, err = await cli(cfg_file, "replay", "--dry-run")
+    assert code == 0, err
+    planned = {d["request_id"]: d["action"] for d in lines if "action" in d}
+    assert planned == {"victim-1": "would_replay", "victim-2": "would_replay"}
