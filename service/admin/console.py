@@ -123,9 +123,16 @@ class Console:
         return _derive(self._token, b"csrf")
 
     @staticmethod
-    async def _form(request: web.Request) -> Any:
+    def _bounded(request: web.Request) -> None:
+        """413 at once for a body said to be over `MAX_FORM_BYTES`, before anything waits (a
+        refusal's half second would let a megabyte arrive, and be held, per connection)."""
         if (request.content_length or 0) > MAX_FORM_BYTES:
-            raise web.HTTPRequestEntityTooLarge(MAX_FORM_BYTES, request.content_length or 0)
+            refused = web.HTTPRequestEntityTooLarge(MAX_FORM_BYTES, request.content_length or 0)
+            refused.force_close()  # its body is not read after the answer either
+            raise refused
+
+    async def _form(self, request: web.Request) -> Any:
+        self._bounded(request)
         try:
             async with asyncio.timeout(FORM_TIMEOUT_S):
                 return await request.post()
@@ -179,9 +186,12 @@ class Console:
         raise response
 
     async def _form_action(self, request: web.Request) -> web.Response:
+        self._bounded(request)
         if not self._session_ok(request):  # before reading a body: an outsider's costs nothing
             await self._refused(request, "form action")
-            return self._html(page.login("Log in again to act."), status=403)
+            refused = self._html(page.login("Log in again to act."), status=403)
+            refused.force_close()  # nor is its body read after the answer (aiohttp's lingering)
+            return refused
         form = await self._form(request)
         csrf = str(form.get("csrf", ""))
         if not self._session_ok(request) or not hmac.compare_digest(csrf.encode(), self._csrf().encode()):
