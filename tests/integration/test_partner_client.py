@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
 from claude_gateway_client import DeadLettered, PartnerClient, SyncPartnerClient
 
 from service.app import Gateway
@@ -50,6 +50,7 @@ async def gateway(world: World) -> AsyncIterator[Gateway]:
         signing = {"required": True, "keys": {"k1": {"file": str(world.key_dir / "acme.k1")}}}
         cfg = world.settings_dict(sim.url)
         cfg["partners"][0]["signing"] = signing
+        cfg["partners"][0]["max_request_bytes"] = 4096
         gw = Gateway(world.settings(sim.url, partners=cfg["partners"]), serve_http=False)
         stop = asyncio.Event()
         task = asyncio.create_task(gw.run(stop))
@@ -203,3 +204,57 @@ async def test_the_blocking_api_from_threads(world: World, gateway: Gateway) -> 
         "pending": 0,
     }
     await _assert_copy_refused_before_the_answer(world, "sync-dup")
+
+
+async def test_a_dead_letter_without_a_request_id_reaches_its_caller(world: World, gateway: Gateway) -> None:
+    """An oversize record is refused before its request id is read: the dead letter has none,
+    and the caller waited its whole timeout (600 s by default). It is matched by its record."""
+    big = {**PARAMS, "messages": [{"role": "user", "content": "x" * 8000}]}
+    async with _client(world) as c:
+        with pytest.raises(DeadLettered) as raised:
+            await c.request(big, request_id="big-1", timeout_s=30)
+        assert raised.value.reason == "oversize"
+        assert c.pending() == 0
+
+
+async def test_a_reader_that_fails_fails_its_waiters_and_stop_closes_both_clients(
+    world: World, gateway: Gateway
+) -> None:
+    """An ACL revoked on the response topic: waiters learned of it at their timeout, and
+    `stop()` raised the reader's error with the producer and the consumer left open."""
+    c = _client(world)
+    await c.start()
+    consumer, producer = c._consumer, c._producer
+    assert consumer is not None
+    assert producer is not None
+
+    async def refused(*_: Any, **__: Any) -> Any:
+        raise TopicAuthorizationFailedError("the response topic")
+
+    consumer.getmany = refused  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="stopped reading outcomes"):
+        await c.request(PARAMS, timeout_s=20)
+    await c.stop()
+    assert producer._closed
+    assert consumer._closed
+
+
+async def test_another_records_dead_letter_is_not_this_requests_outcome(
+    world: World, gateway: Gateway
+) -> None:
+    """Another instance of the partner's app (or an earlier run) sent the same request id,
+    badly signed: its `bad_signature` dead letter was taken for this client's outcome, and this
+    client's own answered record was dropped."""
+    other = PartnerClient(
+        world.bootstrap, "acme", key_id="k1", secret="not-the-secret", topic_prefix=f"{world.tag}.",
+        await_outcomes=False,
+    )  # fmt: skip
+    async with _client(world) as c:
+        await other.start()
+        try:
+            await other.send(PARAMS, request_id="shared-1")
+        finally:
+            await other.stop()
+        await c.send(PARAMS, request_id="shared-1")
+        response = await c.outcome("shared-1", timeout_s=30)
+    assert response["request_id"] == "shared-1"

@@ -8,6 +8,7 @@ On the real broker with the gateway: tests/integration/test_partner_client.py.
 from __future__ import annotations
 
 import asyncio
+import pickle
 import subprocess
 import sys
 import threading
@@ -18,8 +19,9 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 from claude_gateway_client import client as client_module
 from claude_gateway_client import sync as sync_module
+from claude_gateway_client.client import PartnerClient
 from claude_gateway_client.correlation import Correlation, RecordRef
-from claude_gateway_client.errors import DeadLettered
+from claude_gateway_client.errors import DeadLettered, OutcomeTimeout
 from claude_gateway_client.signing import canonical_string as client_canonical
 from claude_gateway_client.sync import SyncPartnerClient
 from hypothesis import given, settings
@@ -338,3 +340,34 @@ def test_the_client_imports_without_the_gateways_dependencies() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_outcome_errors_survive_pickling() -> None:
+    """For process pools and task queues: both failed to unpickle (AttributeError, TypeError)."""
+    dead = DeadLettered({"request_id": "r-1", "reason": "oversize", "partner": "acme"})
+    back = pickle.loads(pickle.dumps(dead))
+    assert (back.reason, back.request_id) == ("oversize", "r-1")
+    timeout = pickle.loads(pickle.dumps(OutcomeTimeout("r-2", 5.0, [])))
+    assert (timeout.request_id, str(timeout)) == ("r-2", "no outcome for request 'r-2' within 5s")
+
+
+async def test_a_request_id_the_contract_refuses_is_refused_before_it_is_sent() -> None:
+    """Its dead letter would carry no request id (the schema refuses it): the caller waited."""
+    client = PartnerClient("127.0.0.1:1", "acme", await_outcomes=False)
+    client._producer = object()  # type: ignore[assignment]  # started, as far as `send` looks
+    for rid in ("a" * 129, "-starts-with-a-dash", "has space", "ünïcode"):
+        with pytest.raises(ValueError, match="does not match"):
+            await client.send({"model": "m", "max_tokens": 1, "messages": []}, request_id=rid)
+
+
+def test_producer_and_consumer_options_go_to_their_own_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`**kafka` goes to both: a consumer-only option (max_partition_fetch_bytes) made the
+    producer raise TypeError, so a partner could not raise the 1 MB request limit either."""
+    with pytest.raises(ValueError, match="acks"):
+        PartnerClient("127.0.0.1:1", "acme", producer_options={"acks": 1})
+    client = PartnerClient(
+        "127.0.0.1:1", "acme", producer_options={"max_request_size": 4 << 20},
+        consumer_options={"max_partition_fetch_bytes": 4 << 20},
+    )  # fmt: skip
+    assert client._producer_options == {"max_request_size": 4 << 20}
+    assert client._consumer_options == {"max_partition_fetch_bytes": 4 << 20}

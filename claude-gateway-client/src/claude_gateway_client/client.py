@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -33,10 +35,13 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from claude_gateway_client.correlation import Correlation, RecordRef
+from claude_gateway_client.correlation import Correlation, RecordRef, original_of
 from claude_gateway_client.errors import DeadLettered, OutcomeTimeout
 from claude_gateway_client.signing import sign
 
+log = logging.getLogger(__name__)
+# schemas/request.v1.json: an id outside this is dead-lettered without a request_id
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_TIMEOUT_S = 600.0
 FORGET_AFTER_S = 3_600.0
 
@@ -64,6 +69,8 @@ class PartnerClient:
         await_outcomes: bool = True,
         topic_prefix: str = "claude.",
         forget_after_s: float = FORGET_AFTER_S,
+        producer_options: Mapping[str, Any] | None = None,
+        consumer_options: Mapping[str, Any] | None = None,
         **kafka: Any,
     ) -> None:
         """`key_id`/`secret`: sign every request (both or neither). `await_outcomes`: read the
@@ -82,6 +89,13 @@ class PartnerClient:
         self._key_id, self._secret = key_id, secret
         self._bootstrap = bootstrap_servers
         self._kafka = kafka
+        self._producer_options = dict(producer_options or {})
+        self._consumer_options = dict(consumer_options or {})
+        for fixed in ("acks", "enable_idempotence", "isolation_level"):
+            if fixed in self._producer_options or fixed in self._consumer_options:
+                raise ValueError(f"{fixed} is fixed by the client (acks=all, idempotent, read_committed)")
+        self._by_record: dict[RecordRef, str] = {}  # acknowledged records -> request id
+        self._reader_error: BaseException | None = None
         self._await_outcomes = await_outcomes
         self._forget_after_s = forget_after_s
         self._producer: AIOKafkaProducer | None = None
@@ -105,7 +119,10 @@ class PartnerClient:
 
     async def _start(self) -> None:
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap, acks="all", enable_idempotence=True, **self._kafka
+            bootstrap_servers=self._bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            **{**self._kafka, **self._producer_options},
         )
         await self._producer.start()
         if not self._await_outcomes:
@@ -114,7 +131,7 @@ class PartnerClient:
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
             isolation_level="read_committed",  # the gateway publishes outcomes in transactions
-            **self._kafka,
+            **{**self._kafka, **self._consumer_options},
         )
         await self._consumer.start()
         tps: list[TopicPartition] = []
@@ -132,17 +149,22 @@ class PartnerClient:
     async def stop(self) -> None:
         """Stop reading and close both clients; safe to call twice. Waiters get `OutcomeTimeout`
         when their time is up (or are cancelled with their task)."""
-        if self._reader is not None:
-            reader, self._reader = self._reader, None
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
+        try:
+            if self._reader is not None:
+                reader, self._reader = self._reader, None
+                reader.cancel()
+                # a reader that failed was reported to the waiters; it must not keep the clients open
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+        finally:
+            consumer, self._consumer = self._consumer, None
+            try:
+                if consumer is not None:
+                    await consumer.stop()
+            finally:
+                producer, self._producer = self._producer, None
+                if producer is not None:
+                    await producer.stop()
 
     async def __aenter__(self) -> PartnerClient:
         await self.start()
@@ -169,6 +191,8 @@ class PartnerClient:
         if producer is None:
             raise RuntimeError("PartnerClient is not started")
         rid = request_id or uuid.uuid4().hex
+        if not REQUEST_ID.fullmatch(rid):
+            raise ValueError(f"request id {rid[:64]!r} does not match {REQUEST_ID.pattern} (request.v1)")
         doc: dict[str, Any] = {"request_id": rid, "params": dict(params)}
         if metadata:
             doc["metadata"] = dict(metadata)
@@ -182,6 +206,7 @@ class PartnerClient:
         if tracked is not None:
             tracked.touched = time.monotonic()
             where = RecordRef(self.request_topic, meta.partition, meta.offset)
+            self._by_record[where] = rid
             if tracked.correlation.acknowledged(attempt, where):
                 tracked.done.set()
         return rid
@@ -194,16 +219,19 @@ class PartnerClient:
             raise ValueError(f"request {request_id!r} was not sent by this client, or its outcome was taken")
         tracked.waiters += 1
         try:
+            if self._reader_error is not None and not tracked.done.is_set():
+                raise RuntimeError("the client stopped reading outcomes") from self._reader_error
             await asyncio.wait_for(tracked.done.wait(), timeout_s)
         except TimeoutError:
             raise OutcomeTimeout(request_id, timeout_s, tracked.correlation.ignored) from None
         finally:
             tracked.waiters -= 1
             tracked.touched = time.monotonic()
+        c = tracked.correlation
+        if c.outcome is None:  # woken by a failed reader
+            raise RuntimeError("the client stopped reading outcomes") from self._reader_error
         if tracked.waiters == 0:
             self._tracked.pop(request_id, None)
-        c = tracked.correlation
-        assert c.outcome is not None
         if c.dead_lettered:
             raise DeadLettered(c.outcome)
         return c.outcome
@@ -239,12 +267,19 @@ class PartnerClient:
     async def _read(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        while True:
-            batches = await consumer.getmany(timeout_ms=500)
-            for tp, records in batches.items():
-                for rec in records:
-                    self._take(tp.topic, rec.value)
-            self._forget()
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=500)
+                for tp, records in batches.items():
+                    for rec in records:
+                        self._take(tp.topic, rec.value)
+                self._forget()
+        except Exception as exc:  # waiters must hear of it now, not at their timeout
+            log.exception("partner client: reading outcomes failed")
+            self._reader_error = exc
+            for tracked in self._tracked.values():
+                tracked.done.set()
+            raise
 
     def _take(self, topic: str, value: bytes | None) -> None:
         try:
@@ -254,6 +289,11 @@ class PartnerClient:
         if not isinstance(doc, dict):
             return
         tracked = self._tracked.get(str(doc.get("request_id")))
+        if tracked is None and topic == self.deadletter_topic:
+            # refused before its request id could be read (oversize, say): matched by its record
+            where = original_of(doc)
+            rid = self._by_record.get(where) if where is not None else None
+            tracked = self._tracked.get(rid) if rid is not None else None
         if tracked is None:
             return
         c = tracked.correlation
@@ -268,3 +308,5 @@ class PartnerClient:
         stale = [rid for rid, t in self._tracked.items() if t.waiters == 0 and t.touched < horizon]
         for rid in stale:
             del self._tracked[rid]
+        if stale or len(self._by_record) > 2 * len(self._tracked) + 1024:
+            self._by_record = {w: r for w, r in self._by_record.items() if r in self._tracked}

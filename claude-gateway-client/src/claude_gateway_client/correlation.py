@@ -103,8 +103,8 @@ class Correlation:
         attempt = self._attempts.index(where) if where is not None and where in self._attempts else None
         if doc.get("reason") == REPLAY:
             return attempt == 0
-        if attempt is None:
-            return True
+        if attempt is None:  # ours only if one of our records is not acknowledged (yet)
+            return any(a is None for a in self._attempts)
         return all(earlier is None for earlier in self._attempts[:attempt])
 
     def _decide(self, doc: dict[str, Any], *, dead: bool) -> bool:

@@ -24,6 +24,9 @@ class DeadLettered(Exception):
         self.reason = str(document.get("reason"))
         self.request_id: str | None = document.get("request_id")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (multiprocessing, task queues)
+        return (type(self), (self.document,))
+
 
 class OutcomeTimeout(TimeoutError):
     """No outcome for `request_id` in time. `ignored`: dead letters seen for it that are not
@@ -33,4 +36,8 @@ class OutcomeTimeout(TimeoutError):
         more = f"; {len(ignored)} dead letter(s) of copies ignored" if ignored else ""
         super().__init__(f"no outcome for request {request_id!r} within {timeout_s:g}s{more}")
         self.request_id = request_id
+        self.timeout_s = timeout_s
         self.ignored = ignored
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.request_id, self.timeout_s, self.ignored))
