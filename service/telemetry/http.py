@@ -40,6 +40,8 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 def _cap_connections(server: web.Server, most: int, per_peer: int) -> None:
+    """aiohttp's server has no cap: its connection callbacks are wrapped so that a connection
+    past `most`, or past `per_peer` from one address, is closed as soon as it starts."""
     made, lost = server.connection_made, server.connection_lost
     peers: dict[Any, int] = {}
     peer_of: dict[Any, Any] = {}
