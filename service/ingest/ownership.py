@@ -43,6 +43,8 @@ from service.ingest.stable_offsets import commit_pending, fetch_committed_stable
 log = logging.getLogger(__name__)
 
 WRITER_RETRY_S = 1.0
+END_TRIES = 6
+"""Times a takeover asks the partition's end offset (`_beyond_the_end`), 1 s, 2 s, ... apart."""
 REVOKE_SETTLE_MAX_S = 5.0
 """How long a revocation waits for a tick carrying claims to commit (a transaction: ms)."""
 CLOSE_AFTER_DRAIN_S = 2.0
@@ -268,9 +270,21 @@ class Ownership:
     async def _beyond_the_end(self, tp: TopicPartition, commit: int) -> bool:
         """The committed offset lies past the partition's last stable offset, which no commit
         of ours ever does: the topic was deleted and created again (or its log truncated)
-        with this group's commit left in place. Its records from the start were never read."""
-        with contextlib.suppress(Exception):
-            ends = await asyncio.wait_for(self._consumer().end_offsets([tp]), 10.0)
+        with this group's commit left in place. Its records from the start were never read.
+        Asked again on a failure (a topic just created): taken for "no", the records below the
+        commit point were passed as done, without an outcome (CI)."""
+        for attempt in range(END_TRIES):
+            try:
+                ends = await asyncio.wait_for(self._consumer().end_offsets([tp]), 10.0)
+            except Exception as exc:  # noqa: BLE001 - the broker's or the client's: asked again
+                if self.closed:
+                    return False
+                log.warning(
+                    "could not read a partition's end offset yet",
+                    extra={"topic": tp.topic, "partition": tp.partition, "error": type(exc).__name__},
+                )
+                await asyncio.sleep(WRITER_RETRY_S * (attempt + 1))
+                continue
             end = ends.get(tp)
             if end is not None and commit > end:
                 log.error(
@@ -279,6 +293,11 @@ class Ownership:
                     extra={"topic": tp.topic, "partition": tp.partition, "committed": commit, "end": end},
                 )
                 return True
+            return False
+        log.error(
+            "a partition's end offset could not be read: a commit beyond it is not looked for",
+            extra={"topic": tp.topic, "partition": tp.partition, "committed": commit},
+        )
         return False
 
     async def _deleted(self, topic: str) -> bool:
