@@ -69,10 +69,8 @@ def block_chars(block: Any, model: str, budget: InflateBudget | None = None) -> 
     return len(orjson.dumps(block)), 0
 
 
-def _content_chars(content: Any, model: str, budget: InflateBudget | None = None) -> tuple[int, int]:
+def _content_chars(content: Any, model: str, budget: InflateBudget) -> tuple[int, int]:
     """(characters, flat tokens) of a string or a list of blocks."""
-    if budget is None:
-        budget = InflateBudget()
     if content is None:
         return 0, 0
     if isinstance(content, str):
