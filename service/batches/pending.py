@@ -36,6 +36,8 @@ from service.batches.tracker import Tracker
 from service.config.kafka import start_whole, transactional_producer
 from service.config.settings import GatewaySettings
 from service.contracts.outcomes import DeadLetter
+from service.contracts.params import header_values
+from service.contracts.reasons import Reason
 from service.ingest import failpoints
 from service.ingest.hanging import heal, mark_partitions, producer_id, written_topics
 from service.ingest.sending import OutMessage
@@ -73,9 +75,13 @@ class _Member:
     amount: tuple[int, int] = (0, 0)
 
 
+Group = tuple[str, tuple[tuple[str, str], ...]]
+"""A batch's partner and its members' header fields (`header_values`): one batch each."""
+
+
 @dataclass
 class _Taken:
-    members: dict[str, list[_Member]] = field(default_factory=lambda: defaultdict(list))
+    members: dict[Group, list[_Member]] = field(default_factory=lambda: defaultdict(list))
     messages: list[OutMessage] = field(default_factory=list)
     last_offset: int = -1
 
@@ -191,10 +197,11 @@ class PendingOwner:
             return
         now = time.time()
         new: list[tuple[BatchState, dict[str, Any]]] = []
-        for partner, members in taken.members.items():
+        for (partner, headers), members in taken.members.items():
             st = BatchState(
                 key=f"{partner}.{uuid.uuid4().hex}",
                 partner=partner,
+                headers=dict(headers),
                 intent_at=now,
                 members=[m.rec.offset for m in members],
                 reserved=[list(m.amount) for m in members],
@@ -241,7 +248,7 @@ class PendingOwner:
         """Decide the buffer's prefix: members of a partner batch, dead letters, or deferred."""
         s = gs.batches
         taken = _Taken()
-        sizes: dict[str, int] = defaultdict(int)
+        sizes: dict[Group, int] = defaultdict(int)
         seen: dict[str, set[str]] = defaultdict(set)
         now = time.time()
         count = 0
@@ -257,14 +264,30 @@ class PendingOwner:
                 continue
             pid = handoff.partner
             size = len(rec.value or b"") + 256
-            if len(taken.members[pid]) >= s.max_requests or sizes[pid] + size > s.max_bytes:
-                break  # this partner's batch is full: the rest waits for the next one
-            count += 1
+            if size > s.max_bytes:  # no batch can ever hold it: waiting for one would wedge the partition
+                count += 1
+                why = f"too large for a batch ({size} bytes, batches.max_bytes {s.max_bytes})"
+                taken.messages += _not_batched(gs, self.ctx.router, rec, handoff, why, now)
+                continue
             if handoff.not_before > now or handoff.custom_id in seen[pid]:
                 # deferred (budget), or the same request id twice: into a later batch
+                count += 1
                 taken.messages.append(handoff_message(s.pending_topic, rec, handoff))
                 continue
             verdict = await self.ctx.admission.admit_checked(original, verified=True)
+            # a batch's calls carry one `workspace_id` / `user_profile_id`: one batch per set
+            group = (pid, tuple(sorted(header_values(getattr(verdict, "params", {})).items())))
+            if len(taken.members[group]) >= s.max_requests or sizes[group] + size > s.max_bytes:
+                break  # this batch is full: the rest waits for the next one
+            count += 1
+            if (
+                isinstance(verdict, Admitted)
+                and verdict.urgency.service_class == "auto"
+                and not self.ctx.router.can_batch_again(s, handoff.respond_by, now)
+            ):  # routed here when its deadline left room; it waited (worker down, queue or budget full)
+                why = "its deadline no longer leaves room for a batch"
+                taken.messages += _not_batched(gs, self.ctx.router, rec, handoff, why, now)
+                continue
             if isinstance(verdict, Admitted):
                 reserved = await self.ctx.admission.reserve(verdict, service_tier="batch")
                 if isinstance(reserved, Deferred):
@@ -278,15 +301,29 @@ class PendingOwner:
             res = verdict.reservation
             amount = (res.amount.tokens, res.amount.nusd) if res is not None else (0, 0)
             h = handoff.next(submissions=handoff.submissions + 1, model=verdict.model)
-            taken.members[pid].append(_Member(rec, h, verdict, amount))
+            taken.members[group].append(_Member(rec, h, verdict, amount))
             seen[pid].add(h.custom_id)
-            sizes[pid] += size
+            sizes[group] += size
         if count:
             taken.last_offset = self.buffer[count - 1].offset
             for rec in self.buffer[:count]:
                 self._buffer_bytes -= len(rec.value or b"")
             del self.buffer[:count]
         return taken
+
+
+def _not_batched(
+    gs: GatewaySettings, router: Router, rec: ConsumerRecord, h: Handoff, why: str, now: float
+) -> list[OutMessage]:
+    """A pending request no batch will take: real time while its deadline allows, else a dead
+    letter `batch_expired` (as for an expired result)."""
+    if router.can_go_realtime(gs.batches, h.respond_by, now):
+        return [handoff_message(gs.realtime_topic(), rec, h.next(back_to_realtime=f"not batched: {why}"))]
+    dl = DeadLetter(
+        h.partner, Reason.BATCH_EXPIRED, f"not batched: {why}, nor for real time", origin_of(h),
+        h.request_id, h.submissions,
+    )  # fmt: skip
+    return dead_letter(gs, dl, time.time(), h.trace)
 
 
 def _rejected(gs: GatewaySettings, h: Handoff, rejected: Rejected) -> list[OutMessage]:

@@ -166,6 +166,9 @@ class BatchState:
     """Per member (in `members` order), the budget reserved at batch price: [tokens, nano-USD]."""
     shared: bool = False
     """The reservations were made in Redis."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """The members' `HEADER_FIELDS` (`workspace_id`, `user_profile_id`): one value for the whole
+    batch, passed to each of its calls (create, list, retrieve, results)."""
     handoffs: dict[str, tuple[int, Handoff]] = field(default_factory=dict)
     """custom_id -> (pending offset, handoff): read from the pending topic, not stored."""
     _pos: dict[int, int] = field(default_factory=dict)
@@ -184,6 +187,7 @@ class BatchState:
                 "published": self.published,
                 "reserved": self.reserved,
                 "shared": self.shared,
+                **({"headers": self.headers} if self.headers else {}),
             }
         )
 
@@ -201,6 +205,7 @@ class BatchState:
             published=int(doc.get("published") or 0),
             reserved=list(doc.get("reserved") or []),
             shared=bool(doc.get("shared")),
+            headers={str(k): str(v) for k, v in (doc.get("headers") or {}).items()},
         )
 
     def message(self, topic: str) -> OutMessage:

@@ -10,7 +10,8 @@ partner's) and may carry a deadline (`respond_by`, RFC 3339 with a zone). With
   turnaround_factor + margin_s`, else real time; without a deadline it goes to a batch.
 
 The expected turnaround is the 95th percentile of the batches this replica saw end
-(the last 50), or `batches.expected_turnaround_s` until five have.
+(the last 50) once 20 have, before that `batches.expected_turnaround_s` (or the median
+seen, if larger, once five have).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ are refused."""
 Route = Literal["realtime", "batch"]
 CLASSES = ("realtime", "batch", "auto")
 CUSTOM_ID_MAX = 64
+P95_MIN = 20
+"""Observed turnarounds needed before their p95 is trusted over the configured prior."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +86,18 @@ class Turnaround:
 
     @property
     def expected_s(self) -> float:
-        if len(self._seen) < 5:
-            return self.settings.expected_turnaround_s
+        return self.expected(self.settings)
+
+    def expected(self, settings: BatchSettings) -> float:
+        """The p95 of the batches seen, once there are `P95_MIN` of them; before, the prior
+        (`settings`: the current ones, a reload changes it) or the median seen if larger. (The
+        nearest-rank p95 of fewer than 20 is their maximum: one batch that took 24 h made every
+        `auto` request real time, and then no batch was formed that could lower it again.)"""
         ordered = sorted(self._seen)
+        if len(ordered) < P95_MIN:
+            if len(ordered) < 5:
+                return settings.expected_turnaround_s
+            return max(settings.expected_turnaround_s, ordered[len(ordered) // 2])
         return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
 
@@ -98,7 +110,7 @@ class Router:
             return "realtime"
         if urgency.service_class == "batch" or urgency.respond_by is None:
             return "batch"
-        needed = self.turnaround.expected_s * settings.turnaround_factor + settings.margin_s
+        needed = self.turnaround.expected(settings) * settings.turnaround_factor + settings.margin_s
         return "batch" if urgency.respond_by - now >= needed else "realtime"
 
     def can_go_realtime(self, settings: BatchSettings, respond_by: float | None, now: float) -> bool:
@@ -106,7 +118,7 @@ class Router:
         return respond_by is None or respond_by - now >= settings.realtime_reserve_s
 
     def can_batch_again(self, settings: BatchSettings, respond_by: float | None, now: float) -> bool:
-        needed = self.turnaround.expected_s * settings.turnaround_factor + settings.margin_s
+        needed = self.turnaround.expected(settings) * settings.turnaround_factor + settings.margin_s
         return respond_by is None or respond_by - now >= needed
 
 

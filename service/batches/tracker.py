@@ -41,6 +41,7 @@ from service.admission.pricing import Amount
 from service.batches.records import BatchState, read_handoff
 from service.batches.results import Decision, decide, result_dict, with_record
 from service.batches.store import read_pending
+from service.contracts.params import body_params
 from service.ingest import failpoints
 from service.upstream.errors import may_have_been_sent
 
@@ -135,6 +136,12 @@ class Tracker:
     def _batches(self) -> Any:
         return self.ctx.claude.batches(self.state.partner)
 
+    @property
+    def _workspace(self) -> dict[str, str]:
+        """The batch's workspace (the `anthropic-workspace-id` header of every call after the
+        create, which alone takes the user profile as well)."""
+        return {k: v for k, v in self.state.headers.items() if k == "workspace_id"}
+
     async def _create(self) -> None:
         """Under the owner's creating lock: find (after a crash) or create the batch, record its id."""
         s = self.ctx.settings().batches
@@ -154,11 +161,13 @@ class Tracker:
         log.info("batch submitted", extra={**self._log, "requests": len(self.state.members)})
 
     async def _create_call(self, timeout_s: float) -> str | None:
-        requests = [{"custom_id": cid, "params": params} for cid, params in self._params.items()]
+        requests = [{"custom_id": cid, "params": body_params(p)} for cid, p in self._params.items()]
         delay = 1.0
         while True:
             try:
-                batch = await self._batches().create(requests=requests, timeout=timeout_s)
+                batch = await self._batches().create(
+                    requests=requests, timeout=timeout_s, **self.state.headers
+                )
                 return str(batch.id)
             except anthropic.APIStatusError as exc:
                 self.ctx.metrics.batch.api_errors.labels("create").inc()
@@ -188,7 +197,7 @@ class Tracker:
             t.state.batch_id for t in self.owner.trackers.values() if t.state.batch_id
         }
         found: list[tuple[float, str]] = []
-        async for b in self._batches().list(limit=100):
+        async for b in self._batches().list(limit=100, **self._workspace):
             created = b.created_at.timestamp()
             if created < self.state.intent_at - LIST_SKEW_S:
                 break
@@ -222,7 +231,7 @@ class Tracker:
         delay = s.poll_min_s
         while True:
             try:
-                b = await self._batches().retrieve(self.state.batch_id)
+                b = await self._batches().retrieve(self.state.batch_id, **self._workspace)
             except anthropic.NotFoundError:
                 log.error("batch not found upstream: its members are treated as expired", extra=self._log)
                 return
@@ -249,7 +258,7 @@ class Tracker:
         chunk: list[tuple[str, Decision]] = []
         answered: set[str] = set()
         try:
-            results = await self._batches().results(batch_id)
+            results = await self._batches().results(batch_id, **self._workspace)
         except anthropic.NotFoundError:
             results = None
         except anthropic.APIError:

@@ -148,4 +148,4 @@ class BatchWorker:
             m.batches.labels(phase).set(sum(t.phase == phase for t in trackers))
         now = time.time()
         m.oldest_age.set(max((now - t.state.intent_at for t in trackers), default=0.0))
-        m.expected_turnaround.set(self.ctx.router.turnaround.expected_s)
+        m.expected_turnaround.set(self.ctx.router.turnaround.expected(self.ctx.settings().batches))

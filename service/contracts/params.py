@@ -148,6 +148,18 @@ def max_tokens_problem(value: Any) -> str | None:
     return f"params.max_tokens must be a JSON integer such as 1024; got {_describe(value)}"
 
 
+def header_values(params: Mapping[str, Any]) -> dict[str, str]:
+    """The `HEADER_FIELDS` a request sets, by name: its call's HTTP headers. On the batch path
+    they are the create call's (`batches.create(workspace_id=..., user_profile_id=...)`, one
+    value for the whole batch) and are not part of a member's `params`."""
+    return {name: str(params[name]) for name in HEADER_FIELDS if name in params}
+
+
+def body_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` without the `HEADER_FIELDS`: what goes in the body (a batch member's `params`)."""
+    return {k: v for k, v in params.items() if k not in HEADER_FIELDS}
+
+
 def header_field_problem(name: str, value: Any) -> str | None:
     """Why `value` cannot be `params.<name>`, a field the SDK sends as an HTTP header, or None.
     A value that is not a string is left to the schema. The value itself is not quoted."""

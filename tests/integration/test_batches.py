@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from service.batches.routing import custom_id
@@ -90,6 +91,12 @@ def _mixed(
         expected[rid] = "batch" if kind in (0, 1) else "realtime"
         body = request(rid, model=MODELS[i % 2], max_tokens=16 + (i % 5) * 40, **extra)
         body = body.replace(b'"Hello"', b'"' + text.encode() + b'"')
+        if i % 3:  # a key that acts on several workspaces, on behalf of users (sent as headers)
+            doc = orjson.loads(body)
+            doc["params"]["workspace_id"] = f"wrkspc_0{i % 3}"
+            if i % 5 == 0:
+                doc["params"]["user_profile_id"] = f"uprof_0{i % 2}"
+            body = orjson.dumps(doc)
         out.append((world.request_topic(partner), rid.encode(), body))
     return out, expected
 

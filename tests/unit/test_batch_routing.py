@@ -172,6 +172,15 @@ def test_a_batch_state_round_trips_without_its_handoffs() -> None:
     assert back.reserved_of(9) == (5, 6)
     assert back.reserved_of(8) == (0, 0)
     assert len(orjson.loads(state.encode())["members"]) == 2, "contiguous members are one range"
+    assert back.headers == {}
+
+
+def test_a_batch_state_keeps_its_workspace_for_the_calls_after_a_crash() -> None:
+    """The batch's `workspace_id` / `user_profile_id` (its calls' headers) are recorded with
+    its intent: a worker that restarts polls and reads the batch in the same workspace."""
+    headers = {"workspace_id": "wrkspc_01", "user_profile_id": "uprof_1"}
+    state = BatchState("acme.1", "acme", NOW, [5], headers=headers)
+    assert BatchState.decode(state.encode()).headers == headers
 
 
 # -- results ------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def _owner(monkeypatch: pytest.MonkeyPatch, revoked_during_transaction: bool) ->
             rec = SimpleNamespace(offset=offset, value=b"{}", timestamp=0)
             handoff = SimpleNamespace(custom_id=f"acme-{offset}")
             adm = SimpleNamespace(params={"model": "claude-haiku-4-5", "max_tokens": 16, "messages": []})
-            taken.members["acme"].append(_Member(rec, handoff, adm))  # type: ignore[arg-type]
+            taken.members[("acme", ())].append(_Member(rec, handoff, adm))  # type: ignore[arg-type]
         return taken
 
     async def transact(messages: list[Any], **_: Any) -> None:
