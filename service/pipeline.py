@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anthropic
@@ -153,8 +154,9 @@ class Pipeline:
             with self.tracing.span("response_cache"):
                 lookup = await self.cache.lookup(verdict)
             if lookup is not None and lookup.entry is not None:
-                await self._serve_cached(lookup, verdict, timings, origin, sink)
-                return
+                if await self._serve_cached(lookup, verdict, timings, origin, sink):
+                    return
+                lookup = replace(lookup, entry=None)  # unservable: a miss, whose answer replaces it
         if (
             not back
             and inherited is None
@@ -363,7 +365,7 @@ class Pipeline:
                 m.in_flight.labels(pid).dec()
                 span.end()
             timings.upstream_s += result.elapsed_s
-            b = billed(result.body.get("usage") or {})
+            b = billed(usage_of(result.body))
             # ITPM: cache reads are free
             self.scheduler.release(grant, Usage(b.input + b.cache_write, b.output))
             self.scheduler.observe_headers(grant, result.headers)
@@ -374,26 +376,34 @@ class Pipeline:
 
     async def _serve_cached(
         self, hit: Lookup, adm: Admitted, timings: Timings, origin: Origin, sink: Sink
-    ) -> None:
+    ) -> bool:
         """Publish a cached answer: no turn, grant, reservation, claim or call, nothing billed.
-        The one place a request is answered from the cache."""
+        The one place a request is answered from the cache. False, with nothing published, when
+        the entry cannot be served (the caller then takes it for a miss); True once the request
+        has its outcome."""
         assert hit.entry is not None
         pid, body = adm.partner.id, hit.entry.message
-        cost = unbilled(price_version(self.settings))  # a zero-cost metering record, served_by cache
-        value = cached_response(hit.entry, adm, timings, origin.timestamp_ms, cost.doc())
-        usage = body.get("usage") or {}
-        metered = Metered(pid, adm.request_id, adm.model, usage, cost, origin, "cache", None, 0)
+        try:
+            cost = unbilled(price_version(self.settings))  # a zero-cost metering record, served_by cache
+            value = cached_response(hit.entry, adm, timings, origin.timestamp_ms, cost.doc())
+            usage = dict(usage_of(body))
+            metered = Metered(pid, adm.request_id, adm.model, usage, cost, origin, "cache", None, 0)
+        except Exception:  # an entry that is not an answer (Redis' contents): a miss, never a crash
+            log.exception("response cache hit unservable: a miss", extra={"partner": pid})
+            self.metrics.internal_errors.labels(pid, "response_cache").inc()
+            return False
         published = await self.emit.response(
             sink, pid, adm.request_id, value, origin, body=body, attempts=0, metered=metered
         )
         if not published:
-            return
+            return True  # a dead letter in its place (too large): the request's outcome
         served_s = max(0.0, time.time() - timings.received_at)
         self.metrics.response_cache_hit_latency.labels(pid).observe(served_s)
         self.metrics.requests.labels(pid, adm.model, "response").inc()
         self.emit.observe_e2e(pid, origin)
         self.tracing.annotate(cached=True)
         self.tracing.outcome("response")
+        return True
 
     async def _respond(
         self, ok: _Success, timings: Timings, origin: Origin, sink: Sink, lookup: Lookup | None = None
@@ -401,7 +411,7 @@ class Pipeline:
         adm = ok.adm
         pid = adm.partner.id
         body = ok.result.body
-        usage = body.get("usage") or {}
+        usage = usage_of(body)
         # one quote for the response's `cost`, the metering record, the budget and the metric
         cost = quote(self.settings.models.get(adm.model), usage, price_version=price_version(self.settings))
         await self.admission.settle(adm, cost.amount)  # billed, whether or not published
@@ -457,6 +467,13 @@ class Pipeline:
                     "attempts": ok.attempts,
                 },
             )
+
+
+def usage_of(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The answer's `usage` object; `{}` when it is missing or not an object (a hostile or
+    broken upstream): priced as nothing, never a crash after the call was billed."""
+    usage = body.get("usage")
+    return usage if isinstance(usage, Mapping) else {}
 
 
 def _origin_ctx(origin: Origin) -> dict[str, Any]:

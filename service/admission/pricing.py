@@ -128,9 +128,18 @@ class Billed:
         )
 
 
+MAX_UNITS: Final = 1_000_000_000
+"""The most of one kind a single call is billed for (a thousand times the largest context
+window). An upstream figure above it (a hostile or broken upstream) is read as this many, so
+every part and the total stay within 64 bits: orjson writes no larger integer (the response,
+its metering record) and Redis' HINCRBY refuses one (the budget ledger, as if Redis were down)."""
+
+
 def _int(mapping: Any, key: str) -> int:
     value = mapping.get(key) if isinstance(mapping, Mapping) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return 0
+    return min(value, MAX_UNITS)
 
 
 def _given(mapping: Any, key: str) -> bool:
@@ -140,6 +149,8 @@ def _given(mapping: Any, key: str) -> bool:
 
 def cache_split(usage: Mapping[str, Any]) -> tuple[int, int]:
     """(5-minute, 1-hour) cache writes, by the rule in the module docstring."""
+    if not isinstance(usage, Mapping):
+        return 0, 0
     writes = _int(usage, "cache_creation_input_tokens")
     detail = usage.get("cache_creation")
     five, one = _int(detail, "ephemeral_5m_input_tokens"), _int(detail, "ephemeral_1h_input_tokens")
@@ -149,11 +160,14 @@ def cache_split(usage: Mapping[str, Any]) -> tuple[int, int]:
             one += rest
         else:
             five += rest
-    return five, one
+    return min(five, MAX_UNITS), min(one, MAX_UNITS)
 
 
 def billed(usage: Mapping[str, Any]) -> Billed:
-    """Read `usage` as Anthropic documents it; anything missing or malformed counts 0."""
+    """Read `usage` as Anthropic documents it; anything missing or malformed counts 0 (a
+    `usage` that is not an object: all of it), a figure over `MAX_UNITS` counts `MAX_UNITS`."""
+    if not isinstance(usage, Mapping):
+        usage = {}
     five, one = cache_split(usage)
     tools = usage.get("server_tool_use")
     tier, speed = usage.get("service_tier"), usage.get("speed")

@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ClusterDownError, OutOfMemoryError, ReadOnlyError, ResponseError, TryAgainError
+
 from service.admission.admit import Admitted
 from service.config.redis_health import REDIS_ERRORS, RedisHealth
 from service.config.settings import GatewaySettings
@@ -34,6 +36,9 @@ from service.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+REDIS_DOWN_RESPONSES = (ReadOnlyError, OutOfMemoryError, ClusterDownError, TryAgainError)
+"""Errors Redis answers that mean it fails every caller, not just the cache's keys."""
+
 CACHEABLE_STOP_REASONS = frozenset(
     {"end_turn", "max_tokens", "stop_sequence", "tool_use", "model_context_window_exceeded"}
 )
@@ -42,6 +47,22 @@ short, but they are the whole answer to those params (a larger `max_tokens` is a
 Not cached: `refusal` (a safety decision the next call may not repeat, and policy changes; it
 must not be replayed to a partner for a whole TTL), `pause_turn` (a server-tool turn left to be
 continued: not an answer), a missing or unknown stop reason."""
+
+
+def has_tool_error(body: Mapping[str, Any]) -> bool:
+    """The answer holds a server tool's error (`web_search_tool_result_error`, `web_fetch_...`,
+    `code_execution_...`, `tool_search_...` with `unavailable`, `too_many_requests`, ...): a
+    200 whose tool failed, often for a moment; replaying it for a whole TTL would serve an error."""
+    content = body.get("content")
+    for block in content if isinstance(content, list) else ():
+        if not isinstance(block, Mapping):
+            continue
+        kind, inner = block.get("type"), block.get("content")
+        if isinstance(kind, str) and kind.endswith("_tool_result") and isinstance(inner, Mapping):
+            inner_kind = inner.get("type")
+            if isinstance(inner_kind, str) and inner_kind.endswith("_error"):
+                return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +145,9 @@ class ResponseCache:
             return Lookup(key, pid, ttl_s, storable=False)
         try:
             blob = await self.backend.get(key)
+        except ResponseError as exc:
+            self._response_error(pid, exc, "unavailable")
+            return Lookup(key, pid, ttl_s, storable=False)
         except REDIS_ERRORS as exc:  # a miss, and this request stores nothing
             self._failed(exc)
             self._count(pid, "unavailable")
@@ -145,6 +169,8 @@ class ResponseCache:
         pid = lookup.partner_id
         try:
             await self._store(lookup, body, upstream_request_id)
+        except ResponseError as exc:
+            self._response_error(pid, exc, "skip_unavailable")
         except REDIS_ERRORS as exc:
             self._failed(exc)
             self._count(pid, "skip_unavailable")
@@ -156,6 +182,9 @@ class ResponseCache:
         pid = lookup.partner_id
         if body.get("stop_reason") not in CACHEABLE_STOP_REASONS:
             self._count(pid, "skip_stop_reason")
+            return
+        if has_tool_error(body):
+            self._count(pid, "skip_tool_error")
             return
         if not lookup.storable or self.degraded:
             self._count(pid, "skip_unavailable")
@@ -177,13 +206,32 @@ class ResponseCache:
 
     def _decode(self, pid: str, blob: bytes) -> Entry | None:
         try:
-            return decode(blob)
+            entry = decode(blob)
+            message = entry.message
+            if message.get("stop_reason") not in CACHEABLE_STOP_REASONS or has_tool_error(message):
+                raise CorruptEntry("an entry this gateway would not have stored")
+            return entry
         except CorruptEntry as exc:
             log.warning("response cache entry unreadable: a miss", extra={"partner": pid, "error": str(exc)})
             return None
 
     def _count(self, pid: str, result: str) -> None:
         self.metrics.response_cache.labels(pid, result).inc()
+
+    def _response_error(self, pid: str, exc: ResponseError, result: str) -> None:
+        """Redis answered with an error. Refusing writes (a read-only replica, OOM) or a cluster
+        without its slots is Redis failing for everyone: the shared health hears it. Any other
+        (WRONGTYPE on the cache's keys, the script failing on their contents, an ACL refusing
+        the cache's commands) is the cache's own fault: a miss, counted, and the limits, budgets
+        and replay checks of every partner keep their Redis."""
+        if isinstance(exc, REDIS_DOWN_RESPONSES):
+            self._failed(exc)
+            self._count(pid, result)
+            return
+        log.warning(
+            "response cache refused by redis: a miss", extra={"partner": pid, "error": str(exc)[:200]}
+        )
+        self.metrics.internal_errors.labels(pid, "response_cache").inc()
 
     def _failed(self, exc: BaseException) -> None:
         if self.health is not None:

@@ -76,6 +76,9 @@ def decode(blob: bytes) -> Entry:
         raise CorruptEntry(f"{type(exc).__name__} while decoding an entry") from exc
     if not isinstance(message, dict) or not (rid is None or isinstance(rid, str)):
         raise CorruptEntry("an entry without a message object")
+    if not isinstance(message.get("content"), list) or not isinstance(message.get("usage"), dict):
+        # what a hit publishes and meters: a Messages API body, never a crash on the hit
+        raise CorruptEntry("an entry whose message has no content list or no usage object")
     return Entry(message, rid, stored_at, expires_at)
 
 

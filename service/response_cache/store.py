@@ -82,6 +82,8 @@ end
 if used < 0 then used = 0 end
 redis.call('SET', total, used)
 local ttl = expires - now + 60000
+local longest = redis.call('PTTL', entries)  -- SET dropped the counter's TTL: give it the entries'
+if longest > ttl then ttl = longest end      -- (not this entry's, maybe shorter), or it expires first
 for _, k in ipairs(KEYS) do
   if redis.call('EXISTS', k) == 1 and redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
 end

@@ -142,6 +142,11 @@ class ClaudeClient:
             raise InvalidParams(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
         content = await raw.read()
         body = orjson.loads(content)
+        if not isinstance(body, dict):  # a 200 that is no Message: maybe billed, so not ours to
+            # read further (the pipeline would fail past the call, holding its turn and its grant)
+            raise anthropic.APIResponseValidationError(
+                raw.http_response, body, message="the answer's body is not a JSON object"
+            )
         headers = raw.headers
         return UpstreamResult(
             body=body,

@@ -110,3 +110,19 @@ async def test_a_write_replaces_an_entry_under_the_same_key(
     assert await store.get("k") == b"second!"
     counted, real, n = await _held(store, direct)
     assert (counted, real, n) == (7 + ENTRY_OVERHEAD_BYTES, 7 + ENTRY_OVERHEAD_BYTES, 1)
+
+
+async def test_the_counter_keeps_the_longest_ttl_after_a_shorter_write(
+    clients: tuple[list[RedisStore], aioredis.Redis],
+) -> None:
+    """A write with a short TTL after one with a long TTL must not shorten the byte counter's
+    TTL below the entries': the counter would expire first, restart at 0 with the entries
+    still there, and the bound would no longer hold."""
+    (store, *_), direct = clients
+    now = time.time()
+    await store.put("long", bytes(500), now, now + 3600, 10**6)
+    await store.put("short", bytes(500), now, now + 1, 10**6)
+    entries_ttl = await direct.pttl(store.entries_key)
+    assert entries_ttl > 3_600_000
+    for key in store.keys:
+        assert await direct.pttl(key) >= entries_ttl - 1_000, f"{key} expires before the entries"

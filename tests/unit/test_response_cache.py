@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 
 from service.admission.admit import Admitted
 from service.admission.pricing import unbilled
@@ -465,3 +466,104 @@ def test_config_advice_for_the_cache() -> None:
     assert "response_cache.share[0] names 'umbrella', whose cache is not enabled" in found
     with_redis = "\n".join(warnings(_settings(redis={})))
     assert "response cache" not in with_redis
+
+
+# -- what must never be served ------------------------------------------------------------
+
+
+def _tool_error_message(inner: str, code: str) -> dict[str, Any]:
+    body = _message()
+    body["content"] = [
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "q"}},
+        {
+            "type": inner.removesuffix("_error"),
+            "tool_use_id": "srvtoolu_1",
+            "content": {"type": inner, "error_code": code},
+        },
+        {"type": "text", "text": "I could not search right now."},
+    ]
+    return body
+
+
+@pytest.mark.parametrize(
+    ("inner", "code"),
+    [
+        ("web_search_tool_result_error", "too_many_requests"),
+        ("web_fetch_tool_result_error", "unavailable"),
+        ("code_execution_tool_result_error", "unavailable"),
+        ("bash_code_execution_tool_result_error", "execution_time_exceeded"),
+    ],
+)
+async def test_an_answer_whose_server_tool_failed_is_not_stored(inner: str, code: str) -> None:
+    settings = _settings()
+    cache, metrics = _cache(settings)
+    lookup = await cache.lookup(_admitted(settings, "acme"))
+    assert lookup is not None
+    await cache.store(lookup, _tool_error_message(inner, code), "req_up")
+    assert (await cache.lookup(_admitted(settings, "acme"))).entry is None  # type: ignore[union-attr]
+    assert _count(metrics, "acme", "skip_tool_error") == 1
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"usage": 5},
+        {"usage": "xyz", "content": [], "stop_reason": "end_turn"},
+        {"usage": [["input_tokens", 1]], "content": [], "stop_reason": "end_turn"},
+        {"usage": {}, "content": "text", "stop_reason": "end_turn"},
+        {**_message(), "stop_reason": "refusal"},
+    ],
+)
+async def test_an_entry_that_is_not_a_storable_answer_is_a_miss(message: dict[str, Any]) -> None:
+    """Redis' contents are not trusted: what a hit would publish and meter must be an answer
+    this gateway stores, or the hit crashes the partition (and again after each restart)."""
+    settings = _settings()
+    clock = FakeClock(1_800_000_000.0)
+    cache, metrics = _cache(settings, clock)
+    adm = _admitted(settings, "acme")
+    key = cache_key(scope_of("acme", []), adm.params)
+    now = clock()
+    await cache.backend.put(key, encode(Entry(message, None, now, now + 60), 1024), now, now + 60, 10**6)
+    lookup = await cache.lookup(adm)
+    assert lookup is not None
+    assert lookup.entry is None
+    assert _count(metrics, "acme", "miss") == 1
+
+
+class _WrongTypeRedis:
+    """A Redis whose cache keys hold another type: every cache call answers WRONGTYPE."""
+
+    def register_script(self, _script: str) -> Any:
+        async def run(**_kw: Any) -> Any:
+            raise RedisResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+        return run
+
+    async def hget(self, *_a: Any) -> Any:
+        raise RedisResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+    async def ping(self) -> Any:
+        return True
+
+
+async def test_a_cache_only_redis_error_is_a_miss_that_keeps_the_shared_health_up() -> None:
+    """WRONGTYPE on the cache's keys is the cache's fault: the limits, budgets and replay checks
+    of every partner must not fall back to local state because of it."""
+    settings = _settings(redis={})
+    redis = _WrongTypeRedis()
+    health = RedisHealth(redis, probe_interval_s=60)
+    metrics = Metrics()
+    cache = ResponseCache(settings, RedisStore(redis, "p"), metrics, health=health)
+    try:
+        lookup = await cache.lookup(_admitted(settings, "acme"))
+        assert lookup is not None
+        assert lookup.entry is None
+        await cache.store(Lookup(lookup.key, "acme", 60.0), _message(), "req_up")
+        assert not health.down
+        assert health.state == "healthy"
+        errors = metrics.registry.get_sample_value(
+            "gateway_internal_errors_total", {"partner": "acme", "where": "response_cache"}
+        )
+        assert errors == 2
+    finally:
+        await health.aclose()
