@@ -332,6 +332,9 @@ class Pipeline:
                     m.unknown_retries.labels(pid).inc()
                     unknown_retry = {"cause": failure.label, "previous_attempts": attempt}
                     sink.claimed = False  # the extra call is claimed anew: a crash during it ends the retries
+                    # the call that may be billed keeps its reservation (as an unknown outcome's
+                    # does): the extra call reserves its own, settled to what it costs
+                    adm = replace(adm, reservation=None)
                 if not failure.retryable:
                     span.decided("fail")
                     return _Failed(failure, attempt, describe(failure, exc), adm, unknown=not answered)

@@ -1,0 +1,98 @@
+"""`on_unknown: retry`: the call whose outcome is unknown may have been billed, so its budget
+reservation stays counted; the one extra call reserves its own and settles it to its cost.
+Before, the extra call took over the first call's reservation: two calls upstream, the budget
+counted one (the first dropped from the partner's spend, against `budget.py`'s rule)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx2
+import orjson
+
+from service.admission.admit import Admission
+from service.admission.budget import Budgets
+from service.admission.budget_ledger import periods
+from service.admission.registry import Registry
+from service.config.loader import parse_config
+from service.pipeline import Pipeline
+from service.scheduling.scheduler import Scheduler
+from service.telemetry.metrics import Metrics
+from service.upstream.client import ClaudeClient
+from tests.support.sink import MemorySink
+
+MODEL = "claude-haiku-4-5"
+
+
+class _Record:
+    topic, partition, offset, timestamp, key = "claude.requests.acme", 0, 7, 1_700_000_000_000, b"r1"
+    headers: list[tuple[str, bytes]] = []
+    value = orjson.dumps(
+        {
+            "request_id": "r1",
+            "params": {"model": MODEL, "max_tokens": 1000, "messages": [{"role": "user", "content": "Hi"}]},
+        }
+    )
+
+
+async def _run(on_unknown: str, first: str) -> tuple[int, list[dict[str, Any]], int]:
+    s = parse_config(
+        {
+            "kafka": {"usage_topic": "t.usage"},
+            "retry": {"max_attempts": 3, "base_delay_s": 0.001, "max_delay_s": 0.001},
+            "partners": [
+                {
+                    "id": "acme",
+                    "api_key": {"env": "K"},
+                    "on_unknown": on_unknown,
+                    "budget": {"usd_per_day": 100.0},
+                }
+            ],
+        }
+    )
+    reg = Registry.build(s, environ={"K": "sk"})
+    calls: list[int] = []
+
+    def handler(req: httpx2.Request) -> httpx2.Response:
+        calls.append(1)
+        if len(calls) == 1 and first == "timeout":
+            raise httpx2.ReadTimeout("sent, no answer", request=req)
+        body = {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": MODEL,
+            "content": [{"type": "text", "text": "ok"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 900},
+        }
+        return httpx2.Response(200, json=body, headers={"request-id": "req_1"})
+
+    claude = ClaudeClient(
+        s.anthropic, http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
+    )
+    claude.sync_keys(reg.api_keys())
+    metrics = Metrics()
+    budgets = Budgets(lambda: reg, metrics=metrics)
+    pipeline = Pipeline(s, Admission(reg, budgets=budgets), Scheduler(s), claude, metrics)
+    sink = MemorySink(7)
+    await pipeline.handle(_Record(), sink)  # type: ignore[arg-type]
+    metering = [orjson.loads(m.value) for m in sink.published if m.topic == "t.usage"]
+    day = periods(reg.by_id["acme"].settings.budget, time.time())[0]
+    return len(calls), metering, budgets.local.used("acme", day).nusd
+
+
+async def test_the_call_that_may_be_billed_keeps_its_reservation_beside_the_extra_call() -> None:
+    calls, metering, used = await _run("retry", "timeout")
+    assert calls == 2
+    assert [r["cost"]["nano_usd"] for r in metering] == [4_510_000]  # the answered call's cost
+    # the first call's reservation (its estimate) stays counted on top of the second's cost
+    assert used > 4_510_000, used
+
+
+async def test_one_answered_call_settles_to_its_cost() -> None:
+    calls, metering, used = await _run("retry", "ok")
+    assert calls == 1
+    assert used == metering[0]["cost"]["nano_usd"] == 4_510_000
