@@ -22,7 +22,7 @@ BATCH_FAULTS = {"api_error_rate": 0.04, "overloaded_rate": 0.03, "expire_rate": 
 #: its batch is created; after a create and before its id is recorded; after a transaction
 #: of results (`results_chunk` of them) and before the next. A start is armed with one, to
 #: end at its 1st to 4th passage.
-BATCH_FAILPOINTS = ("batch.intent", "batch.created", "batch.published")
+BATCH_FAILPOINTS = ("batch.intent", "batch.created", "batch.settled", "batch.published")
 
 
 @dataclass

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,8 @@ __all__ = [
     "periods",
 ]
 _UNITS: tuple[Unit, ...] = ("tokens", "usd")
+ONCE_LOCAL_MAX = 100_000
+"""`settle_once` keys remembered in process (the newest)."""
 
 
 # -- the front ----------------------------------------------------------------------------
@@ -112,6 +115,8 @@ class Budgets:
         self._clock = clock
         self._changed = asyncio.Event()
         self._exhausted_seen: set[tuple[str, str, str]] = set()
+        self._once: OrderedDict[str, None] = OrderedDict()
+        """`settle_once` keys this process applied (Redis keeps its own, across processes)."""
         self._closed = False
 
     def close(self) -> None:
@@ -208,6 +213,17 @@ class Budgets:
         if reservation.periods:
             await self._adjust(reservation, -reservation.amount)
 
+    async def settle_once(self, reservation: Reservation, delta: Amount, once: str) -> None:
+        """Settle several calls of `reservation`'s partner and periods at once (`delta`: what
+        they cost less what was reserved for them), counted once per `once` key even when the
+        step is redone (a batch's results published again after a crash). Never raises."""
+        if not reservation.periods or once in self._once:
+            return
+        self._once[once] = None
+        while len(self._once) > ONCE_LOCAL_MAX:
+            self._once.popitem(last=False)
+        await self._adjust(reservation, delta, once)
+
     # -- internals --------------------------------------------------------------------------
 
     async def _ledger_reserve(
@@ -227,13 +243,13 @@ class Budgets:
             self.outage.record(pid, ps, amount)  # the shared ledger gets it when Redis is back
         return answer, False
 
-    async def _adjust(self, res: Reservation, delta: Amount) -> None:
+    async def _adjust(self, res: Reservation, delta: Amount, once: str | None = None) -> None:
         if delta.tokens == 0 and delta.nusd == 0:
             return
         pid = res.partner_id
         if res.shared and self.shared is not None and not self.degraded:
             try:
-                used = await self.shared.adjust(pid, res.periods, delta)
+                used = await self.shared.adjust(pid, res.periods, delta, once)
             except REDIS_ERRORS as exc:
                 self._failed(exc)
             else:

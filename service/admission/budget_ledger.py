@@ -23,6 +23,9 @@ PeriodName = Literal["day", "month"]
 Unit = Literal["tokens", "usd"]
 GRACE_S = 86_400.0
 """How long a period's counters are kept after it ends (a day)."""
+ONCE_TTL_S = 7 * 86_400.0
+"""How long an `adjust(once=...)` key is remembered: far longer than a batch worker takes to
+come back and publish again what it published before a crash."""
 
 _RESERVE = """
 local tok = tonumber(ARGV[1])
@@ -62,6 +65,22 @@ for i = 1, #KEYS do
   else
     out[#out + 1] = 0
     out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+_ADJUST_ONCE = """
+local n = #KEYS - 1
+local first = redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', ARGV[3])
+local out = {}
+for i = 1, n do
+  if first and redis.call('EXISTS', KEYS[i]) == 1 then
+    out[#out + 1] = redis.call('HINCRBY', KEYS[i], 'tokens', ARGV[1])
+    out[#out + 1] = redis.call('HINCRBY', KEYS[i], 'nusd', ARGV[2])
+  else
+    out[#out + 1] = tonumber(redis.call('HGET', KEYS[i], 'tokens') or '0')
+    out[#out + 1] = tonumber(redis.call('HGET', KEYS[i], 'nusd') or '0')
   end
 end
 return out
@@ -211,6 +230,7 @@ class RedisLedger:
         """Scripts that count run only while Redis holds this epoch (`redis_epoch.py`)."""
         self._reserve = self.script(_RESERVE)
         self._adjust = self.script(_ADJUST)
+        self._adjust_once = self.script(_ADJUST_ONCE)
 
     def script(self, body: str) -> Any:
         """A script that counts: guarded by the epoch when there is one."""
@@ -235,8 +255,19 @@ class RedisLedger:
             return LedgerAnswer(False, used, (refused - 1, "tokens" if unit == 1 else "usd"))
         return LedgerAnswer(True, used)
 
-    async def adjust(self, partner_id: str, ps: Sequence[Period], delta: Amount) -> tuple[Amount, ...]:
-        raw = await self._adjust(keys=[self.key(partner_id, p) for p in ps], args=[delta.tokens, delta.nusd])
+    async def adjust(
+        self, partner_id: str, ps: Sequence[Period], delta: Amount, once: str | None = None
+    ) -> tuple[Amount, ...]:
+        """Add `delta`; with `once`, only the first time that key is given (within `ONCE_TTL_S`),
+        in the same script: a step redone after a crash counts once."""
+        keys = [self.key(partner_id, p) for p in ps]
+        if once is None:
+            raw = await self._adjust(keys=keys, args=[delta.tokens, delta.nusd])
+        else:
+            marker = f"{self._tag}:once:{once}"
+            raw = await self._adjust_once(
+                keys=[*keys, marker], args=[delta.tokens, delta.nusd, int(ONCE_TTL_S * 1000)]
+            )
         return tuple(Amount(int(raw[2 * i]), int(raw[2 * i + 1])) for i in range(len(ps)))
 
 

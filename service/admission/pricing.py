@@ -81,6 +81,9 @@ class Amount:
     nusd: int
     """nano-USD (1e-9 USD): integers, so Redis and Lua add them exactly."""
 
+    def __add__(self, other: Amount) -> Amount:
+        return Amount(self.tokens + other.tokens, self.nusd + other.nusd)
+
     def __sub__(self, other: Amount) -> Amount:
         return Amount(self.tokens - other.tokens, self.nusd - other.nusd)
 

@@ -307,6 +307,11 @@ class Tracker:
                 d = with_record(gs, d, rec)
             messages += d.messages
         self.state.published = published
+        # before the transaction, once per chunk: a crash between the two redoes the chunk
+        # (published again, from `state.published`) and finds its settle made; the other way
+        # round it would leave the chunk's budget at the batch-price estimate for good
+        await self._settle(chunk, f"batch:{self.state.key}:{published}:{'final' if final else 'part'}")
+        failpoints.hit("batch.settled")
         if final:
             await self.owner.transact([*messages, self.state.done(gs.batches.state_topic, time.time())])
             if self.state.batch_id is not None:
@@ -314,31 +319,32 @@ class Tracker:
         else:
             await self.owner.transact([*messages, self.state.message(gs.batches.state_topic)])
         failpoints.hit("batch.published")
-        await self._settle(chunk)
+        self._count(chunk)
 
-    async def _settle(self, chunk: list[tuple[str, Decision]]) -> None:
+    async def _settle(self, chunk: list[tuple[str, Decision]], once: str) -> None:
+        """The chunk's members' reservations replaced by what they cost (0 when not billed: a
+        new batch or the real-time call reserves again), as one change of the partner's budget."""
         budgets = self.ctx.admission.budgets
-        registry = self.ctx.admission.registry
+        partner = self.ctx.admission.registry.by_id.get(self.state.partner)
+        if budgets is None or partner is None or not chunk:
+            return
+        delta = Amount(0, 0)
+        for cid, d in chunk:
+            offset, _ = self.state.handoffs[cid]
+            delta = delta - Amount(*self.state.reserved_of(offset))
+            if d.cost is not None:
+                delta = delta + d.cost.amount
+        ps = periods(partner.settings.budget, self.state.intent_at)
+        model = self.state.handoffs[chunk[0][0]][1].model
+        res = Reservation(self.state.partner, model, ps, Amount(0, 0), self.state.shared)
+        await budgets.settle_once(res, delta, once)
+
+    def _count(self, chunk: list[tuple[str, Decision]]) -> None:
         m = self.ctx.metrics.batch
         for cid, d in chunk:
-            offset, h = self.state.handoffs[cid]
+            _, h = self.state.handoffs[cid]
             m.results.labels(h.partner, d.kind, d.action).inc()
             if d.action in ("response", "deadletter"):
                 self.ctx.metrics.requests.labels(h.partner, h.model, d.action).inc()
             if d.cost is not None:
                 self.ctx.metrics.billed(h.partner, h.model, d.cost)
-            partner = registry.by_id.get(h.partner)
-            if budgets is None or partner is None:
-                continue
-            tokens, nusd = self.state.reserved_of(offset)
-            res = Reservation(
-                h.partner,
-                h.model,
-                periods(partner.settings.budget, self.state.intent_at),
-                Amount(tokens, nusd),
-                self.state.shared,
-            )
-            if d.cost is not None:
-                await budgets.settle(res, d.cost.amount)
-            else:  # not billed; a new batch or the real-time call reserves again
-                await budgets.release(res)

@@ -6,6 +6,9 @@ production, where `hit` is a dictionary lookup. The names:
 
 - `tick.sent`: a tick's outcomes are sent inside the open transaction, not committed;
 - `tick.committed`: the transaction committed; nobody in the process knows it yet.
+- `batch.intent`, `batch.created`: a batch's intent recorded; the batch created, its id not;
+- `batch.settled`: a chunk of a batch's results settled the budget, not yet published;
+- `batch.published`: that chunk's transaction committed.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio
 
 from service.batches.routing import custom_id
 from service.simulator import SimulatorConfig, SimulatorServer
@@ -30,6 +31,7 @@ from tests.support.gateway import (
     spread,
     trace_context_lost,
     until_no_lag,
+    usage_records,
 )
 from tests.support.outcomes import start_gateway, stop_gateway
 from tests.support.process import exit_code, start_process
@@ -217,6 +219,53 @@ async def test_a_worker_killed_at_each_step_submits_nothing_twice(
     assert out.dead_letters == [], out.reasons()
     assert all((r.get("served_by") or {}).get("path") == "batch" for r in out.responses)
     assert trace_context_lost(messages, out) == [], "a batch outcome lost its request's trace context"
+
+
+@pytest.mark.parametrize("failpoint", ["batch.settled:2", "batch.published:2"])
+async def test_a_worker_killed_around_a_results_transaction_counts_each_budget_once(
+    world: World, tmp_path: Path, redis_url: str, failpoint: str
+) -> None:
+    """Killed after a chunk of results settled the budget but before their transaction, or
+    after the transaction: the restarted worker publishes the chunk (again) and the partner's
+    budget in Redis ends equal to the metering records, to the nano-USD. (Settled after the
+    transaction, a kill between the two left the chunk at its batch-price estimate for good.)"""
+    n = 24
+    ids = {f"s-{i}" for i in range(n)}
+    messages = spread(world, n, "s", service_class="batch")
+    prefix = f"t-{world.tag}"
+    budget = {"usd_per_month": 1000}
+    overrides: dict[str, Any] = {
+        "batches": _batches(world, results_chunk=3, max_age_s=1.0),
+        "redis": {"url": redis_url, "key_prefix": prefix},
+        "partners": [{**p, "budget": budget} for p in world.settings_dict("x")["partners"]],
+    }
+    async with SimulatorServer(_sim(world, processing_s=1.0)) as sim:
+        await produce(world.bootstrap, messages)
+        crashing = start_process(
+            world, sim.url, tmp_path, "crashing", env={"GATEWAY_FAILPOINT": failpoint}, **overrides
+        )
+        assert await exit_code(crashing, 120) == 137, "the failpoint must have fired"
+        restarted = start_process(world, sim.url, tmp_path, "restarted", **overrides)
+        try:
+            out = await collect(world, n, timeout_s=120, settle_s=2.0)
+            records = await usage_records(world, n)
+        finally:
+            restarted.terminate()
+            try:
+                await exit_code(restarted, 30)
+            except subprocess.TimeoutExpired:
+                restarted.kill()
+        _exactly_once(out, ids, sim, world)
+    assert out.dead_letters == [], out.reasons()
+    assert len(records) == n
+    client = redis.asyncio.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match="{" + prefix + "}:budget:*:month:*")]
+        ledger_nano = sum([int(await client.hget(k, "nusd") or 0) for k in keys])
+    finally:
+        await client.aclose()
+    assert len(keys) == len(world.partners)
+    assert ledger_nano == sum(r["cost"]["nano_usd"] for r in records)
 
 
 async def test_recovery_never_takes_an_earlier_batch_of_the_same_size_for_a_lost_create(

@@ -175,6 +175,22 @@ async def test_settle_refunds_unused_and_release_gives_all_back() -> None:
     assert w.budgets.local.used("acme", day) == Amount(14, 30_000)
 
 
+async def test_settle_once_counts_a_redone_step_once() -> None:
+    """A batch's chunk of results settles once per key, even when its step is redone (a failed
+    transaction tried again); another key is another chunk."""
+    w = World({"usd_per_day": 1})
+    adm = await w.admission.admit_and_reserve(w.record())
+    assert isinstance(adm, Admitted)
+    assert adm.reservation is not None
+    res, day = adm.reservation, adm.reservation.periods[0]
+    delta = Amount(14, 30_000) - res.amount
+    await w.budgets.settle_once(res, delta, "batch:acme.1:3:part")
+    await w.budgets.settle_once(res, delta, "batch:acme.1:3:part")
+    assert w.budgets.local.used("acme", day) == Amount(14, 30_000)
+    await w.budgets.settle_once(res, Amount(1, 5), "batch:acme.1:6:part")
+    assert w.budgets.local.used("acme", day) == Amount(15, 30_005)
+
+
 async def test_a_request_bigger_than_the_cap_is_refused_even_when_deferring() -> None:
     w = World({"tokens_per_day": 50, "on_exhausted": "defer"})
     verdict = await w.admission.admit_and_reserve(w.record(max_tokens=100))
