@@ -22,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MIB = 1024 * 1024
 
 
+MAX_TTL_S = 366 * 86_400.0
+"""The longest an entry may live (a year): beyond, its expiry no longer fits the entry's header."""
+
+
 class PartnerCacheSettings(BaseModel):
     """`partners[].cache`: whether the partner's answers are cached and served again."""
 
@@ -29,7 +33,7 @@ class PartnerCacheSettings(BaseModel):
 
     enabled: bool = False
     """Off by default: a partner opts in. Off, its requests are never looked up or stored."""
-    ttl_s: float | None = Field(default=None, gt=0)
+    ttl_s: float | None = Field(default=None, gt=0, le=MAX_TTL_S)
     """How long an answer stored for this partner lives, and the oldest entry it accepts
     (also one stored by a partner it shares with). None: `response_cache.ttl_s`."""
 
@@ -39,7 +43,7 @@ class ResponseCacheSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    ttl_s: float = Field(default=3600.0, gt=0)
+    ttl_s: float = Field(default=3600.0, gt=0, le=MAX_TTL_S)
     max_bytes: int = Field(default=256 * MIB, gt=0)
     """Bound on the bytes of all entries in Redis (every replica together); the oldest are
     evicted to make room. Counts each entry's stored bytes plus a fixed per-entry overhead."""

@@ -22,6 +22,9 @@ import orjson
 
 _HEAD = struct.Struct(">BQQ")
 RAW, ZLIB = 0, 1
+MAX_INFLATED_BYTES = 64 * 1024 * 1024
+"""The most an entry's body may inflate to (an answer is a few MB at most): beyond, it is corrupt
+(a zlib bomb put in Redis would otherwise hold the event loop and its memory)."""
 
 
 class CorruptEntry(ValueError):
@@ -67,7 +70,10 @@ def decode(blob: bytes) -> Entry:
     body = blob[_HEAD.size :]
     try:
         if kind == ZLIB:
-            body = zlib.decompress(body)
+            inflate = zlib.decompressobj()
+            body = inflate.decompress(body, MAX_INFLATED_BYTES)
+            if inflate.unconsumed_tail:  # not what this gateway writes (a bomb put in Redis)
+                raise CorruptEntry(f"an entry inflating past {MAX_INFLATED_BYTES} bytes")
         elif kind != RAW:
             raise CorruptEntry(f"unknown entry format {kind}")
         doc = orjson.loads(body)

@@ -65,6 +65,7 @@ end
 local result, evicted = 1, 0
 drop(key)
 local need = string.len(value) + overhead
+if need > max then max_evicted = 0 end  -- no eviction makes room: keep what is there
 while used + need > max and evicted < max_evicted do
   local oldest = redis.call('ZRANGE', by_age, 0, 0)
   if #oldest == 0 then break end
@@ -139,6 +140,8 @@ class LocalStore:
         self._drop(key)
         need = len(value) + ENTRY_OVERHEAD_BYTES
         evicted = 0
+        if need > max_bytes:  # no eviction makes room: keep what is there
+            return Put(NO_ROOM, self.held_bytes, evicted)
         while self._entries and self.held_bytes + need > max_bytes:
             oldest, (expires, _) = next(iter(self._entries.items()))
             self._drop(oldest)

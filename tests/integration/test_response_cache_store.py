@@ -57,8 +57,9 @@ async def test_the_bound_holds_and_the_oldest_entries_are_evicted(
     assert await store.get("k20") is None
     assert await store.get("k23") is not None
     assert (await store.put("huge", bytes(cap), now + 2, now + 3600, cap)).result == NO_ROOM
-    counted, real, _ = await _held(store, direct)
+    counted, real, n = await _held(store, direct)
     assert counted == real <= cap
+    assert n == 8, "an entry no eviction can make room for evicts nothing"
 
 
 async def test_the_bound_holds_across_concurrent_writers(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import copy
 import random
+import zlib
 from typing import Any
 
 import orjson
@@ -187,7 +188,7 @@ async def test_local_lru_is_bounded_by_bytes_and_evicts_the_least_recently_used(
     assert len(store) == 2
     assert (await store.put("huge", bytes(cap), 1000, 2000, cap)).result == NO_ROOM
     assert store.held_bytes <= cap
-    assert len(store) == 0
+    assert len(store) == 2, "an entry no eviction can make room for evicts nothing"
 
 
 async def test_local_lru_expires_entries_and_replaces_a_key() -> None:
@@ -567,3 +568,25 @@ async def test_a_cache_only_redis_error_is_a_miss_that_keeps_the_shared_health_u
         assert errors == 2
     finally:
         await health.aclose()
+
+
+def test_an_entry_that_inflates_past_the_bound_is_corrupt() -> None:
+    """A zlib bomb put in Redis (a few KB inflating to 100 MB) is not inflated whole."""
+    blob = encode(Entry({"content": [], "usage": {}}, None, 1.0, 2.0), 10**9)
+    bomb = zlib.compress(b"{" + b" " * (100 * 1024 * 1024), 9)
+    with pytest.raises(CorruptEntry, match="inflating past"):
+        decode(bytes([1]) + blob[1:17] + bomb)
+
+
+async def test_an_entry_larger_than_the_whole_store_evicts_nothing() -> None:
+    store = LocalStore(lambda: 100.0)
+    cap = 4 * (1000 + ENTRY_OVERHEAD_BYTES)
+    for i in range(4):
+        assert (await store.put(f"k{i}", bytes(1000), 100.0, 200.0, cap)).result == STORED
+    assert (await store.put("huge", bytes(cap), 100.0, 200.0, cap)).result == NO_ROOM
+    assert [await store.get(f"k{i}") is not None for i in range(4)] == [True] * 4
+
+
+def test_a_ttl_beyond_a_year_is_refused() -> None:
+    with pytest.raises(ConfigError, match="ttl_s"):
+        parse_config({"response_cache": {"ttl_s": 1e17}, "partners": []})
