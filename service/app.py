@@ -23,6 +23,7 @@ from service.admission.registry import Registry
 from service.admission.replay import LocalReplayStore, RedisReplayStore, ReplayGuard
 from service.batches.pending import BatchContext
 from service.batches.routing import Router, Turnaround
+from service.batches.shared_turnaround import SharedTurnarounds
 from service.batches.worker import BatchWorker
 from service.config.kafka import connect_failure
 from service.config.redis import redis_client
@@ -316,6 +317,12 @@ class Gateway:
             if self.settings.batches.enabled:  # the batch worker, where the group makes this replica it
                 batches = asyncio.create_task(self.batch_worker.run(stop), name="batch-worker")
                 stack.push_async_callback(_finish, batches, 15.0)  # leaves its group, closes its clients
+                if self.redis is not None and self.settings.redis is not None:  # every replica routes
+                    shared = SharedTurnarounds(
+                        self.redis, self.settings.redis.key_prefix, self.router.turnaround
+                    )
+                    turnarounds = asyncio.create_task(shared.run(stop), name="batch-turnarounds")
+                    stack.push_async_callback(_finish, turnarounds)
             topics = asyncio.create_task(
                 watch_topics(
                     self.ingest.consumer.subscription,

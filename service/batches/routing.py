@@ -78,11 +78,27 @@ class Turnaround:
 
     def __init__(self, settings: BatchSettings, keep: int = 50) -> None:
         self.settings = settings
+        self.keep = keep
         self._seen: deque[float] = deque(maxlen=keep)
+        self._unshared: list[float] = []
+        """Observed here, not yet pushed to the other replicas (`shared_turnaround.py`)."""
 
     def observe(self, seconds: float) -> None:
         if math.isfinite(seconds) and seconds >= 0:
             self._seen.append(seconds)
+            self._unshared = [*self._unshared, seconds][-self.keep :]
+
+    def take_unshared(self) -> list[float]:
+        taken, self._unshared = self._unshared, []
+        return taken
+
+    def unshare(self, seconds: list[float]) -> None:
+        """`take_unshared`'s observations could not be pushed: again at the next sync."""
+        self._unshared = [*seconds, *self._unshared][-self.keep :]
+
+    def replace(self, seen: list[float]) -> None:
+        """Every replica's observations (oldest first), as shared: the view from now on."""
+        self._seen = deque(seen[-self.keep :], maxlen=self.keep)
 
     @property
     def expected_s(self) -> float:
