@@ -244,6 +244,27 @@ class PendingOwner:
             ps = periods(partner.settings.budget, st.intent_at)
             await budgets.release(Reservation(st.partner, h.model, ps, Amount(tokens, nusd), st.shared))
 
+    async def _admit(self, h: Handoff, original: Any) -> Admitted | Rejected:
+        """The request's verdict now; a fault of the gateway's own is its `internal_error`
+        (the step would fail on it at every try, and the partition stop behind it)."""
+        try:
+            return await self.ctx.admission.admit_checked(original, verified=True)
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback, counted
+            return self._fault(h, exc, "batch_admission")
+
+    async def _reserve(self, h: Handoff, adm: Admitted) -> Admitted | Rejected | Deferred:
+        try:
+            return await self.ctx.admission.reserve(adm, service_tier="batch")
+        except Exception as exc:  # noqa: BLE001 - as `_admit`
+            return self._fault(h, exc, "batch_reserve")
+
+    def _fault(self, h: Handoff, exc: Exception, where: str) -> Rejected:
+        log.exception(f"unexpected error ({where})", extra={"partner": h.partner, "request_id": h.request_id})
+        self.ctx.metrics.internal_errors.labels(h.partner, where).inc()
+        return Rejected(
+            h.partner, Reason.INTERNAL_ERROR, f"gateway error: {type(exc).__name__}", h.request_id
+        )
+
     async def _take(self, gs: GatewaySettings) -> _Taken:
         """Decide the buffer's prefix: members of a partner batch, dead letters, or deferred."""
         s = gs.batches
@@ -274,7 +295,7 @@ class PendingOwner:
                 count += 1
                 taken.messages.append(handoff_message(s.pending_topic, rec, handoff))
                 continue
-            verdict = await self.ctx.admission.admit_checked(original, verified=True)
+            verdict = await self._admit(handoff, original)
             # a batch's calls carry one `workspace_id` / `user_profile_id`: one batch per set
             group = (pid, tuple(sorted(header_values(getattr(verdict, "params", {})).items())))
             if len(taken.members[group]) >= s.max_requests or sizes[group] + size > s.max_bytes:
@@ -289,7 +310,7 @@ class PendingOwner:
                 taken.messages += _not_batched(gs, self.ctx.router, rec, handoff, why, now)
                 continue
             if isinstance(verdict, Admitted):
-                reserved = await self.ctx.admission.reserve(verdict, service_tier="batch")
+                reserved = await self._reserve(handoff, verdict)
                 if isinstance(reserved, Deferred):
                     later = handoff.next(not_before=min(reserved.period_end, now + DEFER_RETRY_S))
                     taken.messages.append(handoff_message(s.pending_topic, rec, later))

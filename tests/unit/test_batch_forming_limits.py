@@ -22,6 +22,7 @@ from service.batches.pending import PendingOwner
 from service.batches.records import pending_message, read_handoff
 from service.batches.routing import Router, Turnaround
 from service.config.loader import parse_config
+from service.telemetry.metrics import Metrics
 
 
 def _owner(**batches: Any) -> tuple[Any, Admission, PendingOwner]:
@@ -33,7 +34,11 @@ def _owner(**batches: Any) -> tuple[Any, Admission, PendingOwner]:
     )
     adm = Admission(Registry.build(gs, environ={"K": "sk"}))
     ctx: Any = SimpleNamespace(
-        settings=lambda: gs, admission=adm, router=Router(Turnaround(gs.batches)), group="g.batches"
+        settings=lambda: gs,
+        admission=adm,
+        router=Router(Turnaround(gs.batches)),
+        group="g.batches",
+        metrics=Metrics(),
     )
     return gs, adm, PendingOwner(ctx, TopicPartition(gs.batches.pending_topic, 0))
 
@@ -96,3 +101,23 @@ async def test_a_request_larger_than_any_batch_does_not_stop_the_pending_partiti
     assert [m.handoff.request_id for m in taken.members[("acme", ())]] == ["small"]
     assert [m.topic for m in taken.messages] == [gs.realtime_topic()]
     assert owner.buffer == []
+
+
+async def test_a_fault_admitting_one_pending_request_is_its_dead_letter_and_forming_goes_on(
+    monkeypatch: Any,
+) -> None:
+    gs, adm, owner = _owner()
+    owner.offer([await _pending(gs, adm, 0, "boom"), await _pending(gs, adm, 1, "fine")])
+    admit = adm.admit_checked
+
+    async def failing(rec: Any, **kw: Any) -> Any:
+        if b"boom" in rec.value:
+            raise KeyError("a bug")
+        return await admit(rec, **kw)
+
+    monkeypatch.setattr(adm, "admit_checked", failing)
+    taken = await owner._take(gs)
+    assert taken.last_offset == 1, "the pending partition goes on"
+    assert [m.handoff.request_id for m in taken.members[("acme", ())]] == ["fine"]
+    dl = orjson.loads(next(m.value for m in taken.messages if m.topic == gs.deadletter_topic("acme")))
+    assert (dl["request_id"], dl["reason"]) == ("boom", "internal_error")
