@@ -42,6 +42,7 @@ from service.ingest import failpoints
 from service.ingest.hanging import heal, mark_partitions, producer_id, written_topics
 from service.ingest.sending import OutMessage
 from service.ingest.stable_offsets import fetch_committed_stable
+from service.scheduling.scheduler import Draining
 from service.telemetry.metrics import Metrics
 from service.upstream.client import ClaudeClient
 
@@ -202,6 +203,7 @@ class PendingOwner:
                 key=f"{partner}.{uuid.uuid4().hex}",
                 partner=partner,
                 headers=dict(headers),
+                chunk=gs.batches.results_chunk,
                 intent_at=now,
                 members=[m.rec.offset for m in members],
                 reserved=[list(m.amount) for m in members],
@@ -255,6 +257,8 @@ class PendingOwner:
     async def _reserve(self, h: Handoff, adm: Admitted) -> Admitted | Rejected | Deferred:
         try:
             return await self.ctx.admission.reserve(adm, service_tier="batch")
+        except Draining:
+            raise  # the service stops: the request stays pending, for the next worker
         except Exception as exc:  # noqa: BLE001 - as `_admit`
             return self._fault(h, exc, "batch_reserve")
 
@@ -267,8 +271,17 @@ class PendingOwner:
 
     async def _take(self, gs: GatewaySettings) -> _Taken:
         """Decide the buffer's prefix: members of a partner batch, dead letters, or deferred."""
-        s = gs.batches
         taken = _Taken()
+        try:
+            return await self._fill(gs, taken)
+        except BaseException:  # nothing of this pass is recorded: give its reservations back
+            for members in taken.members.values():
+                for m in members:
+                    await self.ctx.admission.release(m.adm)
+            raise
+
+    async def _fill(self, gs: GatewaySettings, taken: _Taken) -> _Taken:
+        s = gs.batches
         sizes: dict[Group, int] = defaultdict(int)
         seen: dict[str, set[str]] = defaultdict(set)
         now = time.time()
@@ -298,7 +311,7 @@ class PendingOwner:
             verdict = await self._admit(handoff, original)
             # a batch's calls carry one `workspace_id` / `user_profile_id`: one batch per set
             group = (pid, tuple(sorted(header_values(getattr(verdict, "params", {})).items())))
-            if len(taken.members[group]) >= s.max_requests or sizes[group] + size > s.max_bytes:
+            if len(taken.members.get(group, ())) >= s.max_requests or sizes[group] + size > s.max_bytes:
                 break  # this batch is full: the rest waits for the next one
             count += 1
             if (

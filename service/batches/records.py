@@ -169,6 +169,10 @@ class BatchState:
     headers: dict[str, str] = field(default_factory=dict)
     """The members' `HEADER_FIELDS` (`workspace_id`, `user_profile_id`): one value for the whole
     batch, passed to each of its calls (create, list, retrieve, results)."""
+    chunk: int = 0
+    """Results per transaction, fixed for the batch (`results_chunk` when it was formed): a
+    chunk redone after a crash ends where it ended before, so its `settle_once` key is the same
+    (0: recorded by an older version; `results_chunk` when its results are published)."""
     handoffs: dict[str, tuple[int, Handoff]] = field(default_factory=dict)
     """custom_id -> (pending offset, handoff): read from the pending topic, not stored."""
     _pos: dict[int, int] = field(default_factory=dict)
@@ -188,6 +192,7 @@ class BatchState:
                 "reserved": self.reserved,
                 "shared": self.shared,
                 **({"headers": self.headers} if self.headers else {}),
+                **({"chunk": self.chunk} if self.chunk else {}),
             }
         )
 
@@ -206,6 +211,7 @@ class BatchState:
             reserved=list(doc.get("reserved") or []),
             shared=bool(doc.get("shared")),
             headers={str(k): str(v) for k, v in (doc.get("headers") or {}).items()},
+            chunk=int(doc.get("chunk") or 0),
         )
 
     def message(self, topic: str) -> OutMessage:

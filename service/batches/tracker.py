@@ -73,6 +73,7 @@ class Tracker:
         self._params = members or {}
         self.phase = "intent" if state.batch_id is None else "in_progress"
         self._task: asyncio.Task[None] | None = None
+        self._observed = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batch-{self.state.key}")
@@ -239,7 +240,8 @@ class Tracker:
                 self.ctx.metrics.batch.api_errors.labels("retrieve").inc()
             else:
                 if b.processing_status == "ended":
-                    if b.ended_at is not None:
+                    if b.ended_at is not None and not self._observed:
+                        self._observed = True  # `_run` polls again after a failed publish
                         took = (b.ended_at - b.created_at).total_seconds()
                         self.ctx.router.turnaround.observe(took)
                         self.ctx.metrics.batch.turnaround.observe(took)
@@ -252,6 +254,8 @@ class Tracker:
     async def _publish(self) -> None:
         gs = self.ctx.settings()
         self.phase = "publishing"
+        if not self.state.chunk:  # recorded by an older version: from now on, this one
+            self.state.chunk = gs.batches.results_chunk
         assert self.state.batch_id is not None
         batch_id = self.state.batch_id
         index = 0
@@ -278,7 +282,7 @@ class Tracker:
                 if index <= self.state.published:
                     continue  # published before a crash
                 chunk.append((cid, decide(gs, self.ctx.router, member[1], result, batch_id)))
-                if len(chunk) >= gs.batches.results_chunk:
+                if len(chunk) >= self.state.chunk:
                     await self._commit(chunk, published=index)
                     chunk = []
         missing = [cid for cid in self.state.handoffs if cid not in answered]
@@ -306,18 +310,22 @@ class Tracker:
                     continue
                 d = with_record(gs, d, rec)
             messages += d.messages
-        self.state.published = published
+        before, self.state.published = self.state.published, published
         # before the transaction, once per chunk: a crash between the two redoes the chunk
         # (published again, from `state.published`) and finds its settle made; the other way
         # round it would leave the chunk's budget at the batch-price estimate for good
         await self._settle(chunk, f"batch:{self.state.key}:{published}:{'final' if final else 'part'}")
         failpoints.hit("batch.settled")
-        if final:
-            await self.owner.transact([*messages, self.state.done(gs.batches.state_topic, time.time())])
-            if self.state.batch_id is not None:
-                self.owner.known_ids.add(self.state.batch_id)
-        else:
-            await self.owner.transact([*messages, self.state.message(gs.batches.state_topic)])
+        try:
+            if final:
+                await self.owner.transact([*messages, self.state.done(gs.batches.state_topic, time.time())])
+            else:
+                await self.owner.transact([*messages, self.state.message(gs.batches.state_topic)])
+        except BaseException:  # not published: a retry in this process publishes the chunk again
+            self.state.published = before
+            raise
+        if final and self.state.batch_id is not None:
+            self.owner.known_ids.add(self.state.batch_id)
         failpoints.hit("batch.published")
         self._count(chunk)
 
