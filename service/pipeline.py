@@ -273,6 +273,15 @@ class Pipeline:
                     sink.leave()  # next owner makes it, under the claim of the one that may be billed
                 raise
             if isinstance(dispatched, Rejected):
+                if unknown_retry is not None:  # the extra call refused: the first may be billed
+                    m.unknown_outcomes.labels(pid, "extra_call_refused").inc()
+                    detail = (
+                        f"{unknown_retry['cause']} after the request was sent: it may have been "
+                        f"billed; the extra call on_unknown: retry allows was refused: {dispatched.detail}"
+                    )
+                    claim = {"claimed_at": utc_iso(time.time()), "attempts": attempt - 1, "owner": sink.owner}
+                    f = Failure(False, Reason.OUTCOME_UNKNOWN, unknown_retry["cause"])
+                    return _Failed(f, attempt - 1, detail, adm, unknown=True, claim=claim)
                 return _Failed(
                     Failure(False, dispatched.reason, "budget"), attempt - 1, dispatched.detail, adm
                 )

@@ -36,7 +36,9 @@ class _Record:
     )
 
 
-async def _run(on_unknown: str, first: str) -> tuple[int, list[dict[str, Any]], int]:
+async def _run(
+    on_unknown: str, first: str, usd_per_day: float = 100.0, dead: list[dict[str, Any]] | None = None
+) -> tuple[int, list[dict[str, Any]], int]:
     s = parse_config(
         {
             "kafka": {"usage_topic": "t.usage"},
@@ -46,7 +48,7 @@ async def _run(on_unknown: str, first: str) -> tuple[int, list[dict[str, Any]], 
                     "id": "acme",
                     "api_key": {"env": "K"},
                     "on_unknown": on_unknown,
-                    "budget": {"usd_per_day": 100.0},
+                    "budget": {"usd_per_day": usd_per_day},
                 }
             ],
         }
@@ -80,6 +82,8 @@ async def _run(on_unknown: str, first: str) -> tuple[int, list[dict[str, Any]], 
     sink = MemorySink(7)
     await pipeline.handle(_Record(), sink)  # type: ignore[arg-type]
     metering = [orjson.loads(m.value) for m in sink.published if m.topic == "t.usage"]
+    if dead is not None:
+        dead += [orjson.loads(m.value) for m in sink.published if ".deadletter" in m.topic]
     day = periods(reg.by_id["acme"].settings.budget, time.time())[0]
     return len(calls), metering, budgets.local.used("acme", day).nusd
 
@@ -96,3 +100,15 @@ async def test_one_answered_call_settles_to_its_cost() -> None:
     calls, metering, used = await _run("retry", "ok")
     assert calls == 1
     assert used == metering[0]["cost"]["nano_usd"] == 4_510_000
+
+
+async def test_an_extra_call_refused_by_the_budget_leaves_the_outcome_unknown() -> None:
+    """The first call's reservation fills the day's budget: the extra call is refused, and the
+    dead letter says the first may have been billed (`outcome_unknown`), not `budget_exhausted`."""
+    dead: list[dict[str, Any]] = []
+    calls, metering, used = await _run("retry", "timeout", usd_per_day=0.008, dead=dead)
+    assert calls == 1
+    assert metering == []
+    assert [d["reason"] for d in dead] == ["outcome_unknown"], dead
+    assert "may have been billed" in dead[0]["detail"]
+    assert used > 0, "the first call's reservation stays counted"
