@@ -279,7 +279,11 @@ class Pipeline:
                         f"{unknown_retry['cause']} after the request was sent: it may have been "
                         f"billed; the extra call on_unknown: retry allows was refused: {dispatched.detail}"
                     )
-                    claim = {"claimed_at": utc_iso(time.time()), "attempts": attempt - 1, "owner": sink.owner}
+                    claim = {
+                        "claimed_at": utc_iso(time.time()),
+                        "attempts": sink.attempts,
+                        "owner": sink.owner,
+                    }
                     f = Failure(False, Reason.OUTCOME_UNKNOWN, unknown_retry["cause"])
                     return _Failed(f, attempt - 1, detail, adm, unknown=True, claim=claim)
                 return _Failed(
@@ -335,7 +339,11 @@ class Pipeline:
                             f"partners[{pid}].on_unknown is {adm.partner.settings.on_unknown}"
                             + ("" if unknown_retry is None else " and its one extra call was used")
                         )
-                        claim = {"claimed_at": utc_iso(time.time()), "attempts": attempt, "owner": sink.owner}
+                        claim = {
+                            "claimed_at": utc_iso(time.time()),
+                            "attempts": sink.attempts,
+                            "owner": sink.owner,
+                        }
                         f = Failure(False, Reason.OUTCOME_UNKNOWN, failure.label)
                         return _Failed(f, attempt, detail, adm, unknown=True, claim=claim)
                     m.unknown_retries.labels(pid).inc()

@@ -16,6 +16,7 @@ from service.admission.budget import Budgets
 from service.admission.budget_ledger import periods
 from service.admission.registry import Registry
 from service.config.loader import parse_config
+from service.ingest.ledger import Claim
 from service.pipeline import Pipeline
 from service.scheduling.scheduler import Scheduler
 from service.telemetry.metrics import Metrics
@@ -37,7 +38,11 @@ class _Record:
 
 
 async def _run(
-    on_unknown: str, first: str, usd_per_day: float = 100.0, dead: list[dict[str, Any]] | None = None
+    on_unknown: str,
+    first: str,
+    usd_per_day: float = 100.0,
+    dead: list[dict[str, Any]] | None = None,
+    inherited: bool = False,
 ) -> tuple[int, list[dict[str, Any]], int]:
     s = parse_config(
         {
@@ -80,6 +85,9 @@ async def _run(
     budgets = Budgets(lambda: reg, metrics=metrics)
     pipeline = Pipeline(s, Admission(reg, budgets=budgets), Scheduler(s), claude, metrics)
     sink = MemorySink(7)
+    if inherited:  # a previous owner claimed it (its one call) and died: this is the extra call
+        sink.inherited = Claim(7, 1_700_000_000_000, 1, "gone-owner")
+        sink.attempts = 1  # as the partition writer's sink starts from the inherited claim
     await pipeline.handle(_Record(), sink)  # type: ignore[arg-type]
     metering = [orjson.loads(m.value) for m in sink.published if m.topic == "t.usage"]
     if dead is not None:
@@ -112,3 +120,15 @@ async def test_an_extra_call_refused_by_the_budget_leaves_the_outcome_unknown() 
     assert [d["reason"] for d in dead] == ["outcome_unknown"], dead
     assert "may have been billed" in dead[0]["detail"]
     assert used > 0, "the first call's reservation stays counted"
+
+
+async def test_an_inherited_claims_extra_call_that_is_unknown_too_says_both_claims() -> None:
+    """An owner died with the request's call in flight; the next owner makes the one extra call
+    and its outcome is unknown too: the dead letter's claim counts both claims (2), as the
+    owner_lost one does, so that whoever reads it knows two calls may be billed (it said 1:
+    the calls of this owner only; the chaos verifier took the two billed calls as unexplained)."""
+    dead: list[dict[str, Any]] = []
+    calls, metering, _ = await _run("retry", "timeout", dead=dead, inherited=True)
+    assert (calls, metering) == (1, [])
+    assert [d["reason"] for d in dead] == ["outcome_unknown"]
+    assert dead[0]["claim"]["attempts"] == 2, dead[0]["claim"]
