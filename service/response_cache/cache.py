@@ -224,9 +224,9 @@ class ResponseCache:
         (WRONGTYPE on the cache's keys, the script failing on their contents, an ACL refusing
         the cache's commands) is the cache's own fault: a miss, counted, and the limits, budgets
         and replay checks of every partner keep their Redis."""
+        self._count(pid, result)  # the lookup or store result, either way
         if isinstance(exc, REDIS_DOWN_RESPONSES):
             self._failed(exc)
-            self._count(pid, result)
             return
         log.warning(
             "response cache refused by redis: a miss", extra={"partner": pid, "error": str(exc)[:200]}

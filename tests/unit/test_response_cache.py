@@ -566,6 +566,13 @@ async def test_a_cache_only_redis_error_is_a_miss_that_keeps_the_shared_health_u
             "gateway_internal_errors_total", {"partner": "acme", "where": "response_cache"}
         )
         assert errors == 2
+        results = {
+            r: metrics.registry.get_sample_value(
+                "gateway_response_cache_total", {"partner": "acme", "result": r}
+            )
+            for r in ("unavailable", "skip_unavailable")
+        }
+        assert results == {"unavailable": 1.0, "skip_unavailable": 1.0}, "the lookup and the store, counted"
     finally:
         await health.aclose()
 
