@@ -8,6 +8,7 @@ from zero, a copy of an answered request passed the other replica, a paused part
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -100,7 +101,9 @@ async def test_budget_spend_survives_redis_losing_its_data(
     """Spend counted before the loss is written back by the replicas that read it, the highest
     copy winning, and spend after it is added on top (before: the counters restarted at 0)."""
     registry = budgeted_registry()
-    async with _replicas(server.url) as (prefix, (a, b)):
+    # bounded, so that a hang (one CI run of 1533 tests: 300 s, no trace of where) names the
+    # await it is in; the admin client's reads are bounded too
+    async with asyncio.timeout(90), _replicas(server.url) as (prefix, (a, b)):
         budgets = [
             Budgets(
                 lambda: registry,
@@ -114,14 +117,14 @@ async def test_budget_spend_survives_redis_losing_its_data(
             r.epoch.on_lost("budget counters", bud.write_back)
         billed = await spend(budgets[0], registry, 5)
         billed += await spend(budgets[1], registry, 2)  # b read the total last: 2,100
-        admin = aioredis.Redis.from_url(server.url)
+        admin = aioredis.Redis.from_url(server.url, socket_timeout=10, socket_connect_timeout=10)
         key = "{" + prefix + "}:" + DAY_KEY
         try:
             assert int(await admin.hget(key, "tokens") or 0) == billed
             if how == "restarted":
                 server.restart_empty()
                 await admin.aclose()
-                admin = aioredis.Redis.from_url(server.url)
+                admin = aioredis.Redis.from_url(server.url, socket_timeout=10, socket_connect_timeout=10)
             else:
                 await admin.flushall()
             with caplog.at_level(logging.ERROR, logger="service.config.redis_epoch"):
