@@ -7,7 +7,6 @@ create and its record, between two result transactions) changes none of that.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -34,7 +33,7 @@ from tests.support.gateway import (
     usage_records,
 )
 from tests.support.outcomes import start_gateway, stop_gateway
-from tests.support.process import exit_code, start_process
+from tests.support.process import exit_code, start_process, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -210,11 +209,7 @@ async def test_a_worker_killed_at_each_step_submits_nothing_twice(
         try:
             out = await collect(world, n, timeout_s=120, settle_s=2.0)
         finally:
-            restarted.terminate()
-            try:
-                await exit_code(restarted, 30)
-            except subprocess.TimeoutExpired:
-                restarted.kill()
+            await stop_process(restarted)
         _exactly_once(out, ids, sim, world)
     assert out.dead_letters == [], out.reasons()
     assert all((r.get("served_by") or {}).get("path") == "batch" for r in out.responses)
@@ -250,11 +245,7 @@ async def test_a_worker_killed_around_a_results_transaction_counts_each_budget_o
             out = await collect(world, n, timeout_s=120, settle_s=2.0)
             records = await usage_records(world, n)
         finally:
-            restarted.terminate()
-            try:
-                await exit_code(restarted, 30)
-            except subprocess.TimeoutExpired:
-                restarted.kill()
+            await stop_process(restarted)
         _exactly_once(out, ids, sim, world)
     assert out.dead_letters == [], out.reasons()
     assert len(records) == n

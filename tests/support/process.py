@@ -41,3 +41,12 @@ def start_process(
 async def exit_code(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
     """Wait for the process to end (without blocking the event loop); its exit code."""
     return await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(timeout=timeout_s))
+
+
+async def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL if it has not exited within `timeout_s`."""
+    proc.terminate()
+    try:
+        await exit_code(proc, timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()

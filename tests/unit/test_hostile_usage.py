@@ -21,43 +21,14 @@ from service.pipeline import Pipeline
 from service.scheduling.scheduler import Scheduler
 from service.telemetry.metrics import Metrics
 from service.upstream.client import ClaudeClient
+from tests.support.answers import answer, request_record
 from tests.support.sink import MemorySink
 
 USAGE_TOPIC = "t.usage"
 
 
-class _Record:
-    topic = "claude.requests.acme"
-    partition = 0
-    offset = 7
-    timestamp = 1_700_000_000_000
-    key = b"r1"
-    headers: list[tuple[str, bytes]] = []
-    value = orjson.dumps(
-        {
-            "request_id": "r1",
-            "params": {
-                "model": "claude-haiku-4-5",
-                "max_tokens": 64,
-                "messages": [{"role": "user", "content": "Hi"}],
-            },
-        }
-    )
-
-
 def _message(usage: Any) -> bytes:
-    return orjson.dumps(
-        {
-            "id": "msg_1",
-            "type": "message",
-            "role": "assistant",
-            "model": "claude-haiku-4-5",
-            "content": [{"type": "text", "text": "ok"}],
-            "stop_reason": "end_turn",
-            "stop_sequence": None,
-            "usage": usage,
-        }
-    )
+    return orjson.dumps(answer(usage))
 
 
 async def _handle(answer: bytes) -> tuple[MemorySink, Scheduler, Metrics]:
@@ -90,7 +61,7 @@ async def _handle(answer: bytes) -> tuple[MemorySink, Scheduler, Metrics]:
     scheduler = Scheduler(settings)
     admission = Admission(registry, budgets=Budgets(lambda: registry, metrics=metrics))
     sink = MemorySink(7)
-    await Pipeline(settings, admission, scheduler, claude, metrics).handle(_Record(), sink)
+    await Pipeline(settings, admission, scheduler, claude, metrics).handle(request_record(), sink)
     return sink, scheduler, metrics
 
 

@@ -36,6 +36,7 @@ from service.telemetry.metrics import Metrics
 from service.telemetry.tracing import Tracing
 from service.topics import wanted
 from service.upstream.client import ClaudeClient
+from tests.support.answers import answer, request_record
 from tests.support.sink import MemorySink
 
 USAGE_TOPIC = "t.usage"
@@ -251,39 +252,10 @@ def _pipeline(answer: dict[str, Any]) -> tuple[Pipeline, Metrics]:
     return Pipeline(settings, Admission(registry), Scheduler(settings), claude, metrics), metrics
 
 
-class _Record:
-    topic = "claude.requests.acme"
-    partition = 0
-    offset = 7
-    timestamp = 1_700_000_000_000
-    key = b"r1"
-    headers: list[tuple[str, bytes]] = []
-    value = orjson.dumps(
-        {
-            "request_id": "r1",
-            "params": {
-                "model": "claude-haiku-4-5",
-                "max_tokens": 64,
-                "messages": [{"role": "user", "content": "Hi"}],
-            },
-        }
-    )
-
-
 async def test_the_pipeline_prices_once_for_the_response_the_record_and_the_metric() -> None:
-    answer = {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-haiku-4-5",
-        "content": [{"type": "text", "text": "ok"}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
-        "usage": USAGE,
-    }
-    pipeline, metrics = _pipeline(answer)
+    pipeline, metrics = _pipeline(answer(USAGE))
     sink = Sink()
-    await pipeline.handle(_Record(), sink)
+    await pipeline.handle(request_record(), sink)
     (published,) = sink.committed
     assert _topics(published) == ["responses", "usage"]
     response, record = _doc(published[0]), _record(published)

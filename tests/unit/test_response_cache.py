@@ -336,25 +336,31 @@ async def test_a_reload_turns_a_partners_cache_off() -> None:
     assert await cache.lookup(_admitted(off, "acme")) is None
 
 
-class _DownRedis:
-    """A Redis client whose every call fails as a refused connection does."""
+class _FailingRedis:
+    """A Redis client whose every cache call fails with `error` (a refused connection, or an
+    error reply); its `ping` fails too unless `ping_ok`."""
+
+    def __init__(self, error: Exception, ping_ok: bool = False) -> None:
+        self.error, self.ping_ok = error, ping_ok
 
     def register_script(self, _script: str) -> Any:
         async def run(**_kw: Any) -> Any:
-            raise RedisConnectionError("refused")
+            raise self.error
 
         return run
 
     async def hget(self, *_a: Any) -> Any:
-        raise RedisConnectionError("refused")
+        raise self.error
 
     async def ping(self) -> Any:
-        raise RedisConnectionError("refused")
+        if not self.ping_ok:
+            raise self.error
+        return True
 
 
 async def test_redis_failing_is_a_miss_that_stores_nothing_and_reports_to_the_shared_health() -> None:
     settings = _settings(redis={})
-    redis = _DownRedis()
+    redis = _FailingRedis(RedisConnectionError("refused"))
     health = RedisHealth(redis, probe_interval_s=60)
     metrics = Metrics()
     cache = ResponseCache(settings, RedisStore(redis, "p"), metrics, health=health)
@@ -531,27 +537,13 @@ async def test_an_entry_that_is_not_a_storable_answer_is_a_miss(message: dict[st
     assert _count(metrics, "acme", "miss") == 1
 
 
-class _WrongTypeRedis:
-    """A Redis whose cache keys hold another type: every cache call answers WRONGTYPE."""
-
-    def register_script(self, _script: str) -> Any:
-        async def run(**_kw: Any) -> Any:
-            raise RedisResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
-
-        return run
-
-    async def hget(self, *_a: Any) -> Any:
-        raise RedisResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
-
-    async def ping(self) -> Any:
-        return True
-
-
 async def test_a_cache_only_redis_error_is_a_miss_that_keeps_the_shared_health_up() -> None:
     """WRONGTYPE on the cache's keys is the cache's fault: the limits, budgets and replay checks
     of every partner must not fall back to local state because of it."""
     settings = _settings(redis={})
-    redis = _WrongTypeRedis()
+    redis = _FailingRedis(
+        RedisResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), ping_ok=True
+    )
     health = RedisHealth(redis, probe_interval_s=60)
     metrics = Metrics()
     cache = ResponseCache(settings, RedisStore(redis, "p"), metrics, health=health)

@@ -20,19 +20,11 @@ from service.response_cache.key import cache_key
 from service.response_cache.store import LocalStore
 from service.scheduling.scheduler import Scheduler
 from service.telemetry.metrics import Metrics
+from tests.support.answers import answer, params
 from tests.support.sink import MemorySink
 
-PARAMS = {"model": "claude-haiku-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}
-ANSWER = {
-    "id": "msg_1",
-    "type": "message",
-    "role": "assistant",
-    "model": "claude-haiku-4-5",
-    "content": [{"type": "text", "text": "ok"}],
-    "stop_reason": "end_turn",
-    "stop_sequence": None,
-    "usage": {"input_tokens": 10, "output_tokens": 5},
-}
+PARAMS = params()
+ANSWER = answer({"input_tokens": 10, "output_tokens": 5})
 
 
 async def test_an_unservable_hit_is_a_miss_whose_answer_replaces_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,20 +21,8 @@ from service.pipeline import Pipeline
 from service.scheduling.scheduler import Scheduler
 from service.telemetry.metrics import Metrics
 from service.upstream.client import ClaudeClient
+from tests.support.answers import answer, request_record
 from tests.support.sink import MemorySink
-
-MODEL = "claude-haiku-4-5"
-
-
-class _Record:
-    topic, partition, offset, timestamp, key = "claude.requests.acme", 0, 7, 1_700_000_000_000, b"r1"
-    headers: list[tuple[str, bytes]] = []
-    value = orjson.dumps(
-        {
-            "request_id": "r1",
-            "params": {"model": MODEL, "max_tokens": 1000, "messages": [{"role": "user", "content": "Hi"}]},
-        }
-    )
 
 
 async def _run(
@@ -65,16 +53,7 @@ async def _run(
         calls.append(1)
         if len(calls) == 1 and first == "timeout":
             raise httpx2.ReadTimeout("sent, no answer", request=req)
-        body = {
-            "id": "msg_1",
-            "type": "message",
-            "role": "assistant",
-            "model": MODEL,
-            "content": [{"type": "text", "text": "ok"}],
-            "stop_reason": "end_turn",
-            "stop_sequence": None,
-            "usage": {"input_tokens": 10, "output_tokens": 900},
-        }
+        body = answer({"input_tokens": 10, "output_tokens": 900})
         return httpx2.Response(200, json=body, headers={"request-id": "req_1"})
 
     claude = ClaudeClient(
@@ -88,7 +67,7 @@ async def _run(
     if inherited:  # a previous owner claimed it (its one call) and died: this is the extra call
         sink.inherited = Claim(7, 1_700_000_000_000, 1, "gone-owner")
         sink.attempts = 1  # as the partition writer's sink starts from the inherited claim
-    await pipeline.handle(_Record(), sink)  # type: ignore[arg-type]
+    await pipeline.handle(request_record(max_tokens=1000), sink)
     metering = [orjson.loads(m.value) for m in sink.published if m.topic == "t.usage"]
     if dead is not None:
         dead += [orjson.loads(m.value) for m in sink.published if ".deadletter" in m.topic]
